@@ -1,0 +1,19 @@
+"""qcompile: an int8 quantizing compiler for phones, built on Apache TVM (Relax).
+
+    import qcompile
+    artifact = qcompile.compile("model.onnx", target="arm64-dotprod", out_dir="out")
+    model = qcompile.load("out")                      # here, or on a phone:
+    model = qcompile.load("out", rpc_tracker="127.0.0.1:9190", rpc_key="arm64-dotprod")
+    outputs = model.run({"input": array})
+"""
+
+__version__ = "0.1.0"
+
+from .artifact import Artifact, Manifest  # noqa: E402
+from .errors import QcompileError  # noqa: E402
+from .pipeline import compile  # noqa: E402  pylint: disable=redefined-builtin
+from .runtime import LoadedModel, load  # noqa: E402
+from .targets import Target, list_targets, load_target  # noqa: E402
+
+__all__ = ["Artifact", "LoadedModel", "Manifest", "QcompileError", "Target", "__version__",
+           "compile", "list_targets", "load", "load_target"]

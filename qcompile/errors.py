@@ -1,0 +1,38 @@
+"""Errors that reach the user.
+
+Every error raised on bad input is a QcompileError whose message is one paragraph naming the
+problem and what to do about it. The CLI prints that paragraph and exits with code 2, without a
+traceback; anything else escaping is a bug in qcompile.
+"""
+
+
+class QcompileError(Exception):
+    """Base class for errors caused by the user's input or environment."""
+
+
+class ModelError(QcompileError):
+    """The model file is missing, unreadable or not ONNX."""
+
+
+class UnsupportedOpError(QcompileError):
+    """An operator of the model has no importer (or no kernel) in TVM."""
+
+
+class ShapeError(QcompileError):
+    """An input shape is dynamic and not given, or a given shape is malformed."""
+
+
+class TargetError(QcompileError):
+    """A target name or target file is unknown or malformed."""
+
+
+class ToolchainError(QcompileError):
+    """A cross compiler needed for the target is not installed."""
+
+
+class InputError(QcompileError):
+    """Run-time inputs do not match the compiled model's manifest."""
+
+
+class DeviceError(QcompileError):
+    """An RPC tracker or device could not be reached or failed during a session."""

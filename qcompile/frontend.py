@@ -1,0 +1,222 @@
+"""Import stage: an ONNX file -> FloatModel (a Relax IRModule with static shapes).
+
+Real exported models often compute shapes at run time (a Pad whose pads come from the graph,
+a Reshape fed by Shape/Gather/Concat) that TVM's importer rejects. The input shapes are fixed
+first and the constant subgraphs folded (onnxsim), and every op is checked against TVM's importer
+before importing, so that an unsupported op is reported by name and node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ModelError, ShapeError, UnsupportedOpError
+from .specs import TensorSpec
+
+log = logging.getLogger(__name__)
+
+# ONNX ops whose weights make a "layer": the unit of per-layer precision.
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger",
+                       "ConvInteger", "QLinearConv", "QLinearMatMul"})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A weighted op of the model (conv, matmul, gemm) and the precision it runs in."""
+
+    name: str
+    op: str
+    precision: str = "fp32"
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "op": self.op, "precision": self.precision}
+
+
+@dataclass(frozen=True)
+class FloatModel:
+    """The imported model: a Relax module in fp32, its interface and its layers."""
+
+    mod: Any  # tvm.IRModule
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    layers: tuple[Layer, ...]
+    onnx: Any = field(repr=False)  # the simplified onnx.ModelProto, static shapes
+    source: str = ""
+    sha256: str = ""
+
+
+def load_onnx(path: str | Path):
+    """Read an ONNX file, with an error that says what is wrong with it."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Model file '{path}' does not exist. Pass the path of an .onnx file.")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises several others
+        raise ModelError(f"'{path}' is not an ONNX model ({type(exc).__name__}: {exc}). qcompile "
+                         "reads ONNX files; export the model to ONNX first (e.g. "
+                         "torch.onnx.export or tf2onnx).") from None
+    if not model.graph.node:
+        raise ModelError(f"'{path}' holds no ONNX graph (no nodes). Is it really an .onnx file?")
+    return model
+
+
+def graph_inputs(model) -> list:
+    """The model's real inputs (older exporters also list the initializers as inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _onnx_dtype(value_info) -> str:
+    import onnx
+
+    elem = value_info.type.tensor_type.elem_type
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem))
+
+
+def resolve_input_shapes(model, given: Mapping[str, Sequence[int]] | None) -> dict[str, tuple]:
+    """Static shapes for every input: the model's own, completed by `given`."""
+    given = dict(given or {})
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ShapeError(f"--input-shape names '{unknown[0]}', which is not an input of the "
+                         f"model. Its inputs are: {', '.join(names)}.")
+    shapes = {}
+    for inp in inputs:
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in inp.type.tensor_type.shape.dim]
+        if inp.name in given:
+            shape = tuple(int(d) for d in given[inp.name])
+            if len(shape) != len(dims):
+                raise ShapeError(f"--input-shape gives input '{inp.name}' {len(shape)} "
+                                 f"dimensions, but the model's input has {len(dims)}.")
+            for axis, (fixed, new) in enumerate(zip(dims, shape)):
+                if fixed is not None and fixed != new:
+                    raise ShapeError(f"--input-shape gives input '{inp.name}' size {new} on axis "
+                                     f"{axis}, but the model fixes that axis to {fixed}.")
+        elif any(d is None for d in dims):
+            example = ",".join("N" if d is None else str(d) for d in dims)
+            raise ShapeError(f"Input '{inp.name}' has a dynamic shape [{example}] "
+                             f"(N = unknown). Give its size with --input-shape "
+                             f"{inp.name}:{example.replace('N', '1', 1)} (replace every N).")
+        else:
+            shape = tuple(dims)
+        shapes[inp.name] = shape
+    return shapes
+
+
+def simplify(model, shapes: Mapping[str, tuple]):
+    """Fix the input shapes and fold constant subgraphs (onnxsim); the model if that fails."""
+    import onnx
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
+        if ok:
+            return simplified
+        log.warning("onnxsim could not verify the simplified model; importing the original")
+    except Exception as exc:  # onnxsim raises whatever onnxruntime or onnx raise
+        log.warning("onnxsim failed (%s); importing the model without simplification", exc)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in graph_inputs(fixed):
+        for dim, size in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
+            dim.Clear()
+            dim.dim_value = size
+    return fixed
+
+
+def check_ops(model) -> None:
+    """Raise UnsupportedOpError naming each op type TVM cannot import and its nodes."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    supported = set(_get_convert_map()) | {"Constant", "If"}
+    missing: dict[str, list[str]] = {}
+    for index, node in enumerate(model.graph.node):
+        domain_ok = node.domain in ("", "ai.onnx")
+        if not domain_ok or node.op_type not in supported:
+            op = node.op_type if domain_ok else f"{node.domain}.{node.op_type}"
+            missing.setdefault(op, []).append(node.name or f"#{index}")
+    if missing:
+        parts = [f"{op} (node {', '.join(repr(n) for n in nodes[:3])}"
+                 f"{' and %d more' % (len(nodes) - 3) if len(nodes) > 3 else ''})"
+                 for op, nodes in sorted(missing.items())]
+        raise UnsupportedOpError(
+            f"TVM's ONNX importer has no converter for: {'; '.join(parts)}. Re-export the model "
+            "without these ops (another opset, or decompose them in the exporter), or replace "
+            "them with supported ONNX ops before compiling.")
+
+
+def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                ) -> FloatModel:
+    """Import an ONNX file into Relax with static input shapes."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    import tvm
+
+    path = Path(path)
+    original = load_onnx(path)
+    shapes = resolve_input_shapes(original, input_shapes)
+    model = simplify(original, shapes)
+    check_ops(model)
+    inputs = tuple(TensorSpec(i.name, shapes[i.name], _onnx_dtype(i))
+                   for i in graph_inputs(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ONNX checker's warnings are not ours to show
+        try:
+            mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
+                            dtype_dict={s.name: s.dtype for s in inputs},
+                            keep_params_in_input=False)
+        except tvm.error.OpNotImplemented as exc:
+            raise UnsupportedOpError(f"TVM cannot import the model: {exc}") from None
+        except Exception as exc:
+            raise UnsupportedOpError(
+                f"TVM's ONNX importer failed on '{path.name}': {_last_line(exc)}. This usually "
+                "means an op uses a form TVM does not support (for example a shape computed at "
+                "run time); fix the input shapes with --input-shape, or simplify the model.",
+            ) from None
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    outputs = _output_specs(mod, [o.name for o in model.graph.output])
+    return FloatModel(mod=mod, inputs=inputs, outputs=outputs, layers=_layers(model),
+                      onnx=model, source=str(path),
+                      sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:
+    import tvm
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, tvm.ir.TupleType) else [ret]
+    specs = []
+    for name, info in zip(names, fields):
+        if not isinstance(info, relax.TensorType) or info.shape is None:
+            raise ShapeError(f"Output '{name}' has no static shape after import; give every "
+                             "dynamic input dimension with --input-shape.")
+        try:
+            shape = tuple(int(d) for d in info.shape.values)
+        except (TypeError, AttributeError):
+            raise ShapeError(f"Output '{name}' has a data-dependent shape "
+                             f"({info.shape}); qcompile needs static shapes.") from None
+        specs.append(TensorSpec(name, shape, str(info.dtype)))
+    return tuple(specs)
+
+
+def _layers(model) -> tuple[Layer, ...]:
+    return tuple(Layer(name=node.name or f"{node.op_type}_{i}", op=node.op_type)
+                 for i, node in enumerate(model.graph.node) if node.op_type in LAYER_OPS)
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,189 @@
+"""Run stage: load OUT_DIR/model.so with the TVM runtime, here or on a device over RPC.
+
+Inputs are checked against the manifest before anything runs. The VM is driven through
+set_input / invoke_stateful / get_outputs, which works the same locally and over RPC (a tuple
+returned by a remote call is an opaque handle).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .artifact import LIBRARY_FILE, Artifact
+from .errors import DeviceError, InputError
+from .specs import TensorSpec
+
+log = logging.getLogger(__name__)
+
+_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-run latency in milliseconds over `repeat` measurements of `number` runs each."""
+
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeat: int
+    number: int
+    device: str
+
+    def describe(self) -> str:
+        return (f"latency on {self.device}: mean {self.mean_ms:.3f} ms, median "
+                f"{self.median_ms:.3f} ms, p90 {self.p90_ms:.3f} ms "
+                f"({self.repeat} x {self.number} runs)")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class LoadedModel:
+    """A compiled model loaded into a TVM VirtualMachine on some device."""
+
+    def __init__(self, artifact: Artifact, vm, device, session=None, where: str = "local"):
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self._vm = vm
+        self._device = device
+        self._session = session
+        self.where = where
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.manifest.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.manifest.outputs
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+        """The inputs in manifest order, or an InputError naming what does not match."""
+        expected = [s.name for s in self.inputs]
+        missing = [n for n in expected if n not in inputs]
+        extra = [n for n in inputs if n not in expected]
+        if missing or extra:
+            problem = (f"missing {', '.join(repr(n) for n in missing)}" if missing else
+                       f"unknown {', '.join(repr(n) for n in extra)}")
+            raise InputError(f"Inputs do not match the compiled model ({problem}). It takes: "
+                             f"{'; '.join(s.describe() for s in self.inputs)}.")
+        arrays = []
+        for spec in self.inputs:
+            value = np.asarray(inputs[spec.name])
+            if tuple(value.shape) != spec.shape:
+                raise InputError(f"Input '{spec.name}' has shape {list(value.shape)}, but the "
+                                 f"model was compiled for {list(spec.shape)}. Reshape the data, "
+                                 "or compile again with --input-shape.")
+            if str(value.dtype) != spec.dtype:
+                raise InputError(f"Input '{spec.name}' has dtype {value.dtype}, but the model "
+                                 f"takes {spec.dtype}. Convert it, e.g. "
+                                 f"array.astype('{spec.dtype}').")
+            arrays.append(np.ascontiguousarray(value))
+        return arrays
+
+    def _set_inputs(self, inputs: Mapping[str, Any]) -> None:
+        import tvm
+
+        arrays = [tvm.runtime.tensor(a, self._device) for a in self.check_inputs(inputs)]
+        self._vm.set_input("main", *arrays)
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run once; outputs by name, as numpy arrays."""
+        self._set_inputs(inputs)
+        self._vm.invoke_stateful("main")
+        result = self._vm.get_outputs("main")
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
+
+    def benchmark(self, inputs: Mapping[str, Any], repeat: int = 20, number: int = 0,
+                  warmup: int = 1) -> Latency:
+        """Time the model with the runtime's time evaluator (on the device, for RPC).
+
+        number=0 picks the runs per repeat so that each repeat lasts at least 50 ms.
+        """
+        self._set_inputs(inputs)
+        for _ in range(warmup):
+            self._vm.invoke_stateful("main")
+        evaluator = self._vm.time_evaluator(
+            "invoke_stateful", self._device, number=max(number, 1), repeat=repeat,
+            min_repeat_ms=0 if number else 50)
+        times = [t * 1e3 for t in evaluator("main").results]
+        return Latency(mean_ms=statistics.fmean(times), median_ms=statistics.median(times),
+                       p90_ms=_percentile(times, 90), min_ms=min(times), repeat=repeat,
+                       number=max(number, 1), device=self.where)
+
+
+def _target_arch(target: dict[str, Any]) -> str | None:
+    cpu = target.get("host") or target["target"]
+    triple = cpu.get("mtriple")
+    if not triple:
+        return None  # built for the machine that compiled it
+    return _HOST_ARCH.get(triple.split("-")[0], triple.split("-")[0])
+
+
+def _check_runs_here(artifact: Artifact) -> None:
+    target = artifact.manifest.target
+    name = target.get("name", "?")
+    here = _HOST_ARCH.get(platform.machine().lower(), platform.machine().lower())
+    advice = (f"Run it on the device through an RPC tracker: qcompile run {artifact.directory} "
+              f"--rpc-tracker HOST:PORT --rpc-key {target.get('rpc_key', name)}.")
+    if target["target"].get("kind") != "llvm":
+        raise DeviceError(f"'{artifact.directory}' was built for the {name} GPU "
+                          f"({target['target'].get('kind')}), which this machine does not have. "
+                          + advice)
+    arch = _target_arch(target)
+    if arch is not None and arch != here:
+        raise DeviceError(f"'{artifact.directory}' was built for target '{name}' ({arch}); this "
+                          f"machine is {here}. " + advice)
+
+
+def _device_for(target: dict[str, Any], session=None):
+    import tvm
+
+    kind = target["target"].get("kind", "llvm")
+    if session is not None:
+        return session.cl(0) if kind == "opencl" else session.cpu(0)
+    return tvm.cl(0) if kind == "opencl" else tvm.cpu(0)
+
+
+def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | None = None,
+         timeout: float = 60.0) -> LoadedModel:
+    """Load a compiled model here, or on a device under `rpc_key` at the tracker."""
+    import tvm
+    from tvm import relax
+
+    from .remote import parse_tracker, request_session
+
+    artifact = Artifact.open(out_dir)
+    target = artifact.manifest.target
+    if rpc_tracker is None and rpc_key is None:
+        _check_runs_here(artifact)
+        library = tvm.runtime.load_module(str(artifact.library))
+        device = _device_for(target)
+        return LoadedModel(artifact, relax.VirtualMachine(library, device), device,
+                           where="this machine")
+    address = parse_tracker(rpc_tracker)
+    key = rpc_key or target.get("rpc_key")
+    session = request_session(address, key, timeout=timeout)
+    try:
+        session.upload(str(artifact.library))
+        library = session.load_module(LIBRARY_FILE)
+        device = _device_for(target, session)
+        vm = relax.VirtualMachine(library, device)
+    except Exception as exc:  # a TVMError or a socket error from the remote side
+        raise DeviceError(f"The device under key '{key}' could not load {LIBRARY_FILE}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}. "
+                          "Check that the device's TVM runtime matches the one that built it "
+                          f"(TVM {artifact.manifest.versions.get('tvm')}) and that the target "
+                          "fits the device's CPU.") from None
+    host, port = address
+    return LoadedModel(artifact, vm, device, session=session, where=f"{key}@{host}:{port}")

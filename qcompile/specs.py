@@ -1,0 +1,40 @@
+"""Value objects shared by every stage: a named tensor's shape and dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ShapeError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: its name, static shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(name=data["name"], shape=tuple(data["shape"]), dtype=data["dtype"])
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse the CLI's `NAME:1,3,224,224` into (name, shape)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise ShapeError(f"--input-shape '{text}' is malformed: write NAME:D1,D2,... with "
+                         "positive integers, e.g. --input-shape images:1,3,224,224.")
+    return name, shape
