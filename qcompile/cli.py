@@ -145,17 +145,17 @@ def _cmd_run(args) -> int:
 
     from .runtime import load
 
-    model = load(args.out_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-                 timeout=args.timeout)
-    inputs = _load_inputs(args.inputs, model)
-    outputs = model.run(inputs)
-    for name, value in outputs.items():
-        print(f"output {name}: {value.dtype}{list(value.shape)} "
-              f"min {value.min():.6g} max {value.max():.6g} mean {value.mean():.6g}")
-    if args.output:
-        np.savez(args.output, **outputs)
-        print(f"saved outputs to {args.output}")
-    print(model.benchmark(inputs, repeat=args.repeat).describe())
+    with load(args.out_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+              timeout=args.timeout) as model:
+        inputs = _load_inputs(args.inputs, model)
+        outputs = model.run(inputs)
+        for name, value in outputs.items():
+            print(f"output {name}: {value.dtype}{list(value.shape)} "
+                  f"min {value.min():.6g} max {value.max():.6g} mean {value.mean():.6g}")
+        if args.output:
+            np.savez(args.output, **outputs)
+            print(f"saved outputs to {args.output}")
+        print(model.benchmark(inputs, repeat=args.repeat).describe())
     return 0
 
 

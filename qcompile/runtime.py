@@ -58,6 +58,19 @@ class LoadedModel:
         self._session = session
         self.where = where
 
+    def close(self) -> None:
+        """Release the VM and, for a device, end the RPC session (the device becomes free)."""
+        import gc
+
+        self._vm = self._device = self._session = None
+        gc.collect()  # the remote session ends when its last handle is freed
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.manifest.inputs

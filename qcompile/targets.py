@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ else:  # pragma: no cover
 # TVM's own variable for an Android NDK compiler (tvm.support.ndk reads it too).
 NDK_CC_ENV = "TVM_NDK_CC"
 _KNOWN_KINDS = ("llvm", "opencl")
-_TOP_LEVEL_FIELDS = {"description", "rpc_key", "target", "host", "compiler"}
-_COMPILER_FIELDS = {"cc", "debian_package", "android_triple"}
+_TOP_LEVEL_FIELDS = {"description", "rpc_key", "target", "host", "compiler", "android"}
+_COMPILER_FIELDS = {"cc", "debian_package"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ class Compiler:
 
     cc: str
     debian_package: str = ""
-    android_triple: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,7 @@ class Target:
     rpc_key: str
     host: dict[str, Any] | None = None
     compiler: Compiler | None = None
+    android: dict[str, Any] | None = None  # CPU target overrides for an NDK build
     source: str = ""
     os: str = "linux"
     cc: str | None = field(default=None, compare=False)
@@ -90,7 +89,8 @@ class Target:
 
         The choice is, first to last: `cc` (the CLI's --cc), $TVM_NDK_CC (an Android NDK
         clang), the target file's Debian cross compiler. An NDK clang (its name contains
-        "android") switches the target triple to the file's Android triple.
+        "android") applies the file's [android] overrides (triple, float ABI) to the CPU
+        target.
         """
         chosen = cc or (os.environ.get(NDK_CC_ENV) if self.is_cross else None)
         if chosen is None and self.compiler is not None:
@@ -100,9 +100,9 @@ class Target:
         if shutil.which(chosen) is None:
             raise ToolchainError(self._missing_compiler_message(chosen, given=cc is not None))
         resolved = replace(self, cc=chosen)
-        if "android" in Path(chosen).name and self.compiler and self.compiler.android_triple:
+        if "android" in Path(chosen).name and self.android:
             cpu = self.host if self.is_gpu else self.target
-            cpu = {**cpu, "mtriple": self.compiler.android_triple}
+            cpu = {**cpu, **self.android}
             if self.is_gpu:
                 resolved = replace(resolved, host=cpu, os="android")
             else:
@@ -125,15 +125,14 @@ class Target:
 
 def _targets_dir() -> Path:
     """targets/ of the source checkout, or the copy installed inside the package."""
-    checkout = Path(__file__).resolve().parent.parent / "targets"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(resources.files("qcompile.data.targets")))
+    package = Path(__file__).resolve().parent
+    installed = package / "data" / "targets"  # where pyproject.toml installs targets/
+    return installed if installed.is_dir() else package.parent / "targets"
 
 
 def list_targets() -> list[Target]:
     """All targets shipped with qcompile, sorted by name."""
-    return [load_target(p) for p in sorted(_targets_dir().glob("*.toml"))]
+    return [load_target(p) for p in sorted(_targets_dir().glob("*.toml"), key=lambda p: p.stem)]
 
 
 def target_names() -> list[str]:
@@ -195,9 +194,13 @@ def _parse(path: Path, data: dict[str, Any]) -> Target:
             raise bad(f"compiler.{sorted(extra)[0]}", f"is not a known field "
                       f"(known: {sorted(_COMPILER_FIELDS)})")
         compiler = Compiler(**compiler)
+    android = data.get("android")
+    if android is not None and not isinstance(android, dict):
+        raise bad("android", "must be a table of CPU target overrides, e.g. "
+                  "mtriple = \"aarch64-linux-android\"")
     result = Target(name=path.stem, description=data["description"],
                     target=_resolve_native(target), rpc_key=data["rpc_key"], host=host,
-                    compiler=compiler, source=str(path))
+                    compiler=compiler, android=android, source=str(path))
     try:
         result.to_tvm()
     except Exception as exc:  # TVM raises several error types for bad attributes

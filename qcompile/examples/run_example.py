@@ -24,19 +24,21 @@ def run_example(out_dir: Path, target: str = "host") -> dict[str, list[tuple[str
     effnet.export(onnx_path)
     images = photos()
     batch = {name: effnet.preprocess(image) for name, image in images.items()}
-    np.savez(out_dir / "photos.npz", **batch)
+    first_name = next(iter(batch))
+    first_npz = out_dir / f"{first_name}.npz"
+    np.savez(first_npz, **{effnet.INPUT_NAME: batch[first_name]})
     artifact = compile_model(onnx_path, target, out_dir / target)
-    model = load(artifact.directory)
     results = {}
-    for name, x in batch.items():
-        logits = model.run({effnet.INPUT_NAME: x})[effnet.OUTPUT_NAME]
-        results[name] = effnet.top5(logits)
-        print(f"\n{name} ({images[name].shape[1]}x{images[name].shape[0]} photo):")
-        for label, prob in results[name]:
-            print(f"  {prob:6.1%}  {label}")
-    first = next(iter(batch.values()))
-    print("\n" + model.benchmark({effnet.INPUT_NAME: first}, repeat=10).describe())
+    with load(artifact.directory) as model:
+        for name, x in batch.items():
+            logits = model.run({effnet.INPUT_NAME: x})[effnet.OUTPUT_NAME]
+            results[name] = effnet.top5(logits)
+            print(f"\n{name} ({images[name].shape[1]}x{images[name].shape[0]} photo):")
+            for label, prob in results[name]:
+                print(f"  {prob:6.1%}  {label}")
+        latency = model.benchmark({effnet.INPUT_NAME: batch[first_name]}, repeat=10)
+    print("\n" + latency.describe())
     print(f"\nThe same from the command line:\n"
           f"  qcompile compile {onnx_path} --target {target} -o {artifact.directory}\n"
-          f"  qcompile run {artifact.directory} --inputs <npz with an 'images' array>")
+          f"  qcompile run {artifact.directory} --inputs {first_npz}")
     return results

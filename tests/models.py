@@ -1,0 +1,160 @@
+"""Small seeded ONNX models that the tests build, one per op family."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _w(name: str, shape, seed: int, scale: float = 0.3) -> onnx.TensorProto:
+    return numpy_helper.from_array((_rng(seed).standard_normal(shape) * scale)
+                                   .astype(np.float32), name)
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.ModelProto:
+    def info(spec):
+        name, shape, *dtype = spec
+        elem = dtype[0] if dtype else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    graph = helper.make_graph(nodes, "test", [info(i) for i in inputs],
+                              [info(o) for o in outputs], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_relu() -> onnx.ModelProto:
+    """3x3 conv with bias and stride 2, then ReLU."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1],
+                          strides=[2, 2]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        [("x", [1, 3, 32, 32])], [("y", [1, 16, 16, 16])],
+        [_w("w", (16, 3, 3, 3), 1), _w("b", (16,), 2)])
+
+
+def depthwise_grouped() -> onnx.ModelProto:
+    """Depthwise 3x3 conv, ReLU6 (Clip), then a grouped 1x1 conv (4 groups)."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "dw"], ["d"], name="depthwise", group=16,
+                          pads=[1, 1, 1, 1]),
+         helper.make_node("Clip", ["d", "lo", "hi"], ["r"], name="relu6"),
+         helper.make_node("Conv", ["r", "gw", "gb"], ["y"], name="grouped", group=4)],
+        [("x", [1, 16, 14, 14])], [("y", [1, 32, 14, 14])],
+        [_w("dw", (16, 1, 3, 3), 3), _w("gw", (32, 4, 1, 1), 4), _w("gb", (32,), 5),
+         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+
+
+def gemm_matmul() -> onnx.ModelProto:
+    """Gemm (transB) then MatMul with a constant, then Softmax."""
+    return make_model(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="gemm", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["m"], name="matmul"),
+         helper.make_node("Softmax", ["m"], ["y"], name="softmax", axis=-1)],
+        [("x", [4, 64])], [("y", [4, 10])],
+        [_w("w1", (32, 64), 6), _w("b1", (32,), 7), _w("w2", (32, 10), 8)])
+
+
+def residual_pool_concat() -> onnx.ModelProto:
+    """Conv + residual add, max and average pooling, concat, global average pool."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["c", "x"], ["a"], name="residual"),
+         helper.make_node("MaxPool", ["a"], ["mp"], name="maxpool", kernel_shape=[2, 2],
+                          strides=[2, 2]),
+         helper.make_node("AveragePool", ["a"], ["ap"], name="avgpool", kernel_shape=[3, 3],
+                          strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0),
+         helper.make_node("Concat", ["mp", "ap"], ["cat"], name="concat", axis=1),
+         helper.make_node("GlobalAveragePool", ["cat"], ["y"], name="gap")],
+        [("x", [1, 8, 16, 16])], [("y", [1, 16, 1, 1])],
+        [_w("w", (8, 8, 3, 3), 9)])
+
+
+def resize_layernorm() -> onnx.ModelProto:
+    """Bilinear and nearest Resize, then LayerNormalization over the last axis."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    return make_model(
+        [helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize_linear",
+                          mode="linear", coordinate_transformation_mode="half_pixel"),
+         helper.make_node("Resize", ["up", "", "scales"], ["up2"], name="resize_nearest",
+                          mode="nearest", coordinate_transformation_mode="asymmetric",
+                          nearest_mode="floor"),
+         helper.make_node("LayerNormalization", ["up2", "gamma", "beta"], ["y"],
+                          name="layernorm", axis=-1, epsilon=1e-5)],
+        [("x", [1, 4, 6, 6])], [("y", [1, 4, 24, 24])],
+        [scales, _w("gamma", (24,), 10), _w("beta", (24,), 11)])
+
+
+def two_inputs_two_outputs() -> onnx.ModelProto:
+    """Two inputs of different dtypes, two outputs."""
+    return make_model(
+        [helper.make_node("Cast", ["n"], ["nf"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "nf"], ["y"], name="mul"),
+         helper.make_node("ReduceSum", ["y"], ["s"], name="sum", keepdims=0)],
+        [("x", [2, 3]), ("n", [2, 3], TensorProto.INT64)],
+        [("y", [2, 3]), ("s", [])])
+
+
+def dynamic_batch() -> onnx.ModelProto:
+    """A Gemm whose input has a dynamic batch dimension."""
+    return make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", transB=1)],
+        [("x", ["batch", 8])], [("y", ["batch", 4])], [_w("w", (4, 8), 12)])
+
+
+def unsupported_op() -> onnx.ModelProto:
+    """An LSTM, which TVM 0.27's ONNX importer does not implement."""
+    return make_model(
+        [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="encoder_lstm", hidden_size=4)],
+        [("x", [5, 1, 3])], [("y", [5, 1, 1, 4])],
+        [_w("w", (1, 16, 3), 13), _w("r", (1, 16, 4), 14)], opset=14)
+
+
+NUMERIC_MODELS = {
+    "conv_relu": conv_relu,
+    "depthwise_grouped": depthwise_grouped,
+    "gemm_matmul": gemm_matmul,
+    "residual_pool_concat": residual_pool_concat,
+    "resize_layernorm": resize_layernorm,
+    "two_inputs_two_outputs": two_inputs_two_outputs,
+}
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random data for every input of a model with static shapes."""
+    rng = _rng(seed)
+    feeds = {}
+    for inp in model.graph.input:
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.integers(-3, 4, shape).astype(dtype)
+    return feeds
+
+
+def onnxruntime_outputs(model, feeds) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4) -> None:
+    """Equal within rtol, relative to each element and to the tensor's largest magnitude."""
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)

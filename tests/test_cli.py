@@ -1,0 +1,125 @@
+"""The command line: files written, outputs, and one-paragraph errors with exit code 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models import (assert_close, conv_relu, dynamic_batch, onnxruntime_outputs, random_inputs,
+                    two_inputs_two_outputs, unsupported_op)
+from qcompile.cli import main
+
+
+def test_help_explains_the_verbs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for verb in ("compile", "run", "targets", "example"):
+        assert verb in text
+
+
+def test_compile_then_run_from_the_command_line(save_model, tmp_path, capsys):
+    model = two_inputs_two_outputs()
+    out = tmp_path / "out"
+    assert main(["compile", str(save_model(model)), "--target", "host", "-o", str(out)]) == 0
+    assert (out / "model.so").is_file() and (out / "model.json").is_file()
+
+    feeds = random_inputs(model)
+    np.savez(tmp_path / "x.npz", **feeds)
+    assert main(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "--output",
+                 str(tmp_path / "y.npz"), "--repeat", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "output y: float32[2, 3]" in printed
+    assert "mean" in printed and "median" in printed and "p90" in printed
+    expected = onnxruntime_outputs(model, feeds)
+    with np.load(tmp_path / "y.npz") as saved:
+        for name, value in expected.items():
+            assert_close(saved[name], value)
+
+
+def test_targets_lists_every_target(capsys):
+    assert main(["targets"]) == 0
+    text = capsys.readouterr().out
+    for name in ("host", "arm64", "arm64-dotprod", "arm64-i8mm", "armv7", "mali", "adreno"):
+        assert f"\n{name} " in f"\n{text}"
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("qcompile: error: ")
+    return err
+
+
+def test_compile_errors(save_model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "does not exist" in _error(capsys, ["compile", str(tmp_path / "no.onnx"), "-o", out])
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("this is not a model\n" * 10)
+    assert "ONNX" in _error(capsys, ["compile", str(junk), "-o", out])
+    err = _error(capsys, ["compile", str(save_model(unsupported_op())), "-o", out])
+    assert "LSTM" in err and "encoder_lstm" in err
+    err = _error(capsys, ["compile", str(save_model(dynamic_batch(), "d.onnx")), "-o", out])
+    assert "Input 'x'" in err and "--input-shape" in err
+    err = _error(capsys, ["compile", str(save_model(conv_relu(), "c.onnx")), "--target",
+                          "iphone", "-o", out])
+    assert "Unknown target 'iphone'" in err and "arm64-dotprod" in err
+    err = _error(capsys, ["compile", str(save_model(conv_relu(), "c.onnx")), "--target",
+                          "arm64", "--cc", "/opt/nowhere/clang++", "-o", out])
+    assert "/opt/nowhere/clang++" in err
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    import onnx
+
+    import qcompile
+
+    directory = tmp_path_factory.mktemp("compiled")
+    onnx.save(two_inputs_two_outputs(), str(directory / "m.onnx"))
+    qcompile.compile(directory / "m.onnx", "host", directory / "out")
+    return directory / "out"
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ({"x": np.zeros((2, 3), np.float32)}, "missing 'n'"),
+    ({"x": np.zeros((2, 3), np.float32), "n": np.zeros((2, 3), np.int64),
+      "z": np.zeros(1)}, "unknown 'z'"),
+    ({"x": np.zeros((3, 3), np.float32), "n": np.zeros((2, 3), np.int64)},
+     "Input 'x' has shape [3, 3]"),
+    ({"x": np.zeros((2, 3), np.float64), "n": np.zeros((2, 3), np.int64)},
+     "Input 'x' has dtype float64"),
+])
+def test_run_rejects_inputs_that_do_not_match(compiled, tmp_path, capsys, feeds, message):
+    np.savez(tmp_path / "bad.npz", **feeds)
+    err = _error(capsys, ["run", str(compiled), "--inputs", str(tmp_path / "bad.npz")])
+    assert message in err
+    assert "x: float32[2,3]; n: int64[2,3]" in err or "Input 'x'" in err
+
+
+def test_run_errors(compiled, tmp_path, capsys):
+    assert "no model.json" in _error(capsys, ["run", str(tmp_path)])
+    assert "does not exist" in _error(capsys, ["run", str(compiled), "--inputs",
+                                               str(tmp_path / "none.npz")])
+
+
+def test_replaced_library_is_refused(compiled, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled, copy)
+    with open(copy / "model.so", "ab") as f:
+        f.write(b"\0")
+    assert "sha256 differs" in _error(capsys, ["run", str(copy)])
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "qcompile", "targets"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "arm64-dotprod" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "qcompile", "compile", "missing.onnx"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
