@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
+from .errors import ToolchainError
 from .frontend import FloatModel
 from .targets import Target
 
@@ -33,7 +34,6 @@ def versions() -> dict[str, str]:
 
 def optimize(mod, target: Target):
     """Run the target's standard Relax pipeline: fold, legalize, fuse, schedule."""
-    import tvm
     from tvm import relax
 
     tvm_target = target.to_tvm()
@@ -50,7 +50,15 @@ def link(executable, path: Path, target: Target) -> None:
         from tvm.support import cc
 
         fcompile = cc.cross_compiler(target.cc)
-    executable.export_library(str(path), fcompile=fcompile)
+    try:
+        executable.export_library(str(path), fcompile=fcompile)
+    except RuntimeError as exc:  # tvm.support.cc raises RuntimeError with the linker output
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        cpu = target.host if target.is_gpu else target.target
+        raise ToolchainError(
+            f"Linking {LIBRARY_FILE} with '{target.cc or 'the host compiler'}' failed: "
+            f"{' / '.join(lines[1:4]) or exc}. Check that this compiler produces code for "
+            f"{cpu.get('mtriple', 'this machine')}.") from None
 
 
 def build(model: FloatModel, target: Target, out_dir: str | Path) -> Artifact:

@@ -16,6 +16,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def compile_for_host(directory: Path, model: onnx.ModelProto) -> Path:
+    """Save `model` in `directory`, compile it for the host; the OUT_DIR."""
+    import qcompile
+
+    onnx.save(model, str(directory / "model.onnx"))
+    qcompile.compile(directory / "model.onnx", "host", directory / "out")
+    return directory / "out"
+
+
 @pytest.fixture
 def save_model(tmp_path):
     def save(model: onnx.ModelProto, name: str = "model.onnx") -> Path:

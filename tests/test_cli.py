@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import compile_for_host
 from models import (assert_close, conv_relu, dynamic_batch, onnxruntime_outputs, random_inputs,
                     two_inputs_two_outputs, unsupported_op)
 from qcompile.cli import main
@@ -74,14 +75,7 @@ def test_compile_errors(save_model, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    import onnx
-
-    import qcompile
-
-    directory = tmp_path_factory.mktemp("compiled")
-    onnx.save(two_inputs_two_outputs(), str(directory / "m.onnx"))
-    qcompile.compile(directory / "m.onnx", "host", directory / "out")
-    return directory / "out"
+    return compile_for_host(tmp_path_factory.mktemp("cli"), two_inputs_two_outputs())
 
 
 @pytest.mark.parametrize("feeds, message", [

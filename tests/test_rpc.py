@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import qcompile
-from conftest import free_port
+from conftest import compile_for_host, free_port
 from models import assert_close, gemm_matmul, onnxruntime_outputs, random_inputs
 from qcompile.cli import main
 from qcompile.errors import DeviceError
@@ -12,12 +12,7 @@ from qcompile.errors import DeviceError
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    import onnx
-
-    directory = tmp_path_factory.mktemp("rpc")
-    onnx.save(gemm_matmul(), str(directory / "m.onnx"))
-    qcompile.compile(directory / "m.onnx", "host", directory / "out")
-    return directory / "out"
+    return compile_for_host(tmp_path_factory.mktemp("rpc"), gemm_matmul())
 
 
 def test_run_through_the_tracker(host_device, compiled):

@@ -113,3 +113,15 @@ def test_armv7_android_uses_soft_float_abi():
     assert target.target["mfloat-abi"] == "hard"
     assert target.android == {"mtriple": "armv7a-linux-androideabi", "mfloat-abi": "soft"}
     assert os.path.basename(target.compiler.cc) == "arm-linux-gnueabihf-g++"
+
+
+def test_compiler_for_the_wrong_machine_fails_with_a_clear_error(tmp_path, save_model):
+    """An armv7 compiler cannot link aarch64 objects: the error names compiler and triple."""
+    from models import conv_relu
+
+    with pytest.raises(ToolchainError) as err:
+        qcompile.compile(save_model(conv_relu()), "arm64", tmp_path / "out",
+                         cc="arm-linux-gnueabihf-g++")
+    assert "'arm-linux-gnueabihf-g++' failed" in str(err.value)
+    assert "aarch64-linux-gnu" in str(err.value)
+    assert not (tmp_path / "out").exists()
