@@ -162,10 +162,8 @@ def _check_runs_here(artifact: Artifact) -> None:
 def _device_for(target: dict[str, Any], session=None):
     import tvm
 
-    kind = target["target"].get("kind", "llvm")
-    if session is not None:
-        return session.cl(0) if kind == "opencl" else session.cpu(0)
-    return tvm.cl(0) if kind == "opencl" else tvm.cpu(0)
+    devices = session if session is not None else tvm  # both have cpu() and cl()
+    return devices.cl(0) if target["target"].get("kind") == "opencl" else devices.cpu(0)
 
 
 def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | None = None,
