@@ -117,3 +117,16 @@ def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "qcompile", "compile", "missing.onnx"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_damaged_manifest_or_missing_library_is_refused(compiled, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(compiled, damaged)
+    (damaged / "model.json").write_text("{not json")
+    assert "not a valid qcompile manifest" in _error(capsys, ["run", str(damaged)])
+    missing = tmp_path / "missing"
+    shutil.copytree(compiled, missing)
+    (missing / "model.so").unlink()
+    assert "no model.so" in _error(capsys, ["run", str(missing)])
