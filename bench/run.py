@@ -119,6 +119,7 @@ def main() -> int:
         return 0
 
     from qcompile.examples import efficientnet_lite0 as effnet
+    from qcompile.examples.photos import PHOTOS
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
@@ -150,7 +151,7 @@ def main() -> int:
     header = ("| model | config | median ms | p90 ms | x ort fp32 | size MB | x size | "
               "top-1 agree | cosine | peak RSS MB | compile s |")
     print(f"\nMachine: {machine['processor']}, {machine['cores']} cores, "
-          f"{args.threads} threads, {len(_photos_batch())} photos for agreement\n")
+          f"{args.threads} threads, {len(PHOTOS)} photos for agreement\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:

@@ -132,7 +132,7 @@ def _targets_dir() -> Path:
 
 def list_targets() -> list[Target]:
     """All targets shipped with qcompile, sorted by name."""
-    return [load_target(p) for p in sorted(_targets_dir().glob("*.toml"), key=lambda p: p.stem)]
+    return [load_target(name) for name in target_names()]
 
 
 def target_names() -> list[str]:
