@@ -5,15 +5,19 @@
     model = qcompile.load("out")                      # here, or on a phone:
     model = qcompile.load("out", rpc_tracker="127.0.0.1:9190", rpc_key="arm64-dotprod")
     outputs = model.run({"input": array})
+    log = qcompile.tune("model.onnx", "arm64-dotprod", "logs/", trials=256,
+                        rpc_tracker="127.0.0.1:9190", rpc_key="arm64-emu")
+    qcompile.compile("model.onnx", "arm64-dotprod", "out", tuning_log=log.directory)
 """
 
 __version__ = "0.1.0"
 
 from .artifact import Artifact, Manifest  # noqa: E402
 from .errors import QcompileError  # noqa: E402
-from .pipeline import compile  # noqa: E402  pylint: disable=redefined-builtin
+from .pipeline import compile, tune  # noqa: E402  pylint: disable=redefined-builtin
 from .runtime import LoadedModel, load  # noqa: E402
 from .targets import Target, list_targets, load_target  # noqa: E402
+from .tune import TuningLog  # noqa: E402
 
-__all__ = ["Artifact", "LoadedModel", "Manifest", "QcompileError", "Target", "__version__",
-           "compile", "list_targets", "load", "load_target"]
+__all__ = ["Artifact", "LoadedModel", "Manifest", "QcompileError", "Target", "TuningLog",
+           "__version__", "compile", "list_targets", "load", "load_target", "tune"]

@@ -39,6 +39,7 @@ class Manifest:
     library_bytes: int
     versions: dict[str, str]
     source: dict[str, str]
+    kernels: dict[str, Any] = None  # {"total": n, "tuned": n, "tuning_log": dir or None}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class Manifest:
             "outputs": [s.to_json() for s in self.outputs],
             "target": self.target,
             "layers": list(self.layers),
+            "kernels": self.kernels or {},
             "versions": self.versions,
             "source": self.source,
         }
@@ -60,7 +62,7 @@ class Manifest:
                    target=data["target"], layers=tuple(data["layers"]),
                    library_sha256=data["library"]["sha256"],
                    library_bytes=data["library"]["bytes"], versions=data["versions"],
-                   source=data["source"])
+                   source=data["source"], kernels=data.get("kernels", {}))
 
 
 @dataclass(frozen=True)

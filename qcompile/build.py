@@ -20,6 +20,7 @@ from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
 from .errors import ToolchainError
 from .frontend import FloatModel
 from .targets import Target
+from .tune import TuningLog, fused_module
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,37 @@ def versions() -> dict[str, str]:
     return {"qcompile": __version__, "tvm": tvm.__version__}
 
 
-def optimize(mod, target: Target):
-    """Run the target's standard Relax pipeline: fold, legalize, fuse, schedule."""
+def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
+    """Run the target's standard Relax pipeline: fold, legalize, fuse, schedule.
+
+    With a tuning log (CPU targets), the fused kernels that have records get their best tuned
+    schedule; the others keep the default code.
+    """
+    import tvm
     from tvm import relax
 
     tvm_target = target.to_tvm()
-    with tvm_target:
-        mod = relax.transform.FoldConstant()(mod)
-        mod = relax.get_default_pipeline(tvm_target)(mod)
-    return mod
+    if tuning_log is None or target.is_gpu:
+        with tvm_target:
+            mod = relax.transform.FoldConstant()(mod)
+            return relax.get_default_pipeline(tvm_target)(mod)
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+
+    mod = fused_module(mod, target)
+    with tvm_target, tuning_log.database():
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        seq = tvm.transform.Sequential(dataflow_lower_passes(tvm_target)
+                                       + finalize_passes(tvm_target))
+        return seq(mod)
+
+
+def kernel_counts(mod) -> tuple[int, int]:
+    """(kernels with a tuned schedule, all kernels) of an optimized module."""
+    import tvm
+
+    kernels = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    tuned = [f for f in kernels if f.attrs is not None and "tirx.is_scheduled" in f.attrs]
+    return len(tuned), len(kernels)
 
 
 def link(executable, path: Path, target: Target) -> None:
@@ -61,7 +84,8 @@ def link(executable, path: Path, target: Target) -> None:
             f"{cpu.get('mtriple', 'this machine')}.") from None
 
 
-def build(model: FloatModel, target: Target, out_dir: str | Path) -> Artifact:
+def build(model: FloatModel, target: Target, out_dir: str | Path,
+          tuning_log: TuningLog | None = None) -> Artifact:
     """Compile `model` for `target` into OUT_DIR/model.so + model.json.
 
     `target` must have its compiler resolved (Target.with_compiler). The directory is written
@@ -73,7 +97,12 @@ def build(model: FloatModel, target: Target, out_dir: str | Path) -> Artifact:
     tvm_target = target.to_tvm()
     start = time.perf_counter()
     log.info("optimizing and generating code for %s (%s)", target.name, target.kind)
-    mod = optimize(model.mod, target)
+    mod = optimize(model.mod, target, tuning_log)
+    tuned, kernels = kernel_counts(mod)
+    if tuning_log is not None:
+        log.info("tuning log %s: tuned schedules for %d of %d kernels%s", tuning_log.directory,
+                 tuned, kernels, "" if tuned else " (its records are for other kernels or "
+                 "another target: the default schedules are used)")
     executable = tvm.compile(mod, tvm_target, relax_pipeline=None)
     log.info("linking %s with %s", LIBRARY_FILE, target.cc or "the host compiler")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +114,9 @@ def build(model: FloatModel, target: Target, out_dir: str | Path) -> Artifact:
             inputs=model.inputs, outputs=model.outputs, target=target.to_json(),
             layers=tuple(layer.to_json() for layer in model.layers),
             library_sha256=sha256_of(library), library_bytes=library.stat().st_size,
-            versions=versions(), source={"model": model.source, "sha256": model.sha256})
+            versions=versions(), source={"model": model.source, "sha256": model.sha256},
+            kernels={"total": kernels, "tuned": tuned,
+                     "tuning_log": str(tuning_log.directory) if tuning_log else None})
         Artifact(staging, manifest).save()
         out_dir.mkdir(exist_ok=True)
         for item in staging.iterdir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,36 @@ Typical use:
   qcompile run out/ --inputs x.npz                   # here (host target) ...
   qcompile run out/ --inputs x.npz --rpc-tracker 127.0.0.1:9190 --rpc-key arm64-dotprod
   qcompile example                                   # EfficientNet-Lite0 on real photos
+
+No phone at hand? Emulate one (ARM64 under qemu, with a real TVM RPC server):
+  qcompile tracker &                                 # a TVM RPC tracker on 127.0.0.1:9190
+  qcompile device emulate --rpc-key arm64-emu &      # registers an emulated ARM64 device
+  qcompile devices                                   # what is registered, free and busy
+  qcompile run out/ --rpc-tracker 127.0.0.1:9190 --rpc-key arm64-emu
 """
+
+TRACKER_DEFAULT = "127.0.0.1:9190"
+
+TRACKER_HELP = """Run a TVM RPC tracker in the foreground until Ctrl-C. Devices (phones running
+`python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`, or `qcompile device emulate`)
+register with it under a key; `qcompile run` and tuning ask it for a free device by key.
+"""
+
+DEVICES_HELP = """List the devices registered at a TVM RPC tracker: per key, how many are registered, free and
+busy, and how many requests wait; then every server's address.
+"""
+
+EMULATE_HELP = """Start an emulated ARM64 Linux device on this machine and register it with a TVM RPC tracker:
+qemu user mode (Debian's qemu-user-static) runs an arm64 Debian userland with the aarch64 TVM
+runtime, whose RPC server takes uploads, loads .so files built for the arm64* targets, runs and
+times them. The userland is built once (about 30 s and 200 MB; needs debootstrap and network
+access to the Debian mirror and PyPI) and cached in ~/.cache/qcompile. Runs until Ctrl-C.
+
+The default CPU (`max`) executes NEON, dot-product (sdot/udot) and i8mm instructions, so
+arm64, arm64-dotprod and arm64-i8mm builds all run; `--cpu cortex-a53` has neither extension.
+Outputs are real; timings are emulated and say nothing about a phone's speed.
+"""
+
 
 COMPILE_HELP = """\
 Import MODEL (ONNX), optimize it, generate code for the target and link OUT_DIR/model.so,
@@ -43,13 +73,51 @@ def _add_compile(sub) -> None:
                         "file (default: host, this machine)")
     p.add_argument("-o", "--out", dest="out_dir", default="build", metavar="OUT_DIR",
                    help="directory to write model.so and model.json to (default: build)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="static shape of an input whose shape is dynamic in the model, e.g. "
-                        "images:1,3,224,224 (repeat for several inputs)")
+    _shape_arg(p)
+    _cc_arg(p)
+    p.add_argument("--tuning-log", metavar="DIR",
+                   help="apply the tuned schedules recorded in DIR by `qcompile tune` (kernels "
+                        "without records keep the default code)")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cc_arg(p) -> None:
     p.add_argument("--cc", metavar="COMPILER",
                    help="C++ compiler that links the .so (default: the target's cross compiler; "
                         "for Android, the NDK's clang++, or set $TVM_NDK_CC)")
-    p.set_defaults(func=_cmd_compile)
+
+
+def _shape_arg(p) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="static shape of an input whose shape is dynamic in the model, e.g. "
+                        "images:1,3,224,224 (repeat for several inputs)")
+
+
+TUNE_HELP = """\
+Search faster schedules for the model's kernels with MetaSchedule (XGBoost cost model),
+measuring candidates on the device through an RPC tracker (--rpc-tracker/--rpc-key), or on
+this machine for the host target. Every measured record is kept in the tuning log (a
+MetaSchedule JSON database); pass it to `qcompile compile --tuning-log DIR`.
+"""
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="auto-tune the model's kernels on the device",
+                       description=TUNE_HELP)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to tune")
+    p.add_argument("--target", "-t", default="host",
+                   help="a target name (see `qcompile targets`) or a target .toml file")
+    p.add_argument("--trials", type=int, default=64,
+                   help="candidates to measure, over all kernels (default: 64)")
+    p.add_argument("--log", dest="log_dir", metavar="DIR",
+                   help="tuning log directory (default: tuning_logs/TARGET)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="TVM RPC tracker through which to reach the devices that measure")
+    p.add_argument("--rpc-key", metavar="KEY",
+                   help="device key at the tracker (default: the target's rpc_key)")
+    _shape_arg(p)
+    _cc_arg(p)
+    p.set_defaults(func=_cmd_tune)
 
 
 def _add_run(sub) -> None:
@@ -89,6 +157,55 @@ def _add_example(sub) -> None:
     p.set_defaults(func=_cmd_example)
 
 
+def _tracker_arg(p, required_help: str = "") -> None:
+    p.add_argument("--rpc-tracker", "--tracker", dest="rpc_tracker", metavar="HOST:PORT",
+                   help="address of the TVM RPC tracker (default: $TVM_TRACKER_HOST:"
+                        f"$TVM_TRACKER_PORT, else {TRACKER_DEFAULT})" + required_help)
+
+
+def _add_tracker(sub) -> None:
+    p = sub.add_parser("tracker", help="run a TVM RPC tracker (devices register with it)",
+                       description=TRACKER_HELP)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; "
+                        "0.0.0.0 lets phones on the network register)")
+    p.add_argument("--port", type=int, default=9190, help="port to listen on (default: 9190)")
+    p.set_defaults(func=_cmd_tracker)
+
+
+def _add_devices(sub) -> None:
+    p = sub.add_parser("devices", help="list the devices registered at an RPC tracker",
+                       description=DEVICES_HELP)
+    _tracker_arg(p)
+    p.set_defaults(func=_cmd_devices)
+
+
+def _add_device(sub) -> None:
+    p = sub.add_parser("device", help="emulated devices (no phone needed)",
+                       description="Devices that qcompile provides itself.")
+    verbs = p.add_subparsers(dest="device_command", metavar="VERB", required=True)
+    e = verbs.add_parser("emulate", help="start an emulated ARM64 device and register it with "
+                                         "a tracker", description=EMULATE_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _tracker_arg(e)
+    e.add_argument("--rpc-key", "--key", dest="rpc_key", default="arm64-emu", metavar="KEY",
+                   help="key to register the device under (default: arm64-emu)")
+    e.add_argument("--cpu", default=None,
+                   help="emulated CPU, as qemu names it: max (default; NEON, dotprod, i8mm), "
+                        "cortex-a76 (dotprod, no i8mm), cortex-a53 (neither), ...")
+    e.add_argument("--count", type=int, default=1,
+                   help="number of devices to start under the key (default: 1); tuning uses "
+                        "every free device in parallel")
+    e.add_argument("--with-tracker", action="store_true",
+                   help="also start a tracker at the --rpc-tracker address, for a self-contained "
+                        "setup in one command")
+    e.add_argument("--port", type=int, default=9090,
+                   help="first port the device's RPC server tries (default: 9090)")
+    e.add_argument("--rebuild", action="store_true",
+                   help="rebuild the cached userland first (e.g. after it was damaged)")
+    p.set_defaults(func=_cmd_device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compile(sub)
     _add_run(sub)
+    _add_tune(sub)
     _add_targets(sub)
+    _add_tracker(sub)
+    _add_devices(sub)
+    _add_device(sub)
     _add_example(sub)
     return parser
 
@@ -115,9 +236,25 @@ def _cmd_compile(args) -> int:
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
-                             cc=args.cc)
+                             cc=args.cc, tuning_log=args.tuning_log)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .pipeline import tune
+    from .specs import parse_input_shape
+
+    if args.trials < 1:
+        raise InputError("--trials must be at least 1.")
+    shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    result = tune(args.model, args.target, args.log_dir, trials=args.trials,
+                  rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, input_shapes=shapes,
+                  cc=args.cc)
+    print(result.describe())
+    print(f"apply it: qcompile compile {args.model} --target {args.target} "
+          f"--tuning-log {result.directory}")
     return 0
 
 
@@ -171,11 +308,81 @@ def _cmd_targets(_args) -> int:
     return 0
 
 
+def _tracker_address(text: str | None) -> tuple[str, int]:
+    import os
+
+    from .remote import TRACKER_ENV, parse_tracker
+
+    if text is None and not all(os.environ.get(name) for name in TRACKER_ENV):
+        text = TRACKER_DEFAULT
+    return parse_tracker(text)
+
+
+def _cmd_tracker(args) -> int:
+    from .processes import stop_process_group
+    from .remote import start_tracker
+
+    process = start_tracker(args.host, args.port, quiet=True)
+    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    print(f"tracker listening on {args.host}:{args.port} (Ctrl-C stops it)\n"
+          f"  register a device:  python -m tvm.exec.rpc_server --tracker {shown}:{args.port} "
+          "--key KEY\n"
+          f"  or an emulated one: qcompile device emulate --rpc-tracker {shown}:{args.port}\n"
+          f"  list devices:       qcompile devices --rpc-tracker {shown}:{args.port}", flush=True)
+    try:
+        code = process.wait()
+    finally:
+        stop_process_group(process)
+    print(f"qcompile: error: the tracker exited with code {code}", file=sys.stderr)
+    return 1
+
+
+def _cmd_devices(args) -> int:
+    from .remote import tracker_status
+
+    print(tracker_status(_tracker_address(args.rpc_tracker)).describe())
+    return 0
+
+
+def _cmd_device(args) -> int:
+    from . import emulator
+    from .errors import DeviceError
+    from .processes import stop_process_group
+    from .remote import start_tracker
+
+    if args.count < 1:
+        raise InputError("--count must be at least 1.")
+    address = _tracker_address(args.rpc_tracker)
+    host, port = address
+    emulator.prepare("arm64", rebuild=args.rebuild)
+    tracker = start_tracker(host, port) if args.with_tracker else None
+
+    def ready(devices) -> None:
+        print(f"{len(devices)} emulated ARM64 device(s) ({devices[0].cpu} CPU) registered under "
+              f"key '{args.rpc_key}' at the tracker {host}:{port} (Ctrl-C stops them)\n"
+              f"  compile for it: qcompile compile MODEL --target arm64-dotprod -o out\n"
+              f"  run on it:      qcompile run out --rpc-tracker {host}:{port} "
+              f"--rpc-key {args.rpc_key}\n"
+              "  timings on an emulated device are not a phone's speed", flush=True)
+
+    try:
+        emulator.serve(address, args.rpc_key, count=args.count, cpu=args.cpu, port=args.port,
+                       ready=ready, alive=(lambda: tracker.poll() is None) if tracker else None)
+    finally:
+        if tracker is not None:
+            stop_process_group(tracker)
+    raise DeviceError(f"The tracker at {host}:{port} exited.")
+
+
 def _cmd_example(args) -> int:
     from .examples.run_example import run_example
 
     run_example(Path(args.out_dir))
     return 0
+
+
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # `kill PID` stops a long command (tracker, emulated devices, tuning) cleanly: the helper
+    # processes it started are stopped in `finally` blocks, which SIGTERM would skip.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except QcompileError as exc:

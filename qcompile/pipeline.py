@@ -1,4 +1,4 @@
-"""compile(): the stages in order, import -> build. Later stages (quantize, tune) slot in here."""
+"""The stages in order: import -> (quantize) -> tune -> build. compile() and tune()."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from typing import Mapping, Sequence
 from .artifact import Artifact
 from .build import build
 from .frontend import import_onnx
+from .remote import parse_tracker
 from .targets import Target, load_target
+from .tune import TuningLog, open_log
+from .tune import tune as tune_model
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +24,48 @@ def compile(  # noqa: A001 - the verb users know
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cc: str | None = None,
+    tuning_log: str | Path | None = None,
 ) -> Artifact:
     """Compile an ONNX model into OUT_DIR/model.so + OUT_DIR/model.json.
 
     model: path of an .onnx file. target: a target name (`qcompile targets`) or a target file.
     input_shapes: static shapes for inputs with dynamic dimensions, {name: (1, 3, 224, 224)}.
     cc: the C++ compiler that links the library (default: the target's, or $TVM_NDK_CC).
+    tuning_log: a directory written by tune(): kernels with records get their tuned schedule.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
+    log_ = open_log(tuning_log) if tuning_log is not None else None
+    float_model = _import(model, input_shapes)
+    return build(float_model, resolved, out_dir, tuning_log=log_)
+
+
+def tune(
+    model: str | Path,
+    target: str | Path | Target = "host",
+    log_dir: str | Path | None = None,
+    *,
+    trials: int = 64,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    cc: str | None = None,
+) -> TuningLog:
+    """Tune an ONNX model's kernels for a target; records go to `log_dir` (default:
+    tuning_logs/<target>). Measured on the device under `rpc_key` at `rpc_tracker`, or on this
+    machine for the host target. Pass the log to compile(tuning_log=...)."""
+    resolved = load_target(target).with_compiler(cc)
+    rpc = None
+    if rpc_tracker is not None or rpc_key is not None:
+        rpc = (parse_tracker(rpc_tracker), rpc_key or resolved.rpc_key)
+    float_model = _import(model, input_shapes)
+    directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
+    return tune_model(float_model, resolved, directory, trials=trials, rpc=rpc)
+
+
+def _import(model: str | Path, input_shapes):
     log.info("importing %s", model)
     float_model = import_onnx(model, input_shapes)
     log.info("imported: inputs %s; outputs %s; %d layers",
              ", ".join(s.describe() for s in float_model.inputs),
              ", ".join(s.describe() for s in float_model.outputs), len(float_model.layers))
-    return build(float_model, resolved, out_dir)
+    return float_model

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import DeviceError
@@ -53,6 +56,108 @@ def connect_tracker(address: tuple[str, int], timeout: float = 5.0):
 def tracker_keys(tracker) -> dict[str, dict[str, int]]:
     """{key: {"free": n, "pending": n}} as the tracker reports them."""
     return {key: dict(info) for key, info in tracker.summary()["queue_info"].items()}
+
+
+def device_info(session) -> dict[str, Any]:
+    """What a device says about itself: {"emulated": True, ...} for qcompile's emulated device,
+    {} for a plain TVM RPC server (a real phone or board)."""
+    import json
+
+    try:
+        describe = session.get_function("qcompile.device_info")
+    except (AttributeError, RuntimeError):
+        return {}
+    return json.loads(describe())
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """The devices registered under one key: `total` servers, of which `free` are idle."""
+
+    key: str
+    total: int
+    free: int
+    pending: int  # requests waiting for a free device
+
+    @property
+    def busy(self) -> int:
+        return max(self.total - self.free, 0)
+
+
+@dataclass(frozen=True)
+class TrackerStatus:
+    address: tuple[str, int]
+    servers: tuple[tuple[str, str], ...]  # (address, key) of every registered device
+    keys: tuple[KeyStatus, ...]
+
+    def describe(self) -> str:
+        host, port = self.address
+        if not self.keys:
+            return (f"No devices are registered at the tracker {host}:{port}. Start one on the "
+                    f"device with `python -m tvm.exec.rpc_server --tracker {host}:{port} --key "
+                    f"KEY`, or an emulated one here with `qcompile device emulate "
+                    f"--rpc-tracker {host}:{port}`.")
+        width = max(len("key"), *(len(k.key) for k in self.keys))
+        lines = [f"Devices at the tracker {host}:{port}:", "",
+                 f"{'key':<{width}}  total  free  busy  waiting"]
+        lines += [f"{k.key:<{width}}  {k.total:>5}  {k.free:>4}  {k.busy:>4}  {k.pending:>7}"
+                  for k in self.keys]
+        lines += ["", "servers:"]
+        lines += [f"  {addr:<22} {key}" for addr, key in sorted(self.servers, key=lambda s: s[1])]
+        return "\n".join(lines)
+
+
+def tracker_status(address: tuple[str, int]) -> TrackerStatus:
+    """Every key at the tracker with its total, free, busy and waiting counts."""
+    summary = connect_tracker(address).summary()
+    servers = []
+    totals: dict[str, int] = {}
+    for item in summary["server_info"]:
+        key = item["key"].split(":", 1)[-1]  # 'server:arm64-emu' -> 'arm64-emu'
+        addr = ":".join(str(part) for part in item.get("addr", ("?", "?")))
+        servers.append((addr, key))
+        totals[key] = totals.get(key, 0) + 1
+    keys = []
+    for key, info in sorted(summary["queue_info"].items()):
+        total = totals.get(key, 0)
+        if total or info.get("pending", 0):
+            keys.append(KeyStatus(key, total, info.get("free", 0), info.get("pending", 0)))
+    return TrackerStatus(address, tuple(servers), tuple(keys))
+
+
+def start_tracker(host: str = "127.0.0.1", port: int = 9190, quiet: bool = True):
+    """Start `python -m tvm.exec.rpc_tracker` on exactly HOST:PORT in its own process group.
+
+    The subprocess.Popen is returned once the tracker accepts connections.
+    """
+    import time
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DeviceError(f"Cannot start a tracker on {host}:{port}: {exc.strerror}. Another "
+                              "tracker may already run there (see `qcompile devices "
+                              f"--rpc-tracker {host}:{port}`), or pick another --port.") from None
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+         "--port-end", str(port + 1)] + (["--silent"] if quiet else []),
+        stdout=output, stderr=output, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise DeviceError(f"The tracker on {host}:{port} exited at start "
+                              f"(code {process.returncode}).")
+        try:
+            with socket.create_connection((host if host != "0.0.0.0" else "127.0.0.1", port),
+                                          timeout=1):
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise DeviceError(f"The tracker on {host}:{port} did not start within 60 s.")
 
 
 def request_session(address: tuple[str, int], key: str, timeout: float = 60.0,

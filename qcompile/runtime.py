@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .artifact import LIBRARY_FILE, Artifact
-from .errors import DeviceError, InputError
+from .errors import DeviceError, InputError, QcompileError
 from .specs import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,19 @@ class Latency:
     p90_ms: float
     min_ms: float
     repeat: int
-    number: int
+    number: int  # runs per repeat; 0: as many as fill 50 ms
     device: str
+    emulated: bool = False
 
     def describe(self) -> str:
-        return (f"latency on {self.device}: mean {self.mean_ms:.3f} ms, median "
-                f"{self.median_ms:.3f} ms, p90 {self.p90_ms:.3f} ms "
-                f"({self.repeat} x {self.number} runs)")
+        runs = (f"{self.repeat} x {self.number} runs" if self.number else
+                f"{self.repeat} repeats of at least 50 ms each")
+        text = (f"latency on {self.device}: mean {self.mean_ms:.3f} ms, median "
+                f"{self.median_ms:.3f} ms, p90 {self.p90_ms:.3f} ms ({runs})")
+        if self.emulated:
+            text = ("EMULATED " + text + "\n(measured on an emulated device under qemu: "
+                    "correct outputs, but these timings are not the phone's speed)")
+        return text
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -50,8 +57,11 @@ def _percentile(values: list[float], q: float) -> float:
 class LoadedModel:
     """A compiled model loaded into a TVM VirtualMachine on some device."""
 
-    def __init__(self, artifact: Artifact, vm, device, session=None, where: str = "local"):
+    def __init__(self, artifact: Artifact, vm, device, session=None, where: str = "local",
+                 device_info: Mapping[str, Any] | None = None):
         self.artifact = artifact
+        self.device_info = dict(device_info or {})
+        self.emulated = bool(self.device_info.get("emulated"))
         self.manifest = artifact.manifest
         self._vm = vm
         self._device = device
@@ -103,6 +113,26 @@ class LoadedModel:
             arrays.append(np.ascontiguousarray(value))
         return arrays
 
+    @contextmanager
+    def _device_errors(self):
+        """Remote failures become a DeviceError that says what happened to the device."""
+        if self._session is None:
+            yield
+            return
+        try:
+            yield
+        except QcompileError:
+            raise
+        except Exception as exc:  # TVMError/InternalError/OSError from the RPC layer
+            lines = str(exc).strip().splitlines()
+            raise DeviceError(
+                f"The device {self.where} failed during the session "
+                f"({lines[-1] if lines else type(exc).__name__}): it crashed, was stopped, or "
+                "lost its connection. A crash when the model runs often means that the target "
+                "uses instructions the device's CPU lacks (e.g. arm64-dotprod on a Cortex-A53). "
+                "The tracker and other devices are not affected; once the device is back, "
+                "run again for a new session.") from None
+
     def _set_inputs(self, inputs: Mapping[str, Any]) -> None:
         import tvm
 
@@ -111,11 +141,13 @@ class LoadedModel:
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run once; outputs by name, as numpy arrays."""
-        self._set_inputs(inputs)
-        self._vm.invoke_stateful("main")
-        result = self._vm.get_outputs("main")
-        values = list(result) if isinstance(result, (tuple, list)) else [result]
-        return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
+        self.check_inputs(inputs)
+        with self._device_errors():
+            self._set_inputs(inputs)
+            self._vm.invoke_stateful("main")
+            result = self._vm.get_outputs("main")
+            values = list(result) if isinstance(result, (tuple, list)) else [result]
+            return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
 
     def benchmark(self, inputs: Mapping[str, Any], repeat: int = 20, number: int = 0,
                   warmup: int = 1) -> Latency:
@@ -123,16 +155,18 @@ class LoadedModel:
 
         number=0 picks the runs per repeat so that each repeat lasts at least 50 ms.
         """
-        self._set_inputs(inputs)
-        for _ in range(warmup):
-            self._vm.invoke_stateful("main")
-        evaluator = self._vm.time_evaluator(
-            "invoke_stateful", self._device, number=max(number, 1), repeat=repeat,
-            min_repeat_ms=0 if number else 50)
-        times = [t * 1e3 for t in evaluator("main").results]
+        self.check_inputs(inputs)
+        with self._device_errors():
+            self._set_inputs(inputs)
+            for _ in range(warmup):
+                self._vm.invoke_stateful("main")
+            evaluator = self._vm.time_evaluator(
+                "invoke_stateful", self._device, number=max(number, 1), repeat=repeat,
+                min_repeat_ms=0 if number else 50)
+            times = [t * 1e3 for t in evaluator("main").results]
         return Latency(mean_ms=statistics.fmean(times), median_ms=statistics.median(times),
                        p90_ms=_percentile(times, 90), min_ms=min(times), repeat=repeat,
-                       number=max(number, 1), device=self.where)
+                       number=number, device=self.where, emulated=self.emulated)
 
 
 def _target_arch(target: dict[str, Any]) -> str | None:
@@ -172,7 +206,7 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
     import tvm
     from tvm import relax
 
-    from .remote import parse_tracker, request_session
+    from .remote import device_info, parse_tracker, request_session
 
     artifact = Artifact.open(out_dir)
     target = artifact.manifest.target
@@ -190,6 +224,7 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
         library = session.load_module(LIBRARY_FILE)
         device = _device_for(target, session)
         vm = relax.VirtualMachine(library, device)
+        info = device_info(session)
     except Exception as exc:  # a TVMError or a socket error from the remote side
         raise DeviceError(f"The device under key '{key}' could not load {LIBRARY_FILE}: "
                           f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}. "
@@ -197,4 +232,5 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
                           f"(TVM {artifact.manifest.versions.get('tvm')}) and that the target "
                           "fits the device's CPU.") from None
     host, port = address
-    return LoadedModel(artifact, vm, device, session=session, where=f"{key}@{host}:{port}")
+    return LoadedModel(artifact, vm, device, session=session, where=f"{key}@{host}:{port}",
+                       device_info=info)

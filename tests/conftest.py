@@ -1,9 +1,8 @@
-"""Shared fixtures: a model file on disk, and a real RPC tracker with a host device."""
+"""Shared fixtures: a model file on disk, a real RPC tracker, a host device (x86 RPC server)
+and an emulated ARM64 device (qemu), all stopped by the fixtures that start them."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+
+from qcompile.processes import stop_process_group
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -41,52 +42,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(args: list[str]) -> subprocess.Popen:
+def start_process(args: list[str], **kwargs) -> subprocess.Popen:
     """Start a helper in its own process group, so that the test can stop all of it."""
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    kwargs.setdefault("stdout", subprocess.DEVNULL)
+    kwargs.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen(args, start_new_session=True, **kwargs)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_for_key(port: int, key: str, timeout: float = 60.0) -> None:
-    from tvm import rpc
+def wait_for_key(tracker: str, key: str, timeout: float = 60.0) -> None:
+    """Wait until the tracker has a free device under `key`."""
+    from qcompile.errors import DeviceError
+    from qcompile.remote import parse_tracker, tracker_status
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            info = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
-            if info.get(key, {}).get("free", 0) > 0:
+            keys = {k.key: k for k in tracker_status(parse_tracker(tracker)).keys}
+            if key in keys and keys[key].free > 0:
                 return
-        except (OSError, RuntimeError):
+        except DeviceError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"no device registered under {key} at 127.0.0.1:{port}")
+    raise TimeoutError(f"no free device under {key} at {tracker}")
 
 
 @pytest.fixture(scope="session")
-def host_device():
-    """A TVM RPC tracker on loopback with one RPC server of this machine under 'host-test'."""
+def tracker():
+    """A real TVM RPC tracker on loopback: its address as HOST:PORT."""
+    from qcompile.remote import start_tracker
+
     port = free_port()
-    tracker = start_process([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
-                             "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
+    process = start_tracker("127.0.0.1", port)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def host_device(tracker):
+    """One RPC server of this machine (x86) registered under 'host-test'."""
     server_port = free_port()
     server = start_process([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
                             "--port", str(server_port), "--port-end", str(server_port + 50),
-                            "--tracker", f"127.0.0.1:{port}", "--key", "host-test"])
+                            "--tracker", tracker, "--key", "host-test"])
     try:
-        wait_for_key(port, "host-test")
-        yield {"tracker": f"127.0.0.1:{port}", "key": "host-test", "pids": (tracker.pid,
-                                                                           server.pid)}
+        wait_for_key(tracker, "host-test")
+        yield {"tracker": tracker, "key": "host-test", "pid": server.pid}
     finally:
-        stop_process(server)
-        stop_process(tracker)
+        stop_process_group(server)
+
+
+@pytest.fixture(scope="session")
+def arm64_device(tracker):
+    """An emulated ARM64 device (qemu, max CPU) registered under 'arm64-emu'.
+
+    The first use on a machine builds the Debian userland (about 30 s; cached afterwards).
+    """
+    from qcompile import emulator
+    from qcompile.remote import parse_tracker
+
+    device = emulator.start(parse_tracker(tracker), "arm64-emu")
+    try:
+        yield {"tracker": tracker, "key": "arm64-emu", "device": device}
+    finally:
+        device.stop()

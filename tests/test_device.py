@@ -1,0 +1,190 @@
+"""The emulated ARM64 phone: cross-compiled .so files uploaded through a real tracker, loaded by
+the aarch64 TVM runtime under qemu, run and compared with onnxruntime on this machine; tuning
+measured on it; and the faults (busy keys, dead devices, missing qemu)."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import qcompile
+from conftest import free_port, start_process, wait_for_key
+from models import (NUMERIC_MODELS, assert_close, conv_relu, gemm_matmul, onnxruntime_outputs,
+                    random_inputs)
+from qcompile.cli import main
+from qcompile.errors import DeviceError
+from qcompile.processes import stop_process_group
+from qcompile.remote import parse_tracker, request_session, tracker_status
+
+CASES = [(name, "arm64-dotprod") for name in sorted(NUMERIC_MODELS)] + [
+    ("residual_pool_concat", "arm64"), ("depthwise_grouped", "arm64-i8mm")]
+
+
+@pytest.mark.parametrize("name,target", CASES)
+def test_emulated_device_matches_onnxruntime(arm64_device, name, target, save_model, tmp_path):
+    model = NUMERIC_MODELS[name]()
+    qcompile.compile(save_model(model), target, tmp_path / "out")
+    feeds = random_inputs(model)
+    expected = onnxruntime_outputs(model, feeds)
+    with qcompile.load(tmp_path / "out", rpc_tracker=arm64_device["tracker"],
+                       rpc_key=arm64_device["key"]) as loaded:
+        assert loaded.emulated and loaded.device_info["machine"] == "aarch64"
+        actual = loaded.run(feeds)
+    for out_name, value in expected.items():
+        assert actual[out_name].dtype == value.dtype
+        assert_close(actual[out_name], value)
+
+
+def test_cli_run_labels_emulated_timings(arm64_device, save_model, tmp_path, capsys):
+    model = gemm_matmul()
+    assert main(["compile", str(save_model(model)), "--target", "arm64", "-o",
+                 str(tmp_path / "out")]) == 0
+    np.savez(tmp_path / "x.npz", **random_inputs(model))
+    assert main(["run", str(tmp_path / "out"), "--inputs", str(tmp_path / "x.npz"),
+                 "--output", str(tmp_path / "y.npz"), "--rpc-tracker", arm64_device["tracker"],
+                 "--rpc-key", "arm64-emu", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "EMULATED latency on arm64-emu@" in out and "not the phone's speed" in out
+    with np.load(tmp_path / "y.npz") as saved:
+        expected = onnxruntime_outputs(model, random_inputs(model))["y"]
+        assert_close(saved["y"], expected)
+
+
+def test_devices_lists_keys_and_counts(arm64_device, host_device, capsys):
+    assert main(["devices", "--rpc-tracker", arm64_device["tracker"]]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("arm64-emu ", "host-test "))}
+    assert rows["arm64-emu"][:3] == ["1", "1", "0"]  # total, free, busy
+    assert rows["host-test"][:3] == ["1", "1", "0"]
+
+
+def test_busy_key_times_out_naming_the_key(arm64_device):
+    address = parse_tracker(arm64_device["tracker"])
+    held = request_session(address, "arm64-emu")  # the only device under the key
+    try:
+        status = {k.key: k for k in tracker_status(address).keys}
+        assert status["arm64-emu"].busy == 1
+        start = time.time()
+        with pytest.raises(DeviceError) as err:
+            request_session(address, "arm64-emu", timeout=2)
+        assert time.time() - start < 10
+        assert "'arm64-emu'" in str(err.value) and "busy" in str(err.value)
+    finally:
+        del held
+        import gc
+
+        gc.collect()
+    wait_for_key(arm64_device["tracker"], "arm64-emu")
+
+
+def test_tune_over_rpc_then_compile_applies_the_log(arm64_device, save_model, tmp_path):
+    model = conv_relu()
+    path = save_model(model)
+    log = qcompile.tune(path, "arm64-dotprod", tmp_path / "log", trials=16,
+                        rpc_tracker=arm64_device["tracker"], rpc_key="arm64-emu")
+    assert log.emulated
+    assert (tmp_path / "log" / "database_tuning_record.json").is_file()
+    [task] = log.tasks
+    assert "conv2d" in task.name and task.records >= 16 and task.best_us > 0
+    assert "EMULATED" in log.describe()
+
+    artifact = qcompile.compile(path, "arm64-dotprod", tmp_path / "out",
+                                tuning_log=tmp_path / "log")
+    assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"] == 1
+    feeds = random_inputs(model)
+    with qcompile.load(tmp_path / "out", rpc_tracker=arm64_device["tracker"],
+                       rpc_key="arm64-emu") as loaded:
+        assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+
+
+def test_tune_without_a_device_under_the_key(arm64_device, save_model):
+    with pytest.raises(DeviceError) as err:
+        qcompile.tune(save_model(conv_relu()), "arm64", "unused", trials=2,
+                      rpc_tracker=arm64_device["tracker"], rpc_key="pixel-9")
+    assert "'pixel-9'" in str(err.value) and "arm64-emu" in str(err.value)
+
+
+def _newest_qemu_descendant(pid: int) -> psutil.Process:
+    procs = [p for p in psutil.Process(pid).children(recursive=True)
+             if "qemu" in " ".join(p.cmdline())]
+    return max(procs, key=lambda p: p.create_time())
+
+
+def test_device_death_is_a_clear_error_and_the_device_comes_back(tracker, host_device,
+                                                                  save_model, tmp_path):
+    """`qcompile device emulate` supervises its device: a session worker killed mid-session
+    gives the client a DeviceError, the tracker and other devices keep working, and the
+    device registers again."""
+    model = gemm_matmul()
+    feeds = random_inputs(model)
+    qcompile.compile(save_model(model), "arm64", tmp_path / "arm")
+    qcompile.compile(tmp_path / "model.onnx", "host", tmp_path / "host")
+    output = open(tmp_path / "emulate.log", "w")
+    cli = start_process([sys.executable, "-m", "qcompile", "device", "emulate", "--rpc-tracker",
+                         tracker, "--rpc-key", "arm64-crash", "--port", str(free_port())],
+                        stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for_key(tracker, "arm64-crash", timeout=180)
+        loaded = qcompile.load(tmp_path / "arm", rpc_tracker=tracker, rpc_key="arm64-crash")
+        loaded.run(feeds)
+        _newest_qemu_descendant(cli.pid).kill()  # the worker serving this session
+        with pytest.raises(DeviceError) as err:
+            loaded.run(feeds)
+        assert "arm64-crash" in str(err.value) and "failed during the session" in str(err.value)
+        loaded.close()
+
+        # The tracker answers and the other device works.
+        with qcompile.load(tmp_path / "host", rpc_tracker=tracker, rpc_key="host-test") as other:
+            assert_close(other.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+
+        # The supervisor notices that the server stopped serving and starts it again.
+        try:
+            wait_for_key(tracker, "arm64-crash", timeout=180)
+        except TimeoutError:
+            pytest.fail("the device did not come back:\n" + (tmp_path / "emulate.log").read_text())
+        with qcompile.load(tmp_path / "arm", rpc_tracker=tracker,
+                           rpc_key="arm64-crash") as again:
+            assert_close(again.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+    finally:
+        group = [p.pid for p in psutil.Process(cli.pid).children(recursive=True)]
+        stop_process_group(cli)  # SIGTERM: the command stops its own devices
+    assert not [pid for pid in group if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_missing_qemu_names_the_debian_package(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["device", "emulate", "--rpc-tracker", "127.0.0.1:9"]) == 2
+    assert "qemu-user-static" in capsys.readouterr().err
+
+
+def test_emulate_with_unreachable_tracker_names_the_address(arm64_device, capsys):
+    port = free_port()
+    assert main(["device", "emulate", "--rpc-tracker", f"127.0.0.1:{port}"]) == 2
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_tracker_command_serves_and_refuses_a_busy_port(tmp_path):
+    port = free_port()
+    proc = start_process([sys.executable, "-m", "qcompile", "tracker", "--port", str(port)])
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                status = tracker_status(("127.0.0.1", port))
+                break
+            except DeviceError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.3)
+        assert status.keys == () and "No devices are registered" in status.describe()
+        second = start_process([sys.executable, "-m", "qcompile", "tracker", "--port",
+                                str(port)], stderr=open(tmp_path / "err", "w"))
+        assert second.wait(timeout=60) == 2
+        assert "Another tracker may already run there" in (tmp_path / "err").read_text()
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode is not None
