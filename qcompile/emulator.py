@@ -41,6 +41,7 @@ MIRROR_ENV = "QCOMPILE_DEBIAN_MIRROR"
 CACHE_ENV = "QCOMPILE_CACHE_DIR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 READY_FILE = "qcompile-userland.json"
+RECIPE = 1  # bump when the userland's recipe changes, so that caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Userland:
 def _userland_name(arch: GuestArch) -> str:
     versions = _tvm_versions()
     return (f"{arch.name}-{SUITE}-tvm{versions['apache-tvm']}-"
-            f"ffi{versions['apache-tvm-ffi']}")
+            f"ffi{versions['apache-tvm-ffi']}-r{RECIPE}")
 
 
 def find_qemu(arch: GuestArch) -> str:
@@ -200,7 +201,7 @@ def _write_wrapper(userland: Userland) -> None:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several processes may write
     tmp.write_text(text)
     tmp.chmod(mode)
     tmp.replace(path)
@@ -386,18 +387,19 @@ def start(tracker: tuple[str, int], key: str = "arm64-emu", arch: str = "arm64",
     try:
         before = _servers(tracker, key)
         while True:
-            if not device.alive():
-                raise DeviceError(f"The emulated device exited with code {process.returncode} "
-                                  f"before it registered with the tracker:\n{device.log_tail()}")
+            exited = not device.alive()
             new = _servers(tracker, key) - before
-            if new:
+            if new:  # registered (a client may hold it already, or even have crashed it)
                 device.address = sorted(new)[0]
                 return device
+            if exited:
+                raise DeviceError(f"The emulated device exited with code {process.returncode} "
+                                  f"before it registered with the tracker:\n{device.log_tail()}")
             if time.time() > deadline:
                 raise DeviceError(f"The emulated device did not register under key '{key}' at "
                                   f"{tracker_host}:{tracker_port} within {timeout:.0f} s:\n"
                                   f"{device.log_tail()}")
-            time.sleep(1.0)
+            time.sleep(0.25)
     except BaseException:
         device.stop()
         raise
@@ -416,24 +418,31 @@ def serve(tracker: tuple[str, int], key: str = "arm64-emu", count: int = 1,
     """Start `count` devices under `key` and keep them serving until interrupted or until
     `alive()` turns false. A device that stops serving is started again, like a phone that
     restarts its RPC server: TVM's server stops when a session's worker dies."""
-    devices: list[EmulatedDevice] = []
+    slots: list[EmulatedDevice | None] = []
     try:
         for _ in range(count):
-            devices.append(start(tracker, key, cpu=cpu, port=port))
+            slots.append(start(tracker, key, cpu=cpu, port=port))
         if ready is not None:
-            ready(devices)
+            ready([device for device in slots if device is not None])
         missed = [0] * count
         while alive is None or alive():
-            for i, device in enumerate(devices):
-                missed[i] = 0 if device.registered() else missed[i] + 1
-                if missed[i] >= 2:
+            for i, device in enumerate(slots):
+                if device is not None:
+                    missed[i] = 0 if device.registered() else missed[i] + 1
+                    if missed[i] < 2:
+                        continue
                     log.warning("emulated device %s (pid %d) stopped serving; starting it "
                                 "again. Its log ends:\n%s", device.address, device.pid,
                                 device.log_tail(5))
                     device.stop()
-                    devices[i] = start(tracker, key, cpu=cpu, port=port)
-                    missed[i] = 0
+                missed[i] = 0
+                try:
+                    slots[i] = start(tracker, key, cpu=cpu, port=port)
+                except DeviceError as exc:  # e.g. a client crashed it at once: try again
+                    slots[i] = None
+                    log.warning("emulated device did not come back (%s); trying again", exc)
             time.sleep(poll)
     finally:
-        for device in devices:
-            device.stop()
+        for device in slots:
+            if device is not None:
+                device.stop()

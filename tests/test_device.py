@@ -128,7 +128,11 @@ def test_device_death_is_a_clear_error_and_the_device_comes_back(tracker, host_d
                          tracker, "--rpc-key", "arm64-crash", "--port", str(free_port())],
                         stdout=output, stderr=subprocess.STDOUT)
     try:
-        wait_for_key(tracker, "arm64-crash", timeout=180)
+        deadline = time.time() + 180  # wait for the command to say that its device is ready
+        while "registered under key 'arm64-crash'" not in (tmp_path / "emulate.log").read_text():
+            assert time.time() < deadline and cli.poll() is None, \
+                (tmp_path / "emulate.log").read_text()
+            time.sleep(0.5)
         loaded = qcompile.load(tmp_path / "arm", rpc_tracker=tracker, rpc_key="arm64-crash")
         loaded.run(feeds)
         _newest_qemu_descendant(cli.pid).kill()  # the worker serving this session
