@@ -20,6 +20,8 @@ Typical use:
   qcompile compile model.onnx --target arm64-dotprod -o out/
   qcompile run out/ --inputs x.npz                   # here (host target) ...
   qcompile run out/ --inputs x.npz --rpc-tracker 127.0.0.1:9190 --rpc-key arm64-dotprod
+  qcompile tune model.onnx --target arm64-dotprod --rpc-tracker 127.0.0.1:9190 --rpc-key KEY
+  qcompile compile model.onnx --target arm64-dotprod --tuning-log tuning_logs/arm64-dotprod
   qcompile example                                   # EfficientNet-Lite0 on real photos
 
 No phone at hand? Emulate one (ARM64 under qemu, with a real TVM RPC server):
