@@ -80,6 +80,33 @@ def _add_compile(sub) -> None:
     p.add_argument("--tuning-log", metavar="DIR",
                    help="apply the tuned schedules recorded in DIR by `qcompile tune` (kernels "
                         "without records keep the default code)")
+    q = p.add_argument_group(
+        "quantization", "Static int8: calibrate on sample inputs, then run convolutions and "
+        "matmuls as int8 x int8 -> int32 kernels with the requantization fused. The report "
+        "(per layer: precision, scales, error against fp32) is printed and saved as "
+        "OUT_DIR/quantization.json.")
+    q.add_argument("--quantize", choices=["int8"], help="quantize the model (default: fp32)")
+    q.add_argument("--calibration", metavar="CALIB.npz",
+                   help="calibration samples: one array per model input, named like it, the "
+                        "samples stacked along a new first axis (input [1,3,224,224] -> array "
+                        "[S,1,3,224,224]; [S,3,224,224] also works for a batch of 1)")
+    q.add_argument("--calibration-method", default="minmax",
+                   choices=["minmax", "percentile", "entropy", "mse"],
+                   help="how activation ranges are chosen (default: minmax); percentile, "
+                        "entropy and mse clip outliers and need at least 8 samples")
+    q.add_argument("--weights", default="per-channel", choices=["per-channel", "per-tensor"],
+                   help="int8 weight scales (default: per-channel)")
+    q.add_argument("--activations", choices=["uint8", "int8"],
+                   help="activation type (default: per target: uint8 on x86 for VNNI, int8 on "
+                        "ARM for sdot)")
+    q.add_argument("--symmetric", action="store_true",
+                   help="symmetric activation ranges (zero point 0, or 128 for uint8)")
+    q.add_argument("--float-layer", action="append", default=[], metavar="NAME",
+                   help="keep this layer (ONNX node name, as the report lists it) in fp32; "
+                        "repeat for several")
+    q.add_argument("--int8-stem", action="store_true",
+                   help="also quantize the first conv on the image input (kept in fp32 by "
+                        "default: little compute, most accuracy lost)")
     p.set_defaults(func=_cmd_compile)
 
 
@@ -237,8 +264,20 @@ def _cmd_compile(args) -> int:
     from .specs import parse_input_shape
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    config = None
+    if args.quantize:
+        from .quantize import QuantConfig
+
+        config = QuantConfig(method=args.calibration_method,
+                             per_channel=args.weights == "per-channel",
+                             activations=args.activations, symmetric=args.symmetric,
+                             float_layers=frozenset(args.float_layer),
+                             float_stem=not args.int8_stem)
+    elif args.calibration:
+        raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
-                             cc=args.cc, tuning_log=args.tuning_log)
+                             cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
+                             calibration=args.calibration, quant_config=config)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
     return 0

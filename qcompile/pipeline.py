@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .artifact import Artifact
 from .build import build
 from .frontend import import_onnx
+from .errors import InputError
+from .quantize import QuantConfig
+from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
 from .tune import TuningLog, open_log
@@ -25,6 +28,9 @@ def compile(  # noqa: A001 - the verb users know
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cc: str | None = None,
     tuning_log: str | Path | None = None,
+    quantize: str | None = None,
+    calibration: Any = None,
+    quant_config: QuantConfig | None = None,
 ) -> Artifact:
     """Compile an ONNX model into OUT_DIR/model.so + OUT_DIR/model.json.
 
@@ -32,11 +38,26 @@ def compile(  # noqa: A001 - the verb users know
     input_shapes: static shapes for inputs with dynamic dimensions, {name: (1, 3, 224, 224)}.
     cc: the C++ compiler that links the library (default: the target's, or $TVM_NDK_CC).
     tuning_log: a directory written by tune(): kernels with records get their tuned schedule.
+    quantize: None (fp32) or "int8": static int8 with `calibration` samples (an .npz path, or
+      an iterable of {input name: array}), configured by `quant_config`. The report is saved
+      as OUT_DIR/quantization.json.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
     log_ = open_log(tuning_log) if tuning_log is not None else None
-    float_model = _import(model, input_shapes)
-    return build(float_model, resolved, out_dir, tuning_log=log_)
+    if quantize not in (None, "none", "fp32", "int8"):
+        raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated).")
+    if quantize == "int8" and calibration is None:
+        raise InputError("--quantize int8 needs calibration data: pass --calibration CALIB.npz "
+                         "with one array per model input, samples stacked along the first axis.")
+    graph = _import(model, input_shapes)
+    if quantize == "int8":
+        (quant_config or QuantConfig()).check()
+        graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
+    artifact = build(graph, resolved, out_dir, tuning_log=log_)
+    if quantize == "int8":
+        path = graph.report.save(artifact.directory)
+        log.info("quantization report: %s", path)
+    return artifact
 
 
 def tune(

@@ -1,0 +1,213 @@
+"""Quantize stage: FloatModel + calibration data -> QuantizedModel (integer kernels).
+
+    observe  run the fp32 model on the calibration samples, collecting per-tensor statistics
+    choose   a range per tensor by the calibration method, then scale and zero point
+    realize  rewrite into integer kernels (realize.py)
+    measure  run fp32 and int8 side by side on (some of) the calibration samples: each layer's
+             error against fp32, and the outputs' (report.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from ..frontend import FloatModel, Layer
+from .calibration_data import load_calibration
+from .graph import Graph, _attrs, read_graph, without_main
+from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
+from .realize import LayerResult, RealizeConfig, Realizer
+from .report import QuantReport, TensorError, layer_errors
+
+log = logging.getLogger(__name__)
+
+MEASURE_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize. activations=None picks per target: uint8 for x86 (VNNI multiplies
+    u8 x s8), int8 for ARM (sdot multiplies s8 x s8)."""
+
+    method: str = "minmax"            # minmax | percentile | entropy | mse
+    per_channel: bool = True          # weights: per output channel, else per tensor
+    activations: str | None = None    # uint8 | int8 | None (per target)
+    symmetric: bool = False           # activations symmetric (zero point 0 / 128)
+    percentile: float = 99.99
+    float_layers: frozenset = frozenset()  # layer (ONNX node) names kept in fp32
+    float_stem: bool = True           # keep a first conv on a <= 4-channel model input in fp32
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"Unknown calibration method '{self.method}': use one of "
+                             f"{', '.join(METHODS)}.")
+        if self.activations not in (None, "uint8", "int8"):
+            raise InputError(f"Activations must be uint8 or int8, not '{self.activations}'.")
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """The model with integer kernels: a Relax module like FloatModel's, and its report."""
+
+    mod: Any
+    inputs: tuple
+    outputs: tuple
+    layers: tuple[Layer, ...]
+    report: QuantReport
+    float_model: FloatModel
+    source: str = ""
+    sha256: str = ""
+
+
+def activation_dtype_for(target) -> str:
+    triple = (target.host or target.target).get("mtriple", "") if target is not None else ""
+    if triple.startswith(("aarch64", "arm")):
+        return "int8"
+    return "uint8"
+
+
+def _host_vm(mod):
+    import tvm
+    from tvm import relax
+
+    from ..targets import load_target
+
+    host = load_target("host")
+    with host.to_tvm():
+        mod = relax.get_default_pipeline(host.to_tvm())(relax.transform.FoldConstant()(mod))
+    executable = tvm.compile(mod, host.to_tvm(), relax_pipeline=None)
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
+def _run(vm, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    import tvm
+
+    vm.set_input("main", *[tvm.runtime.tensor(feeds[n]) for n in names])
+    vm.invoke_stateful("main")
+    result = vm.get_outputs("main")
+    values = list(result) if isinstance(result, (tuple, list)) else [result]
+    return [v.numpy() for v in values]
+
+
+def observing_module(mod, graph: Graph, observed: list):
+    """main() returning the values of `observed` vars (a calibration probe)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder(without_main(mod))
+    with bb.function("main", list(graph.function.params), attrs=_attrs(graph.function)):
+        with bb.dataflow():
+            for node in graph.nodes:
+                bb.emit_normalized(relax.VarBinding(node.var, node.value))
+            out = bb.emit_output(relax.Tuple(list(observed)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, Any]],
+             config: QuantConfig = QuantConfig(), target=None) -> QuantizedModel:
+    """Static int8 post-training quantization of `model` with `calibration` samples."""
+    from tvm import relax
+
+    config.check()
+    feeds = load_calibration(calibration, model.inputs, config.method)
+    names = [s.name for s in model.inputs]
+    activations = config.activations or activation_dtype_for(target)
+    mod = relax.transform.FoldConstant()(model.mod)
+    graph = read_graph(mod)
+    observed = [p for p in graph.function.params if str(p.ty.dtype) == "float32"]
+    observed += [n.var for n in graph.nodes if _is_float_tensor(n.var)]
+
+    start = time.perf_counter()
+    log.info("calibrating: running the fp32 model on %d sample(s), observing %d tensors (%s)",
+             len(feeds), len(observed), config.method)
+    probe = _host_vm(observing_module(mod, graph, observed))
+    observers = [Observer() for _ in observed]
+    histogram = config.method != "minmax"
+    for i, feed in enumerate(feeds):
+        for obs, value in zip(observers, _run(probe, feed, names)):
+            obs.update(value, histogram)
+        if (i + 1) % 10 == 0 or i + 1 == len(feeds):
+            log.info("calibrating: %d/%d samples", i + 1, len(feeds))
+    ranges = {var: choose_range(obs, config.method, config.percentile)
+              for var, obs in zip(observed, observers)}
+    qparams = {var: activation_qparams(rng, activations, config.symmetric)
+               for var, rng in ranges.items()}
+    log.info("calibrated in %.1f s", time.perf_counter() - start)
+
+    names_of = _layer_names(model, graph)
+    keep = {var for var, onnx_name in names_of.items()
+            if onnx_name in config.float_layers or var in config.float_layers}
+    unknown = set(config.float_layers) - set(names_of.values()) - set(names_of)
+    if unknown:
+        log.warning("no layer is named %s: check the names in `qcompile inspect`",
+                    ", ".join(sorted(unknown)))
+    stem = _stem(graph) if config.float_stem else None
+    realize_config = RealizeConfig(activation_dtype=activations, per_channel=config.per_channel,
+                                   float_layers=frozenset(keep),
+                                   stem=stem.name if stem is not None else None)
+    realizer = Realizer(mod, graph, qparams, realize_config)
+    quantized_mod = realizer.run()
+    layers = _layers(model, graph, realizer.layers)
+
+    # measure: per-layer outputs of the int8 model against fp32, on some calibration samples
+    measured = [l for l in realizer.layers if l.output_var is not None]
+    measure_mod = Realizer(mod, graph, qparams, realize_config).run(
+        extra_outputs=tuple(l.output_var for l in measured))
+    body = graph.function.body.body
+    output_vars = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    errors = layer_errors(probe, _host_vm(measure_mod), feeds[:MEASURE_SAMPLES], names,
+                          observed, [l.output_var for l in measured], output_vars, _run)
+    report = QuantReport.build(model, realizer.layers, _layer_names(model, graph), errors,
+                               config, activations, len(feeds))
+    log.info("%s", report.summary())
+    return QuantizedModel(quantized_mod, model.inputs, model.outputs, layers, report, model,
+                          model.source, model.sha256)
+
+
+def _is_float_tensor(var) -> bool:
+    from tvm import relax
+
+    ty = var.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32" and \
+        ty.shape is not None
+
+
+def _stem(graph: Graph):
+    """The first conv, when it reads a model input of at most 4 channels (an image): little
+    compute (about 3% of EfficientNet-Lite0's MACs), but its batch-norm-folded weights are
+    large and cancel each other, so int8 costs it most of its accuracy (24 dB SQNR)."""
+    params = set(graph.function.params)
+    for node in graph.nodes:
+        if node.kind == "conv2d":
+            x = node.args[0]
+            if x in params and len(x.ty.shape) == 4 and int(x.ty.shape[1]) <= 4:
+                return node
+            return None
+    return None
+
+
+def _layer_names(model: FloatModel, graph: Graph) -> dict[str, str]:
+    """{relax var name: ONNX node name}: the k-th conv/matmul of the Relax graph is the k-th
+    weighted ONNX node (the importer keeps their order); Relax names when counts differ."""
+    weighted = [n for n in graph.nodes if n.kind in ("conv2d", "matmul")]
+    if len(weighted) != len(model.layers):
+        return {n.name: n.name for n in weighted}
+    return {n.name: layer.name for n, layer in zip(weighted, model.layers)}
+
+
+def _layers(model: FloatModel, graph: Graph, results: list[LayerResult]) -> tuple[Layer, ...]:
+    """The model's layers with the precision each runs in."""
+    names = _layer_names(model, graph)
+    ops = {layer.name: layer.op for layer in model.layers}
+    return tuple(Layer(names[r.var], ops.get(names[r.var], r.op), r.precision)
+                 for r in results)
+
+
+__all__ = ["QuantConfig", "QuantizedModel", "quantize", "load_calibration", "QParams",
+           "TensorError"]

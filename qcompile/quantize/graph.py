@@ -1,0 +1,168 @@
+"""A read-only view of the imported model's dataflow: nodes in order, what each computes (in
+the terms quantization cares about), and who consumes each value.
+
+The ONNX importer expresses some ops through generated TIR functions (Clip becomes
+call_tir(maximum, x, lo) / call_tir(minimum, x, hi)); `kind_of` names those too, so that the
+quantizer sees "clip" wherever the model clips.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Relax op name -> the kind of node the quantizer reasons about.
+_OP_KINDS = {
+    "relax.nn.conv2d": "conv2d",
+    "relax.matmul": "matmul",
+    "relax.add": "add",
+    "relax.nn.relu": "relu",
+    "relax.clip": "clip",
+    "relax.mean": "mean",
+    "relax.nn.max_pool2d": "max_pool2d",
+    "relax.nn.avg_pool2d": "avg_pool2d",
+    "relax.nn.adaptive_avg_pool2d": "adaptive_avg_pool2d",
+    "relax.concat": "concat",
+    "relax.reshape": "reshape",
+    "relax.permute_dims": "permute_dims",
+    "relax.flatten": "flatten",
+    "relax.squeeze": "squeeze",
+    "relax.expand_dims": "expand_dims",
+}
+_TIR_CLIP = re.compile(r"^(maximum|minimum)\d*$")
+
+
+@dataclass
+class Node:
+    """One binding `var = call(...)` of the model's dataflow block."""
+
+    index: int
+    var: Any                      # relax.Var
+    value: Any                    # the bound expression
+    kind: str                     # see _OP_KINDS; "max"/"min" for a clip bound; else "other"
+    args: tuple = ()              # tensor arguments (relax exprs)
+    bound: float | None = None    # for "max"/"min": the constant bound
+    consumers: list["Node"] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.var.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.var.ty.shape)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.var.ty.dtype)
+
+    def attr(self, name: str, default=None):
+        attrs = getattr(self.value, "attrs", None)
+        value = getattr(attrs, name, default) if attrs is not None else default
+        return str(value) if hasattr(value, "startswith") or type(value).__name__ == "String" \
+            else value
+
+
+def constant_value(expr) -> np.ndarray | None:
+    import tvm
+
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _scalar(expr) -> float | None:
+    value = constant_value(expr)
+    if value is not None and value.size == 1:
+        return float(value.reshape(()))
+    return None
+
+
+def kind_of(value) -> tuple[str, tuple, float | None]:
+    """(kind, tensor args, bound) of a bound expression."""
+    from tvm import relax
+
+    if not isinstance(value, relax.Call):
+        return "other", (), None
+    op = value.op
+    if isinstance(op, tvm_op_type()):
+        if op.name == "relax.call_tir":
+            callee, call_args = value.args[0], value.args[1]
+            fields = tuple(call_args.fields) if isinstance(call_args, relax.Tuple) else ()
+            match = _TIR_CLIP.match(getattr(callee, "name_hint", ""))
+            if match and len(fields) == 2 and _scalar(fields[1]) is not None:
+                return ("max" if match.group(1) == "maximum" else "min"), fields[:1], \
+                    _scalar(fields[1])
+            return "other", fields, None
+        kind = _OP_KINDS.get(op.name, "other")
+        args = value.args
+        if kind == "concat":
+            args = tuple(args[0].fields)
+        return kind, tuple(args), None
+    return "other", tuple(value.args), None
+
+
+def tvm_op_type():
+    import tvm
+
+    return tvm.ir.Op
+
+
+@dataclass
+class Graph:
+    """The bindings of `main`'s single dataflow block, with consumers and graph outputs."""
+
+    function: Any
+    nodes: list[Node]
+    by_var: dict
+    outputs: set  # vars returned by the function
+
+    def node_of(self, expr) -> Node | None:
+        return self.by_var.get(expr)
+
+    def consumers(self, expr) -> list[Node]:
+        node = self.by_var.get(expr)
+        if node is not None:
+            return node.consumers
+        return [n for n in self.nodes if any(a.same_as(expr) for a in n.args)]
+
+
+def read_graph(mod) -> Graph:
+    from tvm import relax
+
+    function = mod["main"]
+    body = function.body
+    if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1 or \
+            not isinstance(body.blocks[0], relax.DataflowBlock):
+        raise ValueError("expected main() to be one dataflow block")
+    nodes: list[Node] = []
+    by_var: dict = {}
+    for i, binding in enumerate(body.blocks[0].bindings):
+        kind, args, bound = kind_of(binding.value)
+        node = Node(i, binding.var, binding.value, kind, args, bound)
+        nodes.append(node)
+        by_var[binding.var] = node
+        for arg in args:
+            producer = by_var.get(arg)
+            if producer is not None:
+                producer.consumers.append(node)
+    result = body.body
+    outputs = set(result.fields) if isinstance(result, relax.Tuple) else {result}
+    return Graph(function, nodes, by_var, outputs)
+
+
+def without_main(mod):
+    """`mod` without its main function (the rest: TIR functions main calls)."""
+    import tvm
+
+    return tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
+
+
+def _attrs(function) -> dict | None:
+    attrs = function.attrs
+    if attrs is None:
+        return None
+    return {k: v for k, v in attrs.items() if k != "global_symbol"}

@@ -1,0 +1,479 @@
+"""Realize: rewrite the float model into integer kernels, with as few boundaries as possible.
+
+Walks the model's dataflow in order. Each value is either float or an integer tensor with its
+quantization parameters (QValue). Handlers, registered per node kind, emit:
+
+- conv2d / matmul with constant weights (one "layer"): int8 weights (symmetric, per channel),
+  uint8/int8 activations, int32 accumulation, the bias and the activation zero-point correction
+  folded into one int32 constant, and the output requantized in the same fused kernel with the
+  following ReLU/ReLU6/clip as its integer bounds. When nothing after it takes integers (or it
+  is a graph output, e.g. logits), the int32 accumulator is dequantized straight to float;
+- add, mean (global average pool), average/max pooling, concat, clip: integer in, integer out,
+  rescaled to the output's parameters inside the kernel;
+- reshape-like ops: on the integer tensor, parameters unchanged;
+- anything else: float, fed by a dequantize.
+
+Quantize/dequantize boundaries appear only where float and integer values meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .graph import Graph, Node, _attrs, constant_value, without_main
+from .observers import QParams, weight_scales
+
+INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
+                                 "concat", "reshape", "permute_dims", "flatten", "squeeze",
+                                 "expand_dims", "max", "min", "relu", "clip"})
+PASS_THROUGH = frozenset({"reshape", "permute_dims", "flatten", "squeeze", "expand_dims"})
+
+
+@dataclass
+class QValue:
+    """An integer tensor and what its integers mean."""
+
+    expr: Any
+    qp: QParams
+
+
+@dataclass
+class LayerResult:
+    """What happened to one weighted layer (conv2d/matmul)."""
+
+    var: str
+    op: str
+    precision: str                  # "int8" or "fp32"
+    reason: str = ""                # why it stayed in float
+    input_qp: QParams | None = None
+    output_qp: QParams | None = None  # None: the layer's output is float
+    weight_scales: list[float] = field(default_factory=list)
+    weight_sqnr_db: float | None = None
+    fused: tuple[str, ...] = ()     # bias / activation nodes folded into the kernel
+    output_var: Any = None          # the relax var whose value the layer produces
+
+
+@dataclass
+class RealizeConfig:
+    activation_dtype: str = "uint8"   # "uint8" (x86 VNNI: u8 x s8) or "int8" (ARM sdot)
+    per_channel: bool = True
+    float_layers: frozenset = frozenset()  # layer vars kept in float (by relax name)
+    stem: str | None = None                # the image stem conv, kept in float
+
+
+def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+class Realizer:
+    def __init__(self, mod, graph: Graph, qparams: dict[Any, QParams], config: RealizeConfig):
+        from tvm import relax
+
+        self.relax = relax
+        self.graph = graph
+        self.qparams = qparams  # var -> QParams of every observed float tensor
+        self.config = config
+        self.bb = relax.BlockBuilder(without_main(mod))
+        self.env: dict[Any, Any] = {}        # var -> float expr or QValue
+        self.float_cache: dict[Any, Any] = {}
+        self.quant_cache: dict[Any, QValue] = {}
+        self.absorbed: set[int] = set()      # node indices folded into a layer's kernel
+        self.layers: list[LayerResult] = []
+
+    # -- value conversions -------------------------------------------------------------
+    def _emit(self, expr):
+        return self.bb.emit(expr)
+
+    def _const(self, value, dtype: str):
+        return self.relax.const(np.asarray(value, dtype=dtype), dtype)
+
+    def lookup(self, expr):
+        return self.env.get(expr, expr)
+
+    def float_of(self, expr):
+        value = self.lookup(expr)
+        if not isinstance(value, QValue):
+            return value
+        key = id(value)
+        if key not in self.float_cache:
+            self.float_cache[key] = self.dequantize(value)
+        return self.float_cache[key]
+
+    def quant_of(self, expr, qp: QParams | None = None) -> QValue:
+        """`expr` as an integer tensor (with parameters `qp`, or its calibrated ones)."""
+        value = self.lookup(expr)
+        if isinstance(value, QValue):
+            if qp is None or qp == value.qp:
+                return value
+            return self.requantize_q(value, qp)
+        qp = qp or self.qparams[expr]
+        key = (expr, qp)
+        if key not in self.quant_cache:
+            self.quant_cache[key] = QValue(self.quantize(value, qp), qp)
+        return self.quant_cache[key]
+
+    def has_qparams(self, expr) -> bool:
+        value = self.lookup(expr)
+        return isinstance(value, QValue) or expr in self.qparams
+
+    # -- integer arithmetic building blocks (each mirrored by tests' numpy reference) -----
+    def quantize(self, x, qp: QParams):
+        op = self.relax.op
+        scaled = op.divide(x, self._const(qp.scale, "float32"))
+        q = op.add(op.round(scaled), self._const(float(qp.zero_point), "float32"))
+        return self._emit(op.astype(op.clip(q, qp.qmin, qp.qmax), qp.dtype))
+
+    def dequantize(self, value: QValue):
+        op = self.relax.op
+        centered = op.subtract(op.astype(value.expr, "float32"),
+                               self._const(float(value.qp.zero_point), "float32"))
+        return self._emit(op.multiply(centered, self._const(value.qp.scale, "float32")))
+
+    def requantize_float(self, real_over_scale, qp: QParams, lo: int | None = None,
+                         hi: int | None = None):
+        """float32 tensor already divided by the output scale -> integers of `qp`."""
+        op = self.relax.op
+        lo = qp.qmin if lo is None else max(lo, qp.qmin)
+        hi = qp.qmax if hi is None else min(hi, qp.qmax)
+        q = op.add(op.round(real_over_scale), self._const(float(qp.zero_point), "float32"))
+        return self._emit(op.astype(op.clip(q, lo, hi), qp.dtype))
+
+    def centered(self, value: QValue, factor: float):
+        """(q - zero_point) * factor, in float32."""
+        op = self.relax.op
+        c = op.subtract(op.astype(value.expr, "float32"),
+                        self._const(float(value.qp.zero_point), "float32"))
+        return op.multiply(c, self._const(np.float32(factor), "float32"))
+
+    def requantize_q(self, value: QValue, qp: QParams) -> QValue:
+        return QValue(self.requantize_float(self.centered(value, value.qp.scale / qp.scale),
+                                            qp), qp)
+
+    # -- the walk ----------------------------------------------------------------------
+    def wants_integers(self, node: Node) -> bool:
+        """Whether every consumer of `node`'s value takes integer input (and it is not an
+        output of the model)."""
+        if node.var in self.graph.outputs or not node.consumers:
+            return False
+        return all(c.kind in INTEGER_INPUT_KINDS and not self._layer_stays_float(c)
+                   for c in node.consumers)
+
+    def _layer_stays_float(self, node: Node) -> bool:
+        return node.kind in ("conv2d", "matmul") and (
+            node.name in self.config.float_layers or node.name == self.config.stem or
+            constant_value(node.args[1]) is None)
+
+    def run(self, extra_outputs: tuple = ()):
+        """The realized module; `extra_outputs` (vars) are appended to main's outputs as
+        float (used to measure each layer's error)."""
+        relax = self.relax
+        function = self.graph.function
+        params = list(function.params)
+        with self.bb.function("main", params, attrs=_attrs(function)):
+            with self.bb.dataflow():
+                for node in self.graph.nodes:
+                    if node.index in self.absorbed:
+                        continue
+                    handler = HANDLERS.get(node.kind, handle_float)
+                    result = handler(self, node)
+                    if result is NotImplemented:
+                        result = handle_float(self, node)
+                    self.env[node.var] = result
+                body = function.body.body
+                outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+                values = [self.float_of(v) for v in outs]
+                values += [self.float_of(v) for v in extra_outputs]
+                if len(values) == 1 and not isinstance(body, relax.Tuple):
+                    result = self.bb.emit_output(values[0])
+                else:
+                    result = self.bb.emit_output(relax.Tuple(values))
+            self.bb.emit_func_output(result)
+        return self.bb.get()
+
+
+# -- handlers ------------------------------------------------------------------------------
+Handler = Callable[[Realizer, Node], Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*kinds: str):
+    def register(fn: Handler) -> Handler:
+        for kind in kinds:
+            HANDLERS[kind] = fn
+        return fn
+    return register
+
+
+def handle_float(r: Realizer, node: Node):
+    """Re-emit the node in float, its tensor arguments dequantized where needed."""
+    relax = r.relax
+    value = node.value
+
+    def subst(expr):
+        if isinstance(expr, relax.Var):
+            return r.float_of(expr)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([subst(f) for f in expr.fields])
+        return expr
+
+    if isinstance(value, relax.Call):
+        new = relax.Call(value.op, [subst(a) for a in value.args], value.attrs,
+                         value.ty_args)
+    else:
+        new = subst(value)
+    return r._emit(new)
+
+
+def _fused_chain(r: Realizer, node: Node, channel_axis: int, channels: int):
+    """The bias add and the clip bounds that follow a layer and can fold into its kernel:
+    (last node, bias or None, lo, hi, absorbed indices)."""
+    current, bias, lo, hi, absorbed = node, None, None, None, []
+    while len(current.consumers) == 1 and current.var not in r.graph.outputs:
+        nxt = current.consumers[0]
+        if nxt.kind == "add" and bias is None and lo is None and hi is None:
+            other = [a for a in nxt.args if not a.same_as(current.var)]
+            value = constant_value(other[0]) if len(other) == 1 else None
+            if value is None or value.size != channels:
+                break
+            bias = value.reshape(-1).astype(np.float32)
+        elif nxt.kind == "relu":
+            lo = 0.0 if lo is None else max(lo, 0.0)
+        elif nxt.kind == "max" and nxt.bound is not None:
+            lo = nxt.bound if lo is None else max(lo, nxt.bound)
+        elif nxt.kind == "min" and nxt.bound is not None:
+            hi = nxt.bound if hi is None else min(hi, nxt.bound)
+        elif nxt.kind == "clip":
+            a_min, a_max = (float(getattr(v, "value", v)) for v in nxt.value.args[1:3])
+            lo = a_min if lo is None else max(lo, a_min)
+            hi = a_max if hi is None else min(hi, a_max)
+        else:
+            break
+        if nxt.dtype != "float32":
+            break
+        absorbed.append(nxt.index)
+        current = nxt
+    return current, bias, lo, hi, absorbed
+
+
+def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduce_axes,
+           emit_acc: Callable[[QValue, np.ndarray], Any]):
+    """Shared by conv2d and matmul: quantize the weight, fold bias and zero-point
+    correction, requantize or dequantize the accumulator, fuse the activation bounds."""
+    relax, op = r.relax, r.relax.op
+    channels = weight.shape[channel_axis]
+    last, bias, lo, hi, absorbed = _fused_chain(r, node, channel_axis, channels)
+    x = node.args[0]
+    if not r.has_qparams(x):
+        return NotImplemented
+    xq = r.quant_of(x)
+    axis = channel_axis if r.config.per_channel else None
+    s_w = weight_scales(weight, axis)
+    in_scale = np.float32(xq.qp.scale)
+    if bias is not None:
+        # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
+        # overflow it, so its weight scale is raised until the bias fits in 2^30.
+        floor = (np.abs(bias) / (np.float64(in_scale) * 2.0 ** 30)).astype(np.float32)
+        s_w = np.maximum(s_w, floor if axis is not None else floor.max()).astype(np.float32)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[channel_axis] = channels
+    w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+    s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
+    # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
+    acc_scale = (in_scale * s_w_c).astype(np.float32)
+    correction = -np.int64(xq.qp.zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
+    if bias is not None:
+        correction = correction + np.round(bias / acc_scale).astype(np.int64)
+    acc = emit_acc(xq, w_q)
+    out_shape = last.shape
+    bshape = [1] * len(out_shape)
+    out_axis = 1 if node.kind == "conv2d" else len(out_shape) - 1
+    bshape[out_axis] = channels
+    acc = r._emit(op.add(acc, r._const(correction.astype(np.int32).reshape(bshape), "int32")))
+    layer = LayerResult(node.name, node.kind, "int8", input_qp=xq.qp,
+                        weight_scales=[float(s) for s in s_w],
+                        weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
+                        fused=tuple(r.graph.nodes[i].name for i in absorbed),
+                        output_var=last.var)
+    r.absorbed.update(absorbed)
+    accf = op.astype(acc, "float32")
+    if r.wants_integers(last) and last.var in r.qparams:
+        qp = r.qparams[last.var]
+        multiplier = (acc_scale / np.float32(qp.scale)).astype(np.float32).reshape(bshape)
+        lo_q = None if lo is None else qp.zero_point + int(np.round(lo / qp.scale))
+        hi_q = None if hi is None else qp.zero_point + int(np.round(hi / qp.scale))
+        out = QValue(r.requantize_float(op.multiply(accf, r._const(multiplier, "float32")),
+                                        qp, lo_q, hi_q), qp)
+        layer.output_qp = qp
+    else:
+        real = op.multiply(accf, r._const(acc_scale.reshape(bshape), "float32"))
+        if lo is not None or hi is not None:
+            real = op.clip(real, -3.4e38 if lo is None else lo, 3.4e38 if hi is None else hi)
+        out = r._emit(real)
+    r.layers.append(layer)
+    r.env[last.var] = out
+    return out
+
+
+@handles("conv2d")
+def handle_conv2d(r: Realizer, node: Node):
+    weight = constant_value(node.args[1])
+    if node.name in r.config.float_layers:
+        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "kept in float by the rules"))
+        return NotImplemented
+    if node.name == r.config.stem:
+        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "first conv on the image: "
+                                    "little compute, most sensitive (--int8-stem to quantize)"))
+        return NotImplemented
+    if weight is None or node.attr("data_layout") != "NCHW" or \
+            node.attr("kernel_layout") != "OIHW" or node.dtype != "float32":
+        r.layers.append(LayerResult(node.name, "conv2d", "fp32",
+                                    "no integer kernel for a conv with non-constant weights or "
+                                    "a layout other than NCHW/OIHW"))
+        return NotImplemented
+    op = r.relax.op
+    strides = [int(s) for s in node.attr("strides")]
+    padding = [int(p) for p in node.attr("padding")]
+    dilation = [int(d) for d in node.attr("dilation")]
+    groups = int(node.attr("groups"))
+
+    def emit_acc(xq: QValue, w_q: np.ndarray):
+        data = xq.expr
+        pad = padding
+        if xq.qp.zero_point != 0 and any(padding):
+            # the real zero is the zero point: pad with it, not with 0
+            top, left, bottom, right = padding
+            data = r._emit(op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
+                                     pad_value=float(xq.qp.zero_point)))
+            pad = [0, 0, 0, 0]
+        return r._emit(op.nn.conv2d(data, r._const(w_q, "int8"), strides=strides, padding=pad,
+                                    dilation=dilation, groups=groups, out_dtype="int32"))
+
+    result = _layer(r, node, weight, channel_axis=0, reduce_axes=(1, 2, 3), emit_acc=emit_acc)
+    if result is NotImplemented:
+        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "its input has no calibration"))
+    return result
+
+
+@handles("matmul")
+def handle_matmul(r: Realizer, node: Node):
+    weight = constant_value(node.args[1])
+    if node.name in r.config.float_layers:
+        r.layers.append(LayerResult(node.name, "matmul", "fp32", "kept in float by the rules"))
+        return NotImplemented
+    if weight is None or weight.ndim != 2 or node.dtype != "float32":
+        r.layers.append(LayerResult(node.name, "matmul", "fp32",
+                                    "no integer kernel for a matmul of two activations"))
+        return NotImplemented
+    op = r.relax.op
+
+    def emit_acc(xq: QValue, w_q: np.ndarray):
+        return r._emit(op.matmul(xq.expr, r._const(w_q, "int8"), out_dtype="int32"))
+
+    result = _layer(r, node, weight, channel_axis=1, reduce_axes=(0,), emit_acc=emit_acc)
+    if result is NotImplemented:
+        r.layers.append(LayerResult(node.name, "matmul", "fp32", "its input has no calibration"))
+    return result
+
+
+def _integer_inputs(r: Realizer, node: Node) -> bool:
+    return any(isinstance(r.lookup(a), QValue) for a in node.args)
+
+
+@handles("add")
+def handle_add(r: Realizer, node: Node):
+    a, b = node.args
+    if constant_value(a) is not None or constant_value(b) is not None or \
+            not _integer_inputs(r, node) or node.var not in r.qparams or \
+            not (r.has_qparams(a) and r.has_qparams(b)) or node.shape != _shape(a) or \
+            node.shape != _shape(b):
+        return NotImplemented
+    qp = r.qparams[node.var]
+    qa, qb = r.quant_of(a), r.quant_of(b)
+    op = r.relax.op
+    total = op.add(r.centered(qa, qa.qp.scale / qp.scale), r.centered(qb, qb.qp.scale / qp.scale))
+    return QValue(r.requantize_float(total, qp), qp)
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+@handles("mean")
+def handle_mean(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    if not isinstance(x, QValue) or node.var not in r.qparams:
+        return NotImplemented
+    qp = r.qparams[node.var]
+    op = r.relax.op
+    axis = [int(a) for a in node.attr("axis")]
+    mean = op.mean(r.centered(x, x.qp.scale / qp.scale), axis=axis,
+                   keepdims=bool(node.attr("keepdims")))
+    return QValue(r.requantize_float(mean, qp), qp)
+
+
+@handles("avg_pool2d")
+def handle_avg_pool(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    if not isinstance(x, QValue) or node.var not in r.qparams:
+        return NotImplemented
+    qp = r.qparams[node.var]
+    relax = r.relax
+    pooled = relax.Call(node.value.op, [r.centered(x, x.qp.scale / qp.scale)], node.value.attrs)
+    return QValue(r.requantize_float(pooled, qp), qp)
+
+
+@handles("max_pool2d")
+def handle_max_pool(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    if not isinstance(x, QValue):
+        return NotImplemented
+    relax = r.relax
+    return QValue(r._emit(relax.Call(node.value.op, [x.expr], node.value.attrs)), x.qp)
+
+
+@handles(*sorted(PASS_THROUGH))
+def handle_pass_through(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    if not isinstance(x, QValue):
+        return NotImplemented
+    relax = r.relax
+    value = node.value
+    return QValue(r._emit(relax.Call(value.op, [x.expr, *value.args[1:]], value.attrs,
+                                     value.ty_args)), x.qp)
+
+
+@handles("concat")
+def handle_concat(r: Realizer, node: Node):
+    if not _integer_inputs(r, node) or node.var not in r.qparams or \
+            not all(r.has_qparams(a) for a in node.args):
+        return NotImplemented
+    qp = r.qparams[node.var]
+    parts = [r.quant_of(a, qp).expr for a in node.args]
+    return QValue(r._emit(r.relax.op.concat(parts, axis=int(node.attr("axis")))), qp)
+
+
+@handles("relu", "max", "min", "clip")
+def handle_clip(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    if not isinstance(x, QValue):
+        return NotImplemented
+    qp = x.qp
+    if node.kind == "relu":
+        lo, hi = 0.0, None
+    elif node.kind == "max":
+        lo, hi = node.bound, None
+    elif node.kind == "min":
+        lo, hi = None, node.bound
+    else:
+        lo, hi = (float(getattr(v, "value", v)) for v in node.value.args[1:3])
+    lo_q = qp.qmin if lo is None else max(qp.qmin, qp.zero_point + int(np.round(lo / qp.scale)))
+    hi_q = qp.qmax if hi is None else min(qp.qmax, qp.zero_point + int(np.round(hi / qp.scale)))
+    return QValue(r._emit(r.relax.op.clip(x.expr, lo_q, hi_q)), qp)

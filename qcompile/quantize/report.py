@@ -1,0 +1,145 @@
+"""The quantization report: per layer its op, precision, scales and zero points, and its error
+against fp32 on calibration data; the outputs' error; the weights' size in fp32 and int8.
+Printed after quantizing and saved beside the .so as quantization.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPORT_FILE = "quantization.json"
+
+
+@dataclass
+class TensorError:
+    """Accumulated error of an approximation against its fp32 reference."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    norm_a: float = 0.0
+    norm_b: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
+        ref = reference.astype(np.float64).ravel()
+        app = approx.astype(np.float64).ravel()
+        self.signal += float(ref @ ref)
+        self.noise += float((ref - app) @ (ref - app))
+        self.dot += float(ref @ app)
+        self.norm_a += float(ref @ ref)
+        self.norm_b += float(app @ app)
+        self.max_abs = max(self.max_abs, float(np.abs(ref - app).max(initial=0.0)))
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0:
+            return float("inf")
+        return 10.0 * float(np.log10(self.signal / self.noise)) if self.signal else float("-inf")
+
+    @property
+    def cosine(self) -> float:
+        denom = np.sqrt(self.norm_a * self.norm_b)
+        return float(self.dot / denom) if denom else 1.0
+
+    def to_json(self) -> dict[str, float]:
+        return {"sqnr_db": _finite(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs}
+
+
+def _finite(x: float) -> float | str:
+    return x if np.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def layer_errors(fp32_vm, int8_vm, feeds, names, observed, layer_vars, output_vars, run):
+    """(per layer, per model output) TensorErrors of the int8 model against fp32.
+
+    fp32_vm returns the `observed` vars; int8_vm returns the model outputs, then the float
+    value of each var in `layer_vars`."""
+    index = {var: i for i, var in enumerate(observed)}
+    layers = [TensorError() for _ in layer_vars]
+    outputs = [TensorError() for _ in output_vars]
+    n = len(output_vars)
+    for feed in feeds:
+        reference = run(fp32_vm, feed, names)
+        approx = run(int8_vm, feed, names)
+        for var, err, value in zip(output_vars, outputs, approx[:n]):
+            err.add(reference[index[var]], value)
+        for var, err, value in zip(layer_vars, layers, approx[n:]):
+            err.add(reference[index[var]], value)
+    return layers, outputs
+
+
+@dataclass
+class QuantReport:
+    method: str
+    activations: str
+    per_channel: bool
+    samples: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    weights_fp32_bytes: int = 0
+    weights_int8_bytes: int = 0
+
+    @classmethod
+    def build(cls, model, results, layer_names, errors, config, activations, samples):
+        """layer_names: {relax var name: ONNX node name}."""
+        layer_errs, output_errs = errors
+        measured = [r for r in results if r.output_var is not None]
+        err_of = {r.var: e for r, e in zip(measured, layer_errs)}
+        onnx_name = dict(layer_names)
+        rows = []
+        for result in results:
+            err = err_of.get(result.var)
+            rows.append({
+                "layer": onnx_name.get(result.var, result.var), "relax_var": result.var,
+                "op": result.op, "precision": result.precision, "reason": result.reason,
+                "input": result.input_qp.to_json() if result.input_qp else None,
+                "output": result.output_qp.to_json() if result.output_qp else "float",
+                "weight_scale_min": min(result.weight_scales) if result.weight_scales else None,
+                "weight_scale_max": max(result.weight_scales) if result.weight_scales else None,
+                "weight_sqnr_db": _finite(result.weight_sqnr_db)
+                if result.weight_sqnr_db is not None else None,
+                "fused": list(result.fused),
+                "error_vs_fp32": err.to_json() if err else None,
+            })
+        outputs = [{"name": spec.name, **err.to_json()}
+                   for spec, err in zip(model.outputs, output_errs)]
+        return cls(config.method, activations, config.per_channel, samples, rows, outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "activations": self.activations,
+                "weights": "per-channel" if self.per_channel else "per-tensor",
+                "calibration_samples": self.samples, "layers": self.rows,
+                "outputs": self.outputs}
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / REPORT_FILE
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    def summary(self) -> str:
+        int8 = sum(1 for r in self.rows if r["precision"] == "int8")
+        lines = [f"quantized {int8} of {len(self.rows)} layers to int8 ({self.method} "
+                 f"calibration on {self.samples} samples, {self.activations} activations, "
+                 f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)",
+                 f"{'layer':<28} {'op':<7} {'prec':<5} {'out':<6} {'SQNR dB':>8} "
+                 f"{'cosine':>8}"]
+        for row in self.rows:
+            err = row["error_vs_fp32"] or {}
+            sqnr = err.get("sqnr_db", "")
+            sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, float) else f"{sqnr:>8}"
+            cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
+            out = "float" if row["output"] == "float" else row["output"]["dtype"]
+            lines.append(f"{row['layer'][:28]:<28} {row['op']:<7} {row['precision']:<5} "
+                         f"{out:<6} {sqnr} {cosine}" +
+                         (f"  ({row['reason']})" if row["reason"] else ""))
+        for out in self.outputs:
+            sqnr = out["sqnr_db"]
+            sqnr = f"{sqnr:.1f}" if isinstance(sqnr, float) else sqnr
+            lines.append(f"output {out['name']}: SQNR {sqnr} dB, cosine "
+                         f"{out['cosine']:.5f} against fp32")
+        return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Static int8 quantization: integer kernels against a numpy reference of the same integer
+arithmetic, written here from the definitions (not from qcompile's code); calibration methods
+and their errors; bad calibration data."""
+
+import json
+
+import numpy as np
+import pytest
+
+import qcompile
+from models import (depthwise_grouped, gemm_matmul, conv_relu, onnxruntime_outputs,
+                    random_inputs, residual_pool_concat)
+from qcompile.cli import main
+from qcompile.errors import InputError
+from qcompile.quantize import QuantConfig
+
+
+def calibration(model, count=16, seed=1):
+    return [random_inputs(model, seed=seed + i) for i in range(count)]
+
+
+# -- the numpy reference: affine uint8/int8 activations, symmetric per-channel int8 weights --
+def quantize_ref(x, qp):
+    lo, hi = (0, 255) if qp["dtype"] == "uint8" else (-128, 127)
+    q = np.round(x / np.float32(qp["scale"])) + np.float32(qp["zero_point"])
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def weights_ref(w, axis):
+    moved = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
+    scales = (moved.max(axis=1) / 127.0).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1))
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int64), scales
+
+
+def conv_ref(xc, w, stride, pad, groups):
+    """Integer NCHW conv of centered activations xc (zero padding = the real zero)."""
+    n, c, h, wd = xc.shape
+    o, cg, kh, kw = w.shape
+    xp = np.pad(xc, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
+    windows = windows[:, :, ::stride, ::stride]  # n, c, oh, ow, kh, kw
+    out = np.zeros((n, o, windows.shape[2], windows.shape[3]), np.int64)
+    per_group = o // groups
+    for oc in range(o):
+        g = oc // per_group
+        patch = windows[:, g * cg:(g + 1) * cg]
+        out[:, oc] = np.einsum("ncyxij,cij->nyx", patch, w[oc])
+    return out
+
+
+def requantize_ref(acc, multiplier, qp, lo=None, hi=None):
+    qmin, qmax = (0, 255) if qp["dtype"] == "uint8" else (-128, 127)
+    lo_q = qmin if lo is None else max(qmin, qp["zero_point"] + int(np.round(lo / qp["scale"])))
+    hi_q = qmax if hi is None else min(qmax, qp["zero_point"] + int(np.round(hi / qp["scale"])))
+    q = np.round(acc.astype(np.float32) * multiplier) + np.float32(qp["zero_point"])
+    return np.clip(q, lo_q, hi_q).astype(np.int64)
+
+
+def initializers(model):
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def compile_int8(model, save_model, out, **config):
+    config.setdefault("float_stem", False)  # these small models start with a 3-channel conv
+    path = save_model(model)
+    qcompile.compile(path, "host", out, quantize="int8", calibration=calibration(model),
+                     quant_config=QuantConfig(**config))
+    report = json.loads((out / "quantization.json").read_text())
+    return qcompile.load(out), {row["layer"]: row for row in report["layers"]}, report
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_conv_relu_matches_the_integer_reference(save_model, tmp_path, activations):
+    model = conv_relu()
+    loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out", activations=activations)
+    row = rows["conv"]
+    assert row["precision"] == "int8" and row["output"] == "float"  # a graph output
+    x = random_inputs(model, seed=99)["x"]
+    init = initializers(model)
+    s_x = np.float32(row["input"]["scale"])
+    xq = quantize_ref(x, row["input"])
+    wq, s_w = weights_ref(init["w"], 0)
+    acc_scale = (s_x * s_w).astype(np.float32)
+    acc = conv_ref(xq - row["input"]["zero_point"], wq, 2, 1, 1)
+    acc += np.round(init["b"] / acc_scale).astype(np.int64)[None, :, None, None]
+    expected = np.maximum(acc.astype(np.float32) * acc_scale[None, :, None, None], 0)
+    actual = loaded.run({"x": x})["y"]
+    # exact up to float rounding of one multiply: within one accumulator step
+    np.testing.assert_allclose(actual, expected, rtol=0,
+                               atol=float(acc_scale.max()) * 1.01)
+    assert np.mean(actual == expected) > 0.99
+
+
+def test_depthwise_relu6_grouped_chain_requantizes_like_the_reference(save_model, tmp_path):
+    model = depthwise_grouped()
+    loaded, rows, report = compile_int8(model, save_model, tmp_path / "out")
+    dw, gr = rows["depthwise"], rows["grouped"]
+    assert dw["output"] != "float" and gr["output"] == "float" and "relu6" not in rows
+    assert report["activations"] == "uint8"  # x86 host: VNNI multiplies u8 x s8
+    init = initializers(model)
+    x = random_inputs(model, seed=42)["x"]
+    s_x = np.float32(dw["input"]["scale"])
+    wq1, s_w1 = weights_ref(init["dw"], 0)
+    acc1 = conv_ref(quantize_ref(x, dw["input"]) - dw["input"]["zero_point"], wq1, 1, 1, 16)
+    mid = dw["output"]
+    m1 = ((s_x * s_w1) / np.float32(mid["scale"])).astype(np.float32)
+    q1 = requantize_ref(acc1, m1[None, :, None, None], mid, lo=0.0, hi=6.0)
+    assert gr["input"] == mid  # the int8 tensor flows from one kernel into the next
+    wq2, s_w2 = weights_ref(init["gw"], 0)
+    acc_scale2 = (np.float32(mid["scale"]) * s_w2).astype(np.float32)
+    acc2 = conv_ref(q1 - mid["zero_point"], wq2, 1, 0, 4)
+    acc2 += np.round(init["gb"] / acc_scale2).astype(np.int64)[None, :, None, None]
+    expected = acc2.astype(np.float32) * acc_scale2[None, :, None, None]
+    actual = loaded.run({"x": x})["y"]
+    # one LSB of the intermediate int8 tensor may differ (float rounding at a .5 boundary)
+    step = float(np.abs(wq2).sum(axis=(1, 2, 3)).max() * acc_scale2.max())
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=step)
+    assert np.mean(np.isclose(actual, expected, rtol=0, atol=float(acc_scale2.max()))) > 0.98
+
+
+def test_gemm_relu_matmul_matches_the_reference(save_model, tmp_path):
+    model = gemm_matmul()
+    loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out")
+    gemm, mm = rows["gemm"], rows["matmul"]
+    init = initializers(model)
+    x = random_inputs(model, seed=5)["x"]
+    w1 = init["w1"].T  # Gemm transB
+    wq1, s_w1 = weights_ref(w1, 1)
+    s_x = np.float32(gemm["input"]["scale"])
+    acc1 = (quantize_ref(x, gemm["input"]) - gemm["input"]["zero_point"]) @ wq1
+    acc1 += np.round(init["b1"] / (s_x * s_w1).astype(np.float32)).astype(np.int64)
+    mid = gemm["output"]
+    q1 = requantize_ref(acc1, ((s_x * s_w1) / np.float32(mid["scale"])).astype(np.float32),
+                        mid, lo=0.0)
+    wq2, s_w2 = weights_ref(init["w2"], 1)
+    acc_scale2 = (np.float32(mid["scale"]) * s_w2).astype(np.float32)
+    logits = ((q1 - mid["zero_point"]) @ wq2).astype(np.float32) * acc_scale2
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    expected = e / e.sum(axis=-1, keepdims=True)
+    actual = loaded.run({"x": x})["y"]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_methods_stay_close_to_fp32(save_model, tmp_path, method):
+    model = residual_pool_concat()
+    loaded, rows, report = compile_int8(model, save_model, tmp_path / "out", method=method)
+    assert report["method"] == method
+    feeds = random_inputs(model, seed=7)
+    expected = onnxruntime_outputs(model, feeds)["y"]
+    actual = loaded.run(feeds)["y"]
+    cosine = float(np.dot(actual.ravel(), expected.ravel()) /
+                   (np.linalg.norm(actual) * np.linalg.norm(expected)))
+    assert cosine > 0.99, cosine
+    assert report["outputs"][0]["cosine"] > 0.99
+    assert rows["conv"]["error_vs_fp32"]["sqnr_db"] > 20
+
+
+def test_constant_input_gets_a_valid_scale(save_model, tmp_path):
+    model = conv_relu()
+    zeros = [{"x": np.zeros((1, 3, 32, 32), np.float32)} for _ in range(2)]
+    qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                     calibration=zeros, quant_config=QuantConfig(float_stem=False))
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    scale = report["layers"][0]["input"]["scale"]
+    assert np.isfinite(scale) and scale > 0
+    out = qcompile.load(tmp_path / "out").run(zeros[0])["y"]
+    assert np.all(np.isfinite(out))
+
+
+def test_manifest_records_int8_layers_and_size(save_model, tmp_path):
+    model = depthwise_grouped()
+    path = save_model(model)
+    fp32 = qcompile.compile(path, "host", tmp_path / "fp32")
+    int8 = qcompile.compile(path, "host", tmp_path / "int8", quantize="int8",
+                            calibration=calibration(model))
+    assert [l["precision"] for l in int8.manifest.layers] == ["int8", "int8"]
+    assert [l["precision"] for l in fp32.manifest.layers] == ["fp32", "fp32"]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda m: [{"y": np.zeros((1, 3, 32, 32), np.float32)}], "missing 'x'"),
+    (lambda m: [{"x": np.zeros((1, 3, 16, 16), np.float32)}], "shape [1, 3, 16, 16]"),
+    (lambda m: [{"x": np.full((1, 3, 32, 32), np.nan, np.float32)}], "NaN"),
+    (lambda m: [{"x": np.zeros((1, 3, 32, 32), np.complex64)}], "dtype complex64"),
+    (lambda m: [], "no samples"),
+])
+def test_bad_calibration_data_is_refused_before_work(save_model, tmp_path, bad, message):
+    model = conv_relu()
+    with pytest.raises(InputError) as err:
+        qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                         calibration=bad(model))
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_samples_for_a_histogram_method(save_model, tmp_path):
+    model = conv_relu()
+    with pytest.raises(InputError) as err:
+        qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                         calibration=calibration(model, count=3),
+                         quant_config=QuantConfig(method="entropy"))
+    assert "needs at least 8" in str(err.value)
+
+
+def test_image_stem_stays_float_unless_asked(save_model, tmp_path):
+    model = conv_relu()  # its conv reads a 3-channel model input: an image stem
+    path = save_model(model)
+    artifact = qcompile.compile(path, "host", tmp_path / "a", quantize="int8",
+                                calibration=calibration(model))
+    assert artifact.manifest.layers[0]["precision"] == "fp32"
+    report = json.loads((tmp_path / "a" / "quantization.json").read_text())
+    assert "first conv on the image" in report["layers"][0]["reason"]
+    feeds = random_inputs(model)
+    np.testing.assert_allclose(qcompile.load(tmp_path / "a").run(feeds)["y"],
+                               onnxruntime_outputs(model, feeds)["y"], rtol=1e-4, atol=1e-4)
+    assert main(["compile", str(path), "--quantize", "int8", "--int8-stem", "--calibration",
+                 str(_npz(tmp_path, model)), "-o", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["layers"][0][
+        "precision"] == "int8"
+
+
+def _npz(tmp_path, model):
+    np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in calibration(model, 8)]))
+    return tmp_path / "calib.npz"
+
+
+def test_cli_quantizes_with_an_npz(save_model, tmp_path, capsys):
+    model = conv_relu()
+    samples = np.stack([f["x"] for f in calibration(model, 8)])  # [S, 1, 3, 32, 32]
+    np.savez(tmp_path / "calib.npz", x=samples)
+    assert main(["compile", str(save_model(model)), "--quantize", "int8", "--calibration",
+                 str(tmp_path / "calib.npz"), "--calibration-method", "percentile",
+                 "--int8-stem", "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert report["method"] == "percentile" and report["calibration_samples"] == 8
+    # [S, 3, 32, 32] (the input's rank, batch 1) is read as S samples too
+    np.savez(tmp_path / "calib2.npz", x=samples[:, 0])
+    assert main(["compile", str(tmp_path / "model.onnx"), "--quantize", "int8",
+                 "--calibration", str(tmp_path / "calib2.npz"), "-o", str(tmp_path / "o2")]) == 0
+    np.savez(tmp_path / "bad.npz", images=samples)
+    assert main(["compile", str(tmp_path / "model.onnx"), "--quantize", "int8",
+                 "--calibration", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o3")]) == 2
+    assert "no array for input(s) 'x'" in capsys.readouterr().err
