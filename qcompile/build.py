@@ -74,7 +74,8 @@ def link(executable, path: Path, target: Target) -> None:
 
         fcompile = cc.cross_compiler(target.cc)
     try:
-        executable.export_library(str(path), fcompile=fcompile)
+        # -s: no symbol tables or debug info in what ships to the phone (about 0.5 MB)
+        executable.export_library(str(path), fcompile=fcompile, options=["-s"])
     except RuntimeError as exc:  # tvm.support.cc raises RuntimeError with the linker output
         lines = [line for line in str(exc).splitlines() if line.strip()]
         cpu = target.host if target.is_gpu else target.target

@@ -23,10 +23,15 @@ def test_converted_model_classifies_real_photos(onnx_path):
     assert top1["coffee"] == "espresso"
 
 
-def test_compiled_model_matches_onnxruntime_on_photos(onnx_path, tmp_path):
-    artifact = qcompile.compile(onnx_path, "host", tmp_path / "out")
+@pytest.fixture(scope="module")
+def fp32_artifact(onnx_path):
+    return qcompile.compile(onnx_path, "host", onnx_path.parent / "fp32")
+
+
+def test_compiled_model_matches_onnxruntime_on_photos(onnx_path, fp32_artifact):
+    artifact = fp32_artifact
     assert [layer["op"] for layer in artifact.manifest.layers].count("Conv") == 49
-    loaded = qcompile.load(tmp_path / "out")
+    loaded = qcompile.load(artifact.directory)
     data = onnx_path.read_bytes()
     for name, image in photos().items():
         x = effnet.preprocess(image)
@@ -43,3 +48,27 @@ def test_example_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "espresso" in out and "latency on this machine" in out
     assert (tmp_path / "host" / "model.so").is_file()
+
+
+def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
+    """Static int8, calibrated on a third of the photo collection, evaluated on the other
+    two thirds. The issue's goal is 97% top-1 agreement; this asserts the level reached so
+    far (90% measured; onnxruntime's quantize_static gets less on the same split) so that
+    it cannot regress, and the size goal of the fp32 .so's 30%, which is not met yet."""
+    from qcompile.examples.photos import photo_collection
+
+    photos_ = photo_collection()
+    assert len(photos_) >= 60, [name for name, _ in photos_]  # tests/run installs opencv-doc
+    xs = [effnet.preprocess(image) for _, image in photos_]
+    calibration = [{"images": x} for x in xs[::3]]
+    held_out = [x for i, x in enumerate(xs) if i % 3]
+    artifact = qcompile.compile(onnx_path, "host", tmp_path / "int8", quantize="int8",
+                                calibration=calibration)
+    precisions = [layer["precision"] for layer in artifact.manifest.layers]
+    assert precisions.count("int8") == 49 and precisions[0] == "fp32"  # the stem stays fp32
+    loaded = qcompile.load(tmp_path / "int8")
+    data = onnx_path.read_bytes()
+    agree = sum(int(np.argmax(onnxruntime_outputs(data, {"images": x})["logits"]) ==
+                    np.argmax(loaded.run({"images": x})["logits"])) for x in held_out)
+    assert agree / len(held_out) >= 0.875, f"{agree}/{len(held_out)}"
+    assert artifact.manifest.library_bytes < 0.32 * fp32_artifact.manifest.library_bytes
