@@ -4,12 +4,14 @@
 
 For each model and each engine configuration it measures, with the same thread count:
 latency (median and p90 over repeats, after warm-up), model file size, top-1 agreement and
-output cosine against onnxruntime fp32 on real photos, peak memory (RSS) of the process that
-runs it, and compile time. Each configuration runs in a fresh subprocess so that RSS is its
-own. Prints a Markdown table and writes JSON. No asserts: goals are read off the table.
+output cosine against onnxruntime fp32 on held-out real photos, peak memory (RSS) of the
+process that runs it, and compile (or quantization) time. Each configuration runs in a fresh
+subprocess so that RSS is its own. Prints a Markdown table and writes JSON. No asserts: goals
+are read off the table.
 
-Configurations so far: onnxruntime fp32, qcompile fp32 (untuned). int8, tuned and mixed
-precision rows join as those features land.
+Configurations so far: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel,
+uint8 activations, minmax), qcompile fp32 and int8 (untuned), both int8 calibrated on the same
+third of the photo collection. Tuned and mixed-precision rows join as those features land.
 """
 
 from __future__ import annotations
@@ -28,14 +30,45 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("onnxruntime-fp32", "qcompile-fp32")
+CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8")
 
 
-def _photos_batch():
+def _photos():
+    """(calibration, held-out evaluation) inputs: a third of the photo collection, and the
+    other two thirds (accuracy is measured on the held-out photos only)."""
     from qcompile.examples import efficientnet_lite0 as effnet
-    from qcompile.examples.photos import photos
+    from qcompile.examples.photos import photo_collection
 
-    return [effnet.preprocess(image) for image in photos().values()]
+    xs = [effnet.preprocess(image) for _, image in photo_collection()]
+    return xs[::3], [x for i, x in enumerate(xs) if i % 3]
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_quantize(onnx_path: Path, out: Path, calibration) -> Path:
+    """onnxruntime's static int8: QDQ, per-channel int8 weights, uint8 activations, minmax."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(calibration)
+
+        def get_next(self):
+            x = next(self.samples, None)
+            return None if x is None else {"images": x}
+
+    quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
 
 
 def _time(fn, repeat: int, warmup: int = 3) -> list[float]:
@@ -51,27 +84,30 @@ def _time(fn, repeat: int, warmup: int = 3) -> list[float]:
 
 def measure_one(config: str, onnx_path: Path, work: Path, threads: int, repeat: int) -> dict:
     """Run one configuration in this process; return its figures (outputs saved to work)."""
-    images = _photos_batch()
+    calibration, images = _photos()
     compile_s = 0.0
-    if config == "onnxruntime-fp32":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(onnx_path), options,
-                                       providers=["CPUExecutionProvider"])
+    if config.startswith("onnxruntime"):
+        path = onnx_path
+        if config == "onnxruntime-int8":
+            start = time.perf_counter()
+            path = _ort_quantize(onnx_path, work / "ort-int8.onnx", calibration)
+            compile_s = time.perf_counter() - start
+        session = _ort_session(path, threads)
         name = session.get_inputs()[0].name
 
         def infer(x):
             return session.run(None, {name: x})[0]
 
-        size = onnx_path.stat().st_size
-    elif config == "qcompile-fp32":
+        size = path.stat().st_size
+    elif config in ("qcompile-fp32", "qcompile-int8"):
         import qcompile
 
         start = time.perf_counter()
-        artifact = qcompile.compile(onnx_path, "host", work / config)
+        if config == "qcompile-int8":
+            artifact = qcompile.compile(onnx_path, "host", work / config, quantize="int8",
+                                        calibration=[{"images": x} for x in calibration])
+        else:
+            artifact = qcompile.compile(onnx_path, "host", work / config)
         compile_s = time.perf_counter() - start
         model = qcompile.load(artifact.directory)
         name = model.inputs[0].name
@@ -119,7 +155,8 @@ def main() -> int:
         return 0
 
     from qcompile.examples import efficientnet_lite0 as effnet
-    from qcompile.examples.photos import PHOTOS
+
+    calibration, held_out = _photos()
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
@@ -147,11 +184,13 @@ def main() -> int:
 
     machine = {"machine": platform.machine(), "processor": _cpu_name(),
                "cores": os.cpu_count(), "threads": args.threads,
-               "python": platform.python_version()}
+               "python": platform.python_version(), "calibration_photos": len(calibration),
+               "held_out_photos": len(held_out)}
     header = ("| model | config | median ms | p90 ms | x ort fp32 | size MB | x size | "
               "top-1 agree | cosine | peak RSS MB | compile s |")
     print(f"\nMachine: {machine['processor']}, {machine['cores']} cores, "
-          f"{args.threads} threads, {len(PHOTOS)} photos for agreement\n")
+          f"{args.threads} threads; int8 calibrated on {len(calibration)} photos, agreement "
+          f"on {len(held_out)} held-out photos\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
