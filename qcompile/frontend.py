@@ -48,6 +48,11 @@ class FloatModel:
     onnx: Any = field(repr=False)  # the simplified onnx.ModelProto, static shapes
     source: str = ""
     sha256: str = ""
+    weight_codes: Any = None  # qdq.WeightCodes when the model arrived quantized (QDQ)
+
+    @property
+    def prequantized(self) -> bool:
+        return self.weight_codes is not None
 
 
 def load_onnx(path: str | Path):
@@ -164,8 +169,13 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
 
     import tvm
 
+    from .qdq import fold_constant_dequantize, is_qdq
+
     path = Path(path)
     original = load_onnx(path)
+    weight_codes = None
+    if is_qdq(original):  # arrives quantized: keep the weights' int8 codes
+        original, weight_codes = fold_constant_dequantize(original)
     shapes = resolve_input_shapes(original, input_shapes)
     model = simplify(original, shapes)
     check_ops(model)
@@ -189,7 +199,8 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     return FloatModel(mod=mod, inputs=inputs, outputs=outputs, layers=_layers(model),
                       onnx=model, source=str(path),
-                      sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+                      sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                      weight_codes=weight_codes)
 
 
 def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:

@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .build import build
 from .frontend import import_onnx
 from .errors import InputError
-from .quantize import QuantConfig
+from .quantize import QuantConfig, realize_prequantized
 from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
@@ -50,11 +50,16 @@ def compile(  # noqa: A001 - the verb users know
         raise InputError("--quantize int8 needs calibration data: pass --calibration CALIB.npz "
                          "with one array per model input, samples stacked along the first axis.")
     graph = _import(model, input_shapes)
-    if quantize == "int8":
+    if graph.prequantized:
+        if quantize == "int8":
+            log.warning("the model arrives quantized (QDQ): its own scales are used, the "
+                        "calibration data is not")
+        graph = realize_prequantized(graph)
+    elif quantize == "int8":
         (quant_config or QuantConfig()).check()
         graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
     artifact = build(graph, resolved, out_dir, tuning_log=log_)
-    if quantize == "int8":
+    if hasattr(graph, "report"):
         path = graph.report.save(artifact.directory)
         log.info("quantization report: %s", path)
     return artifact

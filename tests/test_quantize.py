@@ -247,3 +247,47 @@ def test_cli_quantizes_with_an_npz(save_model, tmp_path, capsys):
     assert main(["compile", str(tmp_path / "model.onnx"), "--quantize", "int8",
                  "--calibration", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o3")]) == 2
     assert "no array for input(s) 'x'" in capsys.readouterr().err
+
+
+def _ort_qdq(model, path, out):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(calibration(model))
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+@pytest.mark.parametrize("build", [depthwise_grouped, residual_pool_concat, gemm_matmul])
+def test_onnxruntime_qdq_model_runs_as_integer_kernels(build, save_model, tmp_path):
+    """A model quantized by onnxruntime's quantize_static (QDQ) keeps its own scales and int8
+    weights, and matches onnxruntime's int8 outputs within one quantization step."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = build()
+    qdq = _ort_qdq(model, save_model(model), tmp_path / "qdq.onnx")
+    artifact = qcompile.compile(qdq, "host", tmp_path / "out")  # no calibration needed
+    layers = artifact.manifest.layers
+    assert layers and all(layer["precision"] == "int8" for layer in layers), layers
+    qmodel = onnx.load(str(qdq))
+    init = {i.name: numpy_helper.to_array(i) for i in qmodel.graph.initializer}
+    output = qmodel.graph.output[0].name
+    producer = next(n for n in qmodel.graph.node if output in n.output)
+    for seed in (3, 4):
+        feeds = random_inputs(model, seed=seed)
+        expected = onnxruntime_outputs(qmodel, feeds)[output]
+        actual = qcompile.load(tmp_path / "out").run(feeds)[output]
+        if producer.op_type == "DequantizeLinear":
+            step = float(init[producer.input[1]])
+            assert np.abs(actual - expected).max() <= step * 1.001
+        else:  # softmax after the last DQ: probabilities within 1e-2
+            np.testing.assert_allclose(actual, expected, atol=1e-2)

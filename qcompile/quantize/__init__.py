@@ -22,7 +22,7 @@ from ..frontend import FloatModel, Layer
 from .calibration_data import load_calibration
 from .graph import Graph, _attrs, read_graph, without_main
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
-from .realize import LayerResult, RealizeConfig, Realizer
+from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,29 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
                                config, activations, len(feeds))
     log.info("%s", report.summary())
     return QuantizedModel(quantized_mod, model.inputs, model.outputs, layers, report, model,
+                          model.source, model.sha256)
+
+
+def realize_prequantized(model: FloatModel) -> QuantizedModel:
+    """A QDQ model into integer kernels with its own scales and weight codes (no
+    calibration): each QuantizeLinear gives its tensor's parameters."""
+    from tvm import relax
+
+    mod = relax.transform.FoldConstant()(model.mod)
+    graph = read_graph(mod)
+    qparams = graph_qparams(graph)
+    config = RealizeConfig(weight_codes=model.weight_codes)
+    realizer = Realizer(mod, graph, qparams, config)
+    quantized_mod = realizer.run()
+    int8 = sum(1 for r in realizer.layers if r.precision == "int8")
+    log.info("pre-quantized model: %d of %d layers run as integer kernels with the model's "
+             "own scales (%d quantized tensors, %d int8 weights)", int8, len(realizer.layers),
+             len(qparams), len(model.weight_codes))
+    report = QuantReport.build(model, realizer.layers, _layer_names(model, graph),
+                               ([], []), QuantConfig(method="from the model (QDQ)"),
+                               "from the model", 0)
+    return QuantizedModel(quantized_mod, model.inputs, model.outputs,
+                          _layers(model, graph, realizer.layers), report, model,
                           model.source, model.sha256)
 
 

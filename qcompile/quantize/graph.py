@@ -31,6 +31,8 @@ _OP_KINDS = {
     "relax.flatten": "flatten",
     "relax.squeeze": "squeeze",
     "relax.expand_dims": "expand_dims",
+    "relax.quantize": "quantize",
+    "relax.dequantize": "dequantize",
 }
 _TIR_CLIP = re.compile(r"^(maximum|minimum)\d*$")
 

@@ -28,7 +28,7 @@ from .observers import QParams, weight_scales
 
 INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
                                  "concat", "reshape", "permute_dims", "flatten", "squeeze",
-                                 "expand_dims", "max", "min", "relu", "clip"})
+                                 "expand_dims", "max", "min", "relu", "clip", "quantize"})
 PASS_THROUGH = frozenset({"reshape", "permute_dims", "flatten", "squeeze", "expand_dims"})
 
 
@@ -62,6 +62,7 @@ class RealizeConfig:
     per_channel: bool = True
     float_layers: frozenset = frozenset()  # layer vars kept in float (by relax name)
     stem: str | None = None                # the image stem conv, kept in float
+    weight_codes: Any = None               # prequantized.WeightCodes of a QDQ model
 
 
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -223,7 +224,11 @@ def handle_float(r: Realizer, node: Node):
             return relax.Tuple([subst(f) for f in expr.fields])
         return expr
 
-    if isinstance(value, relax.Call):
+    if node.kind == "dequantize" and isinstance(r.lookup(node.args[0]), QValue):
+        # the integer tensor itself, not its float value
+        q = r.lookup(node.args[0])
+        new = relax.Call(value.op, [q.expr, *value.args[1:]], value.attrs, value.ty_args)
+    elif isinstance(value, relax.Call):
         new = relax.Call(value.op, [subst(a) for a in value.args], value.attrs,
                          value.ty_args)
     else:
@@ -274,9 +279,17 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
         return NotImplemented
     xq = r.quant_of(x)
     axis = channel_axis if r.config.per_channel else None
-    s_w = weight_scales(weight, axis)
+    given = r.config.weight_codes.find(weight) if r.config.weight_codes is not None else None
+    if given is not None and given[2] in (channel_axis, None):
+        axis = given[2]  # the model's own int8 codes and scales (a QDQ model)
+        s_w = np.asarray(given[1], dtype=np.float32)
+    elif r.config.weight_codes is not None:
+        return NotImplemented  # a QDQ model that keeps this layer's weights in float
+    else:
+        given = None
+        s_w = weight_scales(weight, axis)
     in_scale = np.float32(xq.qp.scale)
-    if bias is not None:
+    if bias is not None and given is None:
         # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
         # overflow it, so its weight scale is raised until the bias fits in 2^30.
         floor = (np.abs(bias) / (np.float64(in_scale) * 2.0 ** 30)).astype(np.float32)
@@ -284,7 +297,8 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     shape = [1] * weight.ndim
     if axis is not None:
         shape[channel_axis] = channels
-    w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+    w_q = given[0].astype(np.int8) if given is not None else \
+        np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
     s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
@@ -358,7 +372,7 @@ def handle_conv2d(r: Realizer, node: Node):
 
     result = _layer(r, node, weight, channel_axis=0, reduce_axes=(1, 2, 3), emit_acc=emit_acc)
     if result is NotImplemented:
-        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "its input has no calibration"))
+        r.layers.append(LayerResult(node.name, "conv2d", "fp32", _float_reason(r)))
     return result
 
 
@@ -379,8 +393,14 @@ def handle_matmul(r: Realizer, node: Node):
 
     result = _layer(r, node, weight, channel_axis=1, reduce_axes=(0,), emit_acc=emit_acc)
     if result is NotImplemented:
-        r.layers.append(LayerResult(node.name, "matmul", "fp32", "its input has no calibration"))
+        r.layers.append(LayerResult(node.name, "matmul", "fp32", _float_reason(r)))
     return result
+
+
+def _float_reason(r: Realizer) -> str:
+    if r.config.weight_codes is not None:
+        return "the pre-quantized model keeps it in float (no QDQ on its input or weights)"
+    return "its input has no calibration"
 
 
 def _integer_inputs(r: Realizer, node: Node) -> bool:
@@ -477,3 +497,43 @@ def handle_clip(r: Realizer, node: Node):
     lo_q = qp.qmin if lo is None else max(qp.qmin, qp.zero_point + int(np.round(lo / qp.scale)))
     hi_q = qp.qmax if hi is None else min(qp.qmax, qp.zero_point + int(np.round(hi / qp.scale)))
     return QValue(r._emit(r.relax.op.clip(x.expr, lo_q, hi_q)), qp)
+
+
+def qdq_params(node: Node) -> QParams | None:
+    """The scalar scale and zero point of a quantize/dequantize node (None if per-axis)."""
+    scale = constant_value(node.value.args[1])
+    zp = constant_value(node.value.args[2])
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    dtype = str(zp.dtype)
+    if dtype not in ("uint8", "int8"):
+        return None
+    return QParams(float(np.float32(scale.reshape(()))), int(zp.reshape(())), dtype)
+
+
+@handles("quantize")
+def handle_quantize(r: Realizer, node: Node):
+    qp = qdq_params(node)
+    if qp is None:
+        return NotImplemented
+    return r.quant_of(node.args[0], qp)
+
+
+@handles("dequantize")
+def handle_dequantize(r: Realizer, node: Node):
+    x = r.lookup(node.args[0])
+    qp = qdq_params(node)
+    if not isinstance(x, QValue) or qp is None or qp != x.qp:
+        return NotImplemented
+    return x  # stays an integer tensor until something needs its float value
+
+
+def graph_qparams(graph: Graph) -> dict:
+    """{var: QParams} of every tensor that a QuantizeLinear quantizes (a QDQ model)."""
+    found = {}
+    for node in graph.nodes:
+        if node.kind == "quantize":
+            qp = qdq_params(node)
+            if qp is not None:
+                found[node.args[0]] = qp
+    return found

@@ -123,9 +123,14 @@ class QuantReport:
 
     def summary(self) -> str:
         int8 = sum(1 for r in self.rows if r["precision"] == "int8")
-        lines = [f"quantized {int8} of {len(self.rows)} layers to int8 ({self.method} "
-                 f"calibration on {self.samples} samples, {self.activations} activations, "
-                 f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)",
+        if self.samples:
+            head = (f"quantized {int8} of {len(self.rows)} layers to int8 ({self.method} "
+                    f"calibration on {self.samples} samples, {self.activations} activations, "
+                    f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)")
+        else:
+            head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8 with "
+                    "the model's own scales and weights")
+        lines = [head,
                  f"{'layer':<28} {'op':<7} {'prec':<5} {'out':<6} {'SQNR dB':>8} "
                  f"{'cosine':>8}"]
         for row in self.rows:
