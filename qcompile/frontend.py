@@ -169,11 +169,14 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
 
     import tvm
 
-    from .qdq import fold_constant_dequantize, is_qdq
+    from .qdq import fold_constant_dequantize, is_qdq, is_qoperator, qoperator_to_qdq
 
     path = Path(path)
     original = load_onnx(path)
     weight_codes = None
+    if is_qoperator(original):  # QLinearConv & co.: the same model in QDQ form
+        original, count = qoperator_to_qdq(original)
+        log.info("rewrote %d QOperator node(s) (QLinearConv, QLinearMatMul, ...) as QDQ", count)
     if is_qdq(original):  # arrives quantized: keep the weights' int8 codes
         original, weight_codes = fold_constant_dequantize(original)
     shapes = resolve_input_shapes(original, input_shapes)

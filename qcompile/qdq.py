@@ -54,6 +54,11 @@ def is_qdq(model) -> bool:
     return any(node.op_type in QDQ_OPS for node in model.graph.node)
 
 
+def is_qoperator(model) -> bool:
+    return any(node.op_type in QOPERATOR_RULES or node.op_type == "QLinearConcat"
+               for node in model.graph.node)
+
+
 def fold_constant_dequantize(model) -> tuple[object, WeightCodes]:
     """Replace DequantizeLinear(constant) by its float result; return the model and codes."""
     from onnx import numpy_helper
@@ -98,3 +103,105 @@ def fold_constant_dequantize(model) -> tuple[object, WeightCodes]:
         for tensor in unused:
             graph.initializer.remove(tensor)
     return model, codes
+
+
+# -- QOperator models: QLinearConv & co. become DequantizeLinear -> float op -> QuantizeLinear,
+# after which they take the QDQ path. Each rule: (float op, positions of the (tensor, scale,
+# zero point) inputs, position of the output (scale, zero point) or None, int32 bias position).
+# Inputs not listed (none so far) would be dropped; attributes are copied unless listed.
+QOPERATOR_RULES = {
+    "QLinearConv": ("Conv", ((0, 1, 2), (3, 4, 5)), (6, 7), 8),
+    "QLinearMatMul": ("MatMul", ((0, 1, 2), (3, 4, 5)), (6, 7), None),
+    "QGemm": ("Gemm", ((0, 1, 2), (3, 4, 5)), (7, 8), 6),
+    "QLinearAdd": ("Add", ((0, 1, 2), (3, 4, 5)), (6, 7), None),
+    "QLinearMul": ("Mul", ((0, 1, 2), (3, 4, 5)), (6, 7), None),
+    "QLinearAveragePool": ("AveragePool", ((0, 1, 2),), (3, 4), None),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", ((0, 1, 2),), (3, 4), None),
+    "QLinearSoftmax": ("Softmax", ((0, 1, 2),), (3, 4), None),
+    "QLinearSigmoid": ("Sigmoid", ((0, 1, 2),), (3, 4), None),
+    "QLinearLeakyRelu": ("LeakyRelu", ((0, 1, 2),), (3, 4), None),
+}
+_DROPPED_ATTRS = {"channels_last", "opset"}
+
+
+def _weight_axis(op: str, position: int, node) -> int:
+    """The per-channel axis of a quantized weight input."""
+    if op == "Conv":
+        return 0
+    if op == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1  # MatMul: per output column
+
+
+def qoperator_to_qdq(model):
+    """Rewrite QOperator nodes (standard and com.microsoft) into DQ -> op -> Q; returns the
+    model and the number of nodes rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes, rewritten, extra = [], 0, []
+    for node in graph.node:
+        if node.op_type == "QLinearConcat":
+            node = _concat_as_rule(node)
+        rule = QOPERATOR_RULES.get(node.op_type)
+        if rule is None:
+            nodes.append(node)
+            continue
+        op, triples, out_params, bias_at = rule
+        inputs = list(node.input) + [""] * 10
+        floats = []
+        for k, (t, s, z) in enumerate(triples):
+            name = f"{node.output[0]}__dq{k}"
+            attrs = {}
+            scale = consts.get(inputs[s])
+            if scale is not None and scale.size > 1:
+                attrs["axis"] = _weight_axis(op, k, node)
+            dq_inputs = [inputs[t], inputs[s]] + ([inputs[z]] if inputs[z] else [])
+            nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [name], **attrs))
+            floats.append(name)
+        if bias_at is not None and inputs[bias_at]:
+            # int32 bias in units of x_scale * w_scale
+            x_scale, w_scale = consts[inputs[triples[0][1]]], consts[inputs[triples[1][1]]]
+            scale_name = f"{node.output[0]}__bias_scale"
+            extra.append(numpy_helper.from_array(
+                (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1)
+                if w_scale.size > 1 else np.float32(x_scale * w_scale), scale_name))
+            bias_name = f"{node.output[0]}__bias"
+            attrs = {"axis": 0} if w_scale.size > 1 else {}
+            nodes.append(helper.make_node("DequantizeLinear", [inputs[bias_at], scale_name],
+                                          [bias_name], **attrs))
+            floats.append(bias_name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
+                 if a.name not in _DROPPED_ATTRS}
+        if out_params is None or not inputs[out_params[0]]:
+            nodes.append(helper.make_node(op, floats, [node.output[0]], **attrs))
+        else:
+            y = f"{node.output[0]}__f"
+            nodes.append(helper.make_node(op, floats, [y], **attrs))
+            q_inputs = [y, inputs[out_params[0]]] + (
+                [inputs[out_params[1]]] if inputs[out_params[1]] else [])
+            nodes.append(helper.make_node("QuantizeLinear", q_inputs, [node.output[0]]))
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(extra)
+        kept = [o for o in model.opset_import if o.domain not in ("com.microsoft",)]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    return model, rewritten
+
+
+def _concat_as_rule(node):
+    """QLinearConcat(y_s, y_zp, x0, s0, z0, x1, s1, z1, ...) in the QLinearAdd-like shape."""
+    from onnx import helper
+
+    inputs = list(node.input)
+    count = (len(inputs) - 2) // 3
+    triples = tuple((2 + 3 * i, 3 + 3 * i, 4 + 3 * i) for i in range(count))
+    QOPERATOR_RULES.setdefault(f"QLinearConcat{count}", ("Concat", triples, (0, 1), None))
+    clone = helper.make_node(f"QLinearConcat{count}", inputs, list(node.output),
+                             **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    return clone

@@ -249,7 +249,7 @@ def test_cli_quantizes_with_an_npz(save_model, tmp_path, capsys):
     assert "no array for input(s) 'x'" in capsys.readouterr().err
 
 
-def _ort_qdq(model, path, out):
+def _ort_quantized(model, path, out, fmt="QDQ"):
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -260,21 +260,23 @@ def _ort_qdq(model, path, out):
         def get_next(self):
             return next(self.samples, None)
 
-    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(path), str(out), Reader(), quant_format=getattr(QuantFormat, fmt),
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     return out
 
 
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
 @pytest.mark.parametrize("build", [depthwise_grouped, residual_pool_concat, gemm_matmul])
-def test_onnxruntime_qdq_model_runs_as_integer_kernels(build, save_model, tmp_path):
-    """A model quantized by onnxruntime's quantize_static (QDQ) keeps its own scales and int8
-    weights, and matches onnxruntime's int8 outputs within one quantization step."""
+def test_onnxruntime_quantized_model_runs_as_integer_kernels(build, fmt, save_model, tmp_path):
+    """A model quantized by onnxruntime's quantize_static, in QDQ format or as QOperator ops
+    (QLinearConv, QGemm, QLinearAdd, ... which TVM cannot import), keeps its own scales and
+    int8 weights, and matches onnxruntime's int8 outputs within one quantization step."""
     import onnx
     from onnx import numpy_helper
 
     model = build()
-    qdq = _ort_qdq(model, save_model(model), tmp_path / "qdq.onnx")
+    qdq = _ort_quantized(model, save_model(model), tmp_path / "q.onnx", fmt)
     artifact = qcompile.compile(qdq, "host", tmp_path / "out")  # no calibration needed
     layers = artifact.manifest.layers
     assert layers and all(layer["precision"] == "int8" for layer in layers), layers
