@@ -126,7 +126,8 @@ def test_depthwise_relu6_grouped_chain_requantizes_like_the_reference(save_model
 def test_gemm_relu_matmul_matches_the_reference(save_model, tmp_path):
     model = gemm_matmul()
     loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out")
-    gemm, mm = rows["gemm"], rows["matmul"]
+    gemm = rows["gemm"]
+    assert rows["matmul"]["precision"] == "int8" and rows["matmul"]["output"] == "float"
     init = initializers(model)
     x = random_inputs(model, seed=5)["x"]
     w1 = init["w1"].T  # Gemm transB

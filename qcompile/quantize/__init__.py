@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError
 from ..frontend import FloatModel, Layer
 from .calibration_data import load_calibration
-from .graph import Graph, _attrs, read_graph, without_main
+from .graph import Graph, function_attrs, read_graph, without_main
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
 from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
@@ -100,7 +100,8 @@ def observing_module(mod, graph: Graph, observed: list):
     from tvm import relax
 
     bb = relax.BlockBuilder(without_main(mod))
-    with bb.function("main", list(graph.function.params), attrs=_attrs(graph.function)):
+    params = list(graph.function.params)
+    with bb.function("main", params, attrs=function_attrs(graph.function)):
         with bb.dataflow():
             for node in graph.nodes:
                 bb.emit_normalized(relax.VarBinding(node.var, node.value))

@@ -163,7 +163,7 @@ def without_main(mod):
     return tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
 
 
-def _attrs(function) -> dict | None:
+def function_attrs(function) -> dict | None:
     attrs = function.attrs
     if attrs is None:
         return None

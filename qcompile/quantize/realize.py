@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .graph import Graph, Node, _attrs, constant_value, without_main
+from .graph import Graph, Node, constant_value, function_attrs, without_main
 from .observers import QParams, weight_scales
 
 INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
@@ -177,7 +177,7 @@ class Realizer:
         relax = self.relax
         function = self.graph.function
         params = list(function.params)
-        with self.bb.function("main", params, attrs=_attrs(function)):
+        with self.bb.function("main", params, attrs=function_attrs(function)):
             with self.bb.dataflow():
                 for node in self.graph.nodes:
                     if node.index in self.absorbed:
@@ -271,7 +271,7 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
            emit_acc: Callable[[QValue, np.ndarray], Any]):
     """Shared by conv2d and matmul: quantize the weight, fold bias and zero-point
     correction, requantize or dequantize the accumulator, fuse the activation bounds."""
-    relax, op = r.relax, r.relax.op
+    op = r.relax.op
     channels = weight.shape[channel_axis]
     last, bias, lo, hi, absorbed = _fused_chain(r, node, channel_axis, channels)
     x = node.args[0]
