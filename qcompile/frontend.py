@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,11 +200,55 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
                 "run time); fix the input shapes with --input-shape, or simplify the model.",
             ) from None
     mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = clip_calls_to_ops(relax.transform.FoldConstant()(mod))
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     return FloatModel(mod=mod, inputs=inputs, outputs=outputs, layers=_layers(model),
                       onnx=model, source=str(path),
                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                       weight_codes=weight_codes)
+
+
+_TIR_BOUND = re.compile(r"^(maximum|minimum)\d*$")
+
+
+def clip_calls_to_ops(mod):
+    """TVM's importer turns ONNX Clip into call_tir(maximum/minimum, x, bound) kernels; make
+    them R.maximum / R.minimum, which later passes (mixed precision, quantization) know."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    body = main.body
+    if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1:
+        return mod
+    changed = False
+    bindings = []
+    for binding in body.blocks[0].bindings:
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+                value.op.name == "relax.call_tir":
+            callee, args = value.args[0], value.args[1]
+            match = _TIR_BOUND.match(getattr(callee, "name_hint", ""))
+            fields = list(args.fields) if isinstance(args, relax.Tuple) else []
+            if match and len(fields) == 2 and isinstance(fields[1], tvm.ir.expr.GenericConst) \
+                    and fields[1].value.numpy().size == 1:
+                op = relax.op.maximum if match.group(1) == "maximum" else relax.op.minimum
+                value = op(fields[0], fields[1])
+                changed = True
+        bindings.append((binding.var, value))
+    if not changed:
+        return mod
+    rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
+    bb = relax.BlockBuilder(rest)
+    attrs = {k: v for k, v in main.attrs.items() if k != "global_symbol"} if main.attrs else None
+    with bb.function("main", list(main.params), attrs=attrs):
+        with bb.dataflow():
+            for var, value in bindings:
+                bb.emit_normalized(relax.VarBinding(var, bb.normalize(value)))
+            out = bb.emit_output(body.body) if not isinstance(body.body, relax.Var) or \
+                isinstance(body.body, relax.DataflowVar) else None
+        bb.emit_func_output(out if out is not None else body.body)
+    return relax.transform.DeadCodeElimination()(bb.get())
 
 
 def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:

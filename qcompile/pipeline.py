@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .build import build
 from .frontend import import_onnx
 from .errors import InputError
-from .quantize import QuantConfig, realize_prequantized
+from .quantize import QuantConfig, realize_prequantized, to_fp16
 from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
@@ -38,14 +38,16 @@ def compile(  # noqa: A001 - the verb users know
     input_shapes: static shapes for inputs with dynamic dimensions, {name: (1, 3, 224, 224)}.
     cc: the C++ compiler that links the library (default: the target's, or $TVM_NDK_CC).
     tuning_log: a directory written by tune(): kernels with records get their tuned schedule.
-    quantize: None (fp32) or "int8": static int8 with `calibration` samples (an .npz path, or
-      an iterable of {input name: array}), configured by `quant_config`. The report is saved
-      as OUT_DIR/quantization.json.
+    quantize: None (fp32), "fp16", or "int8": static int8 with `calibration` samples (an .npz
+      path, or an iterable of {input name: array}), configured by `quant_config`. The report is
+      saved as OUT_DIR/quantization.json. A pre-quantized (QDQ/QOperator) model is realized
+      with its own scales whatever this says.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
     log_ = open_log(tuning_log) if tuning_log is not None else None
-    if quantize not in (None, "none", "fp32", "int8"):
-        raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated).")
+    if quantize not in (None, "none", "fp32", "int8", "fp16"):
+        raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated) "
+                         "or fp16.")
     if quantize == "int8" and calibration is None:
         raise InputError("--quantize int8 needs calibration data: pass --calibration CALIB.npz "
                          "with one array per model input, samples stacked along the first axis.")
@@ -55,6 +57,8 @@ def compile(  # noqa: A001 - the verb users know
             log.warning("the model arrives quantized (QDQ): its own scales are used, the "
                         "calibration data is not")
         graph = realize_prequantized(graph)
+    elif quantize == "fp16":
+        graph = to_fp16(graph)
     elif quantize == "int8":
         (quant_config or QuantConfig()).check()
         graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)

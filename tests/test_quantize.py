@@ -294,3 +294,19 @@ def test_onnxruntime_quantized_model_runs_as_integer_kernels(build, fmt, save_mo
             assert np.abs(actual - expected).max() <= step * 1.001
         else:  # softmax after the last DQ: probabilities within 1e-2
             np.testing.assert_allclose(actual, expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("build", [depthwise_grouped, gemm_matmul, residual_pool_concat])
+def test_fp16_stays_close_to_fp32(build, save_model, tmp_path, capsys):
+    model = build()
+    assert main(["compile", str(save_model(model)), "--quantize", "fp16", "-o",
+                 str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert {layer["precision"] for layer in manifest["layers"]} == {"fp16"}
+    feeds = random_inputs(model, seed=11)
+    expected = onnxruntime_outputs(model, feeds)
+    actual = qcompile.load(tmp_path / "out").run(feeds)
+    for name, value in expected.items():
+        assert actual[name].dtype == value.dtype  # outputs stay fp32
+        np.testing.assert_allclose(actual[name], value, rtol=0,
+                                   atol=2e-3 * float(np.abs(value).max()) + 1e-3)

@@ -171,6 +171,20 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
                           model.source, model.sha256)
 
 
+def to_fp16(model: FloatModel) -> FloatModel:
+    """Convolutions and matmuls in fp16 with fp32 accumulation (weights stored in fp16), the
+    rest following them (relax.transform.ToMixedPrecision)."""
+    import dataclasses
+
+    from tvm import relax
+
+    mod = relax.transform.FoldConstant()(model.mod)
+    mod = relax.transform.FoldConstant()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
+    layers = tuple(dataclasses.replace(layer, precision="fp16") for layer in model.layers)
+    log.info("fp16: %d layers in fp16 with fp32 accumulation", len(layers))
+    return dataclasses.replace(model, mod=mod, layers=layers)
+
+
 def realize_prequantized(model: FloatModel) -> QuantizedModel:
     """A QDQ model into integer kernels with its own scales and weight codes (no
     calibration): each QuantizeLinear gives its tensor's parameters."""

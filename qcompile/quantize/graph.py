@@ -99,6 +99,9 @@ def kind_of(value) -> tuple[str, tuple, float | None]:
                 return ("max" if match.group(1) == "maximum" else "min"), fields[:1], \
                     _scalar(fields[1])
             return "other", fields, None
+        if op.name in ("relax.maximum", "relax.minimum") and _scalar(value.args[1]) is not None:
+            return ("max" if op.name == "relax.maximum" else "min"), (value.args[0],), \
+                _scalar(value.args[1])
         kind = _OP_KINDS.get(op.name, "other")
         args = value.args
         if kind == "concat":
