@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ModelError, ShapeError, UnsupportedOpError
+from .relax_main import rebuild_main
 from .specs import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -238,17 +239,7 @@ def clip_calls_to_ops(mod):
         bindings.append((binding.var, value))
     if not changed:
         return mod
-    rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
-    bb = relax.BlockBuilder(rest)
-    attrs = {k: v for k, v in main.attrs.items() if k != "global_symbol"} if main.attrs else None
-    with bb.function("main", list(main.params), attrs=attrs):
-        with bb.dataflow():
-            for var, value in bindings:
-                bb.emit_normalized(relax.VarBinding(var, bb.normalize(value)))
-            out = bb.emit_output(body.body) if not isinstance(body.body, relax.Var) or \
-                isinstance(body.body, relax.DataflowVar) else None
-        bb.emit_func_output(out if out is not None else body.body)
-    return relax.transform.DeadCodeElimination()(bb.get())
+    return relax.transform.DeadCodeElimination()(rebuild_main(mod, bindings, body.body))
 
 
 def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .artifact import LIBRARY_FILE, Artifact
 from .errors import DeviceError, InputError, QcompileError
-from .specs import TensorSpec
+from .specs import TensorSpec, name_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,8 @@ class LoadedModel:
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
         """The inputs in manifest order, or an InputError naming what does not match."""
-        expected = [s.name for s in self.inputs]
-        missing = [n for n in expected if n not in inputs]
-        extra = [n for n in inputs if n not in expected]
-        if missing or extra:
-            problem = (f"missing {', '.join(repr(n) for n in missing)}" if missing else
-                       f"unknown {', '.join(repr(n) for n in extra)}")
+        problem = name_mismatch(self.inputs, inputs)
+        if problem:
             raise InputError(f"Inputs do not match the compiled model ({problem}). It takes: "
                              f"{'; '.join(s.describe() for s in self.inputs)}.")
         arrays = []

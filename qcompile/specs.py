@@ -27,6 +27,18 @@ class TensorSpec:
         return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
 
 
+def name_mismatch(specs, names) -> str | None:
+    """"missing 'a', 'b'" / "unknown 'c'" when `names` are not exactly the specs' names."""
+    expected = [s.name for s in specs]
+    missing = [n for n in expected if n not in names]
+    if missing:
+        return f"missing {', '.join(repr(n) for n in missing)}"
+    extra = [n for n in names if n not in expected]
+    if extra:
+        return f"unknown {', '.join(repr(n) for n in extra)}"
+    return None
+
+
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """Parse the CLI's `NAME:1,3,224,224` into (name, shape)."""
     name, sep, dims = text.rpartition(":")

@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import InputError
 from ..frontend import FloatModel, Layer
 from .calibration_data import load_calibration
-from .graph import Graph, function_attrs, read_graph, without_main
+from ..relax_main import rebuild_main
+from .graph import Graph, read_graph
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
 from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
@@ -99,15 +100,8 @@ def observing_module(mod, graph: Graph, observed: list):
     """main() returning the values of `observed` vars (a calibration probe)."""
     from tvm import relax
 
-    bb = relax.BlockBuilder(without_main(mod))
-    params = list(graph.function.params)
-    with bb.function("main", params, attrs=function_attrs(graph.function)):
-        with bb.dataflow():
-            for node in graph.nodes:
-                bb.emit_normalized(relax.VarBinding(node.var, node.value))
-            out = bb.emit_output(relax.Tuple(list(observed)))
-        bb.emit_func_output(out)
-    return bb.get()
+    return rebuild_main(mod, [(node.var, node.value) for node in graph.nodes],
+                        relax.Tuple(list(observed)))
 
 
 def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, Any]],

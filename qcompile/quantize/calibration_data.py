@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..specs import TensorSpec
+from ..specs import TensorSpec, name_mismatch
 
 MIN_SAMPLES = {"minmax": 1, "percentile": 8, "entropy": 8, "mse": 8}
 
@@ -49,12 +49,10 @@ def load_calibration(source: str | Path | Iterable[Mapping[str, Any]],
                          f"{MIN_SAMPLES.get(method, 1)} for the {method} method.")
     expected = {s.name: s for s in inputs}
     for i, feed in enumerate(feeds):
-        missing = [n for n in expected if n not in feed]
-        extra = [n for n in feed if n not in expected]
-        if missing or extra:
-            what = (f"is missing {', '.join(repr(n) for n in missing)}" if missing else
-                    f"has unknown {', '.join(repr(n) for n in extra)}")
-            raise InputError(f"Calibration sample {i} of {origin} {what}. The model takes: "
+        problem = name_mismatch(inputs, feed)
+        if problem:
+            raise InputError(f"Calibration sample {i} of {origin} does not match the model "
+                             f"({problem}). The model takes: "
                              f"{'; '.join(s.describe() for s in inputs)}.")
         for name, spec in expected.items():
             value = np.asarray(feed[name])

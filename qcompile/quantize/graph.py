@@ -1,14 +1,12 @@
 """A read-only view of the imported model's dataflow: nodes in order, what each computes (in
 the terms quantization cares about), and who consumes each value.
 
-The ONNX importer expresses some ops through generated TIR functions (Clip becomes
-call_tir(maximum, x, lo) / call_tir(minimum, x, hi)); `kind_of` names those too, so that the
-quantizer sees "clip" wherever the model clips.
+ONNX Clip arrives as R.maximum / R.minimum with a constant bound (the frontend rewrites the
+importer's call_tir kernels); `kind_of` names those "max" / "min" with their bound.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +32,6 @@ _OP_KINDS = {
     "relax.quantize": "quantize",
     "relax.dequantize": "dequantize",
 }
-_TIR_CLIP = re.compile(r"^(maximum|minimum)\d*$")
 
 
 @dataclass
@@ -85,19 +82,16 @@ def _scalar(expr) -> float | None:
 
 def kind_of(value) -> tuple[str, tuple, float | None]:
     """(kind, tensor args, bound) of a bound expression."""
+    import tvm
     from tvm import relax
 
     if not isinstance(value, relax.Call):
         return "other", (), None
     op = value.op
-    if isinstance(op, tvm_op_type()):
+    if isinstance(op, tvm.ir.Op):
         if op.name == "relax.call_tir":
-            callee, call_args = value.args[0], value.args[1]
+            call_args = value.args[1]
             fields = tuple(call_args.fields) if isinstance(call_args, relax.Tuple) else ()
-            match = _TIR_CLIP.match(getattr(callee, "name_hint", ""))
-            if match and len(fields) == 2 and _scalar(fields[1]) is not None:
-                return ("max" if match.group(1) == "maximum" else "min"), fields[:1], \
-                    _scalar(fields[1])
             return "other", fields, None
         if op.name in ("relax.maximum", "relax.minimum") and _scalar(value.args[1]) is not None:
             return ("max" if op.name == "relax.maximum" else "min"), (value.args[0],), \
@@ -108,12 +102,6 @@ def kind_of(value) -> tuple[str, tuple, float | None]:
             args = tuple(args[0].fields)
         return kind, tuple(args), None
     return "other", tuple(value.args), None
-
-
-def tvm_op_type():
-    import tvm
-
-    return tvm.ir.Op
 
 
 @dataclass
@@ -157,17 +145,3 @@ def read_graph(mod) -> Graph:
     result = body.body
     outputs = set(result.fields) if isinstance(result, relax.Tuple) else {result}
     return Graph(function, nodes, by_var, outputs)
-
-
-def without_main(mod):
-    """`mod` without its main function (the rest: TIR functions main calls)."""
-    import tvm
-
-    return tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
-
-
-def function_attrs(function) -> dict | None:
-    attrs = function.attrs
-    if attrs is None:
-        return None
-    return {k: v for k, v in attrs.items() if k != "global_symbol"}

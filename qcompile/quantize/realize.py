@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .graph import Graph, Node, constant_value, function_attrs, without_main
+from ..relax_main import function_attrs, without_main
+from .graph import Graph, Node, constant_value
 from .observers import QParams, weight_scales
 
 INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
@@ -336,21 +337,31 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     return out
 
 
+def _stays_float(r: Realizer, node: Node, unsupported: str | None) -> bool:
+    """Whether a weighted layer stays float (recording why): kept by the rules, the image
+    stem, or `unsupported` (no integer kernel for its form)."""
+    if node.name in r.config.float_layers:
+        reason = "kept in float by the rules"
+    elif node.name == r.config.stem:
+        reason = ("first conv on the image: little compute, most sensitive (--int8-stem to "
+                  "quantize)")
+    else:
+        reason = unsupported
+    if reason is not None:
+        r.layers.append(LayerResult(node.name, node.kind, "fp32", reason))
+    return reason is not None
+
+
 @handles("conv2d")
 def handle_conv2d(r: Realizer, node: Node):
     weight = constant_value(node.args[1])
-    if node.name in r.config.float_layers:
-        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "kept in float by the rules"))
-        return NotImplemented
-    if node.name == r.config.stem:
-        r.layers.append(LayerResult(node.name, "conv2d", "fp32", "first conv on the image: "
-                                    "little compute, most sensitive (--int8-stem to quantize)"))
-        return NotImplemented
     if weight is None or node.attr("data_layout") != "NCHW" or \
             node.attr("kernel_layout") != "OIHW" or node.dtype != "float32":
-        r.layers.append(LayerResult(node.name, "conv2d", "fp32",
-                                    "no integer kernel for a conv with non-constant weights or "
-                                    "a layout other than NCHW/OIHW"))
+        unsupported = ("no integer kernel for a conv with non-constant weights or a layout "
+                       "other than NCHW/OIHW")
+    else:
+        unsupported = None
+    if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
     strides = [int(s) for s in node.attr("strides")]
@@ -379,12 +390,9 @@ def handle_conv2d(r: Realizer, node: Node):
 @handles("matmul")
 def handle_matmul(r: Realizer, node: Node):
     weight = constant_value(node.args[1])
-    if node.name in r.config.float_layers:
-        r.layers.append(LayerResult(node.name, "matmul", "fp32", "kept in float by the rules"))
-        return NotImplemented
-    if weight is None or weight.ndim != 2 or node.dtype != "float32":
-        r.layers.append(LayerResult(node.name, "matmul", "fp32",
-                                    "no integer kernel for a matmul of two activations"))
+    unsupported = ("no integer kernel for a matmul of two activations"
+                   if weight is None or weight.ndim != 2 or node.dtype != "float32" else None)
+    if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
 

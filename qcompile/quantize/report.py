@@ -21,8 +21,7 @@ class TensorError:
     signal: float = 0.0
     noise: float = 0.0
     dot: float = 0.0
-    norm_a: float = 0.0
-    norm_b: float = 0.0
+    approx_energy: float = 0.0
     max_abs: float = 0.0
 
     def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
@@ -31,8 +30,7 @@ class TensorError:
         self.signal += float(ref @ ref)
         self.noise += float((ref - app) @ (ref - app))
         self.dot += float(ref @ app)
-        self.norm_a += float(ref @ ref)
-        self.norm_b += float(app @ app)
+        self.approx_energy += float(app @ app)
         self.max_abs = max(self.max_abs, float(np.abs(ref - app).max(initial=0.0)))
 
     @property
@@ -43,7 +41,7 @@ class TensorError:
 
     @property
     def cosine(self) -> float:
-        denom = np.sqrt(self.norm_a * self.norm_b)
+        denom = np.sqrt(self.signal * self.approx_energy)
         return float(self.dot / denom) if denom else 1.0
 
     def to_json(self) -> dict[str, float]:

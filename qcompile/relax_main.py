@@ -1,0 +1,40 @@
+"""Rebuilding a model's `main` Relax function (one dataflow block) with other bindings or
+outputs, keeping the rest of the module (the TIR kernels main calls)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def without_main(mod):
+    """`mod` without its main function (the rest: TIR functions main calls)."""
+    import tvm
+
+    return tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
+
+
+def function_attrs(function) -> dict | None:
+    """A function's attributes as BlockBuilder.function takes them (no global_symbol)."""
+    attrs = function.attrs
+    if attrs is None:
+        return None
+    return {k: v for k, v in attrs.items() if k != "global_symbol"}
+
+
+def rebuild_main(mod, bindings: Iterable[tuple[Any, Any]], result):
+    """`mod` whose main binds (var, value) in order in one dataflow block and returns
+    `result`: an expression of those vars, or one of the function's output vars."""
+    from tvm import relax
+
+    main = mod["main"]
+    bb = relax.BlockBuilder(without_main(mod))
+    with bb.function("main", list(main.params), attrs=function_attrs(main)):
+        with bb.dataflow():
+            for var, value in bindings:
+                bb.emit_normalized(relax.VarBinding(var, bb.normalize(value)))
+            if isinstance(result, relax.Var) and not isinstance(result, relax.DataflowVar):
+                out = result  # already bound as an output of the block
+            else:
+                out = bb.emit_output(result)
+        bb.emit_func_output(out)
+    return bb.get()
