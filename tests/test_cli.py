@@ -130,3 +130,33 @@ def test_damaged_manifest_or_missing_library_is_refused(compiled, tmp_path, caps
     shutil.copytree(compiled, missing)
     (missing / "model.so").unlink()
     assert "no model.so" in _error(capsys, ["run", str(missing)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--calibration", "calib.npz"], "--quantize is not: add --quantize int8"),
+    (["--quantize", "int8"], "--quantize int8 needs calibration data"),
+])
+def test_quantize_option_errors(save_model, tmp_path, capsys, args, message):
+    path = save_model(conv_relu())
+    assert main(["compile", str(path), "-o", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_quantize_mode_from_python(save_model, tmp_path):
+    import qcompile
+    from qcompile.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        qcompile.compile(save_model(conv_relu()), "host", tmp_path / "out", quantize="int4")
+    assert "Unknown --quantize mode 'int4'" in str(err.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tune", "MODEL", "--trials", "0"], "--trials must be at least 1"),
+    (["device", "emulate", "--count", "0"], "--count must be at least 1"),
+])
+def test_counts_must_be_positive(save_model, capsys, args, message):
+    args = [str(save_model(conv_relu())) if a == "MODEL" else a for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
