@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -42,28 +43,47 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
     import tvm
     from tvm import relax
 
+    from .schedules import int8_default, intrinsics
+
     tvm_target = target.to_tvm()
-    if tuning_log is None or target.is_gpu:
+    if target.is_gpu:
         with tvm_target:
             mod = relax.transform.FoldConstant()(mod)
             return relax.get_default_pipeline(tvm_target)(mod)
     from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
 
     mod = fused_module(mod, target)
-    with tvm_target, tuning_log.database():
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    with tvm_target:
+        if tuning_log is not None:
+            with tuning_log.database():
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        dot = intrinsics.dot_product_for(tvm_target)
+        if dot is not None:
+            mod = int8_default.apply(mod, dot)
         seq = tvm.transform.Sequential(dataflow_lower_passes(tvm_target)
                                        + finalize_passes(tvm_target))
         return seq(mod)
 
 
-def kernel_counts(mod) -> tuple[int, int]:
-    """(kernels with a tuned schedule, all kernels) of an optimized module."""
+@dataclass(frozen=True)
+class KernelCounts:
+    total: int
+    tuned: int             # a schedule from the tuning log
+    int8_default: int      # our default schedule for a packed int8 kernel (schedules/)
+
+
+def kernel_counts(mod) -> KernelCounts:
+    """How the kernels of an optimized module got their schedules."""
     import tvm
 
+    from .schedules.int8_default import SCHEDULE_ATTR
+
     kernels = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    tuned = [f for f in kernels if f.attrs is not None and "tirx.is_scheduled" in f.attrs]
-    return len(tuned), len(kernels)
+    attrs = [f.attrs if f.attrs is not None else {} for f in kernels]
+    return KernelCounts(total=len(kernels),
+                        tuned=sum(1 for a in attrs if "tirx.is_scheduled" in a
+                                  and SCHEDULE_ATTR not in a),
+                        int8_default=sum(1 for a in attrs if SCHEDULE_ATTR in a))
 
 
 def link(executable, path: Path, target: Target) -> None:
@@ -99,10 +119,13 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
     start = time.perf_counter()
     log.info("optimizing and generating code for %s (%s)", target.name, target.kind)
     mod = optimize(model.mod, target, tuning_log)
-    tuned, kernels = kernel_counts(mod)
+    counts = kernel_counts(mod)
+    if counts.int8_default:
+        log.info("%d int8 kernel(s) on packed weights with qcompile's default schedules",
+                 counts.int8_default)
     if tuning_log is not None:
         log.info("tuning log %s: tuned schedules for %d of %d kernels%s", tuning_log.directory,
-                 tuned, kernels, "" if tuned else " (its records are for other kernels or "
+                 counts.tuned, counts.total, "" if counts.tuned else " (its records are for other kernels or "
                  "another target: the default schedules are used)")
     executable = tvm.compile(mod, tvm_target, relax_pipeline=None)
     log.info("linking %s with %s", LIBRARY_FILE, target.cc or "the host compiler")
@@ -116,7 +139,8 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
             layers=tuple(layer.to_json() for layer in model.layers),
             library_sha256=sha256_of(library), library_bytes=library.stat().st_size,
             versions=versions(), source={"model": model.source, "sha256": model.sha256},
-            kernels={"total": kernels, "tuned": tuned,
+            kernels={"total": counts.total, "tuned": counts.tuned,
+                     "int8_default_schedules": counts.int8_default,
                      "tuning_log": str(tuning_log.directory) if tuning_log else None})
         Artifact(staging, manifest).save()
         out_dir.mkdir(exist_ok=True)

@@ -78,18 +78,47 @@ def open_log(directory: str | Path) -> TuningLog:
 def fused_module(mod, target: Target):
     """The model legalized to TIR and fused: the kernels that are tuned and then built.
 
-    Tuning and building must see the same fused kernels, or the records do not match.
+    Tuning and building must see the same fused kernels, or the records do not match. On a
+    target with an integer dot-product instruction, the int8 graph is converted to NHWC and its
+    conv2d/matmul put on packed weights (schedules/packed_int8.py).
     """
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import legalize_passes, library_dispatch_passes
+    from tvm.relax.backend.cpu_generic import library_dispatch_passes
+
+    from .schedules import intrinsics, packed_int8
 
     tvm_target = target.to_tvm()
+    dot = intrinsics.dot_product_for(tvm_target)
     with tvm_target:
-        mod = relax.transform.FoldConstant()(mod)
-        seq = tvm.transform.Sequential(library_dispatch_passes(tvm_target)
-                                       + legalize_passes(tvm_target))
-        return seq(mod)
+        passes = [relax.transform.FoldConstant()]
+        if dot is not None and _has_int8_conv(mod):
+            passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                       relax.transform.FoldConstant()]
+        passes += library_dispatch_passes(tvm_target)
+        passes += [relax.transform.LegalizeOps(
+                       packed_int8.legalize_map(dot) if dot is not None else None),
+                   relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(),
+                   relax.transform.FuseOps(),
+                   relax.transform.FuseTIR()]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _has_int8_conv(mod) -> bool:
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d" \
+                and expr.args[1].ty.dtype == "int8":
+            found.append(expr)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
 
 
 def export_library(module, cc: str | None) -> str:
@@ -160,6 +189,9 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 6
     if target.is_gpu:
         raise DeviceError("Tuning GPU targets is not supported yet: their kernels use dlight's "
                           "default schedules. Compile without a tuning log.")
+    from .schedules import intrinsics
+
+    intrinsics.register()  # the search tensorizes with them
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     runner, where, emulated = _runner(target, rpc)

@@ -81,6 +81,29 @@ def residual_pool_concat() -> onnx.ModelProto:
         [_w("w", (8, 8, 3, 3), 9)])
 
 
+def packed_convnet() -> onnx.ModelProto:
+    """Layers whose channels fill the int8 dot-product blocks (16 outputs x 4 inputs): a 3x3
+    conv (stride 2, padded), a 1x1 conv with ReLU6, a depthwise conv, global average pool and
+    a Gemm to 16 classes."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv3x3", pads=[1, 1, 1, 1],
+                          strides=[2, 2]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="pointwise"),
+         helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], name="relu6"),
+         helper.make_node("Conv", ["r2", "w3"], ["c3"], name="depthwise", group=64,
+                          pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w4", "b4"], ["y"], name="fc", transB=1)],
+        [("x", [1, 16, 20, 20])], [("y", [1, 16])],
+        [_w("w1", (32, 16, 3, 3), 21, 0.1), _w("b1", (32,), 22), _w("w2", (64, 32, 1, 1), 23, 0.2),
+         _w("b2", (64,), 24), _w("w3", (64, 1, 3, 3), 25), _w("w4", (16, 64), 26),
+         _w("b4", (16,), 27),
+         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+
+
 def resize_layernorm() -> onnx.ModelProto:
     """Bilinear and nearest Resize, then LayerNormalization over the last axis."""
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")

@@ -13,7 +13,7 @@ import pytest
 import qcompile
 from conftest import free_port, start_process, wait_for_key
 from models import (NUMERIC_MODELS, assert_close, conv_relu, gemm_matmul, onnxruntime_outputs,
-                    random_inputs)
+                    packed_convnet, random_inputs)
 from qcompile.cli import main
 from qcompile.errors import DeviceError
 from qcompile.processes import stop_process_group
@@ -36,6 +36,25 @@ def test_emulated_device_matches_onnxruntime(arm64_device, name, target, save_mo
     for out_name, value in expected.items():
         assert actual[out_name].dtype == value.dtype
         assert_close(actual[out_name], value)
+
+
+def test_sdot_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, save_model,
+                                                               tmp_path):
+    """arm64-dotprod packs int8 weights for sdot; arm64 (no dotprod) keeps TVM's kernels. Both
+    builds of the same quantized model give the same integers on the (emulated) phone."""
+    from test_int8_kernels import compile_int8, instruction_counts
+
+    path = save_model(packed_convnet())
+    packed = compile_int8(path, "arm64-dotprod", tmp_path / "packed")
+    plain = compile_int8(path, "arm64", tmp_path / "plain")
+    assert instruction_counts(packed.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+    feeds = random_inputs(packed_convnet(), seed=3)
+    outputs = []
+    for artifact in (packed, plain):
+        with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
+                           rpc_key=arm64_device["key"]) as loaded:
+            outputs.append(loaded.run(feeds)["y"])
+    assert np.array_equal(outputs[0], outputs[1])
 
 
 def test_cli_run_labels_emulated_timings(arm64_device, save_model, tmp_path, capsys):

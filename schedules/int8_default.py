@@ -1,0 +1,144 @@
+"""Default schedules for the packed int8 kernels: used when no tuning record covers a kernel.
+
+Without them an untuned int8 kernel is a serial scalar loop nest. Each packed conv2d/matmul
+(and whatever requantize/clip epilogue FuseOps put in the same kernel) is scheduled the way a
+tuned one would be, with fixed tile sizes instead of searched ones:
+
+- conv2d: parallel over image rows; per row, tiles of up to 8 pixels x `lanes` output
+  channels accumulate in a small int32 buffer, the inner `lanes` x 4 block is the dot-product
+  instruction, and the epilogue runs on each tile while it is still in cache;
+- matmul: the same with tiles of rows x `lanes` columns, parallel over tiles.
+
+MetaSchedule tuning replaces these with measured ones (`qcompile tune`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .intrinsics import DotProduct, register
+from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_ATTR = "qcompile.default_schedule"
+TILE_PIXELS = 8
+TILE_ROWS = 8
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _packed_block(sch):
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if name.startswith((CONV_BLOCK, MATMUL_BLOCK)):
+            return block, name.startswith(CONV_BLOCK)
+    return None, False
+
+
+def _inline_epilogue(sch, keep) -> None:
+    """Inline the elementwise epilogue steps after the packed block into the kernel's final
+    output block. Its producers (pad, reshape) stay separate: the instruction reads its
+    activations from a buffer, not through an expression."""
+    from tvm.s_tir import ScheduleError
+
+    producers = {sch.get(b) for b in sch.get_producers(keep)}
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            stmt = sch.get(block)
+            if stmt.same_as(sch.get(keep)) or any(stmt.same_as(p) for p in producers):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except ScheduleError:
+                pass
+
+
+def _accumulate_in_tile(sch, block, loop) -> None:
+    """Accumulate each tile of `block` in a small buffer, and run what consumes it (the
+    epilogue, or the copy to the kernel's output) under `loop`, tile by tile."""
+    from tvm.s_tir import ScheduleError
+
+    copy = sch.cache_write(block, 0, "global")
+    try:
+        sch.compute_inline(copy)  # the epilogue reads the tile buffer directly
+    except ScheduleError:
+        pass  # the accumulator is the kernel's output
+    for consumer in sch.get_consumers(block):
+        try:
+            sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
+            inner = sch.get_loops(consumer)[-1]
+            sch.vectorize(inner)
+        except ScheduleError:
+            pass
+
+
+def schedule_conv(sch, block, dot: DotProduct) -> None:
+    n, y, x, o, r, s, io, ii = sch.get_loops(block)
+    width = int(sch.get(x).extent)
+    xo, xi = sch.split(x, [None, _largest_divisor(width, TILE_PIXELS)])
+    oo, oi = sch.split(o, [None, dot.lanes])
+    sch.reorder(n, y, xo, oo, r, s, io, xi, oi, ii)
+    _accumulate_in_tile(sch, block, oo)
+    sch.parallel(sch.fuse(n, y))
+    init = sch.decompose_reduction(block, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(oi, dot.intrin)
+
+
+def schedule_matmul(sch, block, dot: DotProduct) -> None:
+    loops = sch.get_loops(block)
+    *batch, cols, ko, ki = loops
+    rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+    extent = int(sch.get(rows).extent)
+    mo, mi = sch.split(rows, [None, _largest_divisor(extent, TILE_ROWS)])
+    no, ni = sch.split(cols, [None, dot.lanes])
+    sch.reorder(mo, no, ko, mi, ni, ki)
+    _accumulate_in_tile(sch, block, no)
+    sch.parallel(sch.fuse(mo, no))
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, dot.intrin)
+
+
+def schedule_kernel(func, dot: DotProduct):
+    """`func` scheduled, or None when it has no packed int8 block."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    block, is_conv = _packed_block(sch)
+    if block is None:
+        return None
+    _inline_epilogue(sch, block)
+    (schedule_conv if is_conv else schedule_matmul)(sch, block, dot)
+    return sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
+
+
+def apply(mod, dot: DotProduct):
+    """Schedule every packed int8 kernel of `mod` that has no schedule yet (tuned ones keep
+    theirs). A kernel our schedule cannot handle keeps TVM's default code, with a warning."""
+    import tvm
+
+    register()
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (
+                func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        try:
+            scheduled = schedule_kernel(func.with_attr("global_symbol", gvar.name_hint), dot)
+        except Exception as exc:  # noqa: BLE001 - one kernel's failure is not the build's
+            log.warning("kernel %s keeps the unscheduled code: %s", gvar.name_hint,
+                        str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
+            continue
+        if scheduled is not None:
+            updates[gvar] = scheduled.without_attr("global_symbol")
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod

@@ -1,0 +1,99 @@
+"""Integer dot-product tensor intrinsics, and which one a target gets.
+
+Each intrinsic computes C[i] += sum_k A[k] * B[i, k] for a block of `lanes` outputs and a
+reduction of 4: A is 4 consecutive activation bytes (broadcast), B a packed weight block of
+lanes x 4 bytes, C `lanes` int32 accumulators.
+
+- x86 AVX-512 VNNI `vpdpbusd`: u8 x s8, 16 x 4. TVM's own `dot_16x4_vnni` passes the operands
+  as <16 x i32>, which the LLVM bundled with TVM 0.27 (22) rejects ("Intrinsic has incorrect
+  argument type"): ours passes them as <64 x i8>, as LLVM now declares it. MetaSchedule's x86
+  rule looks the intrinsic up by TVM's name, so that name is re-registered with ours too.
+- ARMv8.2 dotprod `sdot`: s8 x s8, 4 x 4: TVM's `dot_4x4_i8i8s32_sdot` works as it is.
+  Targets with i8mm use it too (there is no smmla intrinsic yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
+TVM_VNNI_INTRIN = "dot_16x4_vnni"
+SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
+
+
+@dataclass(frozen=True)
+class DotProduct:
+    """The integer dot-product instruction a target's int8 kernels are packed for."""
+
+    intrin: str
+    instruction: str        # what the assembly shows
+    activation_dtype: str   # A's dtype
+    lanes: int              # outputs per instruction (the weight block's first axis)
+    reduce: int = 4         # reduction per output (the weight block's second axis)
+
+
+VNNI = DotProduct(VNNI_INTRIN, "vpdpbusd", "uint8", 16)
+SDOT = DotProduct(SDOT_INTRIN, "sdot", "int8", 4)
+
+_registered = False
+
+
+def register() -> None:
+    """Register our intrinsics with TVM (once per process)."""
+    global _registered
+    if _registered:
+        return
+    import tvm.s_tir.tensor_intrin  # noqa: F401  TVM's own (sdot, udot, ...)
+    from tvm.s_tir import TensorIntrin
+
+    desc, impl = _vnni_16x4()
+    TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
+    TensorIntrin.register(TVM_VNNI_INTRIN, desc, impl, override=True)
+    _registered = True
+
+
+def dot_product_for(tvm_target) -> DotProduct | None:
+    """The dot-product instruction `tvm_target` has, or None (int8 kernels stay unpacked)."""
+    from tvm.target import codegen
+
+    if tvm_target.kind.name != "llvm":
+        return None
+    triple = str(tvm_target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")):
+        return SDOT if codegen.target_has_features("dotprod", tvm_target) else None
+    if triple and not triple.startswith(("x86_64", "i686")):
+        return None
+    return VNNI if codegen.target_has_features("avx512vnni", tvm_target) else None
+
+
+def _vnni_16x4():
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+            b_i8x64 = B.vload([0, 0], dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+
+    return desc, impl

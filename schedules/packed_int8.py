@@ -1,0 +1,129 @@
+"""Int8 conv2d and matmul on packed weights, so that their inner loops are a dot-product
+instruction (see intrinsics.py).
+
+MetaSchedule (and our default schedules) tensorize an int8 kernel only when the weight already
+sits in the instruction's block: `lanes` output channels x 4 reduction elements, contiguous.
+On TVM's default layouts nothing tensorizes and tuned int8 is slower than tuned fp32.
+
+- conv2d: data NHWC (the whole int8 graph is converted to NHWC first, so no transposes sit
+  between layers), weight OHWI packed as [O/lanes, KH, KW, I/4, lanes, 4];
+- matmul: weight [K, N] packed as [N/lanes, K/4, lanes, 4].
+
+Weights are constants: they are packed here, at compile time, in numpy. A layer whose channels
+do not divide into blocks, or whose weight is not a constant, keeps TVM's own legalization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .intrinsics import DotProduct
+
+CONV_BLOCK = "qcompile_packed_conv2d"
+MATMUL_BLOCK = "qcompile_packed_matmul"
+
+
+def _default_legalize(bb, call):
+    import tvm
+
+    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+
+
+def pack_conv_weight(w_ohwi: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+    o, kh, kw, i = w_ohwi.shape
+    blocks = w_ohwi.reshape(o // lanes, lanes, kh, kw, i // reduce, reduce)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5))
+
+
+def pack_matmul_weight(w_kn: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+    k, n = w_kn.shape
+    blocks = w_kn.reshape(k // reduce, reduce, n // lanes, lanes)
+    return np.ascontiguousarray(blocks.transpose(2, 0, 3, 1))
+
+
+def _constant(expr):
+    import tvm
+
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
+
+
+def _is_int8_layer(call, dot: DotProduct) -> bool:
+    data, weight = call.args[0], call.args[1]
+    return (str(call.attrs.out_dtype) == "int32"
+            and data.ty.dtype == dot.activation_dtype
+            and weight.ty.dtype == "int8")
+
+
+def conv2d_te(data, packed, strides, padding, dilation, channels: int, lanes: int,
+              reduce: int):
+    """NHWC int8 conv on an [O/lanes, KH, KW, I/reduce, lanes, reduce] weight -> int32."""
+    from tvm import te, topi
+
+    top, left, bottom, right = padding
+    if any(padding):
+        data = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], pad_value=0)
+    n, h, w, _ = data.shape
+    _, kh, kw, i_blocks, _, _ = packed.shape
+    sh, sw = strides
+    dh, dw = dilation
+    out_h = (h - (kh - 1) * dh - 1) // sh + 1
+    out_w = (w - (kw - 1) * dw - 1) // sw + 1
+    r = te.reduce_axis((0, kh), "r")
+    s = te.reduce_axis((0, kw), "s")
+    io = te.reduce_axis((0, i_blocks), "io")
+    ii = te.reduce_axis((0, reduce), "ii")
+    return te.compute(
+        (n, out_h, out_w, channels),
+        lambda b, y, x, o: te.sum(
+            data[b, y * sh + r * dh, x * sw + s * dw, io * reduce + ii].astype("int32")
+            * packed[o // lanes, r, s, io, o % lanes, ii].astype("int32"),
+            axis=[r, s, io, ii]),
+        name=CONV_BLOCK)
+
+
+def matmul_te(data, packed, channels: int, lanes: int, reduce: int):
+    """[..., K] int8 x [N/lanes, K/reduce, lanes, reduce] weight -> [..., N] int32."""
+    from tvm import te
+
+    ko = te.reduce_axis((0, packed.shape[1]), "ko")
+    ki = te.reduce_axis((0, reduce), "ki")
+    return te.compute(
+        (*data.shape[:-1], channels),
+        lambda *idx: te.sum(
+            data[(*idx[:-1], ko * reduce + ki)].astype("int32")
+            * packed[idx[-1] // lanes, ko, idx[-1] % lanes, ki].astype("int32"),
+            axis=[ko, ki]),
+        name=MATMUL_BLOCK)
+
+
+def legalize_map(dot: DotProduct) -> dict:
+    """LegalizeOps overrides that put int8 conv2d/matmul on packed weights for `dot`."""
+    from tvm import relax
+
+    lanes, reduce = dot.lanes, dot.reduce
+
+    def conv2d(bb, call):
+        attrs = call.attrs
+        weight = _constant(call.args[1])
+        if (weight is None or not _is_int8_layer(call, dot) or int(attrs.groups) != 1
+                or attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI"
+                or attrs.out_layout != "NHWC" or weight.shape[0] % lanes
+                or weight.shape[3] % reduce):
+            return _default_legalize(bb, call)
+        packed = pack_conv_weight(weight, lanes, reduce)
+        return bb.call_te(conv2d_te, call.args[0], relax.const(packed, "int8"),
+                          [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
+                          [int(v) for v in attrs.dilation], int(weight.shape[0]), lanes,
+                          reduce, primfunc_name_hint="packed_conv2d")
+
+    def matmul(bb, call):
+        weight = _constant(call.args[1])
+        if (weight is None or weight.ndim != 2 or not _is_int8_layer(call, dot)
+                or weight.shape[1] % lanes or weight.shape[0] % reduce):
+            return _default_legalize(bb, call)
+        packed = pack_matmul_weight(weight, lanes, reduce)
+        return bb.call_te(matmul_te, call.args[0], relax.const(packed, "int8"),
+                          int(weight.shape[1]), lanes, reduce,
+                          primfunc_name_hint="packed_matmul")
+
+    return {"relax.nn.conv2d": conv2d, "relax.matmul": matmul}

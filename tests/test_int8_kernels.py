@@ -1,0 +1,84 @@
+"""Int8 kernels on packed weights: the generated code uses the target's integer dot-product
+instruction (vpdpbusd on an AVX-512 VNNI host, sdot on ARMv8.2 dotprod), and computes exactly
+the integers that TVM's own unpacked kernels compute for the same quantized model."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+import qcompile
+from models import gemm_matmul, packed_convnet, random_inputs
+from qcompile.schedules import intrinsics
+from qcompile.targets import load_target
+
+INSTRUCTIONS = ("vpdpbusd", "sdot", "udot", "smmla", "ummla")
+
+
+def instruction_counts(library, objdump: str = "objdump") -> dict[str, int]:
+    asm = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True,
+                         check=True).stdout
+    words = [line.split("\t")[2].split()[0] for line in asm.splitlines()
+             if line.count("\t") >= 2 and line.split("\t")[2].strip()]
+    return {name: sum(1 for w in words if w == name) for name in INSTRUCTIONS}
+
+
+def compile_int8(path, target, out):
+    calibration = [random_inputs(packed_convnet(), seed=10 + i) for i in range(8)]
+    return qcompile.compile(path, target, out, quantize="int8", calibration=calibration)
+
+
+def host_has_vnni() -> bool:
+    return intrinsics.dot_product_for(load_target("host").to_tvm()) is intrinsics.VNNI
+
+
+def test_packing_blocks():
+    from qcompile.schedules.packed_int8 import pack_conv_weight, pack_matmul_weight
+
+    w = np.arange(32 * 3 * 3 * 8).reshape(32, 3, 3, 8)  # OHWI
+    packed = pack_conv_weight(w, lanes=16, reduce=4)
+    assert packed.shape == (2, 3, 3, 2, 16, 4)
+    assert packed[1, 2, 0, 1, 5, 3] == w[16 + 5, 2, 0, 4 + 3]
+    m = np.arange(8 * 32).reshape(8, 32)  # K x N
+    packed = pack_matmul_weight(m, lanes=16, reduce=4)
+    assert packed.shape == (2, 2, 16, 4) and packed[1, 0, 3, 2] == m[2, 16 + 3]
+
+
+@pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+def test_host_int8_uses_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path):
+    path = save_model(packed_convnet())
+    packed = compile_int8(path, "host", tmp_path / "packed")
+    # the same model for an x86 CPU without VNNI: TVM's own (unpacked) int8 kernels
+    plain_target = tmp_path / "x86-avx2.toml"
+    plain_target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
+                            '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
+    plain = compile_int8(path, str(plain_target), tmp_path / "plain")
+    assert packed.manifest.kernels["int8_default_schedules"] >= 3  # 2 convs and the fc
+    assert plain.manifest.kernels["int8_default_schedules"] == 0
+    assert instruction_counts(packed.library)["vpdpbusd"] > 0
+    assert instruction_counts(plain.library)["vpdpbusd"] == 0
+    for seed in range(3):
+        feeds = random_inputs(packed_convnet(), seed=seed)
+        with qcompile.load(packed.directory) as a, qcompile.load(plain.directory) as b:
+            assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
+
+
+def test_layers_that_do_not_fill_blocks_keep_unpacked_kernels(save_model, tmp_path):
+    """gemm_matmul's second MatMul has 10 outputs: not a multiple of 16 (VNNI) or 4 (sdot);
+    it is built with TVM's own kernel, the first one is packed."""
+    model = gemm_matmul()
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    artifact = qcompile.compile(save_model(model), "arm64-dotprod", tmp_path / "out",
+                                quantize="int8", calibration=calibration)
+    assert artifact.manifest.kernels["int8_default_schedules"] == 1
+    counts = instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")
+    assert counts["sdot"] > 0
+
+
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
+def test_arm64_int8_uses_sdot(target, save_model, tmp_path):
+    artifact = compile_int8(save_model(packed_convnet()), target, tmp_path / "out")
+    counts = instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")
+    assert counts["sdot"] > 0, counts
+    plain = compile_int8(save_model(packed_convnet()), "arm64", tmp_path / "plain")
+    assert instruction_counts(plain.library, "aarch64-linux-gnu-objdump")["sdot"] == 0
