@@ -11,7 +11,7 @@ are read off the table.
 
 Configurations so far: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel,
 uint8 activations, minmax), qcompile fp32 and int8 (untuned), both int8 calibrated on the same
-third of the photo collection. Tuned and mixed-precision rows join as those features land.
+32 photos. Tuned and mixed-precision rows join as those features land.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-in
 
 
 def _photos():
-    """(calibration, held-out evaluation) inputs: a third of the photo collection, and the
-    other two thirds (accuracy is measured on the held-out photos only)."""
+    """(calibration, held-out evaluation) inputs: 32 photos spread over the collection, and
+    all the others (accuracy is measured on the held-out photos only)."""
     from qcompile.examples import efficientnet_lite0 as effnet
-    from qcompile.examples.photos import photo_collection
+    from qcompile.examples.photos import calibration_split, photo_collection
 
     xs = [effnet.preprocess(image) for _, image in photo_collection()]
-    return xs[::3], [x for i, x in enumerate(xs) if i % 3]
+    return calibration_split(xs)
 
 
 def _ort_session(path: Path, threads: int):

@@ -85,9 +85,12 @@ def _add_compile(sub) -> None:
         "matmuls as int8 x int8 -> int32 kernels with the requantization fused. The report "
         "(per layer: precision, scales, error against fp32) is printed and saved as "
         "OUT_DIR/quantization.json.")
-    q.add_argument("--quantize", choices=["int8", "fp16"],
-                   help="int8: static, calibrated (needs --calibration); fp16: convolutions "
-                        "and matmuls in half precision (default: fp32)")
+    q.add_argument("--quantize", choices=["int8", "int8-dynamic", "int8-weights", "fp16"],
+                   help="int8: static, calibrated (needs --calibration), the fastest; "
+                        "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
+                        "(transformers; no calibration); int8-weights: int8 weights, fp32 "
+                        "arithmetic (4x smaller, no calibration); fp16: convolutions and "
+                        "matmuls in half precision (default: fp32)")
     q.add_argument("--calibration", metavar="CALIB.npz",
                    help="calibration samples: one array per model input, named like it, the "
                         "samples stacked along a new first axis (input [1,3,224,224] -> array "
@@ -267,7 +270,7 @@ def _cmd_compile(args) -> int:
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     config = None
-    if args.quantize == "int8":
+    if args.quantize in ("int8", "int8-dynamic", "int8-weights"):
         from .quantize import QuantConfig
 
         config = QuantConfig(method=args.calibration_method,

@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .build import build
 from .frontend import import_onnx
 from .errors import InputError
-from .quantize import QuantConfig, realize_prequantized, to_fp16
+from .quantize import QuantConfig, quantize_weights, realize_prequantized, to_fp16
 from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
@@ -18,6 +18,9 @@ from .tune import TuningLog, open_log
 from .tune import tune as tune_model
 
 log = logging.getLogger(__name__)
+
+
+QUANTIZE_MODES = ("int8", "int8-dynamic", "int8-weights", "fp16")
 
 
 def compile(  # noqa: A001 - the verb users know
@@ -38,16 +41,21 @@ def compile(  # noqa: A001 - the verb users know
     input_shapes: static shapes for inputs with dynamic dimensions, {name: (1, 3, 224, 224)}.
     cc: the C++ compiler that links the library (default: the target's, or $TVM_NDK_CC).
     tuning_log: a directory written by tune(): kernels with records get their tuned schedule.
-    quantize: None (fp32), "fp16", or "int8": static int8 with `calibration` samples (an .npz
-      path, or an iterable of {input name: array}), configured by `quant_config`. The report is
-      saved as OUT_DIR/quantization.json. A pre-quantized (QDQ/QOperator) model is realized
-      with its own scales whatever this says.
+    quantize: None (fp32), "fp16", "int8": static int8 with `calibration` samples (an .npz
+      path, or an iterable of {input name: array}), configured by `quant_config`;
+      "int8-dynamic": MatMul/Gemm in int8 with activations quantized at run time;
+      "int8-weights": weight-only int8 (fp32 arithmetic). The report is saved as
+      OUT_DIR/quantization.json. A pre-quantized (QDQ/QOperator) model is realized with its own
+      scales whatever this says.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
     log_ = open_log(tuning_log) if tuning_log is not None else None
-    if quantize not in (None, "none", "fp32", "int8", "fp16"):
-        raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated) "
-                         "or fp16.")
+    if quantize not in (None, "none", "fp32", *QUANTIZE_MODES):
+        raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated), "
+                         "int8-dynamic, int8-weights or fp16.")
+    if quantize in ("int8-dynamic", "int8-weights") and calibration is not None:
+        raise InputError(f"--quantize {quantize} needs no calibration data: drop "
+                         "--calibration, or use --quantize int8 (static) to use it.")
     if quantize == "int8" and calibration is None:
         raise InputError("--quantize int8 needs calibration data: pass --calibration CALIB.npz "
                          "with one array per model input, samples stacked along the first axis.")
@@ -62,6 +70,9 @@ def compile(  # noqa: A001 - the verb users know
     elif quantize == "int8":
         (quant_config or QuantConfig()).check()
         graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
+    elif quantize in ("int8-dynamic", "int8-weights"):
+        mode = "dynamic" if quantize == "int8-dynamic" else "weight-only"
+        graph = quantize_weights(graph, mode, quant_config or QuantConfig(), resolved)
     artifact = build(graph, resolved, out_dir, tuning_log=log_)
     if hasattr(graph, "report"):
         path = graph.report.save(artifact.directory)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -165,11 +166,36 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
                           model.source, model.sha256)
 
 
+def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantConfig(),
+                     target=None) -> QuantizedModel:
+    """Int8 without calibration data. mode "weight-only": every conv/matmul weight stored as
+    int8 (per-channel scales), the arithmetic in fp32: about 4x smaller, accuracy close to
+    fp32. mode "dynamic": MatMul/Gemm weights in int8 and their input quantized at run time
+    from its own range (for transformers, whose activation ranges vary per input);
+    convolutions stay fp32."""
+    config.check()
+    activations = config.activations or activation_dtype_for(target)
+    mod = __import__("tvm").relax.transform.FoldConstant()(model.mod)
+    graph = read_graph(mod)
+    names_of = _layer_names(model, graph)
+    keep = frozenset(var for var, onnx_name in names_of.items()
+                     if onnx_name in config.float_layers or var in config.float_layers)
+    realizer = Realizer(mod, graph, {}, RealizeConfig(mode=mode, activation_dtype=activations,
+                                                      per_channel=config.per_channel,
+                                                      float_layers=keep))
+    quantized_mod = realizer.run()
+    report = QuantReport.build(model, realizer.layers, names_of, ([], []),
+                               dataclasses.replace(config, method=f"none ({mode})"),
+                               activations if mode == "dynamic" else "fp32", 0)
+    log.info("%s", report.summary())
+    return QuantizedModel(quantized_mod, model.inputs, model.outputs,
+                          _layers(model, graph, realizer.layers), report, model,
+                          model.source, model.sha256)
+
+
 def to_fp16(model: FloatModel) -> FloatModel:
     """Convolutions and matmuls in fp16 with fp32 accumulation (weights stored in fp16), the
     rest following them (relax.transform.ToMixedPrecision)."""
-    import dataclasses
-
     from tvm import relax
 
     mod = relax.transform.FoldConstant()(model.mod)
@@ -241,5 +267,5 @@ def _layers(model: FloatModel, graph: Graph, results: list[LayerResult]) -> tupl
                  for r in results)
 
 
-__all__ = ["QuantConfig", "QuantizedModel", "quantize", "load_calibration", "QParams",
-           "TensorError"]
+__all__ = ["QuantConfig", "QuantizedModel", "quantize", "quantize_weights", "load_calibration",
+           "QParams", "TensorError"]

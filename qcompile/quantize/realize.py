@@ -57,8 +57,12 @@ class LayerResult:
     output_var: Any = None          # the relax var whose value the layer produces
 
 
+MODES = ("static", "dynamic", "weight-only")
+
+
 @dataclass
 class RealizeConfig:
+    mode: str = "static"              # static (calibrated) | dynamic | weight-only
     activation_dtype: str = "uint8"   # "uint8" (x86 VNNI: u8 x s8) or "int8" (ARM sdot)
     per_channel: bool = True
     float_layers: frozenset = frozenset()  # layer vars kept in float (by relax name)
@@ -361,9 +365,14 @@ def handle_conv2d(r: Realizer, node: Node):
                        "other than NCHW/OIHW")
     else:
         unsupported = None
+    if r.config.mode == "dynamic" and unsupported is None:
+        unsupported = ("dynamic quantization covers MatMul/Gemm; convolutions need static int8 "
+                       "(--quantize int8 with calibration)")
     if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
+    if r.config.mode == "weight-only":
+        return _weight_only(r, node, weight, 0, lambda w: relax_call_with_weight(r, node, w))
     strides = [int(s) for s in node.attr("strides")]
     padding = [int(p) for p in node.attr("padding")]
     dilation = [int(d) for d in node.attr("dilation")]
@@ -395,6 +404,10 @@ def handle_matmul(r: Realizer, node: Node):
     if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
+    if r.config.mode == "weight-only":
+        return _weight_only(r, node, weight, 1, lambda w: relax_call_with_weight(r, node, w))
+    if r.config.mode == "dynamic":
+        return _dynamic_matmul(r, node, weight)
 
     def emit_acc(xq: QValue, w_q: np.ndarray):
         return r._emit(op.matmul(xq.expr, r._const(w_q, "int8"), out_dtype="int32"))
@@ -403,6 +416,74 @@ def handle_matmul(r: Realizer, node: Node):
     if result is NotImplemented:
         r.layers.append(LayerResult(node.name, "matmul", "fp32", _float_reason(r)))
     return result
+
+
+def relax_call_with_weight(r: Realizer, node: Node, w_q: np.ndarray):
+    """The node's conv2d/matmul on its float input and an int8 weight, accumulating in fp32:
+    the int8 weight stays int8 in the library and is widened inside the kernel."""
+    op = r.relax.op
+    x = r.float_of(node.args[0])
+    w = r._const(w_q, "int8")
+    if node.kind == "conv2d":
+        return op.nn.conv2d(x, w, strides=node.attr("strides"), padding=node.attr("padding"),
+                            dilation=node.attr("dilation"), groups=int(node.attr("groups")),
+                            data_layout=node.attr("data_layout"),
+                            kernel_layout=node.attr("kernel_layout"), out_dtype="float32")
+    return op.matmul(x, w, out_dtype="float32")
+
+
+def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, emit):
+    """Weight-only int8: weights stored as int8 with per-channel scales, activations and
+    arithmetic in fp32; the per-channel scale multiplies the output (conv and matmul are
+    linear in each output channel)."""
+    axis = channel_axis if r.config.per_channel else None
+    s_w = weight_scales(weight, axis)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[channel_axis] = weight.shape[channel_axis]
+    w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+    out_rank = len(node.shape)
+    scale_shape = [1] * out_rank
+    scale_shape[1 if node.kind == "conv2d" else out_rank - 1] = weight.shape[channel_axis]
+    scales = np.broadcast_to(s_w, (weight.shape[channel_axis],)).reshape(scale_shape)
+    out = r._emit(r.relax.op.multiply(r._emit(emit(w_q)), r._const(scales, "float32")))
+    r.layers.append(LayerResult(node.name, node.kind, "int8-weights",
+                                weight_scales=[float(v) for v in np.atleast_1d(s_w)],
+                                weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
+                                output_var=node.var))
+    return out
+
+
+def _dynamic_matmul(r: Realizer, node: Node, weight: np.ndarray):
+    """Dynamic int8: int8 weights (per output column), the activation quantized at run time
+    with a per-tensor scale and zero point from its own min and max (onnxruntime's
+    DynamicQuantizeLinear), an int8 x int8 -> int32 matmul, and the zero point's correction
+    and both scales applied to the accumulator."""
+    op = r.relax.op
+    qmin, qmax = (0, 255) if r.config.activation_dtype == "uint8" else (-128, 127)
+    x = r.float_of(node.args[0])
+    f32 = "float32"
+    lo = op.minimum(op.min(x), r._const(0.0, f32))
+    hi = op.maximum(op.max(x), r._const(0.0, f32))
+    scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
+                               r._const(np.finfo(np.float32).tiny, f32)))
+    zp = r._emit(op.clip(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
+                         qmin, qmax))
+    xq = op.astype(op.clip(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax),
+                   r.config.activation_dtype)
+    axis = 1 if r.config.per_channel else None
+    s_w = np.broadcast_to(weight_scales(weight, axis), (weight.shape[1],)).astype(np.float32)
+    w_q = np.clip(np.round(weight / s_w.reshape(1, -1)), -127, 127).astype(np.int8)
+    acc = r._emit(op.matmul(r._emit(xq), r._const(w_q, "int8"), out_dtype="int32"))
+    column_sums = w_q.astype(np.int32).sum(axis=0)
+    acc = op.subtract(acc, op.multiply(op.astype(zp, "int32"),
+                                       r._const(column_sums, "int32")))
+    out = r._emit(op.multiply(op.astype(acc, f32), op.multiply(scale, r._const(s_w, f32))))
+    r.layers.append(LayerResult(node.name, node.kind, "int8-dynamic",
+                                weight_scales=[float(v) for v in s_w],
+                                weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(1, -1)),
+                                output_var=node.var))
+    return out
 
 
 def _float_reason(r: Realizer) -> str:

@@ -120,8 +120,14 @@ class QuantReport:
         return path
 
     def summary(self) -> str:
-        int8 = sum(1 for r in self.rows if r["precision"] == "int8")
-        if self.samples:
+        int8 = sum(1 for r in self.rows if r["precision"].startswith("int8"))
+        if self.method.startswith("none ("):
+            mode = self.method[len("none ("):-1]
+            head = (f"{mode} int8: {int8} of {len(self.rows)} layers with int8 weights "
+                    f"({'per-channel' if self.per_channel else 'per-tensor'}), no calibration"
+                    + (f", {self.activations} activations quantized at run time"
+                       if mode == "dynamic" else ", fp32 arithmetic"))
+        elif self.samples:
             head = (f"quantized {int8} of {len(self.rows)} layers to int8 ({self.method} "
                     f"calibration on {self.samples} samples, {self.activations} activations, "
                     f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)")
@@ -129,7 +135,7 @@ class QuantReport:
             head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8 with "
                     "the model's own scales and weights")
         lines = [head,
-                 f"{'layer':<28} {'op':<7} {'prec':<5} {'out':<6} {'SQNR dB':>8} "
+                 f"{'layer':<28} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
                  f"{'cosine':>8}"]
         for row in self.rows:
             err = row["error_vs_fp32"] or {}
@@ -137,7 +143,7 @@ class QuantReport:
             sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, float) else f"{sqnr:>8}"
             cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
             out = "float" if row["output"] == "float" else row["output"]["dtype"]
-            lines.append(f"{row['layer'][:28]:<28} {row['op']:<7} {row['precision']:<5} "
+            lines.append(f"{row['layer'][:28]:<28} {row['op']:<7} {row['precision']:<12} "
                          f"{out:<6} {sqnr} {cosine}" +
                          (f"  ({row['reason']})" if row["reason"] else ""))
         for out in self.outputs:
