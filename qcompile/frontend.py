@@ -171,7 +171,8 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
 
     import tvm
 
-    from .qdq import fold_constant_dequantize, is_qdq, is_qoperator, qoperator_to_qdq
+    from .qdq import (fold_constant_dequantize, integer_ops_to_float, is_qdq, is_qoperator,
+                      qoperator_to_qdq)
 
     path = Path(path)
     original = load_onnx(path)
@@ -179,6 +180,10 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     if is_qoperator(original):  # QLinearConv & co.: the same model in QDQ form
         original, count = qoperator_to_qdq(original)
         log.info("rewrote %d QOperator node(s) (QLinearConv, QLinearMatMul, ...) as QDQ", count)
+    original, count = integer_ops_to_float(original)
+    if count:
+        log.info("rewrote %d ConvInteger node(s) as float Conv on zero-point-centered "
+                 "integers", count)
     if is_qdq(original):  # arrives quantized: keep the weights' int8 codes
         original, weight_codes = fold_constant_dequantize(original)
     shapes = resolve_input_shapes(original, input_shapes)

@@ -194,6 +194,55 @@ def qoperator_to_qdq(model):
     return model, rewritten
 
 
+# -- integer ops with zero points (onnxruntime's quantize_dynamic): TVM imports MatMulInteger
+# (zero points included) and DynamicQuantizeLinear, but has no ConvInteger converter. It becomes
+# Conv(x - x_zp, w - w_zp) in float, exact while the sums stay below 2^24, cast back to int32.
+INTEGER_OPS = {"ConvInteger": "Conv"}
+
+
+def integer_ops_to_float(model):
+    """Rewrite ConvInteger as a float Conv on zero-point-centered inputs; returns the model
+    and the number of nodes rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes, rewritten, extra = [], 0, []
+    for node in graph.node:
+        op = INTEGER_OPS.get(node.op_type)
+        if op is None:
+            nodes.append(node)
+            continue
+        inputs = list(node.input) + ["", ""]
+        centered = []
+        for k in (0, 1):
+            name = f"{node.output[0]}__in{k}"
+            nodes.append(helper.make_node("Cast", [inputs[k]], [name + "_f"],
+                                          to=TensorProto.FLOAT))
+            zp = inputs[k + 2]
+            if not zp:
+                centered.append(name + "_f")
+                continue
+            zp_f = name + "_zp"
+            nodes.append(helper.make_node("Cast", [zp], [zp_f], to=TensorProto.FLOAT))
+            if k == 1:  # the weight's, per output channel: [O] -> [O, 1, 1, 1]
+                shape = f"{node.output[0]}__zp_shape"
+                extra.append(numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), shape))
+                nodes.append(helper.make_node("Reshape", [zp_f, shape], [zp_f + "_r"]))
+                zp_f += "_r"
+            nodes.append(helper.make_node("Sub", [name + "_f", zp_f], [name]))
+            centered.append(name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        y = f"{node.output[0]}__f"
+        nodes.append(helper.make_node(op, centered, [y], **attrs))
+        nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.INT32))
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(extra)
+    return model, rewritten
+
+
 def _concat_as_rule(node):
     """QLinearConcat(y_s, y_zp, x0, s0, z0, x1, s1, z1, ...) in the QLinearAdd-like shape."""
     from onnx import helper

@@ -196,6 +196,28 @@ def _device_for(target: dict[str, Any], session=None):
     return devices.cl(0) if target["target"].get("kind") == "opencl" else devices.cpu(0)
 
 
+def _load_here(artifact: Artifact):
+    """The library loaded into this process. dlopen hands back the library already loaded
+    under the same path, so a model rebuilt into the same directory would run its old code:
+    the library is loaded through a name made of its sha256 (same content, same library)."""
+    import os
+    import shutil
+    import tempfile
+
+    import tvm
+
+    directory = Path(tempfile.mkdtemp(prefix="qcompile-load-"))
+    alias = directory / f"model-{artifact.manifest.library_sha256[:24]}.so"
+    try:
+        try:
+            os.link(artifact.library, alias)
+        except OSError:  # another file system
+            shutil.copyfile(artifact.library, alias)
+        return tvm.runtime.load_module(str(alias))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # the loaded mapping stays valid
+
+
 def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | None = None,
          timeout: float = 60.0) -> LoadedModel:
     """Load a compiled model here, or on a device under `rpc_key` at the tracker."""
@@ -208,7 +230,7 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
     target = artifact.manifest.target
     if rpc_tracker is None and rpc_key is None:
         _check_runs_here(artifact)
-        library = tvm.runtime.load_module(str(artifact.library))
+        library = _load_here(artifact)
         device = _device_for(target)
         return LoadedModel(artifact, relax.VirtualMachine(library, device), device,
                            where="this machine")

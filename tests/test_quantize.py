@@ -403,3 +403,43 @@ def test_weight_only_and_dynamic_take_no_calibration(save_model, tmp_path):
     with pytest.raises(InputError, match="needs no calibration data"):
         qcompile.compile(save_model(model), "host", tmp_path / "out",
                          quantize="int8-dynamic", calibration=calibration(model))
+
+
+@pytest.mark.parametrize("weights", ["QInt8", "QUInt8"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_onnxruntime_dynamic_model_with_integer_ops(weights, per_channel, save_model, tmp_path):
+    """onnxruntime's quantize_dynamic: DynamicQuantizeLinear, ConvInteger (which TVM cannot
+    import) and MatMulInteger, with weight zero points when the weights are uint8."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = packed_convnet()
+    quantized = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(save_model(model)), str(quantized), per_channel=per_channel,
+                     weight_type=getattr(QuantType, weights),
+                     op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    ops = {node.op_type for node in onnx.load(str(quantized)).graph.node}
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    artifact = qcompile.compile(quantized, "host", tmp_path / "out")
+    for seed in (1, 2):
+        feeds = random_inputs(model, seed=seed)
+        expected = onnxruntime_outputs(onnx.load(str(quantized)), feeds)["y"]
+        with qcompile.load(artifact.directory) as loaded:
+            actual = loaded.run(feeds)["y"]
+        np.testing.assert_allclose(actual, expected, rtol=0,
+                                   atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_rebuilt_model_in_the_same_directory_runs_its_new_code(save_model, tmp_path):
+    """dlopen returns the library already loaded under a path: loading a rebuilt model.so
+    from the same directory must not run the old one."""
+    model = gemm_matmul()
+    path = save_model(model)
+    feeds = random_inputs(model, seed=1)
+    outputs = []
+    for mode in ("int8-weights", None):
+        qcompile.compile(path, "host", tmp_path / "out", quantize=mode)
+        with qcompile.load(tmp_path / "out") as loaded:
+            outputs.append(loaded.run(feeds)["y"])
+    assert not np.array_equal(outputs[0], outputs[1])
+    np.testing.assert_allclose(outputs[1], onnxruntime_outputs(model, feeds)["y"], rtol=1e-4)
