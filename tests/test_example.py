@@ -7,6 +7,8 @@ import qcompile
 from models import assert_close, onnxruntime_outputs
 from qcompile.examples import efficientnet_lite0 as effnet
 from qcompile.examples.photos import photos
+from qcompile.schedules.intrinsics import dot_product_for
+from qcompile.targets import load_target
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +53,27 @@ def test_example_command(tmp_path, capsys):
 
 
 def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
-    """Static int8, calibrated on a third of the photo collection, evaluated on the other
-    two thirds. The issue's goal is 97% top-1 agreement; this asserts the level reached so
-    far (90% measured; onnxruntime's quantize_static gets less on the same split) so that
-    it cannot regress, and the size goal of the fp32 .so's 30%, which is not met yet."""
-    from qcompile.examples.photos import photo_collection
+    """Static int8 calibrated on 32 photos, evaluated on the others (at least 60; about 277
+    with opencv-doc and gcompris-qt-data, which tests/run installs). The issue's goal is 97%
+    top-1 agreement; this asserts the level reached so far (93.1% measured with minmax;
+    onnxruntime's quantize_static gets less on the same split) so that it cannot regress, and
+    the size (0.32x of fp32 measured; the goal of 0.30x is not met yet)."""
+    from qcompile.examples.photos import calibration_split, photo_collection
 
     photos_ = photo_collection()
-    assert len(photos_) >= 60, [name for name, _ in photos_]  # tests/run installs opencv-doc
     xs = [effnet.preprocess(image) for _, image in photos_]
-    calibration = [{"images": x} for x in xs[::3]]
-    held_out = [x for i, x in enumerate(xs) if i % 3]
+    calibration, held_out = calibration_split(xs)
+    assert len(held_out) >= 60, [name for name, _ in photos_]
     artifact = qcompile.compile(onnx_path, "host", tmp_path / "int8", quantize="int8",
-                                calibration=calibration)
+                                calibration=[{"images": x} for x in calibration])
     precisions = [layer["precision"] for layer in artifact.manifest.layers]
     assert precisions.count("int8") == 49 and precisions[0] == "fp32"  # the stem stays fp32
-    loaded = qcompile.load(tmp_path / "int8")
+    if dot_product_for(load_target("host").to_tvm()) is not None:
+        # 28 pointwise convs packed and tensorized: 19 distinct kernels (same shapes share one)
+        assert artifact.manifest.kernels["int8_default_schedules"] >= 19
     data = onnx_path.read_bytes()
-    agree = sum(int(np.argmax(onnxruntime_outputs(data, {"images": x})["logits"]) ==
-                    np.argmax(loaded.run({"images": x})["logits"])) for x in held_out)
-    assert agree / len(held_out) >= 0.875, f"{agree}/{len(held_out)}"
-    assert artifact.manifest.library_bytes < 0.32 * fp32_artifact.manifest.library_bytes
+    with qcompile.load(tmp_path / "int8") as loaded:
+        agree = sum(int(np.argmax(onnxruntime_outputs(data, {"images": x})["logits"]) ==
+                        np.argmax(loaded.run({"images": x})["logits"])) for x in held_out)
+    assert agree / len(held_out) >= 0.92, f"{agree}/{len(held_out)}"
+    assert artifact.manifest.library_bytes < 0.33 * fp32_artifact.manifest.library_bytes
