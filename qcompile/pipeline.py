@@ -20,7 +20,9 @@ from .tune import tune as tune_model
 log = logging.getLogger(__name__)
 
 
-QUANTIZE_MODES = ("int8", "int8-dynamic", "int8-weights", "fp16")
+# modes that need no calibration data -> the quantizer's mode
+WITHOUT_CALIBRATION = {"int8-dynamic": "dynamic", "int8-weights": "weight-only"}
+QUANTIZE_MODES = ("int8", *WITHOUT_CALIBRATION, "fp16")
 
 
 def compile(  # noqa: A001 - the verb users know
@@ -53,7 +55,7 @@ def compile(  # noqa: A001 - the verb users know
     if quantize not in (None, "none", "fp32", *QUANTIZE_MODES):
         raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated), "
                          "int8-dynamic, int8-weights or fp16.")
-    if quantize in ("int8-dynamic", "int8-weights") and calibration is not None:
+    if quantize in WITHOUT_CALIBRATION and calibration is not None:
         raise InputError(f"--quantize {quantize} needs no calibration data: drop "
                          "--calibration, or use --quantize int8 (static) to use it.")
     if quantize == "int8" and calibration is None:
@@ -70,9 +72,9 @@ def compile(  # noqa: A001 - the verb users know
     elif quantize == "int8":
         (quant_config or QuantConfig()).check()
         graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
-    elif quantize in ("int8-dynamic", "int8-weights"):
-        mode = "dynamic" if quantize == "int8-dynamic" else "weight-only"
-        graph = quantize_weights(graph, mode, quant_config or QuantConfig(), resolved)
+    elif quantize in WITHOUT_CALIBRATION:
+        graph = quantize_weights(graph, WITHOUT_CALIBRATION[quantize],
+                                 quant_config or QuantConfig(), resolved)
     artifact = build(graph, resolved, out_dir, tuning_log=log_)
     if hasattr(graph, "report"):
         path = graph.report.save(artifact.directory)

@@ -132,13 +132,13 @@ def apply(mod, dot: DotProduct):
                 func.attrs is not None and "tirx.is_scheduled" in func.attrs):
             continue
         try:
-            scheduled = schedule_kernel(func.with_attr("global_symbol", gvar.name_hint), dot)
+            scheduled = schedule_kernel(func, dot)
         except Exception as exc:  # noqa: BLE001 - one kernel's failure is not the build's
             log.warning("kernel %s keeps the unscheduled code: %s", gvar.name_hint,
                         str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
             continue
         if scheduled is not None:
-            updates[gvar] = scheduled.without_attr("global_symbol")
+            updates[gvar] = scheduled
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod

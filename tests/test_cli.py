@@ -135,6 +135,10 @@ def test_damaged_manifest_or_missing_library_is_refused(compiled, tmp_path, caps
 @pytest.mark.parametrize("args,message", [
     (["--calibration", "calib.npz"], "--quantize is not: add --quantize int8"),
     (["--quantize", "int8"], "--quantize int8 needs calibration data"),
+    (["--quantize", "int8-dynamic", "--calibration", "calib.npz"],
+     "--quantize int8-dynamic needs no calibration data"),
+    (["--quantize", "int8-weights", "--calibration", "calib.npz"],
+     "--quantize int8-weights needs no calibration data"),
 ])
 def test_quantize_option_errors(save_model, tmp_path, capsys, args, message):
     path = save_model(conv_relu())

@@ -173,9 +173,11 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     fp32. mode "dynamic": MatMul/Gemm weights in int8 and their input quantized at run time
     from its own range (for transformers, whose activation ranges vary per input);
     convolutions stay fp32."""
+    from tvm import relax
+
     config.check()
     activations = config.activations or activation_dtype_for(target)
-    mod = __import__("tvm").relax.transform.FoldConstant()(model.mod)
+    mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
     names_of = _layer_names(model, graph)
     keep = frozenset(var for var, onnx_name in names_of.items()

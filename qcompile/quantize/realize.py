@@ -372,7 +372,7 @@ def handle_conv2d(r: Realizer, node: Node):
         return NotImplemented
     op = r.relax.op
     if r.config.mode == "weight-only":
-        return _weight_only(r, node, weight, 0, lambda w: relax_call_with_weight(r, node, w))
+        return _weight_only(r, node, weight, 0)
     strides = [int(s) for s in node.attr("strides")]
     padding = [int(p) for p in node.attr("padding")]
     dilation = [int(d) for d in node.attr("dilation")]
@@ -405,7 +405,7 @@ def handle_matmul(r: Realizer, node: Node):
         return NotImplemented
     op = r.relax.op
     if r.config.mode == "weight-only":
-        return _weight_only(r, node, weight, 1, lambda w: relax_call_with_weight(r, node, w))
+        return _weight_only(r, node, weight, 1)
     if r.config.mode == "dynamic":
         return _dynamic_matmul(r, node, weight)
 
@@ -418,7 +418,7 @@ def handle_matmul(r: Realizer, node: Node):
     return result
 
 
-def relax_call_with_weight(r: Realizer, node: Node, w_q: np.ndarray):
+def _float_layer_on_int8_weight(r: Realizer, node: Node, w_q: np.ndarray):
     """The node's conv2d/matmul on its float input and an int8 weight, accumulating in fp32:
     the int8 weight stays int8 in the library and is widened inside the kernel."""
     op = r.relax.op
@@ -432,7 +432,7 @@ def relax_call_with_weight(r: Realizer, node: Node, w_q: np.ndarray):
     return op.matmul(x, w, out_dtype="float32")
 
 
-def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, emit):
+def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int):
     """Weight-only int8: weights stored as int8 with per-channel scales, activations and
     arithmetic in fp32; the per-channel scale multiplies the output (conv and matmul are
     linear in each output channel)."""
@@ -446,7 +446,8 @@ def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int,
     scale_shape = [1] * out_rank
     scale_shape[1 if node.kind == "conv2d" else out_rank - 1] = weight.shape[channel_axis]
     scales = np.broadcast_to(s_w, (weight.shape[channel_axis],)).reshape(scale_shape)
-    out = r._emit(r.relax.op.multiply(r._emit(emit(w_q)), r._const(scales, "float32")))
+    out = r._emit(r.relax.op.multiply(r._emit(_float_layer_on_int8_weight(r, node, w_q)),
+                                      r._const(scales, "float32")))
     r.layers.append(LayerResult(node.name, node.kind, "int8-weights",
                                 weight_scales=[float(v) for v in np.atleast_1d(s_w)],
                                 weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
@@ -515,28 +516,26 @@ def _shape(expr) -> tuple[int, ...]:
     return tuple(int(d) for d in expr.ty.shape)
 
 
-@handles("mean")
-def handle_mean(r: Realizer, node: Node):
+def _rescaled(r: Realizer, node: Node, compute):
+    """A linear op on one integer input (mean, average pool): `compute` applied to the input
+    centered and rescaled to the output's scale, then requantized."""
     x = r.lookup(node.args[0])
     if not isinstance(x, QValue) or node.var not in r.qparams:
         return NotImplemented
     qp = r.qparams[node.var]
-    op = r.relax.op
+    return QValue(r.requantize_float(compute(r.centered(x, x.qp.scale / qp.scale)), qp), qp)
+
+
+@handles("mean")
+def handle_mean(r: Realizer, node: Node):
     axis = [int(a) for a in node.attr("axis")]
-    mean = op.mean(r.centered(x, x.qp.scale / qp.scale), axis=axis,
-                   keepdims=bool(node.attr("keepdims")))
-    return QValue(r.requantize_float(mean, qp), qp)
+    return _rescaled(r, node, lambda x: r.relax.op.mean(
+        x, axis=axis, keepdims=bool(node.attr("keepdims"))))
 
 
 @handles("avg_pool2d")
 def handle_avg_pool(r: Realizer, node: Node):
-    x = r.lookup(node.args[0])
-    if not isinstance(x, QValue) or node.var not in r.qparams:
-        return NotImplemented
-    qp = r.qparams[node.var]
-    relax = r.relax
-    pooled = relax.Call(node.value.op, [r.centered(x, x.qp.scale / qp.scale)], node.value.attrs)
-    return QValue(r.requantize_float(pooled, qp), qp)
+    return _rescaled(r, node, lambda x: r.relax.Call(node.value.op, [x], node.value.attrs))
 
 
 @handles("max_pool2d")
