@@ -267,8 +267,13 @@ def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def layer_name(node, index: int) -> str:
+    """The name a layer goes by in reports and rules: its ONNX node name, or op_index."""
+    return node.name or f"{node.op_type}_{index}"
+
+
 def _layers(model) -> tuple[Layer, ...]:
-    return tuple(Layer(name=node.name or f"{node.op_type}_{i}", op=node.op_type)
+    return tuple(Layer(name=layer_name(node, i), op=node.op_type)
                  for i, node in enumerate(model.graph.node) if node.op_type in LAYER_OPS)
 
 

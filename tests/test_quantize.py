@@ -67,6 +67,7 @@ def initializers(model):
 
 def compile_int8(model, save_model, out, **config):
     config.setdefault("float_stem", False)  # these small models start with a 3-channel conv
+    config.setdefault("bias_correction", False)  # the references below do not model it
     path = save_model(model)
     qcompile.compile(path, "host", out, quantize="int8", calibration=calibration(model),
                      quant_config=QuantConfig(**config))
@@ -94,6 +95,30 @@ def test_conv_relu_matches_the_integer_reference(save_model, tmp_path, activatio
     np.testing.assert_allclose(actual, expected, rtol=0,
                                atol=float(acc_scale.max()) * 1.01)
     assert np.mean(actual == expected) > 0.99
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding(save_model, tmp_path):
+    """With bias correction, the int32 bias is (b - (dequantized w - w) . E[x]) / (s_x s_w),
+    E[x] the per-channel mean of the input over the calibration samples."""
+    model = conv_relu()
+    loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out", bias_correction=True)
+    row = rows["conv"]
+    init = initializers(model)
+    means = np.mean([f["x"].astype(np.float64).mean(axis=(0, 2, 3))
+                     for f in calibration(model)], axis=0)
+    wq, s_w = weights_ref(init["w"], 0)
+    error = wq * s_w[:, None, None, None] - init["w"]
+    shift = np.einsum("oikl,i->o", error, means)
+    x = random_inputs(model, seed=99)["x"]
+    s_x = np.float32(row["input"]["scale"])
+    acc_scale = (s_x * s_w).astype(np.float32)
+    acc = conv_ref(quantize_ref(x, row["input"]) - row["input"]["zero_point"], wq, 2, 1, 1)
+    acc += np.round((init["b"] - shift) / acc_scale).astype(np.int64)[None, :, None, None]
+    expected = np.maximum(acc.astype(np.float32) * acc_scale[None, :, None, None], 0)
+    actual = loaded.run({"x": x})["y"]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=float(acc_scale.max()) * 1.01)
+    assert np.mean(actual == expected) > 0.99
+    assert np.abs(shift / acc_scale).max() > 0.5  # the correction moves at least one channel
 
 
 def test_depthwise_relu6_grouped_chain_requantizes_like_the_reference(save_model, tmp_path):

@@ -26,6 +26,7 @@ from .graph import Graph, read_graph
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
 from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
+from .rules import LayerSettings, PrecisionRules
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class QuantConfig:
     percentile: float = 99.99
     float_layers: frozenset = frozenset()  # layer (ONNX node) names kept in fp32
     float_stem: bool = True           # keep a first conv on a <= 4-channel model input in fp32
+    rules: PrecisionRules | None = None  # per-layer precision and options (rules.py)
+    bias_correction: bool = True      # remove the mean output shift that weight rounding causes
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +54,29 @@ class QuantConfig:
                              f"{', '.join(METHODS)}.")
         if self.activations not in (None, "uint8", "int8"):
             raise InputError(f"Activations must be uint8 or int8, not '{self.activations}'.")
+
+    def base_settings(self, activations: str) -> LayerSettings:
+        return LayerSettings("int8", self.method, self.per_channel, activations, self.symmetric)
+
+
+def layer_plan(model: FloatModel, config: QuantConfig, activations: str,
+               stem: str | None = None) -> dict[str, LayerSettings]:
+    """{layer (ONNX node) name: settings}: the rules, then --float-layer, then the image stem
+    in fp32 (unless a rule sets its precision). Rules that match nothing are warned about."""
+    import dataclasses as dc
+
+    layers = [(layer.name, layer.op) for layer in model.layers]
+    rules = config.rules or PrecisionRules()
+    plan, warnings = rules.resolve(layers, config.base_settings(activations))
+    for warning in warnings:
+        log.warning("%s", warning)
+    explicit = rules.explicit(layers)
+    for name in config.float_layers:
+        if name in plan:
+            plan[name] = dc.replace(plan[name], precision="fp32")
+    if stem is not None and stem in plan and stem not in explicit and config.float_stem:
+        plan[stem] = dc.replace(plan[stem], precision="fp32")
+    return plan
 
 
 @dataclass(frozen=True)
@@ -119,34 +145,60 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     observed = [p for p in graph.function.params if str(p.ty.dtype) == "float32"]
     observed += [n.var for n in graph.nodes if _is_float_tensor(n.var)]
 
+    names_of = _layer_names(model, graph)
+    unknown = set(config.float_layers) - set(names_of.values())
+    if unknown:
+        log.warning("no layer is named %s: check the names with `qcompile inspect MODEL`",
+                    ", ".join(sorted(unknown)))
+    stem = _stem(graph)
+    plan = layer_plan(model, config, activations, names_of.get(stem.name) if stem else None)
+    base = config.base_settings(activations)
+    weighted = {n.name: n for n in graph.nodes if n.kind in ("conv2d", "matmul")}
+    settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
+
     start = time.perf_counter()
     log.info("calibrating: running the fp32 model on %d sample(s), observing %d tensors (%s)",
              len(feeds), len(observed), config.method)
     probe = _host_vm(observing_module(mod, graph, observed))
     observers = [Observer() for _ in observed]
-    histogram = config.method != "minmax"
+    histogram = any(s.method != "minmax" for s in [base, *plan.values()])
+    # per-channel means of each int8 layer's input, for bias correction
+    mean_axes = {} if not config.bias_correction else {
+        weighted[var].args[0]: weighted[var].kind for var, s in settings_of.items()
+        if s.precision == "int8" and var in weighted}
+    sums = {var: 0.0 for var in mean_axes}
     for i, feed in enumerate(feeds):
-        for obs, value in zip(observers, _run(probe, feed, names)):
+        for var, obs, value in zip(observed, observers, _run(probe, feed, names)):
             obs.update(value, histogram)
+            if var in sums:
+                sums[var] = sums[var] + _channel_mean(value, mean_axes[var])
         if (i + 1) % 10 == 0 or i + 1 == len(feeds):
             log.info("calibrating: %d/%d samples", i + 1, len(feeds))
-    ranges = {var: choose_range(obs, config.method, config.percentile)
-              for var, obs in zip(observed, observers)}
-    qparams = {var: activation_qparams(rng, activations, config.symmetric)
-               for var, rng in ranges.items()}
+    observer_of = dict(zip(observed, observers))
+    qparams = {var: activation_qparams(choose_range(obs, config.method, config.percentile),
+                                       activations, config.symmetric)
+               for var, obs in observer_of.items()}
     log.info("calibrated in %.1f s", time.perf_counter() - start)
 
-    names_of = _layer_names(model, graph)
-    keep = {var for var, onnx_name in names_of.items()
-            if onnx_name in config.float_layers or var in config.float_layers}
-    unknown = set(config.float_layers) - set(names_of.values()) - set(names_of)
-    if unknown:
-        log.warning("no layer is named %s: check the names in `qcompile inspect`",
-                    ", ".join(sorted(unknown)))
-    stem = _stem(graph) if config.float_stem else None
-    realize_config = RealizeConfig(activation_dtype=activations, per_channel=config.per_channel,
-                                   float_layers=frozenset(keep),
-                                   stem=stem.name if stem is not None else None)
+    input_qparams = {}
+    for var, s in settings_of.items():
+        x = weighted[var].args[0] if var in weighted else None
+        if s.precision == "int8" and x in observer_of and \
+                (s.method, s.activations, s.symmetric) != (base.method, base.activations,
+                                                           base.symmetric):
+            input_qparams[var] = activation_qparams(
+                choose_range(observer_of[x], s.method, config.percentile), s.activations,
+                s.symmetric)
+    realize_config = RealizeConfig(
+        activation_dtype=activations, per_channel=config.per_channel,
+        float_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp32" and
+                               not (stem is not None and v == stem.name)),
+        fp16_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
+        per_tensor_layers=frozenset(v for v, s in settings_of.items() if not s.per_channel),
+        input_qparams=input_qparams,
+        input_means={var: total / len(feeds) for var, total in sums.items()},
+        stem=stem.name if stem is not None and settings_of.get(stem.name, base).precision ==
+        "fp32" else None)
     realizer = Realizer(mod, graph, qparams, realize_config)
     quantized_mod = realizer.run()
     layers = _layers(model, graph, realizer.layers)
@@ -155,8 +207,7 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     measured = [l for l in realizer.layers if l.output_var is not None]
     measure_mod = Realizer(mod, graph, qparams, realize_config).run(
         extra_outputs=tuple(l.output_var for l in measured))
-    body = graph.function.body.body
-    output_vars = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    output_vars = list(graph.output_list)
     errors = layer_errors(probe, _host_vm(measure_mod), feeds[:MEASURE_SAMPLES], names,
                           observed, [l.output_var for l in measured], output_vars, _run)
     report = QuantReport.build(model, realizer.layers, _layer_names(model, graph), errors,
@@ -180,11 +231,14 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
     names_of = _layer_names(model, graph)
-    keep = frozenset(var for var, onnx_name in names_of.items()
-                     if onnx_name in config.float_layers or var in config.float_layers)
-    realizer = Realizer(mod, graph, {}, RealizeConfig(mode=mode, activation_dtype=activations,
-                                                      per_channel=config.per_channel,
-                                                      float_layers=keep))
+    plan = layer_plan(model, dataclasses.replace(config, float_stem=False), activations)
+    base = config.base_settings(activations)
+    settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
+    realizer = Realizer(mod, graph, {}, RealizeConfig(
+        mode=mode, activation_dtype=activations, per_channel=config.per_channel,
+        float_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp32"),
+        fp16_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
+        per_tensor_layers=frozenset(v for v, s in settings_of.items() if not s.per_channel)))
     quantized_mod = realizer.run()
     report = QuantReport.build(model, realizer.layers, names_of, ([], []),
                                dataclasses.replace(config, method=f"none ({mode})"),
@@ -228,6 +282,15 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           _layers(model, graph, realizer.layers), report, model,
                           model.source, model.sha256)
+
+
+def _channel_mean(value: np.ndarray, kind: str) -> np.ndarray:
+    """Mean over everything but the channel axis: 1 for a conv's NCHW input, the last for a
+    matmul's."""
+    value = np.asarray(value, dtype=np.float64)
+    if kind == "conv2d" and value.ndim == 4:
+        return value.mean(axis=(0, 2, 3))
+    return value.reshape(-1, value.shape[-1]).mean(axis=0)
 
 
 def _is_float_tensor(var) -> bool:

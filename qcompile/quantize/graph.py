@@ -112,6 +112,8 @@ class Graph:
     nodes: list[Node]
     by_var: dict
     outputs: set  # vars returned by the function
+    output_list: tuple = ()  # the returned exprs in order (a tuple's fields)
+    returns_tuple: bool = False
 
     def node_of(self, expr) -> Node | None:
         return self.by_var.get(expr)
@@ -143,5 +145,11 @@ def read_graph(mod) -> Graph:
             if producer is not None:
                 producer.consumers.append(node)
     result = body.body
-    outputs = set(result.fields) if isinstance(result, relax.Tuple) else {result}
-    return Graph(function, nodes, by_var, outputs)
+    # TVM's importer returns a var bound to the tuple of outputs (`gv = (a, b); return gv`)
+    tuple_value = result if isinstance(result, relax.Tuple) else \
+        getattr(by_var.get(result), "value", None)
+    if isinstance(tuple_value, relax.Tuple):
+        output_list, returns_tuple = tuple(tuple_value.fields), True
+    else:
+        output_list, returns_tuple = (result,), False
+    return Graph(function, nodes, by_var, set(output_list), output_list, returns_tuple)

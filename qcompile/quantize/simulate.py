@@ -1,0 +1,272 @@
+"""Simulate a precision plan in onnxruntime: the search's fast estimate of its accuracy.
+
+Compiling a plan with TVM takes a minute or more; the search evaluates dozens of plans. So the
+search runs fake-quantized copies of the (simplified) ONNX model in onnxruntime instead, with
+the same calibration statistics, the same scale and zero-point arithmetic and the same choice of
+which tensors are integers as `realize`:
+
+- an int8 layer (Conv/Gemm/MatMul with a constant weight) sees its input through a
+  QuantizeLinear -> DequantizeLinear pair with the parameters realize gives that tensor, its
+  weight rounded to int8 (symmetric, per channel or per tensor) and its bias to int32;
+- integer ops (Add of two tensors, Concat, pooling, ReduceMean) on an integer-produced input
+  see every input through such a pair;
+- an fp16 layer sees its input and weight rounded to fp16 (fp32 accumulation, like the build);
+- fp32 layers, and everything else, stay as they are.
+
+The estimate is close, not exact (realize rounds the requantization once where this rounds
+twice); the search checks its final choice with the real compiled model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..frontend import LAYER_OPS, layer_name
+from .observers import Observer, QParams, activation_qparams, choose_range, weight_scales
+from .rules import LayerSettings
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = frozenset({"Relu", "Clip"})
+PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
+INTEGER_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool", "ReduceMean"})
+
+
+@dataclass(frozen=True)
+class SimLayer:
+    """A weighted ONNX node that can be quantized."""
+
+    name: str
+    op: str
+    node_index: int
+    weight: str       # initializer name
+    axis: int         # the weight's output-channel axis
+    macs: int
+
+
+def _attr(node, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            import onnx
+
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class Simulator:
+    """Fake-quantized runs of one ONNX model for any precision plan over its layers."""
+
+    def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
+                 threads: int = 0):
+        import onnx
+        from onnx import numpy_helper
+
+        self.model = model
+        self.threads = threads
+        self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.nodes = list(model.graph.node)
+        self.output_names = [o.name for o in model.graph.output]
+        shapes = _value_shapes(model)
+        self.layers: list[SimLayer] = []
+        for i, node in enumerate(self.nodes):
+            if node.op_type not in LAYER_OPS or len(node.input) < 2 or \
+                    node.input[1] not in self.inits:
+                continue
+            weight = self.inits[node.input[1]]
+            if node.op_type == "Conv":
+                axis = 0
+            elif node.op_type == "Gemm":
+                axis = 0 if _attr(node, "transB", 0) else 1
+            elif node.op_type == "MatMul" and weight.ndim == 2:
+                axis = 1
+            else:
+                continue
+            out = shapes.get(node.output[0])
+            macs = int(np.prod(out)) * int(weight.size // weight.shape[axis]) if out else 0
+            self.layers.append(SimLayer(layer_name(node, i), node.op_type, i, node.input[1],
+                                        axis, macs))
+        self.by_name = {l.name: l for l in self.layers}
+        # every float tensor that an int8 layer or an integer op may read
+        consumed = {self.nodes[l.node_index].input[0] for l in self.layers}
+        for node in self.nodes:
+            if node.op_type in INTEGER_OPS:
+                consumed.update(i for i in node.input if i and i not in self.inits)
+        self.observed = sorted(t for t in consumed if t and t not in self.inits)
+        self.observers = self._observe(calibration)
+        self._sessions: dict = {}
+
+    # -- calibration ----------------------------------------------------------------------
+    def _session(self, model):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+
+    def _observe(self, feeds) -> dict[str, Observer]:
+        import onnx
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.model)
+        known = {o.name for o in probe.graph.output}
+        for name in self.observed:
+            if name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        session = self._session(probe)
+        names = [o.name for o in probe.graph.output]
+        observers = {name: Observer() for name in self.observed}
+        for feed in feeds:
+            values = dict(zip(names, session.run(None, dict(feed))))
+            for name in self.observed:
+                observers[name].update(values[name])
+        return observers
+
+    def qparams(self, tensor: str, settings: LayerSettings) -> QParams:
+        return activation_qparams(choose_range(self.observers[tensor], settings.method),
+                                  settings.activations, settings.symmetric)
+
+    # -- a plan ---------------------------------------------------------------------------
+    def fake_quantized(self, plan: Mapping[str, LayerSettings]):
+        """The model with `plan` simulated: {layer name: settings}; missing layers fp32."""
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        graph = model.graph
+        inits = {i.name: i for i in graph.initializer}
+        int8 = {l.node_index: (l, plan[l.name]) for l in self.layers
+                if plan.get(l.name, LayerSettings("fp32")).precision == "int8"}
+        fp16 = {l.node_index: l for l in self.layers
+                if plan.get(l.name, LayerSettings("fp32")).precision == "fp16"}
+        integer, integer_ops = set(), {}
+        for i, node in enumerate(self.nodes):
+            tensors = [t for t in node.input if t and t not in self.inits]
+            if i in int8:
+                integer.add(node.output[0])
+            elif node.op_type in ACTIVATIONS | PASS_THROUGH and tensors and \
+                    tensors[0] in integer:
+                integer.add(node.output[0])
+            elif node.op_type in INTEGER_OPS and any(t in integer for t in tensors) and \
+                    len(tensors) == len([t for t in node.input if t]):
+                integer.add(node.output[0])
+                integer_ops[i] = node
+        new_nodes, made = [], {}
+
+        def qdq(tensor: str, qp: QParams) -> str:
+            key = (tensor, qp)
+            if key not in made:
+                base = f"{tensor}__{len(made)}"
+                scale = numpy_helper.from_array(np.array(qp.scale, np.float32), base + "_s")
+                zp = numpy_helper.from_array(np.array(qp.zero_point, qp.dtype), base + "_z")
+                graph.initializer.extend([scale, zp])
+                new_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale.name, zp.name],
+                                                  [base + "_q"]))
+                new_nodes.append(helper.make_node("DequantizeLinear",
+                                                  [base + "_q", scale.name, zp.name],
+                                                  [base + "_dq"]))
+                made[key] = base + "_dq"
+            return made[key]
+
+        for i, node in enumerate(graph.node):
+            if i in int8:
+                layer, settings = int8[i]
+                qp = self.qparams(node.input[0], settings)
+                node.input[0] = qdq(node.input[0], qp)
+                weight = self.inits[layer.weight]
+                axis = layer.axis if settings.per_channel else None
+                s_w = weight_scales(weight, axis)
+                shape = [1] * weight.ndim
+                if axis is not None:
+                    shape[axis] = weight.shape[axis]
+                s_w = s_w.reshape(shape)
+                fake = (np.clip(np.round(weight / s_w), -127, 127) * s_w).astype(np.float32)
+                inits[layer.weight].CopyFrom(numpy_helper.from_array(fake, layer.weight))
+                if len(node.input) > 2 and node.input[2] in self.inits:
+                    bias = self.inits[node.input[2]]
+                    step = (np.float32(qp.scale) * s_w.reshape(-1)).astype(np.float32)
+                    fake_b = (np.round(bias / step) * step).astype(np.float32)
+                    inits[node.input[2]].CopyFrom(numpy_helper.from_array(fake_b, node.input[2]))
+            elif i in fp16:
+                layer = fp16[i]
+                half = f"{node.input[0]}__fp16"
+                if half not in made:
+                    new_nodes.append(helper.make_node("Cast", [node.input[0]], [half + "_h"],
+                                                      to=TensorProto.FLOAT16))
+                    new_nodes.append(helper.make_node("Cast", [half + "_h"], [half],
+                                                      to=TensorProto.FLOAT))
+                    made[half] = half
+                node.input[0] = half
+                weight = self.inits[layer.weight].astype(np.float16).astype(np.float32)
+                inits[layer.weight].CopyFrom(numpy_helper.from_array(weight, layer.weight))
+            elif i in integer_ops:
+                for k, tensor in enumerate(node.input):
+                    if tensor and tensor not in self.inits:
+                        node.input[k] = qdq(tensor, self.qparams(tensor, default_for(plan)))
+            new_nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(_topological(new_nodes, {i.name for i in graph.input} |
+                                       set(inits)))
+        return model
+
+    def run(self, plan: Mapping[str, LayerSettings], feeds) -> list[list[np.ndarray]]:
+        """The model's outputs on each feed, with `plan` simulated."""
+        session = self._session(self.fake_quantized(plan))
+        return [session.run(self.output_names, dict(feed)) for feed in feeds]
+
+    def reference(self, feeds) -> list[list[np.ndarray]]:
+        key = id(feeds)
+        if key not in self._sessions:
+            session = self._session(self.model)
+            self._sessions[key] = (feeds, [session.run(self.output_names, dict(f))
+                                           for f in feeds])
+        return self._sessions[key][1]
+
+
+def default_for(plan: Mapping[str, LayerSettings]) -> LayerSettings:
+    """The settings integer ops use: those of the plan's int8 layers (they share one calibration
+    method and activation type unless rules say otherwise)."""
+    for settings in plan.values():
+        if settings.precision == "int8":
+            return settings
+    return LayerSettings()
+
+
+def _topological(nodes, available: set[str]):
+    """Nodes in an order where each input is produced before use (inserted Q/DQ pairs come
+    right before the node that reads them, so this only reorders those)."""
+    done = set(available) | {""}
+    ordered, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for node in pending:
+            if all(t in done for t in node.input):
+                ordered.append(node)
+                done.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            ordered.extend(rest)  # leave the remainder to onnxruntime's checker
+            break
+        pending = rest
+    return ordered
+
+
+def _value_shapes(model) -> dict[str, tuple[int, ...]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            shapes[info.name] = tuple(dims)
+    return shapes
