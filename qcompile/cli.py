@@ -23,6 +23,14 @@ Typical use:
   qcompile tune model.onnx --target arm64-dotprod --rpc-tracker 127.0.0.1:9190 --rpc-key KEY
   qcompile compile model.onnx --target arm64-dotprod --tuning-log tuning_logs/arm64-dotprod
   qcompile example                                   # EfficientNet-Lite0 on real photos
+  qcompile inspect model.onnx                        # its layers: names, ops, shapes, MACs
+
+Quantize (int8 needs sample inputs to calibrate on):
+  qcompile compile model.onnx --quantize int8 --calibration calib.npz -o out/
+  qcompile compile model.onnx --quantize int8 --calibration calib.npz --precision-rules rules.toml
+  qcompile compile model.onnx --quantize auto --calibration calib.npz --validation val.npz \
+      --accuracy-budget 0.99 --metric top1         # int8 wherever accuracy allows
+  qcompile inspect out/                              # per layer: precision, error vs fp32
 
 No phone at hand? Emulate one (ARM64 under qemu, with a real TVM RPC server):
   qcompile tracker &                                 # a TVM RPC tracker on 127.0.0.1:9190
@@ -85,8 +93,12 @@ def _add_compile(sub) -> None:
         "matmuls as int8 x int8 -> int32 kernels with the requantization fused. The report "
         "(per layer: precision, scales, error against fp32) is printed and saved as "
         "OUT_DIR/quantization.json.")
-    q.add_argument("--quantize", choices=["int8", "int8-dynamic", "int8-weights", "fp16"],
+    q.add_argument("--quantize", choices=["int8", "auto", "int8-dynamic", "int8-weights",
+                                          "fp16"],
                    help="int8: static, calibrated (needs --calibration), the fastest; "
+                        "auto: int8 wherever --accuracy-budget allows, the most sensitive "
+                        "layers in --fallback-precision (searched, then checked on "
+                        "--validation with the compiled model); "
                         "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
                         "(transformers; no calibration); int8-weights: int8 weights, fp32 "
                         "arithmetic (4x smaller, no calibration); fp16: convolutions and "
@@ -112,6 +124,34 @@ def _add_compile(sub) -> None:
     q.add_argument("--int8-stem", action="store_true",
                    help="also quantize the first conv on the image input (kept in fp32 by "
                         "default: little compute, most accuracy lost)")
+    q.add_argument("--precision-rules", metavar="RULES.toml",
+                   help="a TOML file of per-layer precision (int8, fp16, fp32) and options "
+                        "(calibration, weights, activations, symmetric), chosen by op type, "
+                        "node-name pattern or first/last N layers, e.g. [[rule]] "
+                        "name = \"blocks.1*\" precision = \"fp16\"; for each setting the "
+                        "first matching rule wins (README: precision rules). Layer names: "
+                        "`qcompile inspect MODEL.onnx`. --quantize auto writes such a file")
+    q.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                   help="do not correct the mean output shift that rounding the weights to "
+                        "int8 causes (on by default)")
+    a = p.add_argument_group(
+        "automatic precision (--quantize auto)", "Each layer's sensitivity is measured in "
+        "simulation (onnxruntime) on the calibration data; the fewest most-sensitive layers "
+        "that meet the budget on --validation stay in --fallback-precision. The compiled model "
+        "is then checked on --validation (host target). Writes OUT_DIR/precision-rules.toml "
+        "(reuse it with --quantize int8 --precision-rules) and OUT_DIR/search.json.")
+    a.add_argument("--accuracy-budget", type=float, metavar="X",
+                   help="the lowest acceptable --metric against fp32 (the highest for mse), "
+                        "e.g. 0.99 for 99%% top-1 agreement")
+    a.add_argument("--metric", default="top1",
+                   help="top1 (arg-max agreement with fp32), cosine (mean cosine similarity), "
+                        "mse, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION taking "
+                        "(references, outputs, feeds) -> float (default: top1)")
+    a.add_argument("--validation", metavar="VAL.npz",
+                   help="held-out samples (same format as --calibration) on which the budget "
+                        "is met; without it, the calibration samples (optimistic)")
+    a.add_argument("--fallback-precision", default="fp32", choices=["fp32", "fp16"],
+                   help="precision of the layers int8 would cost too much (default: fp32)")
     p.set_defaults(func=_cmd_compile)
 
 
@@ -152,6 +192,33 @@ def _add_tune(sub) -> None:
     _shape_arg(p)
     _cc_arg(p)
     p.set_defaults(func=_cmd_tune)
+
+
+INSPECT_HELP = """\
+Show a model's layers, or what a compile made of them.
+
+For MODEL.onnx: each weighted layer (the unit that precision rules and --float-layer name) with
+its op, weight shape, output shape and MACs. For OUT_DIR (written by `qcompile compile`): each
+layer's precision, why it is not int8, its error against fp32 on calibration data, and, after
+--quantize auto, the search's sensitivity table and choice.
+"""
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="list a model's layers, or a compiled model's precision "
+                                       "and error per layer", description=INSPECT_HELP)
+    p.add_argument("path", metavar="MODEL.onnx|OUT_DIR")
+    _shape_arg(p)
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> int:
+    from .inspection import inspect_path
+    from .specs import parse_input_shape
+
+    shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    print(inspect_path(args.path, shapes))
+    return 0
 
 
 def _add_run(sub) -> None:
@@ -248,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="show only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compile(sub)
+    _add_inspect(sub)
     _add_run(sub)
     _add_tune(sub)
     _add_targets(sub)
@@ -270,19 +338,27 @@ def _cmd_compile(args) -> int:
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     config = None
-    if args.quantize in ("int8", "int8-dynamic", "int8-weights"):
+    if args.quantize in ("int8", "auto", "int8-dynamic", "int8-weights"):
         from .quantize import QuantConfig
+        from .quantize.rules import PrecisionRules
 
+        rules = PrecisionRules.load(args.precision_rules) if args.precision_rules else None
         config = QuantConfig(method=args.calibration_method,
                              per_channel=args.weights == "per-channel",
                              activations=args.activations, symmetric=args.symmetric,
                              float_layers=frozenset(args.float_layer),
-                             float_stem=not args.int8_stem)
+                             float_stem=not args.int8_stem, rules=rules,
+                             bias_correction=args.bias_correction)
     elif args.calibration:
         raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
+    elif args.precision_rules:
+        raise InputError("--precision-rules needs --quantize (int8, auto, int8-dynamic or "
+                         "int8-weights).")
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
                              cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
-                             calibration=args.calibration, quant_config=config)
+                             calibration=args.calibration, quant_config=config,
+                             validation=args.validation, accuracy_budget=args.accuracy_budget,
+                             metric=args.metric, fallback_precision=args.fallback_precision)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
     return 0

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 # modes that need no calibration data -> the quantizer's mode
 WITHOUT_CALIBRATION = {"int8-dynamic": "dynamic", "int8-weights": "weight-only"}
-QUANTIZE_MODES = ("int8", *WITHOUT_CALIBRATION, "fp16")
+QUANTIZE_MODES = ("int8", "auto", *WITHOUT_CALIBRATION, "fp16")
+RULES_FILE = "precision-rules.toml"
+SEARCH_FILE = "search.json"
+VERIFY_ROUNDS = 3
 
 
 def compile(  # noqa: A001 - the verb users know
@@ -36,6 +39,10 @@ def compile(  # noqa: A001 - the verb users know
     quantize: str | None = None,
     calibration: Any = None,
     quant_config: QuantConfig | None = None,
+    validation: Any = None,
+    accuracy_budget: float | None = None,
+    metric: str = "top1",
+    fallback_precision: str = "fp32",
 ) -> Artifact:
     """Compile an ONNX model into OUT_DIR/model.so + OUT_DIR/model.json.
 
@@ -46,9 +53,12 @@ def compile(  # noqa: A001 - the verb users know
     quantize: None (fp32), "fp16", "int8": static int8 with `calibration` samples (an .npz
       path, or an iterable of {input name: array}), configured by `quant_config`;
       "int8-dynamic": MatMul/Gemm in int8 with activations quantized at run time;
-      "int8-weights": weight-only int8 (fp32 arithmetic). The report is saved as
+      "int8-weights": weight-only int8 (fp32 arithmetic); "auto": int8 where the
+      `accuracy_budget` on `metric` allows (measured on `validation` samples, held out from
+      calibration), `fallback_precision` elsewhere; the choice is saved as
+      OUT_DIR/precision-rules.toml and OUT_DIR/search.json. The report is saved as
       OUT_DIR/quantization.json. A pre-quantized (QDQ/QOperator) model is realized with its own
-      scales whatever this says.
+      scales whatever this says. quant_config.rules (a PrecisionRules) sets per-layer precision.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
     log_ = open_log(tuning_log) if tuning_log is not None else None
@@ -58,9 +68,22 @@ def compile(  # noqa: A001 - the verb users know
     if quantize in WITHOUT_CALIBRATION and calibration is not None:
         raise InputError(f"--quantize {quantize} needs no calibration data: drop "
                          "--calibration, or use --quantize int8 (static) to use it.")
-    if quantize == "int8" and calibration is None:
-        raise InputError("--quantize int8 needs calibration data: pass --calibration CALIB.npz "
-                         "with one array per model input, samples stacked along the first axis.")
+    if quantize in ("int8", "auto") and calibration is None:
+        raise InputError(f"--quantize {quantize} needs calibration data: pass --calibration "
+                         "CALIB.npz with one array per model input, samples stacked along the "
+                         "first axis.")
+    if quantize == "auto" and accuracy_budget is None:
+        raise InputError("--quantize auto needs --accuracy-budget: the lowest acceptable value "
+                         "of --metric (e.g. 0.99 for top-1 agreement with fp32).")
+    if quantize != "auto" and (validation is not None or accuracy_budget is not None):
+        raise InputError("--validation and --accuracy-budget belong to --quantize auto.")
+    if quantize == "auto":
+        from .quantize.metrics import load_metric
+
+        load_metric(metric)  # a bad --metric fails before any work
+    if fallback_precision not in ("fp32", "fp16"):
+        raise InputError(f"--fallback-precision must be fp32 or fp16, not "
+                         f"'{fallback_precision}'.")
     graph = _import(model, input_shapes)
     if graph.prequantized:
         if quantize == "int8":
@@ -69,6 +92,10 @@ def compile(  # noqa: A001 - the verb users know
         graph = realize_prequantized(graph)
     elif quantize == "fp16":
         graph = to_fp16(graph)
+    elif quantize == "auto":
+        return _auto(graph, resolved, Path(out_dir), calibration, validation,
+                     quant_config or QuantConfig(), accuracy_budget, metric, fallback_precision,
+                     log_)
     elif quantize == "int8":
         (quant_config or QuantConfig()).check()
         graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
@@ -79,6 +106,80 @@ def compile(  # noqa: A001 - the verb users know
     if hasattr(graph, "report"):
         path = graph.report.save(artifact.directory)
         log.info("quantization report: %s", path)
+    return artifact
+
+
+def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
+          config: QuantConfig, budget: float, metric_spec: str, fallback: str,
+          tuning_log) -> Artifact:
+    """--quantize auto: search the precision mix in simulation, build it, check the budget
+    with the compiled model (host targets), keep more layers in higher precision if needed."""
+    import dataclasses
+    import json
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    from .quantize import activation_dtype_for, layer_plan, load_calibration
+    from .quantize.metrics import load_metric
+    from .quantize.rules import PrecisionRules
+    from .quantize.search import keep_more, search
+    from .runtime import load as load_model
+    from .quantize.simulate import onnxruntime_outputs
+
+    config.check()
+    metric = load_metric(metric_spec)
+    feeds = load_calibration(calibration, float_model.inputs, config.method)
+    if validation is None:
+        log.warning("no --validation data: the budget is checked on the calibration samples, "
+                    "which flatters it; pass held-out samples with --validation VAL.npz")
+        held_out = feeds
+    else:
+        held_out = load_calibration(validation, float_model.inputs, "minmax")
+    activations = config.activations or activation_dtype_for(target)
+    fixed = {}
+    if config.rules is not None:
+        layers = [(layer.name, layer.op) for layer in float_model.layers]
+        explicit = config.rules.explicit(layers)
+        plan = layer_plan(float_model, dataclasses.replace(config, float_stem=False),
+                          activations)
+        fixed = {name: plan[name] for name in explicit}
+    result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
+                    metric, budget, fallback, fixed, config.bias_correction)
+    reference = onnxruntime_outputs(float_model.onnx, held_out)
+    runs_here = target.name == "host"
+    for round_ in range(1, VERIFY_ROUNDS + 1):
+        rules = PrecisionRules.from_dict(tomllib.loads(result.rules_text()), RULES_FILE)
+        quantized = quantize_model(float_model, feeds,
+                                   dataclasses.replace(config, rules=rules), target)
+        artifact = build(quantized, target, out_dir, tuning_log=tuning_log)
+        quantized.report.save(artifact.directory)
+        if not runs_here:
+            log.info("the %s library cannot run here: the budget was checked in simulation "
+                     "only (%s %.4f)", target.name, metric.name, result.estimate)
+            break
+        model = load_model(artifact.directory)
+        names = [spec.name for spec in float_model.outputs]
+        outputs = [[model.run(feed)[n] for n in names] for feed in held_out]
+        result.verified = metric(reference, outputs, held_out)
+        result.rounds.append({"round": round_, "kept": len(result.kept),
+                              "int8_mac_fraction": result.int8_mac_fraction,
+                              "compiled": result.verified})
+        log.info("compiled model, round %d: %s %.4f on %d validation sample(s) (budget %s)",
+                 round_, metric.name, result.verified, len(held_out),
+                 metric.describe(budget))
+        if metric.meets(result.verified, budget) or len(result.kept) == len(result.ranking):
+            break
+        if round_ < VERIFY_ROUNDS:
+            result = keep_more(result, max(1, len(result.kept) // 2))
+            log.info("the simulation was optimistic: keeping %d layer(s) in %s and building "
+                     "again", len(result.kept), fallback)
+    (artifact.directory / RULES_FILE).write_text(result.rules_text())
+    (artifact.directory / SEARCH_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    log.info("precision mix written to %s (reuse it with --quantize int8 --precision-rules)",
+             artifact.directory / RULES_FILE)
     return artifact
 
 

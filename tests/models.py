@@ -104,6 +104,28 @@ def packed_convnet() -> onnx.ModelProto:
          numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
 
 
+def outlier_chain() -> onnx.ModelProto:
+    """Four 1x1 convs; the second writes one channel 300x larger than the others (the
+    outlier activations of transformers), which the third reads through tiny weights: only
+    the third conv loses much accuracy in int8 (its per-tensor input scale drowns the other
+    channels)."""
+    w2 = _rng(32).standard_normal((16, 16, 1, 1)).astype(np.float32) * 0.3
+    w2[0] *= 300.0
+    w3 = _rng(33).standard_normal((16, 16, 1, 1)).astype(np.float32) * 0.3
+    w3[:, 0] *= 1e-3
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+         helper.make_node("Conv", ["c2", "w3"], ["c3"], name="conv3"),
+         helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+         helper.make_node("Conv", ["r3", "w4", "b4"], ["y"], name="conv4")],
+        [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])],
+        [_w("w1", (16, 16, 1, 1), 31), _w("b1", (16,), 34),
+         numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3"),
+         _w("w4", (16, 16, 1, 1), 35), _w("b4", (16,), 36)])
+
+
 def resize_layernorm() -> onnx.ModelProto:
     """Bilinear and nearest Resize, then LayerNormalization over the last axis."""
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")

@@ -101,7 +101,10 @@ class PrecisionRules:
 
     @classmethod
     def load(cls, path: str | Path) -> "PrecisionRules":
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib
 
         path = Path(path)
         try:

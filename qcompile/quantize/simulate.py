@@ -46,6 +46,36 @@ class SimLayer:
     weight: str       # initializer name
     axis: int         # the weight's output-channel axis
     macs: int
+    weight_shape: tuple = ()
+    output_shape: tuple = ()
+
+
+def weighted_layers(model) -> list[SimLayer]:
+    """The layers that can be quantized: Conv/Gemm/MatMul nodes with a constant weight, with
+    their MACs (from ONNX shape inference)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    shapes = _value_shapes(model)
+    layers = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = tuple(inits[node.input[1]].dims)
+        if node.op_type == "Conv":
+            axis = 0
+        elif node.op_type == "Gemm":
+            axis = 0 if _attr(node, "transB", 0) else 1
+        elif node.op_type == "MatMul" and len(dims) == 2:
+            axis = 1
+        else:
+            continue
+        out = shapes.get(node.output[0])
+        size = int(np.prod(dims))
+        macs = int(np.prod(out)) * (size // dims[axis]) if out else 0
+        layers.append(SimLayer(layer_name(node, i), node.op_type, i, node.input[1], axis, macs,
+                               dims, out or ()))
+    return layers
 
 
 def _attr(node, name: str, default=None):
@@ -61,34 +91,17 @@ class Simulator:
     """Fake-quantized runs of one ONNX model for any precision plan over its layers."""
 
     def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
-                 threads: int = 0):
+                 threads: int = 0, bias_correction: bool = True):
         import onnx
         from onnx import numpy_helper
 
         self.model = model
         self.threads = threads
+        self.bias_correction = bias_correction
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
         self.output_names = [o.name for o in model.graph.output]
-        shapes = _value_shapes(model)
-        self.layers: list[SimLayer] = []
-        for i, node in enumerate(self.nodes):
-            if node.op_type not in LAYER_OPS or len(node.input) < 2 or \
-                    node.input[1] not in self.inits:
-                continue
-            weight = self.inits[node.input[1]]
-            if node.op_type == "Conv":
-                axis = 0
-            elif node.op_type == "Gemm":
-                axis = 0 if _attr(node, "transB", 0) else 1
-            elif node.op_type == "MatMul" and weight.ndim == 2:
-                axis = 1
-            else:
-                continue
-            out = shapes.get(node.output[0])
-            macs = int(np.prod(out)) * int(weight.size // weight.shape[axis]) if out else 0
-            self.layers.append(SimLayer(layer_name(node, i), node.op_type, i, node.input[1],
-                                        axis, macs))
+        self.layers = weighted_layers(model)
         self.by_name = {l.name: l for l in self.layers}
         # every float tensor that an int8 layer or an integer op may read
         consumed = {self.nodes[l.node_index].input[0] for l in self.layers}
@@ -97,19 +110,11 @@ class Simulator:
                 consumed.update(i for i in node.input if i and i not in self.inits)
         self.observed = sorted(t for t in consumed if t and t not in self.inits)
         self.observers = self._observe(calibration)
-        self._sessions: dict = {}
+        self._references: dict = {}
 
     # -- calibration ----------------------------------------------------------------------
     def _session(self, model):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
+        return ort_session(model, self.threads)
 
     def _observe(self, feeds) -> dict[str, Observer]:
         import onnx
@@ -123,10 +128,23 @@ class Simulator:
         session = self._session(probe)
         names = [o.name for o in probe.graph.output]
         observers = {name: Observer() for name in self.observed}
+        inputs = {self.nodes[l.node_index].input[0]: l.op for l in self.layers}
+        sums: dict[str, np.ndarray] = {}
         for feed in feeds:
             values = dict(zip(names, session.run(None, dict(feed))))
             for name in self.observed:
-                observers[name].update(values[name])
+                if not np.issubdtype(values[name].dtype, np.floating):
+                    observers.pop(name, None)  # an integer tensor (indices, shapes)
+                elif name in observers:
+                    observers[name].update(values[name])
+            for name, op in inputs.items():
+                if name not in observers:
+                    continue
+                v = values[name].astype(np.float64)
+                mean = v.mean(axis=(0, 2, 3)) if op == "Conv" and v.ndim == 4 else \
+                    v.reshape(-1, v.shape[-1]).mean(axis=0)
+                sums[name] = sums.get(name, 0.0) + mean
+        self.means = {name: total / max(len(feeds), 1) for name, total in sums.items()}
         return observers
 
     def qparams(self, tensor: str, settings: LayerSettings) -> QParams:
@@ -156,7 +174,8 @@ class Simulator:
                     tensors[0] in integer:
                 integer.add(node.output[0])
             elif node.op_type in INTEGER_OPS and any(t in integer for t in tensors) and \
-                    len(tensors) == len([t for t in node.input if t]):
+                    len(tensors) == len([t for t in node.input if t]) and \
+                    all(t in self.observers for t in tensors):
                 integer.add(node.output[0])
                 integer_ops[i] = node
         new_nodes, made = [], {}
@@ -176,10 +195,12 @@ class Simulator:
                 made[key] = base + "_dq"
             return made[key]
 
+        after: list = []  # nodes to insert after the current one
         for i, node in enumerate(graph.node):
-            if i in int8:
+            if i in int8 and node.input[0] in self.observers:
                 layer, settings = int8[i]
-                qp = self.qparams(node.input[0], settings)
+                source = node.input[0]
+                qp = self.qparams(source, settings)
                 node.input[0] = qdq(node.input[0], qp)
                 weight = self.inits[layer.weight]
                 axis = layer.axis if settings.per_channel else None
@@ -190,11 +211,32 @@ class Simulator:
                 s_w = s_w.reshape(shape)
                 fake = (np.clip(np.round(weight / s_w), -127, 127) * s_w).astype(np.float32)
                 inits[layer.weight].CopyFrom(numpy_helper.from_array(fake, layer.weight))
-                if len(node.input) > 2 and node.input[2] in self.inits:
-                    bias = self.inits[node.input[2]]
-                    step = (np.float32(qp.scale) * s_w.reshape(-1)).astype(np.float32)
-                    fake_b = (np.round(bias / step) * step).astype(np.float32)
+                out_channels = weight.shape[layer.axis]
+                has_bias = len(node.input) > 2 and node.input[2] in self.inits
+                bias = self.inits[node.input[2]].astype(np.float32) if has_bias else \
+                    np.zeros(out_channels, np.float32)
+                if self.bias_correction and source in self.means:
+                    from .realize import weight_error_shift
+
+                    error = fake - weight
+                    if layer.op == "Gemm" and layer.axis == 0:  # transB: [N, K] -> [K, N]
+                        error = error.T
+                    bias = bias - weight_error_shift(
+                        error, self.means[source],
+                        "conv2d" if layer.op == "Conv" else "matmul")
+                step = np.broadcast_to(np.float32(qp.scale) * s_w.reshape(-1),
+                                       (out_channels,)).astype(np.float32)
+                fake_b = (np.round(bias / step) * step).astype(np.float32)
+                if has_bias:
                     inits[node.input[2]].CopyFrom(numpy_helper.from_array(fake_b, node.input[2]))
+                elif np.any(fake_b):
+                    shape = (-1, 1, 1) if layer.op == "Conv" else (-1,)
+                    b_name = f"{layer.weight}__bias"
+                    graph.initializer.append(numpy_helper.from_array(
+                        fake_b.reshape(shape), b_name))
+                    pre = f"{node.output[0]}__nobias"
+                    after.append(helper.make_node("Add", [pre, b_name], [node.output[0]]))
+                    node.output[0] = pre
             elif i in fp16:
                 layer = fp16[i]
                 half = f"{node.input[0]}__fp16"
@@ -212,6 +254,8 @@ class Simulator:
                     if tensor and tensor not in self.inits:
                         node.input[k] = qdq(tensor, self.qparams(tensor, default_for(plan)))
             new_nodes.append(node)
+            new_nodes.extend(after)
+            after.clear()
         del graph.node[:]
         graph.node.extend(_topological(new_nodes, {i.name for i in graph.input} |
                                        set(inits)))
@@ -223,12 +267,32 @@ class Simulator:
         return [session.run(self.output_names, dict(feed)) for feed in feeds]
 
     def reference(self, feeds) -> list[list[np.ndarray]]:
+        """The fp32 model's outputs on each feed."""
         key = id(feeds)
-        if key not in self._sessions:
-            session = self._session(self.model)
-            self._sessions[key] = (feeds, [session.run(self.output_names, dict(f))
-                                           for f in feeds])
-        return self._sessions[key][1]
+        if key not in self._references:  # keeps `feeds` alive, so its id stays its own
+            self._references[key] = (feeds, onnxruntime_outputs(self.model, feeds))
+        return self._references[key][1]
+
+
+def ort_session(model, threads: int = 0):
+    """An onnxruntime session that runs the graph as written: even the basic optimization level
+    rewrites Q/DQ pairs (measured: EfficientNet-Lite0 falls from 19.7 to 7.8 dB SQNR)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_outputs(model, feeds) -> list[list[np.ndarray]]:
+    """The fp32 ONNX model's outputs on each feed, in the model's output order."""
+    session = ort_session(model)
+    names = [o.name for o in model.graph.output]
+    return [session.run(names, dict(f)) for f in feeds]
 
 
 def default_for(plan: Mapping[str, LayerSettings]) -> LayerSettings:

@@ -1,0 +1,106 @@
+"""`qcompile inspect`: a model's layers, or what a compile made of them, as text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .errors import InputError
+
+
+def inspect_path(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 ) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return inspect_build(path)
+    if path.suffix == ".onnx" and path.is_file():
+        return inspect_model(path, input_shapes)
+    raise InputError(f"'{path}' is neither an .onnx model nor a directory written by "
+                     "`qcompile compile -o`.")
+
+
+def inspect_model(path: Path, input_shapes=None) -> str:
+    """Each weighted layer of an ONNX model: the names precision rules use."""
+    from .frontend import load_onnx, resolve_input_shapes, simplify
+    from .quantize.simulate import weighted_layers
+
+    model = load_onnx(path)
+    model = simplify(model, resolve_input_shapes(model, input_shapes))
+    layers = weighted_layers(model)
+    total = sum(l.macs for l in layers) or 1
+    lines = [f"{path.name}: {len(layers)} weighted layers, {total / 1e6:.1f} M MACs",
+             f"{'#':>3} {'layer':<36} {'op':<7} {'weight':<18} {'output':<20} {'MACs':>8} "
+             f"{'share':>6}"]
+    for i, l in enumerate(layers):
+        lines.append(f"{i:>3} {l.name[:36]:<36} {l.op:<7} {_dims(l.weight_shape):<18} "
+                     f"{_dims(l.output_shape):<20} {l.macs / 1e6:7.2f}M "
+                     f"{l.macs / total:6.1%}")
+    return "\n".join(lines)
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "?"
+
+
+def inspect_build(directory: Path) -> str:
+    """Per layer of a compiled model: precision, error against fp32, why not int8; and the
+    precision search's table when --quantize auto chose the mix."""
+    manifest = directory / "model.json"
+    if not manifest.is_file():
+        raise InputError(f"{directory} has no model.json: is it a `qcompile compile -o` "
+                         "directory?")
+    meta = json.loads(manifest.read_text())
+    source = meta.get("source")
+    source = source.get("model", source) if isinstance(source, dict) else source
+    target = meta.get("target")
+    target = target.get("name", "?") if isinstance(target, dict) else target
+    lines = [f"{directory}: {source or '?'} for target {target or '?'}, "
+             f"{meta.get('library', {}).get('bytes', 0) / 1e6:.1f} MB library"]
+    report_path = directory / "quantization.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        lines.append(f"quantization: {report['method']} calibration, {report['activations']} "
+                     f"activations, {report['weights']} weights, "
+                     f"{report['calibration_samples']} samples")
+        lines.append(f"{'layer':<36} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
+                     f"{'cosine':>8}  note")
+        for row in report["layers"]:
+            err = row.get("error_vs_fp32") or {}
+            sqnr = err.get("sqnr_db", "")
+            sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, (int, float)) else f"{sqnr:>8}"
+            cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
+            out = "float" if row["output"] == "float" else row["output"]["dtype"]
+            lines.append(f"{row['layer'][:36]:<36} {row['op']:<7} {row['precision']:<12} "
+                         f"{out:<6} {sqnr} {cosine}  {row.get('reason', '')}")
+        for out in report.get("outputs", []):
+            lines.append(f"output {out['name']}: SQNR {out['sqnr_db']} dB, cosine "
+                         f"{out['cosine']:.5f} against fp32")
+    else:
+        layers = meta.get("layers", [])
+        lines.append(f"{'layer':<36} {'op':<7} precision")
+        lines.extend(f"{l['name'][:36]:<36} {l['op']:<7} {l['precision']}" for l in layers)
+    search_path = directory / "search.json"
+    if search_path.is_file():
+        search = json.loads(search_path.read_text())
+        kept = {k["layer"]: k["precision"] for k in search["kept_in_higher_precision"]}
+        lines.append("")
+        lines.append(f"precision search: {search['metric']} budget {search['budget']}; all "
+                     f"int8 {search['all_int8_estimate']:.4f} (simulated), chosen "
+                     f"{search['chosen_estimate']:.4f} (simulated)" +
+                     (f", {search['verified']:.4f} compiled" if search.get("verified")
+                      is not None else ""))
+        lines.append(f"{len(kept)} layer(s) in higher precision, "
+                     f"{search['int8_mac_fraction']:.1%} of MACs in int8; "
+                     f"{search['evaluations']} evaluations in {search['seconds']} s")
+        lines.append(f"{'layer':<36} {'MACs':>8} {'alone dB':>9} {'fallback dB':>11}  chosen")
+        for row in sorted(search["sensitivity"], key=lambda r: _num(r["alone_sqnr_db"])):
+            lines.append(f"{row['layer'][:36]:<36} {row['macs'] / 1e6:7.2f}M "
+                         f"{_num(row['alone_sqnr_db']):9.1f} "
+                         f"{_num(row['fallback_sqnr_db']):11.2f}  "
+                         f"{kept.get(row['layer'], 'int8')}")
+    return "\n".join(lines)
+
+
+def _num(value) -> float:
+    return float(value) if not isinstance(value, str) else float(value.replace("inf", "1e9"))

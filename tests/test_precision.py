@@ -1,0 +1,208 @@
+"""Mixed precision: rules files, and the accuracy-aware automatic search (--quantize auto)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile.cli import main
+from qcompile.errors import InputError
+from qcompile.inspection import inspect_path
+from qcompile.quantize import QuantConfig
+from qcompile.quantize.rules import PrecisionRules
+
+from models import (gemm_matmul, onnxruntime_outputs, outlier_chain, packed_convnet,
+                    random_inputs)
+
+RULES = """
+[[rule]]
+op = "Gemm"
+precision = "fp16"
+
+[[rule]]
+name = "point*"
+precision = "fp32"
+
+[[rule]]
+name = "no_such_layer*"
+precision = "fp32"
+
+[[rule]]
+first = 1
+weights = "per-tensor"
+calibration = "percentile"
+"""
+
+
+def samples(model, count, seed):
+    return [random_inputs(model, seed=seed + i) for i in range(count)]
+
+
+def precisions(out_dir) -> dict[str, str]:
+    manifest = json.loads((out_dir / "model.json").read_text())
+    return {layer["name"]: layer["precision"] for layer in manifest["layers"]}
+
+
+def cosine(a, b) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_rules_keep_exactly_the_chosen_layers(save_model, tmp_path, caplog):
+    model = packed_convnet()
+    path = save_model(model)
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(RULES)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        qcompile.compile(path, "host", out, quantize="int8",
+                         calibration=samples(model, 8, 0),
+                         quant_config=QuantConfig(rules=PrecisionRules.load(rules_file)))
+    assert precisions(out) == {"conv3x3": "int8", "pointwise": "fp32", "depthwise": "int8",
+                               "fc": "fp16"}
+    report = {row["layer"]: row for row in
+              json.loads((out / "quantization.json").read_text())["layers"]}
+    assert {name: row["precision"] for name, row in report.items()} == precisions(out)
+    first = report["conv3x3"]
+    assert first["weight_scale_min"] == first["weight_scale_max"]  # per-tensor, by rule 4
+    assert report["depthwise"]["weight_scale_min"] != report["depthwise"]["weight_scale_max"]
+    assert "rule 3 (name=['no_such_layer*']) matches no layer" in caplog.text
+    assert "rule 1" not in caplog.text and "rule 2" not in caplog.text
+    x = random_inputs(model, seed=50)
+    assert cosine(qcompile.load(out).run(x)["y"], onnxruntime_outputs(model, x)["y"]) > 0.99
+
+
+def test_fp16_layers_compute_in_half_precision(save_model, tmp_path):
+    model = gemm_matmul()
+    rules = PrecisionRules.from_dict({"rule": [{"op": ["Gemm", "MatMul"],
+                                                "precision": "fp16"}]})
+    out = tmp_path / "out"
+    qcompile.compile(save_model(model), "host", out, quantize="int8",
+                     calibration=samples(model, 4, 0), quant_config=QuantConfig(rules=rules))
+    assert precisions(out) == {"gemm": "fp16", "matmul": "fp16"}
+    x = random_inputs(model, seed=3)
+    actual = qcompile.load(out).run(x)["y"]
+    expected = onnxruntime_outputs(model, x)["y"]
+    # fp16 inputs and weights, fp32 accumulation: about 3 decimal digits
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=5e-3)
+    assert not np.array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[rule]]\nname = "a"\nprecision = "int4"', "rule 1: precision must be one of int8, "
+                                                  "fp16, fp32"),
+    ('[[rule]]\nprecision = "fp32"', "rule 1: no selector"),
+    ('[[rule]]\nname = "a"\nprecison = "fp32"', "unknown key(s) precison"),
+    ('[[rule]]\nop = "Conv"\nprecision = "fp16"\n[[rule]]\nfirst = 0\nprecision = "fp32"',
+     "rule 2: 'first' must be a positive integer"),
+    ('[[rule]]\nname = "a"', "rule 1: sets nothing"),
+    ('[defaults]\ncalibration = "kl"', "[defaults]: calibration must be one of"),
+    ('[[rule]\nname = "a"', "is not valid TOML"),
+])
+def test_bad_rules_files_name_the_rule_and_the_field(tmp_path, text, message):
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as error:
+        PrecisionRules.load(path)
+    assert message in str(error.value)
+
+
+def test_cli_refuses_a_bad_rules_file_before_work(save_model, tmp_path, capsys):
+    model = packed_convnet()
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "fc"\nprecision = "bf16"\n')
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([random_inputs(model, seed=i)["x"] for i in range(4)]))
+    code = main(["compile", str(save_model(model)), "--quantize", "int8", "--calibration",
+                 str(calib), "--precision-rules", str(rules), "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "rule 1: precision must be one of int8, fp16, fp32, not 'bf16'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_keeps_only_the_layer_that_costs_accuracy(save_model, tmp_path):
+    model = outlier_chain()
+    path = save_model(model)
+    out = tmp_path / "auto"
+    qcompile.compile(path, "host", out, quantize="auto", calibration=samples(model, 16, 0),
+                     validation=samples(model, 16, 100), accuracy_budget=0.999,
+                     metric="cosine")
+    search = json.loads((out / "search.json").read_text())
+    assert [k["layer"] for k in search["kept_in_higher_precision"]] == ["conv3"]
+    assert search["all_int8_estimate"] < 0.9 <= 0.999 <= search["chosen_estimate"]
+    assert search["verified"] >= 0.999  # measured with the compiled model
+    assert search["evaluations"] >= 2 * 4 and search["seconds"] > 0
+    sensitivity = sorted(search["sensitivity"], key=lambda r: r["alone_sqnr_db"])
+    assert sensitivity[0]["layer"] == "conv3"
+    assert precisions(out) == {"conv1": "int8", "conv2": "int8", "conv3": "fp32",
+                               "conv4": "int8"}
+    # the written rules reproduce the mix without searching
+    again = tmp_path / "again"
+    qcompile.compile(path, "host", again, quantize="int8", calibration=samples(model, 16, 0),
+                     quant_config=QuantConfig(
+                         rules=PrecisionRules.load(out / "precision-rules.toml")))
+    assert precisions(again) == precisions(out)
+    text = inspect_path(out)
+    assert "precision search: cosine budget 0.999" in text and "conv3" in text
+
+
+METRIC = '''
+import numpy as np
+
+def worst_cosine(references, outputs, feeds):
+    """The lowest per-sample cosine similarity (stricter than the mean)."""
+    values = []
+    for ref, out in zip(references, outputs):
+        r, o = ref[0].ravel(), out[0].ravel()
+        values.append(float(r @ o / (np.linalg.norm(r) * np.linalg.norm(o))))
+    return min(values)
+'''
+
+
+def test_cli_auto_with_a_python_metric_and_fp16_fallback(save_model, tmp_path, capsys):
+    model = outlier_chain()
+    metric = tmp_path / "my_metric.py"
+    metric.write_text(METRIC)
+    calib, val = tmp_path / "calib.npz", tmp_path / "val.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in samples(model, 16, 0)]))
+    np.savez(val, x=np.stack([f["x"] for f in samples(model, 12, 200)]))
+    out = tmp_path / "out"
+    code = main(["compile", str(save_model(model)), "--quantize", "auto", "--calibration",
+                 str(calib), "--validation", str(val), "--accuracy-budget", "0.99",
+                 "--metric", f"python:{metric}:worst_cosine", "--fallback-precision", "fp16",
+                 "-o", str(out)])
+    assert code == 0
+    search = json.loads((out / "search.json").read_text())
+    assert search["metric"].endswith(":worst_cosine") and search["verified"] >= 0.99
+    assert precisions(out)["conv3"] == "fp16"
+    assert main(["inspect", str(out)]) == 0
+    assert "conv3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "auto"], "needs --accuracy-budget"),
+    (["--quantize", "int8", "--accuracy-budget", "0.9"], "belong to --quantize auto"),
+    (["--quantize", "auto", "--accuracy-budget", "0.9", "--metric", "f1"],
+     "Unknown metric 'f1'"),
+])
+def test_auto_option_errors(save_model, tmp_path, capsys, args, message):
+    model = outlier_chain()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in samples(model, 4, 0)]))
+    code = main(["compile", str(save_model(model)), "--calibration", str(calib), *args,
+                 "-o", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_inspect_lists_the_layers_rules_name(save_model, capsys):
+    model = packed_convnet()
+    assert main(["inspect", str(save_model(model))]) == 0
+    text = capsys.readouterr().out
+    for name in ("conv3x3", "pointwise", "depthwise", "fc"):
+        assert name in text
+    assert "4 weighted layers" in text
