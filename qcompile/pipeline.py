@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -150,11 +152,14 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
                     metric, budget, fallback, fixed, config.bias_correction)
     reference = onnxruntime_outputs(float_model.onnx, held_out)
     runs_here = target.name == "host"
-    for round_ in range(1, VERIFY_ROUNDS + 1):
+    best = None  # (compiled metric, round, result, build directory)
+    for round_ in range(1, (VERIFY_ROUNDS if runs_here else 1) + 1):
         rules = PrecisionRules.from_dict(tomllib.loads(result.rules_text()), RULES_FILE)
         quantized = quantize_model(float_model, feeds,
                                    dataclasses.replace(config, rules=rules), target)
-        artifact = build(quantized, target, out_dir, tuning_log=tuning_log)
+        directory = out_dir if not runs_here else \
+            out_dir.parent / f".{out_dir.name}.round{round_}"
+        artifact = build(quantized, target, directory, tuning_log=tuning_log)
         quantized.report.save(artifact.directory)
         if not runs_here:
             log.info("the %s library cannot run here: the budget was checked in simulation "
@@ -170,12 +175,32 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
         log.info("compiled model, round %d: %s %.4f on %d validation sample(s) (budget %s)",
                  round_, metric.name, result.verified, len(held_out),
                  metric.describe(budget))
-        if metric.meets(result.verified, budget) or len(result.kept) == len(result.ranking):
+        improved = best is None or (result.verified > best[0] if metric.higher_is_better
+                                    else result.verified < best[0])
+        if improved:
+            best = (result.verified, round_, result, artifact.directory)
+        if metric.meets(result.verified, budget) or not improved or \
+                len(result.kept) == len(result.ranking):
             break
         if round_ < VERIFY_ROUNDS:
             result = keep_more(result, max(1, len(result.kept) // 2))
             log.info("the simulation was optimistic: keeping %d layer(s) in %s and building "
                      "again", len(result.kept), fallback)
+    if best is not None:  # the best compiled round (ties: the earlier, with more int8)
+        _, chosen_round, chosen, directory = best
+        chosen.rounds = result.rounds
+        result = chosen
+        if not metric.meets(result.verified, budget):
+            log.warning("the compiled model misses the budget: %s %.4f (budget %s), with %d "
+                        "layer(s) in %s; more layers in higher precision did not help (round "
+                        "%d kept)", metric.name, result.verified, metric.describe(budget),
+                        len(result.kept), fallback, chosen_round)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in directory.iterdir():
+            os.replace(path, out_dir / path.name)
+        for round_dir in out_dir.parent.glob(f".{out_dir.name}.round*"):
+            shutil.rmtree(round_dir, ignore_errors=True)
+        artifact = Artifact.open(out_dir)
     (artifact.directory / RULES_FILE).write_text(result.rules_text())
     (artifact.directory / SEARCH_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     log.info("precision mix written to %s (reuse it with --quantize int8 --precision-rules)",

@@ -189,16 +189,13 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
             input_qparams[var] = activation_qparams(
                 choose_range(observer_of[x], s.method, config.percentile), s.activations,
                 s.symmetric)
+    stem_fp32 = stem is not None and settings_of.get(stem.name, base).precision == "fp32"
     realize_config = RealizeConfig(
         activation_dtype=activations, per_channel=config.per_channel,
-        float_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp32" and
-                               not (stem is not None and v == stem.name)),
-        fp16_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
-        per_tensor_layers=frozenset(v for v, s in settings_of.items() if not s.per_channel),
+        **_precision_sets(settings_of, skip=stem.name if stem_fp32 else None),
         input_qparams=input_qparams,
         input_means={var: total / len(feeds) for var, total in sums.items()},
-        stem=stem.name if stem is not None and settings_of.get(stem.name, base).precision ==
-        "fp32" else None)
+        stem=stem.name if stem_fp32 else None)
     realizer = Realizer(mod, graph, qparams, realize_config)
     quantized_mod = realizer.run()
     layers = _layers(model, graph, realizer.layers)
@@ -236,9 +233,7 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
     realizer = Realizer(mod, graph, {}, RealizeConfig(
         mode=mode, activation_dtype=activations, per_channel=config.per_channel,
-        float_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp32"),
-        fp16_layers=frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
-        per_tensor_layers=frozenset(v for v, s in settings_of.items() if not s.per_channel)))
+        **_precision_sets(settings_of)))
     quantized_mod = realizer.run()
     report = QuantReport.build(model, realizer.layers, names_of, ([], []),
                                dataclasses.replace(config, method=f"none ({mode})"),
@@ -282,6 +277,16 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           _layers(model, graph, realizer.layers), report, model,
                           model.source, model.sha256)
+
+
+def _precision_sets(settings_of: dict[str, LayerSettings], skip: str | None = None) -> dict:
+    """RealizeConfig's per-layer sets from {relax var: settings}; `skip` (the image stem) is
+    kept float under its own reason instead."""
+    return {"float_layers": frozenset(v for v, s in settings_of.items()
+                                      if s.precision == "fp32" and v != skip),
+            "fp16_layers": frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
+            "per_tensor_layers": frozenset(v for v, s in settings_of.items()
+                                           if not s.per_channel)}
 
 
 def _channel_mean(value: np.ndarray, kind: str) -> np.ndarray:
