@@ -27,6 +27,7 @@ import numpy as np
 
 from ..frontend import LAYER_OPS, layer_name
 from .observers import Observer, QParams, activation_qparams, choose_range, weight_scales
+from .realize import weight_error_shift
 from .rules import LayerSettings
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class Simulator:
             return made[key]
 
         after: list = []  # nodes to insert after the current one
-        for i, node in enumerate(graph.node):
+        for i, original in enumerate(graph.node):
+            node = onnx.NodeProto()  # a copy: the graph's nodes are replaced below
+            node.CopyFrom(original)
             if i in int8 and node.input[0] in self.observers:
                 layer, settings = int8[i]
                 source = node.input[0]
@@ -216,8 +219,6 @@ class Simulator:
                 bias = self.inits[node.input[2]].astype(np.float32) if has_bias else \
                     np.zeros(out_channels, np.float32)
                 if self.bias_correction and source in self.means:
-                    from .realize import weight_error_shift
-
                     error = fake - weight
                     if layer.op == "Gemm" and layer.axis == 0:  # transB: [N, K] -> [K, N]
                         error = error.T
