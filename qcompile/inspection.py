@@ -94,13 +94,9 @@ def inspect_build(directory: Path) -> str:
                      f"{search['int8_mac_fraction']:.1%} of MACs in int8; "
                      f"{search['evaluations']} evaluations in {search['seconds']} s")
         lines.append(f"{'layer':<36} {'MACs':>8} {'alone dB':>9} {'fallback dB':>11}  chosen")
-        for row in sorted(search["sensitivity"], key=lambda r: _num(r["alone_sqnr_db"])):
+        for row in sorted(search["sensitivity"], key=lambda r: float(r["alone_sqnr_db"])):
             lines.append(f"{row['layer'][:36]:<36} {row['macs'] / 1e6:7.2f}M "
-                         f"{_num(row['alone_sqnr_db']):9.1f} "
-                         f"{_num(row['fallback_sqnr_db']):11.2f}  "
+                         f"{float(row['alone_sqnr_db']):9.1f} "
+                         f"{float(row['fallback_sqnr_db']):11.2f}  "
                          f"{kept.get(row['layer'], 'int8')}")
     return "\n".join(lines)
-
-
-def _num(value) -> float:
-    return float(value) if not isinstance(value, str) else float(value.replace("inf", "1e9"))

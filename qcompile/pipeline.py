@@ -82,7 +82,7 @@ def compile(  # noqa: A001 - the verb users know
     if quantize == "auto":
         from .quantize.metrics import load_metric
 
-        load_metric(metric)  # a bad --metric fails before any work
+        metric = load_metric(metric)  # a bad --metric fails before any work
     if fallback_precision not in ("fp32", "fp16"):
         raise InputError(f"--fallback-precision must be fp32 or fp16, not "
                          f"'{fallback_precision}'.")
@@ -112,7 +112,7 @@ def compile(  # noqa: A001 - the verb users know
 
 
 def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
-          config: QuantConfig, budget: float, metric_spec: str, fallback: str,
+          config: QuantConfig, budget: float, metric, fallback: str,
           tuning_log) -> Artifact:
     """--quantize auto: search the precision mix in simulation, build it, check the budget
     with the compiled model (host targets), keep more layers in higher precision if needed."""
@@ -125,14 +125,12 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
         import tomli as tomllib
 
     from .quantize import activation_dtype_for, layer_plan, load_calibration
-    from .quantize.metrics import load_metric
     from .quantize.rules import PrecisionRules
     from .quantize.search import keep_more, search
     from .runtime import load as load_model
     from .quantize.simulate import onnxruntime_outputs
 
     config.check()
-    metric = load_metric(metric_spec)
     feeds = load_calibration(calibration, float_model.inputs, config.method)
     if validation is None:
         log.warning("no --validation data: the budget is checked on the calibration samples, "
@@ -143,10 +141,8 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
     activations = config.activations or activation_dtype_for(target)
     fixed = {}
     if config.rules is not None:
-        layers = [(layer.name, layer.op) for layer in float_model.layers]
-        explicit = config.rules.explicit(layers)
-        plan = layer_plan(float_model, dataclasses.replace(config, float_stem=False),
-                          activations)
+        plan, explicit = layer_plan(float_model, dataclasses.replace(config, float_stem=False),
+                                    activations)
         fixed = {name: plan[name] for name in explicit}
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
                     metric, budget, fallback, fixed, config.bias_correction)

@@ -102,6 +102,7 @@ def test_fp16_layers_compute_in_half_precision(save_model, tmp_path):
     ('[[rule]]\nname = "a"', "rule 1: sets nothing"),
     ('[defaults]\ncalibration = "kl"', "[defaults]: calibration must be one of"),
     ('[[rule]\nname = "a"', "is not valid TOML"),
+    ('[layers]\nfc = "fp32"', "unknown table(s) layers"),
 ])
 def test_bad_rules_files_name_the_rule_and_the_field(tmp_path, text, message):
     path = tmp_path / "rules.toml"
@@ -189,6 +190,12 @@ def test_cli_auto_with_a_python_metric_and_fp16_fallback(save_model, tmp_path, c
     (["--quantize", "int8", "--accuracy-budget", "0.9"], "belong to --quantize auto"),
     (["--quantize", "auto", "--accuracy-budget", "0.9", "--metric", "f1"],
      "Unknown metric 'f1'"),
+    (["--quantize", "auto", "--accuracy-budget", "0.9", "--metric",
+      "python:no_such_metric_file.py:score"], "cannot import no_such_metric_file.py"),
+    (["--quantize", "auto", "--accuracy-budget", "0.9", "--metric", "python:json:no_such"],
+     "json has no function 'no_such'"),
+    (["--quantize", "int8", "--precision-rules", "no_such_rules.toml"],
+     "Precision rules file no_such_rules.toml does not exist"),
 ])
 def test_auto_option_errors(save_model, tmp_path, capsys, args, message):
     model = outlier_chain()
@@ -199,6 +206,14 @@ def test_auto_option_errors(save_model, tmp_path, capsys, args, message):
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_precision_rules_need_a_quantize_mode(save_model, tmp_path, capsys):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "fc"\nprecision = "fp32"\n')
+    code = main(["compile", str(save_model(packed_convnet())), "--precision-rules", str(rules),
+                 "-o", str(tmp_path / "out")])
+    assert code == 2 and "--precision-rules needs --quantize" in capsys.readouterr().err
+
+
 def test_inspect_lists_the_layers_rules_name(save_model, capsys):
     model = packed_convnet()
     assert main(["inspect", str(save_model(model))]) == 0
@@ -206,3 +221,12 @@ def test_inspect_lists_the_layers_rules_name(save_model, capsys):
     for name in ("conv3x3", "pointwise", "depthwise", "fc"):
         assert name in text
     assert "4 weighted layers" in text
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.onnx", "is neither an .onnx model nor a directory"),
+    (lambda d: d, "has no model.json"),
+])
+def test_inspect_names_what_it_cannot_read(tmp_path, capsys, make, message):
+    assert main(["inspect", str(make(tmp_path))]) == 2
+    assert message in capsys.readouterr().err

@@ -60,23 +60,21 @@ class QuantConfig:
 
 
 def layer_plan(model: FloatModel, config: QuantConfig, activations: str,
-               stem: str | None = None) -> dict[str, LayerSettings]:
-    """{layer (ONNX node) name: settings}: the rules, then --float-layer, then the image stem
-    in fp32 (unless a rule sets its precision). Rules that match nothing are warned about."""
-    import dataclasses as dc
-
+               stem: str | None = None) -> tuple[dict[str, LayerSettings], set[str]]:
+    """({layer (ONNX node) name: settings}, the layers whose precision the rules set): the
+    rules, then --float-layer, then the image stem in fp32 (unless a rule sets its
+    precision). Rules that match nothing are warned about."""
     layers = [(layer.name, layer.op) for layer in model.layers]
     rules = config.rules or PrecisionRules()
-    plan, warnings = rules.resolve(layers, config.base_settings(activations))
+    plan, warnings, explicit = rules.resolve(layers, config.base_settings(activations))
     for warning in warnings:
         log.warning("%s", warning)
-    explicit = rules.explicit(layers)
     for name in config.float_layers:
         if name in plan:
-            plan[name] = dc.replace(plan[name], precision="fp32")
+            plan[name] = dataclasses.replace(plan[name], precision="fp32")
     if stem is not None and stem in plan and stem not in explicit and config.float_stem:
-        plan[stem] = dc.replace(plan[stem], precision="fp32")
-    return plan
+        plan[stem] = dataclasses.replace(plan[stem], precision="fp32")
+    return plan, explicit
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,8 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
         log.warning("no layer is named %s: check the names with `qcompile inspect MODEL`",
                     ", ".join(sorted(unknown)))
     stem = _stem(graph)
-    plan = layer_plan(model, config, activations, names_of.get(stem.name) if stem else None)
+    plan, _ = layer_plan(model, config, activations,
+                         names_of.get(stem.name) if stem else None)
     base = config.base_settings(activations)
     weighted = {n.name: n for n in graph.nodes if n.kind in ("conv2d", "matmul")}
     settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
@@ -228,7 +227,7 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
     names_of = _layer_names(model, graph)
-    plan = layer_plan(model, dataclasses.replace(config, float_stem=False), activations)
+    plan, _ = layer_plan(model, dataclasses.replace(config, float_stem=False), activations)
     base = config.base_settings(activations)
     settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
     realizer = Realizer(mod, graph, {}, RealizeConfig(

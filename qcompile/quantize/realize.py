@@ -382,6 +382,18 @@ def _stays_float(r: Realizer, node: Node, unsupported: str | None) -> bool:
     return reason is not None
 
 
+def _not_static_int8(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int):
+    """A weighted layer in fp16 (by the rules), weight-only or dynamic int8; None for static
+    int8. Dynamic mode never reaches here with a conv (it stays fp32)."""
+    if node.name in r.config.fp16_layers:
+        return _fp16_layer(r, node, weight)
+    if r.config.mode == "weight-only":
+        return _weight_only(r, node, weight, channel_axis)
+    if r.config.mode == "dynamic":
+        return _dynamic_matmul(r, node, weight)
+    return None
+
+
 @handles("conv2d")
 def handle_conv2d(r: Realizer, node: Node):
     weight = constant_value(node.args[1])
@@ -396,11 +408,10 @@ def handle_conv2d(r: Realizer, node: Node):
                        "(--quantize int8 with calibration)")
     if _stays_float(r, node, unsupported):
         return NotImplemented
+    other = _not_static_int8(r, node, weight, channel_axis=0)
+    if other is not None:
+        return other
     op = r.relax.op
-    if node.name in r.config.fp16_layers:
-        return _fp16_layer(r, node, weight)
-    if r.config.mode == "weight-only":
-        return _weight_only(r, node, weight, 0)
     strides = [int(s) for s in node.attr("strides")]
     padding = [int(p) for p in node.attr("padding")]
     dilation = [int(d) for d in node.attr("dilation")]
@@ -431,13 +442,10 @@ def handle_matmul(r: Realizer, node: Node):
                    if weight is None or weight.ndim != 2 or node.dtype != "float32" else None)
     if _stays_float(r, node, unsupported):
         return NotImplemented
+    other = _not_static_int8(r, node, weight, channel_axis=1)
+    if other is not None:
+        return other
     op = r.relax.op
-    if node.name in r.config.fp16_layers:
-        return _fp16_layer(r, node, weight)
-    if r.config.mode == "weight-only":
-        return _weight_only(r, node, weight, 1)
-    if r.config.mode == "dynamic":
-        return _dynamic_matmul(r, node, weight)
 
     def emit_acc(xq: QValue, w_q: np.ndarray):
         return r._emit(op.matmul(xq.expr, r._const(w_q, "int8"), out_dtype="int32"))
@@ -451,28 +459,18 @@ def handle_matmul(r: Realizer, node: Node):
 def _fp16_layer(r: Realizer, node: Node, weight: np.ndarray):
     """The layer in half precision: its input and weight in fp16, accumulated in fp32 (the
     weight is stored as fp16: half the size). Bias and activation follow in fp32."""
-    op = r.relax.op
-    x = r._emit(op.astype(r.float_of(node.args[0]), "float16"))
-    w = r._const(weight.astype(np.float16), "float16")
-    if node.kind == "conv2d":
-        out = op.nn.conv2d(x, w, strides=node.attr("strides"), padding=node.attr("padding"),
-                           dilation=node.attr("dilation"), groups=int(node.attr("groups")),
-                           data_layout=node.attr("data_layout"),
-                           kernel_layout=node.attr("kernel_layout"), out_dtype="float32")
-    else:
-        out = op.matmul(x, w, out_dtype="float32")
-    half = weight.astype(np.float16).astype(np.float32)
+    half = weight.astype(np.float16)
+    x = r._emit(r.relax.op.astype(r.float_of(node.args[0]), "float16"))
     r.layers.append(LayerResult(node.name, node.kind, "fp16", "kept in fp16 by the rules",
-                                weight_sqnr_db=_sqnr_db(weight, half), output_var=node.var))
-    return r._emit(out)
+                                weight_sqnr_db=_sqnr_db(weight, half.astype(np.float32)),
+                                output_var=node.var))
+    return r._emit(_float_accumulating(r, node, x, r._const(half, "float16")))
 
 
-def _float_layer_on_int8_weight(r: Realizer, node: Node, w_q: np.ndarray):
-    """The node's conv2d/matmul on its float input and an int8 weight, accumulating in fp32:
-    the int8 weight stays int8 in the library and is widened inside the kernel."""
+def _float_accumulating(r: Realizer, node: Node, x, w):
+    """The node's conv2d/matmul on `x` and the weight constant `w` (int8 or fp16, widened
+    inside the kernel), accumulating in fp32."""
     op = r.relax.op
-    x = r.float_of(node.args[0])
-    w = r._const(w_q, "int8")
     if node.kind == "conv2d":
         return op.nn.conv2d(x, w, strides=node.attr("strides"), padding=node.attr("padding"),
                             dilation=node.attr("dilation"), groups=int(node.attr("groups")),
@@ -495,7 +493,8 @@ def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int)
     scale_shape = [1] * out_rank
     scale_shape[1 if node.kind == "conv2d" else out_rank - 1] = weight.shape[channel_axis]
     scales = np.broadcast_to(s_w, (weight.shape[channel_axis],)).reshape(scale_shape)
-    out = r._emit(r.relax.op.multiply(r._emit(_float_layer_on_int8_weight(r, node, w_q)),
+    layer = _float_accumulating(r, node, r.float_of(node.args[0]), r._const(w_q, "int8"))
+    out = r._emit(r.relax.op.multiply(r._emit(layer),
                                       r._const(scales, "float32")))
     r.layers.append(LayerResult(node.name, node.kind, "int8-weights",
                                 weight_scales=[float(v) for v in np.atleast_1d(s_w)],

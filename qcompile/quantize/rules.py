@@ -147,11 +147,12 @@ class PrecisionRules:
         return cls(tuple(rules), defaults, source)
 
     def resolve(self, layers: Sequence[tuple[str, str]], base: LayerSettings,
-                ) -> tuple[dict[str, LayerSettings], list[str]]:
-        """({layer name: settings} for every layer, warnings). layers: (name, op) in order."""
+                ) -> tuple[dict[str, LayerSettings], list[str], set[str]]:
+        """({layer name: settings} for every layer, warnings, the layers whose precision a
+        rule or [defaults] sets). layers: (name, op) in order."""
         count = len(layers)
         used = [False] * len(self.rules)
-        plan = {}
+        plan, explicit = {}, set()
         for position, (name, op) in enumerate(layers):
             chosen: dict[str, object] = {}
             for k, rule in enumerate(self.rules):
@@ -161,19 +162,12 @@ class PrecisionRules:
                         chosen.setdefault(key, value)
             for key, value in self.defaults.items():
                 chosen.setdefault(key, value)
+            if "precision" in chosen:
+                explicit.add(name)
             plan[name] = replace(base, **chosen)
         warnings = [f"{self.source}: {rule.describe()} matches no layer of the model"
                     for rule, hit in zip(self.rules, used) if not hit]
-        return plan, warnings
-
-    def explicit(self, layers: Sequence[tuple[str, str]]) -> set[str]:
-        """The layers whose precision some rule or the defaults set."""
-        count = len(layers)
-        if "precision" in self.defaults:
-            return {name for name, _ in layers}
-        return {name for position, (name, op) in enumerate(layers)
-                for rule in self.rules if "precision" in rule.settings and
-                rule.matches(name, op, position, count)}
+        return plan, warnings, explicit
 
 
 def _strings(value, where: str, key: str) -> tuple[str, ...]:

@@ -139,7 +139,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
     fixed = dict(fixed or {})
     log.info("precision search: observing %d calibration sample(s) in onnxruntime",
              len(calibration))
-    sim = Simulator(onnx_model, calibration, bias_correction=bias_correction)
+    sim = Simulator(onnx_model, calibration, bias_correction=bias_correction, base=base)
     searched = [l for l in sim.layers if l.name not in fixed]
     macs = {l.name: l.macs for l in sim.layers}
     evaluations = 0

@@ -92,18 +92,19 @@ class Simulator:
     """Fake-quantized runs of one ONNX model for any precision plan over its layers."""
 
     def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
-                 threads: int = 0, bias_correction: bool = True):
+                 threads: int = 0, bias_correction: bool = True,
+                 base: LayerSettings = LayerSettings()):
         import onnx
         from onnx import numpy_helper
 
         self.model = model
         self.threads = threads
         self.bias_correction = bias_correction
+        self.base = base  # the settings of tensors no layer's rules choose (adds, pools)
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
         self.output_names = [o.name for o in model.graph.output]
         self.layers = weighted_layers(model)
-        self.by_name = {l.name: l for l in self.layers}
         # every float tensor that an int8 layer or an integer op may read
         consumed = {self.nodes[l.node_index].input[0] for l in self.layers}
         for node in self.nodes:
@@ -253,7 +254,7 @@ class Simulator:
             elif i in integer_ops:
                 for k, tensor in enumerate(node.input):
                     if tensor and tensor not in self.inits:
-                        node.input[k] = qdq(tensor, self.qparams(tensor, default_for(plan)))
+                        node.input[k] = qdq(tensor, self.qparams(tensor, self.base))
             new_nodes.append(node)
             new_nodes.extend(after)
             after.clear()
@@ -294,15 +295,6 @@ def onnxruntime_outputs(model, feeds) -> list[list[np.ndarray]]:
     session = ort_session(model)
     names = [o.name for o in model.graph.output]
     return [session.run(names, dict(f)) for f in feeds]
-
-
-def default_for(plan: Mapping[str, LayerSettings]) -> LayerSettings:
-    """The settings integer ops use: those of the plan's int8 layers (they share one calibration
-    method and activation type unless rules say otherwise)."""
-    for settings in plan.values():
-        if settings.precision == "int8":
-            return settings
-    return LayerSettings()
 
 
 def _topological(nodes, available: set[str]):
