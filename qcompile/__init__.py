@@ -17,7 +17,7 @@ from .errors import QcompileError  # noqa: E402
 from .pipeline import compile, tune  # noqa: E402  pylint: disable=redefined-builtin
 from .runtime import LoadedModel, load  # noqa: E402
 from .targets import Target, list_targets, load_target  # noqa: E402
-from .tune import TuningLog  # noqa: E402
+from .tuning_log import TuningLog  # noqa: E402
 
 __all__ = ["Artifact", "LoadedModel", "Manifest", "QcompileError", "Target", "TuningLog",
            "__version__", "compile", "list_targets", "load", "load_target", "tune"]

@@ -21,7 +21,8 @@ from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
 from .errors import ToolchainError
 from .frontend import FloatModel
 from .targets import Target
-from .tune import TuningLog, fused_module
+from .tune import fused_module
+from .tuning_log import TuningLog
 
 log = logging.getLogger(__name__)
 

@@ -88,18 +88,42 @@ def _add_compile(sub) -> None:
     p.add_argument("--tuning-log", metavar="DIR",
                    help="apply the tuned schedules recorded in DIR by `qcompile tune` (kernels "
                         "without records keep the default code)")
+    _quantize_args(p, auto=True)
+    a = p.add_argument_group(
+        "automatic precision (--quantize auto)", "Each layer's sensitivity is measured in "
+        "simulation (onnxruntime) on the calibration data; the fewest most-sensitive layers "
+        "that meet the budget on --validation stay in --fallback-precision. The compiled model "
+        "is then checked on --validation (host target). Writes OUT_DIR/precision-rules.toml "
+        "(reuse it with --quantize int8 --precision-rules) and OUT_DIR/search.json.")
+    a.add_argument("--accuracy-budget", type=float, metavar="X",
+                   help="the lowest acceptable --metric against fp32 (the highest for mse), "
+                        "e.g. 0.99 for 99%% top-1 agreement")
+    a.add_argument("--metric", default="top1",
+                   help="top1 (arg-max agreement with fp32), cosine (mean cosine similarity), "
+                        "mse, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION taking "
+                        "(references, outputs, feeds) -> float (default: top1)")
+    a.add_argument("--validation", metavar="VAL.npz",
+                   help="held-out samples (same format as --calibration) on which the budget "
+                        "is met; without it, the calibration samples (optimistic)")
+    a.add_argument("--fallback-precision", default="fp32", choices=["fp32", "fp16"],
+                   help="precision of the layers int8 would cost too much (default: fp32)")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _quantize_args(p, auto: bool) -> None:
+    """The quantization options of compile (auto: with --quantize auto) and tune."""
     q = p.add_argument_group(
         "quantization", "Static int8: calibrate on sample inputs, then run convolutions and "
         "matmuls as int8 x int8 -> int32 kernels with the requantization fused. The report "
         "(per layer: precision, scales, error against fp32) is printed and saved as "
         "OUT_DIR/quantization.json.")
-    q.add_argument("--quantize", choices=["int8", "auto", "int8-dynamic", "int8-weights",
-                                          "fp16"],
+    modes = ["int8", "auto", "int8-dynamic", "int8-weights", "fp16"]
+    q.add_argument("--quantize", choices=modes if auto else [m for m in modes if m != "auto"],
                    help="int8: static, calibrated (needs --calibration), the fastest; "
-                        "auto: int8 wherever --accuracy-budget allows, the most sensitive "
-                        "layers in --fallback-precision (searched, then checked on "
-                        "--validation with the compiled model); "
-                        "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
+                        + ("auto: int8 wherever --accuracy-budget allows, the most sensitive "
+                           "layers in --fallback-precision (searched, then checked on "
+                           "--validation with the compiled model); " if auto else "")
+                        + "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
                         "(transformers; no calibration); int8-weights: int8 weights, fp32 "
                         "arithmetic (4x smaller, no calibration); fp16: convolutions and "
                         "matmuls in half precision (default: fp32)")
@@ -134,25 +158,6 @@ def _add_compile(sub) -> None:
     q.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                    help="do not correct the mean output shift that rounding the weights to "
                         "int8 causes (on by default)")
-    a = p.add_argument_group(
-        "automatic precision (--quantize auto)", "Each layer's sensitivity is measured in "
-        "simulation (onnxruntime) on the calibration data; the fewest most-sensitive layers "
-        "that meet the budget on --validation stay in --fallback-precision. The compiled model "
-        "is then checked on --validation (host target). Writes OUT_DIR/precision-rules.toml "
-        "(reuse it with --quantize int8 --precision-rules) and OUT_DIR/search.json.")
-    a.add_argument("--accuracy-budget", type=float, metavar="X",
-                   help="the lowest acceptable --metric against fp32 (the highest for mse), "
-                        "e.g. 0.99 for 99%% top-1 agreement")
-    a.add_argument("--metric", default="top1",
-                   help="top1 (arg-max agreement with fp32), cosine (mean cosine similarity), "
-                        "mse, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION taking "
-                        "(references, outputs, feeds) -> float (default: top1)")
-    a.add_argument("--validation", metavar="VAL.npz",
-                   help="held-out samples (same format as --calibration) on which the budget "
-                        "is met; without it, the calibration samples (optimistic)")
-    a.add_argument("--fallback-precision", default="fp32", choices=["fp32", "fp16"],
-                   help="precision of the layers int8 would cost too much (default: fp32)")
-    p.set_defaults(func=_cmd_compile)
 
 
 def _cc_arg(p) -> None:
@@ -170,27 +175,37 @@ def _shape_arg(p) -> None:
 TUNE_HELP = """\
 Search faster schedules for the model's kernels with MetaSchedule (XGBoost cost model),
 measuring candidates on the device through an RPC tracker (--rpc-tracker/--rpc-key), or on
-this machine for the host target. Every measured record is kept in the tuning log (a
-MetaSchedule JSON database); pass it to `qcompile compile --tuning-log DIR`.
+this machine for the host target. Tune the model in the precision you will compile it in: pass
+the same --quantize, --calibration and other quantization options as to `qcompile compile`.
+
+Every measured candidate is appended to the tuning log (a MetaSchedule JSON database, default
+tuning_logs/TARGET) as soon as it is measured. Each kernel is tuned until the log holds
+--trials candidates for it, so running the same command again resumes an interrupted tune, and
+kernels that another model already tuned in the same log cost nothing. Apply the log with
+`qcompile compile ... --tuning-log DIR`. A log measured for another target or TVM version is
+refused.
 """
 
 
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="auto-tune the model's kernels on the device",
-                       description=TUNE_HELP)
+                       description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to tune")
     p.add_argument("--target", "-t", default="host",
                    help="a target name (see `qcompile targets`) or a target .toml file")
-    p.add_argument("--trials", type=int, default=64,
-                   help="candidates to measure, over all kernels (default: 64)")
+    p.add_argument("--trials", type=int, default=32,
+                   help="measured candidates per kernel, counting those already in the log "
+                        "(default: 32; 64-200 find better schedules)")
     p.add_argument("--log", dest="log_dir", metavar="DIR",
                    help="tuning log directory (default: tuning_logs/TARGET)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="TVM RPC tracker through which to reach the devices that measure")
+                   help="TVM RPC tracker through which to reach the devices that measure "
+                        "(every free device under the key measures in parallel)")
     p.add_argument("--rpc-key", metavar="KEY",
                    help="device key at the tracker (default: the target's rpc_key)")
     _shape_arg(p)
     _cc_arg(p)
+    _quantize_args(p, auto=False)
     p.set_defaults(func=_cmd_tune)
 
 
@@ -337,23 +352,7 @@ def _cmd_compile(args) -> int:
     from .specs import parse_input_shape
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
-    config = None
-    if args.quantize in ("int8", "auto", "int8-dynamic", "int8-weights"):
-        from .quantize import QuantConfig
-        from .quantize.rules import PrecisionRules
-
-        rules = PrecisionRules.load(args.precision_rules) if args.precision_rules else None
-        config = QuantConfig(method=args.calibration_method,
-                             per_channel=args.weights == "per-channel",
-                             activations=args.activations, symmetric=args.symmetric,
-                             float_layers=frozenset(args.float_layer),
-                             float_stem=not args.int8_stem, rules=rules,
-                             bias_correction=args.bias_correction)
-    elif args.calibration:
-        raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
-    elif args.precision_rules:
-        raise InputError("--precision-rules needs --quantize (int8, auto, int8-dynamic or "
-                         "int8-weights).")
+    config = _quant_config(args)
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
                              cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
                              calibration=args.calibration, quant_config=config,
@@ -362,6 +361,27 @@ def _cmd_compile(args) -> int:
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
     return 0
+
+
+def _quant_config(args):
+    """The QuantConfig the quantization options ask for (None without --quantize)."""
+    if args.quantize in ("int8", "auto", "int8-dynamic", "int8-weights"):
+        from .quantize import QuantConfig
+        from .quantize.rules import PrecisionRules
+
+        rules = PrecisionRules.load(args.precision_rules) if args.precision_rules else None
+        return QuantConfig(method=args.calibration_method,
+                           per_channel=args.weights == "per-channel",
+                           activations=args.activations, symmetric=args.symmetric,
+                           float_layers=frozenset(args.float_layer),
+                           float_stem=not args.int8_stem, rules=rules,
+                           bias_correction=args.bias_correction)
+    if args.calibration:
+        raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
+    if args.precision_rules:
+        raise InputError("--precision-rules needs --quantize (int8, auto, int8-dynamic or "
+                         "int8-weights).")
+    return None
 
 
 def _cmd_tune(args) -> int:
@@ -373,9 +393,11 @@ def _cmd_tune(args) -> int:
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     result = tune(args.model, args.target, args.log_dir, trials=args.trials,
                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, input_shapes=shapes,
-                  cc=args.cc)
+                  cc=args.cc, quantize=args.quantize, calibration=args.calibration,
+                  quant_config=_quant_config(args))
     print(result.describe())
-    print(f"apply it: qcompile compile {args.model} --target {args.target} "
+    options = f" --quantize {args.quantize} ..." if args.quantize else ""
+    print(f"apply it: qcompile compile {args.model} --target {args.target}{options} "
           f"--tuning-log {result.directory}")
     return 0
 

@@ -16,8 +16,8 @@ from .quantize import QuantConfig, quantize_weights, realize_prequantized, to_fp
 from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
-from .tune import TuningLog, open_log
 from .tune import tune as tune_model
+from .tuning_log import TuningLog, open_log, shipped_log
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,29 @@ def compile(  # noqa: A001 - the verb users know
       scales whatever this says. quant_config.rules (a PrecisionRules) sets per-layer precision.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
-    log_ = open_log(tuning_log) if tuning_log is not None else None
+    log_ = open_log(tuning_log, resolved) if tuning_log is not None else shipped_log(resolved)
+    _check_quantize_args(quantize, calibration, validation, accuracy_budget)
+    if quantize == "auto":
+        from .quantize.metrics import load_metric
+
+        metric = load_metric(metric)  # a bad --metric fails before any work
+    if fallback_precision not in ("fp32", "fp16"):
+        raise InputError(f"--fallback-precision must be fp32 or fp16, not "
+                         f"'{fallback_precision}'.")
+    graph = _import(model, input_shapes)
+    if quantize == "auto" and not graph.prequantized:
+        return _auto(graph, resolved, Path(out_dir), calibration, validation,
+                     quant_config or QuantConfig(), accuracy_budget, metric, fallback_precision,
+                     log_)
+    graph = _quantize(graph, resolved, quantize, calibration, quant_config)
+    artifact = build(graph, resolved, out_dir, tuning_log=log_)
+    if hasattr(graph, "report"):
+        path = graph.report.save(artifact.directory)
+        log.info("quantization report: %s", path)
+    return artifact
+
+
+def _check_quantize_args(quantize, calibration, validation=None, accuracy_budget=None) -> None:
     if quantize not in (None, "none", "fp32", *QUANTIZE_MODES):
         raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated), "
                          "int8-dynamic, int8-weights or fp16.")
@@ -79,36 +101,24 @@ def compile(  # noqa: A001 - the verb users know
                          "of --metric (e.g. 0.99 for top-1 agreement with fp32).")
     if quantize != "auto" and (validation is not None or accuracy_budget is not None):
         raise InputError("--validation and --accuracy-budget belong to --quantize auto.")
-    if quantize == "auto":
-        from .quantize.metrics import load_metric
 
-        metric = load_metric(metric)  # a bad --metric fails before any work
-    if fallback_precision not in ("fp32", "fp16"):
-        raise InputError(f"--fallback-precision must be fp32 or fp16, not "
-                         f"'{fallback_precision}'.")
-    graph = _import(model, input_shapes)
+
+def _quantize(graph, target: Target, quantize, calibration, quant_config):
+    """The model in the precision that will be built (every mode but auto)."""
     if graph.prequantized:
         if quantize == "int8":
             log.warning("the model arrives quantized (QDQ): its own scales are used, the "
                         "calibration data is not")
-        graph = realize_prequantized(graph)
-    elif quantize == "fp16":
-        graph = to_fp16(graph)
-    elif quantize == "auto":
-        return _auto(graph, resolved, Path(out_dir), calibration, validation,
-                     quant_config or QuantConfig(), accuracy_budget, metric, fallback_precision,
-                     log_)
-    elif quantize == "int8":
+        return realize_prequantized(graph)
+    if quantize == "fp16":
+        return to_fp16(graph)
+    if quantize == "int8":
         (quant_config or QuantConfig()).check()
-        graph = quantize_model(graph, calibration, quant_config or QuantConfig(), resolved)
-    elif quantize in WITHOUT_CALIBRATION:
-        graph = quantize_weights(graph, WITHOUT_CALIBRATION[quantize],
-                                 quant_config or QuantConfig(), resolved)
-    artifact = build(graph, resolved, out_dir, tuning_log=log_)
-    if hasattr(graph, "report"):
-        path = graph.report.save(artifact.directory)
-        log.info("quantization report: %s", path)
-    return artifact
+        return quantize_model(graph, calibration, quant_config or QuantConfig(), target)
+    if quantize in WITHOUT_CALIBRATION:
+        return quantize_weights(graph, WITHOUT_CALIBRATION[quantize],
+                                quant_config or QuantConfig(), target)
+    return graph
 
 
 def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
@@ -209,22 +219,35 @@ def tune(
     target: str | Path | Target = "host",
     log_dir: str | Path | None = None,
     *,
-    trials: int = 64,
+    trials: int = 32,
     rpc_tracker: str | None = None,
     rpc_key: str | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cc: str | None = None,
+    quantize: str | None = None,
+    calibration: Any = None,
+    quant_config: QuantConfig | None = None,
 ) -> TuningLog:
-    """Tune an ONNX model's kernels for a target; records go to `log_dir` (default:
-    tuning_logs/<target>). Measured on the device under `rpc_key` at `rpc_tracker`, or on this
-    machine for the host target. Pass the log to compile(tuning_log=...)."""
+    """Tune the kernels of an ONNX model, in the precision it will be compiled in (`quantize`,
+    `calibration` and `quant_config` as for compile()), for a target: each kernel until the log
+    holds `trials` measured candidates for it. Records go to `log_dir` (default:
+    tuning_logs/<target>); a log that already holds records continues from them (resume, and
+    reuse of kernels tuned for other models). Measured on the device under `rpc_key` at
+    `rpc_tracker`, or on this machine for the host target. Pass the log to
+    compile(tuning_log=...), with the same quantization options."""
     resolved = load_target(target).with_compiler(cc)
+    if quantize == "auto":
+        raise InputError("qcompile tune cannot search the precision mix: compile with "
+                         "--quantize auto first, then tune with --quantize int8 "
+                         "--precision-rules OUT_DIR/precision-rules.toml (the mix it wrote).")
+    _check_quantize_args(quantize, calibration)
     rpc = None
     if rpc_tracker is not None or rpc_key is not None:
         rpc = (parse_tracker(rpc_tracker), rpc_key or resolved.rpc_key)
-    float_model = _import(model, input_shapes)
+    graph = _quantize(_import(model, input_shapes), resolved, quantize, calibration,
+                      quant_config)
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
-    return tune_model(float_model, resolved, directory, trials=trials, rpc=rpc)
+    return tune_model(graph, resolved, directory, trials=trials, rpc=rpc)
 
 
 def _import(model: str | Path, input_shapes):

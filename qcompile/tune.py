@@ -1,78 +1,43 @@
 """Tune stage: search schedules for the model's kernels with MetaSchedule, measuring each
 candidate on the device (through an RPC tracker) or on this machine, and keep every measured
-record in a tuning log (a MetaSchedule JSON database) that the build stage applies.
+record in a tuning log (tuning_log.py) that the build stage applies.
 
-Candidates are built here with the target's (cross) compiler into a final .so: a phone has no
-compiler, so MetaSchedule's default export (a .tar the device would link) cannot be used.
+- Kernels are tuned one after the other, each up to `trials` measured candidates, with one
+  XGBoost cost model shared by all of them and first trained on the records already in the log.
+- Resume and reuse: a kernel's budget counts the records the log already holds for its workload,
+  whichever model or earlier (interrupted) run measured them. A kernel tuned before costs
+  nothing; a run killed midway continues where it stopped.
+- A candidate that fails to build or run is a record of a failure, not the end of the run. When
+  every candidate of a batch fails on RPC and the tracker has no device left under the key, the
+  run stops with a DeviceError (what was measured stays in the log).
+- Candidates are built here with the target's (cross) compiler into a final .so: a phone has no
+  compiler, so MetaSchedule's default export (a .tar the device would link) cannot be used.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import tempfile
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
-from .errors import DeviceError
+from .errors import DeviceError, InputError
 from .frontend import FloatModel
+from .measure import Devices, builder, mean_seconds, progress_callback
 from .targets import Target
+from .tuning_log import (TaskSummary, TuningLog, identity, incompatibility, read_info, repair,
+                         write_info)
 
 log = logging.getLogger(__name__)
 
-BUILD_TIMEOUT_S = 180  # MetaSchedule's 30 s times out on 2 cores (each worker imports ~17 s)
-RUN_TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class TaskSummary:
-    """One tuned kernel: its name, weight (uses in the model), and the best time measured."""
-
-    name: str
-    weight: int
-    records: int
-    best_us: float | None  # None: no candidate ran
-
-    def describe(self) -> str:
-        best = f"{self.best_us:10.1f} us" if self.best_us is not None else "   no valid run"
-        return f"{self.name:<48} x{self.weight:<3} {self.records:>5} records  best {best}"
-
-
-@dataclass(frozen=True)
-class TuningLog:
-    """A directory holding a MetaSchedule JSON database (workloads + tuning records)."""
-
-    directory: Path
-    tasks: tuple[TaskSummary, ...] = ()
-    seconds: float = 0.0
-    device: str = "this machine"
-    emulated: bool = False
-
-    def database(self):
-        from tvm.s_tir import meta_schedule as ms
-
-        return ms.database.JSONDatabase(work_dir=str(self.directory), allow_missing=False)
-
-    def describe(self) -> str:
-        lines = [f"tuned {len(self.tasks)} kernel(s) in {self.seconds:.0f} s on {self.device}"
-                 + (" (EMULATED: measured times are not the phone's)" if self.emulated else ""),
-                 *("  " + task.describe() for task in self.tasks),
-                 f"tuning log: {self.directory}"]
-        return "\n".join(lines)
-
-
-def open_log(directory: str | Path) -> TuningLog:
-    """An existing tuning log, or an InputError naming what is missing."""
-    from .errors import InputError
-
-    directory = Path(directory)
-    needed = ("database_workload.json", "database_tuning_record.json")
-    if not all((directory / name).is_file() for name in needed):
-        raise InputError(f"'{directory}' is not a tuning log: it should hold {needed[0]} and "
-                         f"{needed[1]}, as written by `qcompile tune --log {directory}`.")
-    return TuningLog(directory)
+TRIALS_PER_BATCH = 16
+# Smaller than MetaSchedule's defaults (population 512, 4 genetic rounds, 5 failures): on 2
+# cores each batch's search took 10-75 s, longer than measuring it.
+SEARCH = {"population_size": 256, "init_min_unmeasured": 32, "genetic_num_iters": 2,
+          "max_fail_count": 2}
+COST_MODEL_WARMUP = 32  # random candidates before the cost model ranks them (MetaSchedule: 100)
 
 
 def fused_module(mod, target: Target):
@@ -121,95 +86,147 @@ def _has_int8_conv(mod) -> bool:
     return bool(found)
 
 
-def export_library(module, cc: str | None) -> str:
-    """MetaSchedule builder export: a .so linked here with the target's compiler."""
-    from tvm.support import cc as tvm_cc
+def _has_reduction(mod) -> bool:
+    """Whether a kernel reduces (conv, matmul, pooling): those are worth searching. An
+    elementwise kernel's schedule space holds one schedule (parallel + vectorize), measured
+    once: MetaSchedule would spend five empty search rounds finding nothing new."""
+    import tvm
+    from tvm.s_tir import Schedule
 
-    path = os.path.join(tempfile.mkdtemp(prefix="qcompile-candidate-"), "candidate.so")
-    module.export_library(path, fcompile=tvm_cc.cross_compiler(cc) if cc else None)
-    return path
+    sch = Schedule(mod)
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch.work_on(gvar.name_hint)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if any(int(iv.iter_type) == tvm.tirx.IterVar.CommReduce
+                   for iv in sch.get(block).iter_vars):
+                return True
+    return False
 
 
-def _runner(target: Target, rpc: tuple[tuple[str, int], str] | None):
-    """A MetaSchedule runner for the device, and a description of where it measures."""
+def _records(database, mod) -> list:
+    if not database.has_workload(mod):
+        return []
+    return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
+
+
+def _warm_start(cost_model, contexts, database) -> int:
+    """Train the cost model on the records the log already holds for these kernels."""
     from tvm.s_tir import meta_schedule as ms
 
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
-                                          enable_cpu_cache_flush=False)
-    if rpc is None:
-        if target.cc is not None or target.is_gpu:
-            raise DeviceError(f"Target '{target.name}' cannot be measured on this machine: "
-                              "pass --rpc-tracker HOST:PORT and --rpc-key KEY of a device.")
-        return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=RUN_TIMEOUT_S), \
-            "this machine", False
-    from .remote import device_info, request_session, tracker_status
-
-    (host, port), key = rpc
-    status = {k.key: k for k in tracker_status((host, port)).keys}
-    if key not in status or status[key].total == 0:
-        known = ", ".join(sorted(status)) or "none"
-        raise DeviceError(f"No device is registered under key '{key}' at the tracker "
-                          f"{host}:{port}, so nothing can measure the candidates. Keys "
-                          f"registered there: {known}.")
-    with_session = request_session((host, port), key, timeout=RUN_TIMEOUT_S)
-    emulated = bool(device_info(with_session).get("emulated"))
-    del with_session
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
-                                 session_priority=1, session_timeout_sec=RUN_TIMEOUT_S)
-    runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                                 max_workers=status[key].total)
-    return runner, f"{status[key].total} device(s) '{key}' at {host}:{port}", emulated
+    trained = 0
+    for context in contexts:
+        records = [r for r in _records(database, context.mod) if r.run_secs]
+        if not records:
+            continue
+        candidates = [r.as_measure_candidate() for r in records]
+        results = [ms.runner.RunnerResult(run_secs=[float(t) for t in r.run_secs],
+                                          error_msg=None) for r in records]
+        cost_model.update(context, candidates, results)
+        trained += len(records)
+    return trained
 
 
-def _summaries(tasks, database) -> tuple[TaskSummary, ...]:
-    out = []
-    for task in tasks:
-        mod = task.dispatched[0]
-        records = []
-        if database.has_workload(mod):
-            workload = database.commit_workload(mod)
-            records = database.get_top_k(workload, 10_000)
-        times = [sum(float(t) for t in r.run_secs) / len(r.run_secs) for r in records
-                 if r.run_secs]
-        best = min(times) * 1e6 if times else None
-        out.append(TaskSummary(task.task_name, int(task.weight), len(records), best))
-    return tuple(out)
+def check_log_dir(directory: Path, target: Target) -> None:
+    """Refuse to add records for `target` to a log measured for another target or TVM."""
+    info = read_info(directory)
+    if info is None:
+        if any(directory.glob("database_*.json")):
+            log.warning("tuning log %s has no record of its target: assuming %s", directory,
+                        target.name)
+        write_info(directory, identity(target))
+        return
+    why = incompatibility(info, target)
+    if why is not None:
+        raise InputError(f"The tuning log {directory} belongs to another target or TVM: {why}. "
+                         f"Tune '{target.name}' into another directory (--log DIR).")
 
 
-def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 64,
-         rpc: tuple[tuple[str, int], str] | None = None) -> TuningLog:
-    """Tune `model`'s kernels for `target` with `trials` measurements in all (MetaSchedule,
-    XGBoost cost model), adding every record to the JSON database in `log_dir`.
+def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 32,
+         rpc: tuple[tuple[str, int], str] | None = None,
+         out: TextIO | None = None) -> TuningLog:
+    """Tune each kernel of `model` (already quantized, if it is to be) for `target` until the
+    log holds `trials` measured candidates for it (MetaSchedule, XGBoost cost model).
 
     rpc: ((tracker_host, tracker_port), key) of the devices that measure; None measures here.
-    `target` must have its compiler resolved (Target.with_compiler).
+    `target` must have its compiler resolved (Target.with_compiler). Progress goes to `out`
+    (default: stderr), one line per batch of candidates.
     """
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
 
     if target.is_gpu:
         raise DeviceError("Tuning GPU targets is not supported yet: their kernels use dlight's "
                           "default schedules. Compile without a tuning log.")
     from .schedules import intrinsics
 
+    out = out or sys.stderr
     intrinsics.register()  # the search tensorizes with them
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    runner, where, emulated = _runner(target, rpc)
+    check_log_dir(log_dir, target)
+    repair(log_dir)
+    devices = Devices(target, rpc)
     tvm_target = target.to_tvm()
     mod = fused_module(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
-    log.info("tuning %d kernel(s) of %s for %s with %d trials, measured on %s%s", len(tasks),
-             Path(model.source).name, target.name, trials, where,
-             " (emulated: timings rank candidates but are not the phone's)" if emulated else "")
+    # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1)
-    builder = ms.builder.LocalBuilder(
-        max_workers=os.cpu_count() or 1, timeout_sec=BUILD_TIMEOUT_S,
-        f_export=functools.partial(export_library, cc=target.cc))
+        tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
+        strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
     database = ms.database.JSONDatabase(work_dir=str(log_dir))
+    before = {c.task_name: len(_records(database, c.mod)) for c in contexts}
+    budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
+    todo = [c for c in contexts if before[c.task_name] < budgets[c.task_name]]
+    log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
+             "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
+             target.name, len(contexts) - len(todo), trials, log_dir, len(todo), trials,
+             devices.where,
+             " (EMULATED: timings rank candidates but are not the phone's)"
+             if devices.emulated else "")
+    build = builder(target.cc)
+    runner = devices.runner()
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1,
+                                        num_warmup_samples=COST_MODEL_WARMUP)
+    warm = _warm_start(cost_model, contexts, database)
+    if warm:
+        log.info("cost model trained on %d record(s) already in the log", warm)
+    progress = progress_callback(devices, out)
+    callbacks = [ms.measure_callback.AddToDatabase(),
+                 ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), progress]
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
-    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(log_dir),
-                       max_trials_global=trials, num_trials_per_iter=min(trials, 64),
-                       builder=builder, runner=runner, database=database, cost_model="xgb")
-    seconds = time.perf_counter() - start
-    return TuningLog(log_dir, _summaries(tasks, database), seconds, where, emulated)
+    for number, context in enumerate(todo, 1):
+        budget = budgets[context.task_name] - before[context.task_name]
+        best = [mean_seconds(r.run_secs) for r in _records(database, context.mod)]
+        best = min((b for b in best if b is not None), default=None)
+        progress.start(f"[{number}/{len(todo)}] {context.task_name}",
+                       estimate_tir_flops(context.mod), budget, best)
+        task_start = time.perf_counter()
+        ms.tune.tune_tasks(tasks=[context], task_weights=[weights[contexts.index(context)]],
+                           work_dir=str(log_dir), max_trials_global=budget,
+                           num_trials_per_iter=min(budget, TRIALS_PER_BATCH),
+                           builder=build, runner=runner, database=database,
+                           cost_model=cost_model, measure_callbacks=callbacks,
+                           task_scheduler="round-robin")
+        seconds[context.task_name] = time.perf_counter() - task_start
+        if out.isatty():
+            out.write("\n")
+    total = time.perf_counter() - start
+    summaries = []
+    for context, weight in zip(contexts, weights):
+        records = _records(database, context.mod)
+        times = [t for t in (mean_seconds(r.run_secs) for r in records) if t is not None]
+        best = min(times) if times else None
+        flops = estimate_tir_flops(context.mod)
+        summaries.append(TaskSummary(
+            context.task_name, int(weight), len(records),
+            best * 1e6 if best is not None else None,
+            flops / best / 1e9 if best and flops else None,
+            len(records) - before[context.task_name], seconds.get(context.task_name, 0.0)))
+    return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
+                     devices.emulated)
+

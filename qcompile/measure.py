@@ -1,0 +1,194 @@
+"""Where and how tuning candidates are built and measured: a builder whose worker processes
+live for the whole tune, the devices (this machine, or every device under a key at an RPC
+tracker), and a measure callback that shows progress and notices when no device is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import TextIO
+
+from .errors import DeviceError
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+BUILD_TIMEOUT_S = 180  # MetaSchedule's 30 s times out on 2 cores (each worker imports ~17 s)
+RUN_TIMEOUT_S = 60
+WORKER_USES = 64  # builds per worker process before it is replaced (TVM's workers leak memory)
+
+
+def export_library(module, cc: str | None) -> str:
+    """MetaSchedule builder export: a .so linked here with the target's compiler."""
+    from tvm.support import cc as tvm_cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="qcompile-candidate-"), "candidate.so")
+    module.export_library(path, fcompile=tvm_cc.cross_compiler(cc) if cc else None)
+    return path
+
+
+def _warm_worker() -> None:
+    import tvm.s_tir.tensor_intrin  # noqa: F401  what MetaSchedule's default build imports
+
+
+def builder(cc: str | None):
+    """A MetaSchedule builder linking candidates with `cc` (None: the host compiler).
+
+    MetaSchedule's LocalBuilder starts new worker processes for every batch, and each spends
+    about 17 s importing TVM's tensor intrinsics: on 2 cores that was 30 s per batch, longer
+    than building and measuring it. These workers are kept, and replaced every WORKER_USES
+    builds."""
+    import functools
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import local_builder
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    export = functools.partial(export_library, cc=cc)
+
+    @derived_object
+    class PersistentBuilder(ms.builder.PyBuilder):
+        def __init__(self) -> None:
+            self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1,
+                                          timeout=BUILD_TIMEOUT_S, initializer=_warm_worker,
+                                          maximum_process_uses=WORKER_USES)
+
+        def build(self, build_inputs):
+            jobs = [(None, export, item.mod, item.target,
+                     local_builder._serialize_params(item.params)) for item in build_inputs]
+            results = []
+            for done in self.pool.map_with_error_catching(
+                    lambda job: local_builder._worker_func(*job), jobs):
+                if done.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(done.value, None))
+                elif done.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"build timed out after {BUILD_TIMEOUT_S} s"))
+                else:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"build failed: {done.value}"))
+            return results
+
+    return PersistentBuilder()
+
+
+class Devices:
+    """Where candidates are measured: this machine, or the devices under a key at a tracker."""
+
+    def __init__(self, target: Target, rpc: tuple[tuple[str, int], str] | None):
+        self.rpc = rpc
+        if rpc is None:
+            if target.cc is not None or target.is_gpu:
+                raise DeviceError(f"Target '{target.name}' cannot be measured on this machine: "
+                                  "pass --rpc-tracker HOST:PORT and --rpc-key KEY of a device.")
+            self.where, self.count, self.emulated = "this machine", 1, False
+            return
+        from .remote import device_info, request_session
+
+        (host, port), key = rpc
+        self.count = self.available()
+        if self.count == 0:
+            raise DeviceError(self._none_left("No device is registered"))
+        session = request_session((host, port), key, timeout=RUN_TIMEOUT_S)
+        self.emulated = bool(device_info(session).get("emulated"))
+        del session
+        self.where = f"{self.count} device(s) '{key}' at {host}:{port}"
+
+    def available(self) -> int:
+        from .remote import tracker_status
+
+        (host, port), key = self.rpc
+        status = {k.key: k for k in tracker_status((host, port)).keys}
+        self._known = ", ".join(sorted(status)) or "none"
+        return status[key].total if key in status else 0
+
+    def _none_left(self, what: str) -> str:
+        (host, port), key = self.rpc
+        return (f"{what} under key '{key}' at the tracker {host}:{port}, so nothing can "
+                f"measure the candidates. Keys registered there: {self._known}. Start or "
+                f"reconnect the device (`python -m tvm.exec.rpc_server --tracker {host}:{port} "
+                f"--key {key}`, or `qcompile device` for the emulated one) and run the same "
+                "tune again: it resumes from the records in the log.")
+
+    def runner(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                              enable_cpu_cache_flush=False)
+        if self.rpc is None:
+            return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=RUN_TIMEOUT_S)
+        (host, port), key = self.rpc
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                     session_priority=1, session_timeout_sec=RUN_TIMEOUT_S)
+        return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
+                                   max_workers=self.count)
+
+    def check_alive(self) -> None:
+        """After a batch in which every candidate failed: stop if no device is left."""
+        if self.rpc is not None and self.available() == 0:
+            raise DeviceError(self._none_left("Every device dropped out: none is left"))
+
+
+def mean_seconds(run_secs) -> float | None:
+    if not run_secs:
+        return None
+    values = [float(t) for t in run_secs]
+    mean = sum(values) / len(values)
+    return mean if mean < 1e9 else None  # MetaSchedule stores failures as 1e10 s
+
+
+def progress_callback(devices: Devices, out: TextIO):
+    """A MetaSchedule measure callback printing one live line per kernel."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            self.label = ""
+            self.flops = 0.0
+            self.budget = 0
+            self.done = 0
+            self.failed = 0
+            self.best: float | None = None
+            self.started = time.perf_counter()
+
+        def start(self, label: str, flops: float, budget: int, best: float | None) -> None:
+            self.label, self.flops, self.budget, self.best = label, flops, budget, best
+            self.done = self.failed = 0
+            self.started = time.perf_counter()
+
+        def line(self) -> str:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / self.done * (self.budget - self.done) if self.done else 0.0
+            best = "-" if self.best is None else f"{self.best * 1e6:.1f} us"
+            ops = "" if self.best is None or not self.flops else \
+                f" ({self.flops / self.best / 1e9:.1f} GOPS)"
+            return (f"{self.label}: {self.done}/{self.budget} trials, best {best}{ops}, "
+                    f"{self.failed} failed, {elapsed:.0f} s, ETA {eta:.0f} s")
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results) -> None:
+            failed = 0
+            for built, ran in zip(builder_results, runner_results):
+                seconds = mean_seconds(ran.run_secs) if built.error_msg is None and \
+                    ran.error_msg is None else None
+                if seconds is None:
+                    failed += 1
+                elif self.best is None or seconds < self.best:
+                    self.best = seconds
+            self.done += len(runner_results)
+            self.failed += failed
+            end = "\n" if not out.isatty() else "\r"
+            out.write(self.line() + end)
+            out.flush()
+            ran_nothing = all(r.error_msg is not None for r in runner_results)
+            built_some = any(b.error_msg is None for b in builder_results)
+            if ran_nothing and built_some:
+                devices.check_alive()
+
+    return Progress()

@@ -1,0 +1,219 @@
+"""Tuning logs: directories holding a MetaSchedule JSON database (workloads + measured records)
+plus `qcompile-log.json`, which says what the records were measured for.
+
+A log is only worth applying to the target and TVM version it was measured with: another TVM
+may generate different code from the same schedule, and another instruction set packs int8
+weights differently (its workloads never match). `open_log` refuses such a log with the reason;
+`shipped_log` picks the one shipped in tuning_logs/<target> when it fits, and says why not.
+
+MetaSchedule appends each record to database_tuning_record.json as it is measured, so a killed
+tune loses at most the line being written; `repair` drops such a torn last line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "qcompile-log.json"
+WORKLOADS_FILE = "database_workload.json"
+RECORDS_FILE = "database_tuning_record.json"
+FORMAT = 1
+
+
+def identity(target: Target) -> dict[str, Any]:
+    """What a log's records depend on: the TVM version and the code-generation target."""
+    import tvm
+
+    from .schedules.intrinsics import dot_product_for
+
+    cpu = target.host if target.is_gpu else target.target
+    dot = dot_product_for(target.to_tvm()) if not target.is_gpu else None
+    return {
+        "format": FORMAT,
+        "tvm": tvm.__version__,
+        "target": target.name,
+        "kind": target.kind,
+        "device": target.target.get("device"),
+        "mtriple": cpu.get("mtriple") or f"{platform.machine()}-native",
+        "mcpu": cpu.get("mcpu"),
+        "mattr": sorted(cpu.get("mattr", [])),
+        "int8_instruction": dot.instruction if dot is not None else None,
+    }
+
+
+def incompatibility(recorded: dict[str, Any], target: Target) -> str | None:
+    """Why records measured for `recorded` must not be applied to `target` (None: they may)."""
+    here = identity(target)
+    if recorded.get("tvm") != here["tvm"]:
+        return (f"it was measured with TVM {recorded.get('tvm')} and this is TVM "
+                f"{here['tvm']}, whose code for the same schedules may differ")
+    for key, what in (("kind", "target kind"), ("device", "GPU"), ("mtriple", "CPU triple"),
+                      ("int8_instruction", "int8 dot-product instruction")):
+        if recorded.get(key) != here[key]:
+            return (f"it was measured for {what} {recorded.get(key)!r} (target "
+                    f"'{recorded.get('target')}') and '{target.name}' has {here[key]!r}")
+    return None
+
+
+def differences(recorded: dict[str, Any], target: Target) -> str | None:
+    """Differences that still let records apply but may make them less than the best here."""
+    here = identity(target)
+    changed = [f"{key} {recorded.get(key)!r} -> {here[key]!r}" for key in ("mcpu", "mattr")
+               if recorded.get(key) != here[key]]
+    return ", ".join(changed) or None
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One tuned kernel: its name, uses in the model, records, and the best time measured."""
+
+    name: str
+    weight: int
+    records: int
+    best_us: float | None  # None: no candidate ran
+    gops: float | None = None
+    new_trials: int = 0      # measured by this run (the rest came from the log)
+    seconds: float = 0.0     # this run's time on it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "records": self.records,
+                "best_us": self.best_us, "gops": self.gops, "new_trials": self.new_trials,
+                "seconds": round(self.seconds, 1)}
+
+
+@dataclass(frozen=True)
+class TuningLog:
+    """A directory holding a MetaSchedule JSON database (workloads + tuning records)."""
+
+    directory: Path
+    info: dict[str, Any] | None = None
+    tasks: tuple[TaskSummary, ...] = ()
+    seconds: float = 0.0
+    device: str = "this machine"
+    emulated: bool = False
+
+    def database(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        from .schedules import intrinsics
+
+        intrinsics.register()  # records name the tensor intrinsics their schedules use
+
+        return ms.database.JSONDatabase(work_dir=str(self.directory), allow_missing=False)
+
+    def describe(self) -> str:
+        reused = sum(1 for t in self.tasks if t.new_trials == 0 and t.records)
+        new = sum(t.new_trials for t in self.tasks)
+        head = (f"tuned {len(self.tasks)} kernel(s) in {self.seconds:.0f} s on {self.device}: "
+                f"{new} new measurement(s)"
+                + (f", {reused} kernel(s) already tuned in the log (reused)" if reused else "")
+                + (" (EMULATED: measured times are not the phone's)" if self.emulated else ""))
+        rows = [f"  {'kernel':<44} {'uses':>4} {'records':>7} {'new':>5} {'best':>12} "
+                f"{'GOPS':>7}"]
+        for t in self.tasks:
+            best = f"{t.best_us:9.1f} us" if t.best_us is not None else "    no run"
+            gops = f"{t.gops:7.1f}" if t.gops is not None else "      -"
+            rows.append(f"  {t.name[:44]:<44} {t.weight:>4} {t.records:>7} {t.new_trials:>5} "
+                        f"{best:>12} {gops}")
+        return "\n".join([head, *rows, f"tuning log: {self.directory}"])
+
+
+def read_info(directory: Path) -> dict[str, Any] | None:
+    path = directory / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"'{path}' is not valid JSON ({exc}): it should describe the target "
+                         "the tuning log was measured for. Delete it only if you know the "
+                         "records are for this target.") from None
+
+
+def write_info(directory: Path, info: dict[str, Any]) -> None:
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def repair(directory: Path) -> int:
+    """Drop a torn last line (a tune killed while writing it); returns the lines dropped."""
+    dropped = 0
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        keep = list(lines)
+        while keep:
+            try:
+                json.loads(keep[-1])
+                break
+            except json.JSONDecodeError:
+                keep.pop()
+        if len(keep) != len(lines):
+            dropped += len(lines) - len(keep)
+            path.write_text("".join(keep))
+    if dropped:
+        log.warning("tuning log %s: dropped %d torn line(s) left by an interrupted tune",
+                    directory, dropped)
+    return dropped
+
+
+def open_log(directory: str | Path, target: Target | None = None) -> TuningLog:
+    """An existing tuning log for `target`; an InputError naming what is missing, or why the
+    log belongs to another target or TVM version."""
+    directory = Path(directory)
+    if not all((directory / name).is_file() for name in (WORKLOADS_FILE, RECORDS_FILE)):
+        raise InputError(f"'{directory}' is not a tuning log: it should hold {WORKLOADS_FILE} "
+                         f"and {RECORDS_FILE}, as written by `qcompile tune --log {directory}`.")
+    repair(directory)
+    info = read_info(directory)
+    if target is not None and info is not None:
+        why = incompatibility(info, target)
+        if why is not None:
+            raise InputError(f"The tuning log {directory} does not fit target '{target.name}': "
+                             f"{why}. Tune for this target into another directory (`qcompile "
+                             f"tune MODEL --target {target.name} --log DIR`), or compile "
+                             "without --tuning-log.")
+        changed = differences(info, target)
+        if changed:
+            log.warning("tuning log %s was measured on another CPU (%s): its schedules apply "
+                        "but may not be the fastest here", directory, changed)
+    elif target is not None:
+        log.warning("tuning log %s does not say what it was measured for (no %s): applying "
+                    "it as it is", directory, INFO_FILE)
+    return TuningLog(directory, info)
+
+
+def shipped_dir() -> Path:
+    """tuning_logs/ of the source checkout, or the copy installed inside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "data" / "tuning_logs"
+    return installed if installed.is_dir() else package.parent / "tuning_logs"
+
+
+def shipped_log(target: Target) -> TuningLog | None:
+    """The log shipped in tuning_logs/<target> if it fits `target`; None (and why) if not."""
+    directory = shipped_dir() / target.name
+    if not (directory / RECORDS_FILE).is_file():
+        log.info("no tuning log ships for %s: kernels get default schedules (tune them with "
+                 "`qcompile tune`)", target.name)
+        return None
+    info = read_info(directory)
+    why = incompatibility(info, target) if info is not None else "it has no " + INFO_FILE
+    if why is not None:
+        log.info("the shipped tuning log for %s does not fit here (%s): kernels get default "
+                 "schedules", target.name, why)
+        return None
+    log.info("using the shipped tuning log %s (kernels it has no record for get default "
+             "schedules)", directory)
+    return TuningLog(directory, info)
