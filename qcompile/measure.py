@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from typing import TextIO
@@ -53,9 +54,12 @@ def builder(cc: str | None):
     @derived_object
     class PersistentBuilder(ms.builder.PyBuilder):
         def __init__(self) -> None:
+            # TVM's C++ warnings from candidates ("Detect vectorize inside vectorized
+            # loop") would drown the progress lines; build errors come back as results
             self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1,
                                           timeout=BUILD_TIMEOUT_S, initializer=_warm_worker,
-                                          maximum_process_uses=WORKER_USES)
+                                          maximum_process_uses=WORKER_USES,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def build(self, build_inputs):
             jobs = [(None, export, item.mod, item.target,

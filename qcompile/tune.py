@@ -27,8 +27,8 @@ from .errors import DeviceError, InputError
 from .frontend import FloatModel
 from .measure import Devices, builder, mean_seconds, progress_callback
 from .targets import Target
-from .tuning_log import (TaskSummary, TuningLog, identity, incompatibility, read_info, repair,
-                         write_info)
+from .tuning_log import (MODULE_EQUALITY, TaskSummary, TuningLog, identity, incompatibility,
+                         read_info, repair, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,13 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     devices = Devices(target, rpc)
     tvm_target = target.to_tvm()
     mod = fused_module(model.mod, target)
-    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
         strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
-    database = ms.database.JSONDatabase(work_dir=str(log_dir))
+    database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality=MODULE_EQUALITY)
     before = {c.task_name: len(_records(database, c.mod)) for c in contexts}
     budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
     todo = [c for c in contexts if before[c.task_name] < budgets[c.task_name]]
@@ -211,7 +211,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
                            num_trials_per_iter=min(budget, TRIALS_PER_BATCH),
                            builder=build, runner=runner, database=database,
                            cost_model=cost_model, measure_callbacks=callbacks,
-                           task_scheduler="round-robin")
+                           task_scheduler="round-robin", module_equality=MODULE_EQUALITY)
         seconds[context.task_name] = time.perf_counter() - task_start
         if out.isatty():
             out.write("\n")

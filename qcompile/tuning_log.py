@@ -28,6 +28,10 @@ INFO_FILE = "qcompile-log.json"
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
 FORMAT = 1
+# Records are keyed by a kernel's anchor block (its conv/matmul), not by the whole fused kernel:
+# quantized kernels differ in their epilogue's literals (zero points, clip bounds), which change
+# with the calibration data, and a record must still apply to the same conv of another model.
+MODULE_EQUALITY = "anchor-block"
 
 
 def identity(target: Target) -> dict[str, Any]:
@@ -40,6 +44,7 @@ def identity(target: Target) -> dict[str, Any]:
     dot = dot_product_for(target.to_tvm()) if not target.is_gpu else None
     return {
         "format": FORMAT,
+        "module_equality": MODULE_EQUALITY,
         "tvm": tvm.__version__,
         "target": target.name,
         "kind": target.kind,
@@ -57,6 +62,9 @@ def incompatibility(recorded: dict[str, Any], target: Target) -> str | None:
     if recorded.get("tvm") != here["tvm"]:
         return (f"it was measured with TVM {recorded.get('tvm')} and this is TVM "
                 f"{here['tvm']}, whose code for the same schedules may differ")
+    if recorded.get("module_equality", "structural") != MODULE_EQUALITY:
+        return (f"its records are keyed by {recorded.get('module_equality', 'structural')} "
+                f"equality, and qcompile now keys them by {MODULE_EQUALITY}")
     for key, what in (("kind", "target kind"), ("device", "GPU"), ("mtriple", "CPU triple"),
                       ("int8_instruction", "int8 dot-product instruction")):
         if recorded.get(key) != here[key]:
@@ -109,7 +117,8 @@ class TuningLog:
 
         intrinsics.register()  # records name the tensor intrinsics their schedules use
 
-        return ms.database.JSONDatabase(work_dir=str(self.directory), allow_missing=False)
+        return ms.database.JSONDatabase(work_dir=str(self.directory), allow_missing=False,
+                                        module_equality=MODULE_EQUALITY)
 
     def describe(self) -> str:
         reused = sum(1 for t in self.tasks if t.new_trials == 0 and t.records)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from .intrinsics import DotProduct, register
-from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK
+from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,15 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def _packed_block(sch):
+def _packed_block(sch, dot: DotProduct):
+    """(the packed conv/matmul block, whether it is a conv, the instruction it is packed for)"""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(block).name_hint
-        if name.startswith((CONV_BLOCK, MATMUL_BLOCK)):
-            return block, name.startswith(CONV_BLOCK)
-    return None, False
+        for kind in (CONV_BLOCK, MATMUL_BLOCK):
+            for choice in dot.choices():
+                if name.startswith(block_name(kind, choice)):
+                    return block, kind == CONV_BLOCK, choice
+    return None, False, None
 
 
 def _inline_epilogue(sch, keep) -> None:
@@ -80,6 +83,8 @@ def _accumulate_in_tile(sch, block, loop) -> None:
 
 
 def schedule_conv(sch, block, dot: DotProduct) -> None:
+    if dot.rows == 2:
+        return schedule_conv_pairs(sch, block, dot)
     n, y, x, o, r, s, io, ii = sch.get_loops(block)
     width = int(sch.get(x).extent)
     xo, xi = sch.split(x, [None, _largest_divisor(width, TILE_PIXELS)])
@@ -93,6 +98,8 @@ def schedule_conv(sch, block, dot: DotProduct) -> None:
 
 
 def schedule_matmul(sch, block, dot: DotProduct) -> None:
+    if dot.rows == 2:
+        return schedule_matmul_pairs(sch, block, dot)
     loops = sch.get_loops(block)
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
@@ -107,16 +114,52 @@ def schedule_matmul(sch, block, dot: DotProduct) -> None:
     sch.tensorize(ni, dot.intrin)
 
 
+PAIR_TILE = 4  # pixel pairs x channel pairs per tile for smmla: 8 x 8 int32 accumulators
+
+
+def schedule_conv_pairs(sch, block, dot: DotProduct) -> None:
+    """conv2d with an instruction taking two pixels (smmla): tiles of up to 8 pixels x 8
+    channels, each instruction 2 pixels x 2 channels x 8 input channels."""
+    n, y, x, o, r, s, io, ii = sch.get_loops(block)
+    width, channels = int(sch.get(x).extent), int(sch.get(o).extent)
+    pairs = _largest_divisor(width // 2, PAIR_TILE)
+    cpairs = _largest_divisor(channels // dot.lanes, PAIR_TILE)
+    xo, xm, x2 = sch.split(x, [None, pairs, 2])
+    oo, om, o2 = sch.split(o, [None, cpairs, dot.lanes])
+    sch.reorder(n, y, xo, oo, r, s, io, xm, om, x2, o2, ii)
+    _accumulate_in_tile(sch, block, oo)
+    sch.parallel(sch.fuse(n, y))
+    init = sch.decompose_reduction(block, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(x2, dot.intrin)
+
+
+def schedule_matmul_pairs(sch, block, dot: DotProduct) -> None:
+    loops = sch.get_loops(block)
+    *batch, cols, ko, ki = loops
+    rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+    extent, width = int(sch.get(rows).extent), int(sch.get(cols).extent)
+    mo, mm, m2 = sch.split(rows, [None, _largest_divisor(extent // 2, PAIR_TILE), 2])
+    no, nm, n2 = sch.split(cols, [None, _largest_divisor(width // dot.lanes, PAIR_TILE),
+                                  dot.lanes])
+    sch.reorder(mo, no, ko, mm, nm, m2, n2, ki)
+    _accumulate_in_tile(sch, block, no)
+    sch.parallel(sch.fuse(mo, no))
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(m2, dot.intrin)
+
+
 def schedule_kernel(func, dot: DotProduct):
     """`func` scheduled, or None when it has no packed int8 block."""
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
-    block, is_conv = _packed_block(sch)
+    block, is_conv, chosen = _packed_block(sch, dot)
     if block is None:
         return None
     _inline_epilogue(sch, block)
-    (schedule_conv if is_conv else schedule_matmul)(sch, block, dot)
+    (schedule_conv if is_conv else schedule_matmul)(sch, block, chosen)
     return sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
 
 

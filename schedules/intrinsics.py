@@ -9,7 +9,11 @@ lanes x 4 bytes, C `lanes` int32 accumulators.
   argument type"): ours passes them as <64 x i8>, as LLVM now declares it. MetaSchedule's x86
   rule looks the intrinsic up by TVM's name, so that name is re-registered with ours too.
 - ARMv8.2 dotprod `sdot`: s8 x s8, 4 x 4: TVM's `dot_4x4_i8i8s32_sdot` works as it is.
-  Targets with i8mm use it too (there is no smmla intrinsic yet).
+- ARMv8.6 i8mm `smmla` (TVM has no intrinsic for it; ours): a 2 x 8 by 8 x 2 s8 matrix product
+  accumulated into 2 x 2 int32. It takes two rows of activations (two output pixels, or two
+  matmul rows), 8 bytes each, and a packed weight block of 2 outputs x 8: twice the
+  multiply-adds of sdot per instruction. Layers with an odd number of rows (a 7-pixel-wide
+  feature map, a single-row matmul) use sdot instead, which every i8mm CPU also has.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
+SMMLA_INTRIN = "qcompile_smmla_2x2x8_i8i8i32"
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,16 @@ class DotProduct:
     activation_dtype: str   # A's dtype
     lanes: int              # outputs per instruction (the weight block's first axis)
     reduce: int = 4         # reduction per output (the weight block's second axis)
+    rows: int = 1           # activation rows (pixels) per instruction
+    fallback: "DotProduct | None" = None  # for layers whose rows do not pair up
+
+    def choices(self) -> tuple["DotProduct", ...]:
+        return (self,) + (self.fallback.choices() if self.fallback is not None else ())
 
 
 VNNI = DotProduct(VNNI_INTRIN, "vpdpbusd", "uint8", 16)
 SDOT = DotProduct(SDOT_INTRIN, "sdot", "int8", 4)
+SMMLA = DotProduct(SMMLA_INTRIN, "smmla", "int8", 2, reduce=8, rows=2, fallback=SDOT)
 
 _registered = False
 
@@ -49,6 +60,7 @@ def register() -> None:
     desc, impl = _vnni_16x4()
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(TVM_VNNI_INTRIN, desc, impl, override=True)
+    TensorIntrin.register(SMMLA_INTRIN, *_smmla_2x2x8(), override=True)
     _registered = True
 
 
@@ -60,6 +72,9 @@ def dot_product_for(tvm_target) -> DotProduct | None:
         return None
     triple = str(tvm_target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
+        if codegen.target_has_features("i8mm", tvm_target) and \
+                codegen.target_has_features("dotprod", tvm_target):
+            return SMMLA
         return SDOT if codegen.target_has_features("dotprod", tvm_target) else None
     if triple and not triple.startswith(("x86_64", "i686")):
         return None
@@ -95,5 +110,48 @@ def _vnni_16x4():
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+
+    return desc, impl
+
+
+def _smmla_2x2x8():
+    """C[i, j] += sum_k A[i, k] * B[j, k] for i, j < 2, k < 8: one `smmla`.
+
+    A's two rows may lie anywhere (a row stride: two output pixels of a conv); B is a packed
+    2 x 8 weight block; C's two rows are two pixels' pair of output channels. The instruction's
+    accumulator is C row-major, its first operand A's rows concatenated, its second B."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, strides=[T.int32(), 1])
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            for i, j, k in T.grid(2, 2, 8):
+                with T.sblock("update"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(B[vj, vk],
+                                                                                  "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, strides=[T.int32(), 1])
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            acc = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"),
+                T.Shuffle([C.vload([0, 0], "int32x2"), C.vload([1, 0], "int32x2")],
+                          [0, 1, 2, 3]),
+                T.Shuffle([A.vload([0, 0], "int8x8"), A.vload([1, 0], "int8x8")],
+                          list(range(16))),
+                B.vload([0, 0], "int8x16"), dtype="int32x4")
+            C[0, T.ramp(T.int32(0), 1, 2)] = T.Shuffle([acc], [0, 1])
+            C[1, T.ramp(T.int32(0), 1, 2)] = T.Shuffle([acc], [2, 3])
 
     return desc, impl

@@ -6,8 +6,15 @@ sits in the instruction's block: `lanes` output channels x 4 reduction elements,
 On TVM's default layouts nothing tensorizes and tuned int8 is slower than tuned fp32.
 
 - conv2d: data NHWC (the whole int8 graph is converted to NHWC first, so no transposes sit
-  between layers), weight OHWI packed as [O/lanes, KH, KW, I/4, lanes, 4];
-- matmul: weight [K, N] packed as [N/lanes, K/4, lanes, 4].
+  between layers), weight OHWI packed as [O/lanes, KH, KW, I/reduce, lanes, reduce];
+- matmul: weight [K, N] packed as [N/lanes, K/reduce, lanes, reduce].
+
+(lanes x reduce: 16 x 4 for VNNI, 4 x 4 for sdot, 2 x 8 for smmla.) smmla also takes two
+activation rows at a time, so a layer uses it only when its output pixels per image row (a conv
+with a horizontal stride of 1) or its rows (matmul) pair up; otherwise the target's next
+instruction (sdot). The block of an smmla kernel is named after it
+(`qcompile_packed_conv2d_smmla`): that is how the default schedules (int8_default.py) know
+which instruction to emit.
 
 Weights are constants: they are packed here, at compile time, in numpy. A layer whose channels
 do not divide into blocks, or whose weight is not a constant, keeps TVM's own legalization.
@@ -54,8 +61,14 @@ def _is_int8_layer(call, dot: DotProduct) -> bool:
             and weight.ty.dtype == "int8")
 
 
+def block_name(kind: str, dot: DotProduct) -> str:
+    """The packed block's name: `kind`, suffixed with the instruction when it pairs rows (so
+    that the names, and the tuning records keyed by them, of vpdpbusd/sdot kernels stay)."""
+    return f"{kind}_{dot.instruction}" if dot.rows > 1 else kind
+
+
 def conv2d_te(data, packed, strides, padding, dilation, channels: int, lanes: int,
-              reduce: int):
+              reduce: int, name: str = CONV_BLOCK):
     """NHWC int8 conv on an [O/lanes, KH, KW, I/reduce, lanes, reduce] weight -> int32."""
     from tvm import te, topi
 
@@ -78,10 +91,10 @@ def conv2d_te(data, packed, strides, padding, dilation, channels: int, lanes: in
             data[b, y * sh + r * dh, x * sw + s * dw, io * reduce + ii].astype("int32")
             * packed[o // lanes, r, s, io, o % lanes, ii].astype("int32"),
             axis=[r, s, io, ii]),
-        name=CONV_BLOCK)
+        name=name)
 
 
-def matmul_te(data, packed, channels: int, lanes: int, reduce: int):
+def matmul_te(data, packed, channels: int, lanes: int, reduce: int, name: str = MATMUL_BLOCK):
     """[..., K] int8 x [N/lanes, K/reduce, lanes, reduce] weight -> [..., N] int32."""
     from tvm import te
 
@@ -93,37 +106,68 @@ def matmul_te(data, packed, channels: int, lanes: int, reduce: int):
             data[(*idx[:-1], ko * reduce + ki)].astype("int32")
             * packed[idx[-1] // lanes, ko, idx[-1] % lanes, ki].astype("int32"),
             axis=[ko, ki]),
-        name=MATMUL_BLOCK)
+        name=name)
+
+
+def _conv_out_width(call) -> int:
+    attrs = call.attrs
+    width = int(call.args[0].ty.shape[2])
+    kw = int(call.args[1].ty.shape[2])
+    _, left, _, right = [int(v) for v in attrs.padding]
+    return (width + left + right - (kw - 1) * int(attrs.dilation[1]) - 1) \
+        // int(attrs.strides[1]) + 1
+
+
+def _pairs_pixels(call, dot: DotProduct) -> bool:
+    """Whether `dot` can take this conv's output pixels `dot.rows` at a time: an even output
+    width, and a horizontal stride of 1 (two pixels' inputs are then one row stride apart)."""
+    return dot.rows == 1 or (int(call.attrs.strides[1]) == 1
+                             and _conv_out_width(call) % dot.rows == 0)
+
+
+def _rows(call) -> int:
+    rows = 1
+    for dim in list(call.args[0].ty.shape)[:-1]:
+        rows *= int(dim)
+    return rows
 
 
 def legalize_map(dot: DotProduct) -> dict:
-    """LegalizeOps overrides that put int8 conv2d/matmul on packed weights for `dot`."""
+    """LegalizeOps overrides that put int8 conv2d/matmul on packed weights for `dot` (or its
+    fallback instruction, for layers whose shape does not fit it)."""
     from tvm import relax
-
-    lanes, reduce = dot.lanes, dot.reduce
 
     def conv2d(bb, call):
         attrs = call.attrs
         weight = _constant(call.args[1])
         if (weight is None or not _is_int8_layer(call, dot) or int(attrs.groups) != 1
                 or attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI"
-                or attrs.out_layout != "NHWC" or weight.shape[0] % lanes
-                or weight.shape[3] % reduce):
+                or attrs.out_layout != "NHWC"):
             return _default_legalize(bb, call)
-        packed = pack_conv_weight(weight, lanes, reduce)
+        fits = [d for d in dot.choices() if not weight.shape[0] % d.lanes
+                and not weight.shape[3] % d.reduce and _pairs_pixels(call, d)]
+        if not fits:
+            return _default_legalize(bb, call)
+        chosen = fits[0]
+        packed = pack_conv_weight(weight, chosen.lanes, chosen.reduce)
         return bb.call_te(conv2d_te, call.args[0], relax.const(packed, "int8"),
                           [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
-                          [int(v) for v in attrs.dilation], int(weight.shape[0]), lanes,
-                          reduce, primfunc_name_hint="packed_conv2d")
+                          [int(v) for v in attrs.dilation], int(weight.shape[0]),
+                          chosen.lanes, chosen.reduce, block_name(CONV_BLOCK, chosen),
+                          primfunc_name_hint="packed_conv2d")
 
     def matmul(bb, call):
         weight = _constant(call.args[1])
-        if (weight is None or weight.ndim != 2 or not _is_int8_layer(call, dot)
-                or weight.shape[1] % lanes or weight.shape[0] % reduce):
+        if weight is None or weight.ndim != 2 or not _is_int8_layer(call, dot):
             return _default_legalize(bb, call)
-        packed = pack_matmul_weight(weight, lanes, reduce)
+        fits = [d for d in dot.choices() if not weight.shape[1] % d.lanes
+                and not weight.shape[0] % d.reduce and not _rows(call) % d.rows]
+        if not fits:
+            return _default_legalize(bb, call)
+        chosen = fits[0]
+        packed = pack_matmul_weight(weight, chosen.lanes, chosen.reduce)
         return bb.call_te(matmul_te, call.args[0], relax.const(packed, "int8"),
-                          int(weight.shape[1]), lanes, reduce,
-                          primfunc_name_hint="packed_matmul")
+                          int(weight.shape[1]), chosen.lanes, chosen.reduce,
+                          block_name(MATMUL_BLOCK, chosen), primfunc_name_hint="packed_matmul")
 
     return {"relax.nn.conv2d": conv2d, "relax.matmul": matmul}

@@ -38,16 +38,19 @@ def test_emulated_device_matches_onnxruntime(arm64_device, name, target, save_mo
         assert_close(actual[out_name], value)
 
 
-def test_sdot_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, save_model,
-                                                               tmp_path):
-    """arm64-dotprod packs int8 weights for sdot; arm64 (no dotprod) keeps TVM's kernels. Both
-    builds of the same quantized model give the same integers on the (emulated) phone."""
+@pytest.mark.parametrize("target,instruction", [("arm64-dotprod", "sdot"),
+                                                ("arm64-i8mm", "smmla")])
+def test_packed_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, save_model,
+                                                                 tmp_path, target, instruction):
+    """arm64-dotprod packs int8 weights for sdot, arm64-i8mm for smmla (and sdot where pixels
+    do not pair up); arm64 (neither) keeps TVM's kernels. All builds of the same quantized
+    model give the same integers on the (emulated, -cpu max) phone."""
     from test_int8_kernels import compile_int8, instruction_counts
 
     path = save_model(packed_convnet())
-    packed = compile_int8(path, "arm64-dotprod", tmp_path / "packed")
+    packed = compile_int8(path, target, tmp_path / "packed")
     plain = compile_int8(path, "arm64", tmp_path / "plain")
-    assert instruction_counts(packed.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+    assert instruction_counts(packed.library, "aarch64-linux-gnu-objdump")[instruction] > 0
     feeds = random_inputs(packed_convnet(), seed=3)
     outputs = []
     for artifact in (packed, plain):
@@ -55,6 +58,57 @@ def test_sdot_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, sa
                            rpc_key=arm64_device["key"]) as loaded:
             outputs.append(loaded.run(feeds)["y"])
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
+    """An int8 matmul and a 3x3 conv, legalized and scheduled the way qcompile builds them
+    for arm64-i8mm (packed 2x8 weight blocks, two rows per smmla), run on the emulated phone:
+    exactly numpy's integer products."""
+    import tvm
+    from tvm import relax
+    from tvm.support import cc
+
+    from test_int8_kernels import instruction_counts
+    from qcompile.build import optimize
+    from qcompile.targets import load_target
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, (6, 64)).astype("int8")
+    w = rng.integers(-128, 128, (64, 32)).astype("int8")
+    image = rng.integers(-128, 128, (1, 10, 12, 16)).astype("int8")  # NHWC
+    kernel = rng.integers(-128, 128, (8, 3, 3, 16)).astype("int8")   # OHWI
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "int8"))
+    iv = relax.Var("image", relax.TensorType(image.shape, "int8"))
+    with bb.function("main", [xv, iv]):
+        with bb.dataflow():
+            mm = bb.emit(relax.op.matmul(xv, relax.const(w), out_dtype="int32"))
+            conv = bb.emit(relax.op.nn.conv2d(iv, relax.const(kernel), padding=[1, 1, 1, 1],
+                                              data_layout="NHWC", kernel_layout="OHWI",
+                                              out_dtype="int32"))
+            out = bb.emit_output(relax.Tuple([mm, conv]))
+        bb.emit_func_output(out)
+    target = load_target("arm64-i8mm").with_compiler()
+    executable = tvm.compile(optimize(bb.get(), target), target.to_tvm(), relax_pipeline=None)
+    library = tmp_path / "smmla.so"
+    executable.export_library(str(library), fcompile=cc.cross_compiler(target.cc))
+    assert instruction_counts(library, "aarch64-linux-gnu-objdump")["smmla"] > 0
+
+    session = request_session(parse_tracker(arm64_device["tracker"]), arm64_device["key"])
+    session.upload(str(library))
+    device = session.cpu()
+    vm = relax.VirtualMachine(session.load_module("smmla.so"), device)
+    vm.set_input("main", tvm.runtime.tensor(x, device), tvm.runtime.tensor(image, device))
+    vm.invoke_stateful("main")
+    got_mm, got_conv = (value.numpy() for value in vm.get_outputs("main"))
+    assert np.array_equal(got_mm, x.astype(np.int32) @ w.astype(np.int32))
+    padded = np.pad(image.astype(np.int32), [(0, 0), (1, 1), (1, 1), (0, 0)])
+    expected = np.zeros((1, 10, 12, 8), np.int32)
+    for r in range(3):
+        for c in range(3):
+            expected += np.einsum("nhwi,oi->nhwo", padded[:, r:r + 10, c:c + 12],
+                                  kernel[:, r, c].astype(np.int32))
+    assert np.array_equal(got_conv, expected)
 
 
 def test_cli_run_labels_emulated_timings(arm64_device, save_model, tmp_path, capsys):

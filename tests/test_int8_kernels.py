@@ -76,9 +76,12 @@ def test_layers_that_do_not_fill_blocks_keep_unpacked_kernels(save_model, tmp_pa
 
 
 @pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
-def test_arm64_int8_uses_sdot(target, save_model, tmp_path):
+def test_arm64_int8_uses_sdot_and_smmla(target, save_model, tmp_path):
+    """dotprod: every packed kernel is sdot. i8mm: the stride-1 pointwise conv takes two pixels
+    per smmla; the stride-2 conv and the one-row Gemm cannot pair rows and use sdot."""
     artifact = compile_int8(save_model(packed_convnet()), target, tmp_path / "out")
     counts = instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")
     assert counts["sdot"] > 0, counts
+    assert (counts["smmla"] > 0) == (target == "arm64-i8mm"), counts
     plain = compile_int8(save_model(packed_convnet()), "arm64", tmp_path / "plain")
     assert instruction_counts(plain.library, "aarch64-linux-gnu-objdump")["sdot"] == 0
