@@ -118,11 +118,13 @@ def _quantize_args(p, auto: bool) -> None:
         "(per layer: precision, scales, error against fp32) is printed and saved as "
         "OUT_DIR/quantization.json.")
     modes = ["int8", "auto", "int8-dynamic", "int8-weights", "fp16"]
-    q.add_argument("--quantize", choices=modes if auto else [m for m in modes if m != "auto"],
+    q.add_argument("--quantize", choices=modes,
                    help="int8: static, calibrated (needs --calibration), the fastest; "
                         + ("auto: int8 wherever --accuracy-budget allows, the most sensitive "
                            "layers in --fallback-precision (searched, then checked on "
-                           "--validation with the compiled model); " if auto else "")
+                           "--validation with the compiled model); " if auto else
+                           "auto: not here; tune with the --precision-rules file that "
+                           "`compile --quantize auto` wrote; ")
                         + "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
                         "(transformers; no calibration); int8-weights: int8 weights, fp32 "
                         "arithmetic (4x smaller, no calibration); fp16: convolutions and "

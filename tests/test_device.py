@@ -2,6 +2,8 @@
 the aarch64 TVM runtime under qemu, run and compared with onnxruntime on this machine; tuning
 measured on it; and the faults (busy keys, dead devices, missing qemu)."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -172,6 +174,38 @@ def test_tune_over_rpc_then_compile_applies_the_log(arm64_device, save_model, tm
     with qcompile.load(tmp_path / "out", rpc_tracker=arm64_device["tracker"],
                        rpc_key="arm64-emu") as loaded:
         assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+
+
+def test_a_killed_tune_resumes_from_what_it_measured(arm64_device, save_model, tmp_path):
+    """`qcompile tune` over RPC killed (SIGKILL) after its first measurements: running it
+    again keeps those records and measures only the rest of the budget."""
+    from qcompile.tuning_log import RECORDS_FILE
+
+    path = save_model(conv_relu())
+    log = tmp_path / "log"
+    args = [sys.executable, "-m", "qcompile", "tune", str(path), "--target", "arm64-dotprod",
+            "--trials", "24", "--log", str(log), "--rpc-tracker", arm64_device["tracker"],
+            "--rpc-key", arm64_device["key"]]
+    process = start_process(args)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and process.poll() is None:
+            records = log / RECORDS_FILE
+            if records.is_file() and records.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up
+        process.wait()
+    assert process.returncode != 0, "the tune finished before it could be interrupted"
+    measured = (log / RECORDS_FILE).read_text().count("\n")
+    assert 1 <= measured < 24
+    wait_for_key(arm64_device["tracker"], arm64_device["key"])
+    resumed = qcompile.tune(path, "arm64-dotprod", log, trials=24,
+                            rpc_tracker=arm64_device["tracker"], rpc_key=arm64_device["key"])
+    [task] = resumed.tasks
+    assert task.records >= measured and task.new_trials <= 24 - measured
+    assert task.records == measured + task.new_trials
 
 
 def test_tune_without_a_device_under_the_key(arm64_device, save_model):

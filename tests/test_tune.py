@@ -1,0 +1,150 @@
+"""Tuning on this machine (the host target): a quantized model's kernels tuned with MetaSchedule
+into a log that says what it was measured for; a second run resumes from it; compile applies it
+(explicitly, or the shipped one) with unchanged numerics; logs for another target or TVM, or
+torn by a killed tune, are handled. Tuning over RPC on the emulated phone is in test_device.py."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import qcompile
+from models import packed_convnet, random_inputs
+from qcompile.cli import main
+from qcompile.errors import InputError
+from qcompile.tuning_log import INFO_FILE, RECORDS_FILE, open_log
+
+TRIALS = 4
+
+
+def calibration():
+    return [random_inputs(packed_convnet(), seed=10 + i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """packed_convnet in int8, tuned twice into the same log (the second run resumes)."""
+    import io
+    import contextlib
+
+    work = tmp_path_factory.mktemp("tune")
+    path = work / "model.onnx"
+    import onnx
+
+    onnx.save(packed_convnet(), str(path))
+    first_progress = io.StringIO()
+    with contextlib.redirect_stderr(first_progress):
+        first = qcompile.tune(path, "host", work / "log", trials=TRIALS, quantize="int8",
+                              calibration=calibration())
+    second = qcompile.tune(path, "host", work / "log", trials=TRIALS, quantize="int8",
+                           calibration=calibration())
+    return {"path": path, "log": work / "log", "first": first, "second": second,
+            "progress": first_progress.getvalue()}
+
+
+def test_tune_records_every_kernel_and_what_it_was_measured_for(tuned):
+    first = tuned["first"]
+    assert len(first.tasks) >= 8  # convs, Gemm, pooling, requantize/layout kernels
+    convs = [t for t in first.tasks if "packed_conv2d" in t.name]
+    assert len(convs) == 2 and all(t.best_us and t.gops for t in convs)
+    assert all(t.records >= 1 for t in first.tasks)
+    assert sum(t.new_trials for t in first.tasks) == sum(t.records for t in first.tasks)
+    info = json.loads((tuned["log"] / INFO_FILE).read_text())
+    assert info["target"] == "host" and info["tvm"] and info["module_equality"]
+    # a line per batch: kernel, trials done / budget, best latency, GOPS, ETA
+    assert f"/{TRIALS} trials, best " in tuned["progress"] and "GOPS" in tuned["progress"]
+    table = first.describe()
+    assert "new measurement" in table and "GOPS" in table and str(tuned["log"]) in table
+
+
+def test_a_second_tune_resumes_from_the_log(tuned):
+    first, second = tuned["first"], tuned["second"]
+    done = {t.name for t in first.tasks if t.records >= TRIALS or "packed" not in t.name
+            and "conv2d" not in t.name and "mean" not in t.name}
+    again = {t.name: t for t in second.tasks}
+    assert all(again[name].new_trials == 0 for name in done)
+    assert sum(t.new_trials for t in second.tasks) < sum(t.new_trials for t in first.tasks)
+    assert all(again[t.name].records >= t.records for t in first.tasks)  # nothing lost
+    assert "reused" in second.describe()
+
+
+def test_compile_applies_the_log_with_identical_numerics(tuned, tmp_path):
+    tuned_build = qcompile.compile(tuned["path"], "host", tmp_path / "tuned", quantize="int8",
+                                   calibration=calibration(), tuning_log=tuned["log"])
+    kernels = tuned_build.manifest.kernels
+    assert kernels["tuned"] == kernels["total"] and kernels["tuning_log"] == str(tuned["log"])
+    plain = qcompile.compile(tuned["path"], "host", tmp_path / "plain", quantize="int8",
+                             calibration=calibration())
+    assert plain.manifest.kernels["tuned"] == 0
+    for seed in range(3):
+        feeds = random_inputs(packed_convnet(), seed=seed)
+        with qcompile.load(tuned_build.directory) as a, qcompile.load(plain.directory) as b:
+            assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
+
+
+def test_records_apply_to_the_same_convs_calibrated_differently(tuned, tmp_path):
+    """Records are keyed by each kernel's conv/matmul, not by the requantization constants
+    that the calibration data decides: another calibration still finds the tuned convs."""
+    other = [{"x": 0.5 * f["x"]} for f in calibration()]
+    artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
+                                calibration=other, tuning_log=tuned["log"])
+    assert artifact.manifest.kernels["tuned"] >= 4
+
+
+def test_compile_uses_the_shipped_log_when_it_fits(tuned, tmp_path, monkeypatch, caplog):
+    import qcompile.tuning_log as tuning_log
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tuned["log"], shipped / "host")
+    monkeypatch.setattr(tuning_log, "shipped_dir", lambda: shipped)
+    with caplog.at_level("INFO", logger="qcompile"):
+        artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
+                                    calibration=calibration())
+    assert artifact.manifest.kernels["tuning_log"] == str(shipped / "host")
+    assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"]
+    assert "using the shipped tuning log" in caplog.text
+    # a shipped log measured with another TVM is skipped, saying why
+    info = json.loads((shipped / "host" / INFO_FILE).read_text())
+    (shipped / "host" / INFO_FILE).write_text(json.dumps({**info, "tvm": "0.19.0"}))
+    with caplog.at_level("INFO", logger="qcompile"):
+        artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out2", quantize="int8",
+                                    calibration=calibration())
+    assert artifact.manifest.kernels["tuning_log"] is None
+    assert "TVM 0.19.0" in caplog.text
+
+
+def test_a_log_from_another_tvm_or_target_is_refused(tuned, tmp_path):
+    log = tmp_path / "log"
+    shutil.copytree(tuned["log"], log)
+    with pytest.raises(InputError) as err:
+        qcompile.compile(tuned["path"], "arm64-dotprod", tmp_path / "out", quantize="int8",
+                         calibration=calibration(), tuning_log=log)
+    assert "does not fit target 'arm64-dotprod'" in str(err.value)
+    assert "'host'" in str(err.value)
+    info = json.loads((log / INFO_FILE).read_text())
+    (log / INFO_FILE).write_text(json.dumps({**info, "tvm": "0.19.0"}))
+    with pytest.raises(InputError, match="measured with TVM 0.19.0"):
+        qcompile.compile(tuned["path"], "host", tmp_path / "out", tuning_log=log)
+    with pytest.raises(InputError, match="belongs to another target or TVM"):
+        qcompile.tune(tuned["path"], "host", log, trials=1)
+
+
+def test_a_torn_last_record_is_dropped(tuned, tmp_path, caplog):
+    """A tune killed while appending a record leaves half a line: the log still opens."""
+    log = tmp_path / "log"
+    shutil.copytree(tuned["log"], log)
+    lines = (log / RECORDS_FILE).read_text().splitlines(keepends=True)
+    (log / RECORDS_FILE).write_text("".join(lines) + lines[-1][: len(lines[-1]) // 2])
+    with caplog.at_level("WARNING", logger="qcompile"):
+        open_log(log)
+    assert "torn" in caplog.text
+    assert (log / RECORDS_FILE).read_text() == "".join(lines)
+
+
+def test_cli_tune_refuses_auto_and_explains(tuned, capsys):
+    code = main(["tune", str(tuned["path"]), "--quantize", "auto"])
+    assert code == 2
+    assert "--precision-rules" in capsys.readouterr().err
+    code = main(["tune", str(tuned["path"]), "--quantize", "int8"])
+    assert code == 2 and "--calibration" in capsys.readouterr().err
