@@ -9,9 +9,10 @@ process that runs it, and compile (or quantization) time. Each configuration run
 subprocess so that RSS is its own. Prints a Markdown table and writes JSON. No asserts: goals
 are read off the table.
 
-Configurations so far: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel,
-uint8 activations, minmax), qcompile fp32 and int8 (untuned), both int8 calibrated on the same
-32 photos. Tuned and mixed-precision rows join as those features land.
+Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8
+activations, minmax), qcompile fp32, int8 with default schedules (no tuning log), and int8 with
+the tuning log shipped in tuning_logs/host (its tuning time is read from the log: how long the
+tune that wrote it took). All int8 calibrated on the same 32 photos.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8")
+CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
+           "qcompile-int8-tuned")
 
 
 def _photos():
@@ -86,6 +88,7 @@ def measure_one(config: str, onnx_path: Path, work: Path, threads: int, repeat: 
     """Run one configuration in this process; return its figures (outputs saved to work)."""
     calibration, images = _photos()
     compile_s = 0.0
+    extra: dict = {}
     if config.startswith("onnxruntime"):
         path = onnx_path
         if config == "onnxruntime-int8":
@@ -99,16 +102,22 @@ def measure_one(config: str, onnx_path: Path, work: Path, threads: int, repeat: 
             return session.run(None, {name: x})[0]
 
         size = path.stat().st_size
-    elif config in ("qcompile-fp32", "qcompile-int8"):
+    elif config in ("qcompile-fp32", "qcompile-int8", "qcompile-int8-tuned"):
         import qcompile
 
         start = time.perf_counter()
-        if config == "qcompile-int8":
+        if config.startswith("qcompile-int8"):
             artifact = qcompile.compile(onnx_path, "host", work / config, quantize="int8",
-                                        calibration=[{"images": x} for x in calibration])
+                                        calibration=[{"images": x} for x in calibration],
+                                        tuning_log=None if config.endswith("tuned") else False)
         else:
             artifact = qcompile.compile(onnx_path, "host", work / config)
         compile_s = time.perf_counter() - start
+        kernels = artifact.manifest.kernels
+        extra["tuned_kernels"] = f"{kernels['tuned']}/{kernels['total']}"
+        if kernels["tuning_log"]:
+            info = json.loads((Path(kernels["tuning_log"]) / "qcompile-log.json").read_text())
+            extra["tuning_s"] = info.get("tuning_seconds")
         model = qcompile.load(artifact.directory)
         name = model.inputs[0].name
 
@@ -123,7 +132,7 @@ def measure_one(config: str, onnx_path: Path, work: Path, threads: int, repeat: 
     times = _time(lambda: infer(images[0]), repeat)
     return {"config": config, "median_ms": float(np.median(times)),
             "p90_ms": float(np.percentile(times, 90)), "size_bytes": size,
-            "compile_s": compile_s,
+            "compile_s": compile_s, **extra,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -178,16 +187,19 @@ def main() -> int:
             row["top1_agreement"], row["cosine"] = _agreement(
                 np.load(work / f"{row['config']}.npy"), reference)
     base = {r["model"]: r for r in rows if r["config"] == "onnxruntime-fp32"}
+    base_int8 = {r["model"]: r for r in rows if r["config"] == "onnxruntime-int8"}
     for row in rows:
         row["latency_vs_ort_fp32"] = row["median_ms"] / base[row["model"]]["median_ms"]
+        row["latency_vs_ort_int8"] = row["median_ms"] / base_int8[row["model"]]["median_ms"]
         row["size_vs_ort_fp32"] = row["size_bytes"] / base[row["model"]]["size_bytes"]
 
     machine = {"machine": platform.machine(), "processor": _cpu_name(),
                "cores": os.cpu_count(), "threads": args.threads,
                "python": platform.python_version(), "calibration_photos": len(calibration),
                "held_out_photos": len(held_out)}
-    header = ("| model | config | median ms | p90 ms | x ort fp32 | size MB | x size | "
-              "top-1 agree | cosine | peak RSS MB | compile s |")
+    header = ("| model | config | median ms | p90 ms | x ort fp32 | x ort int8 | size MB | "
+              "x size | top-1 agree | cosine | peak RSS MB | compile s | tuned kernels | "
+              "tuning s |")
     print(f"\nMachine: {machine['processor']}, {machine['cores']} cores, "
           f"{args.threads} threads; int8 calibrated on {len(calibration)} photos, agreement "
           f"on {len(held_out)} held-out photos\n")
@@ -195,9 +207,11 @@ def main() -> int:
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         print(f"| {r['model']} | {r['config']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-              f"{r['latency_vs_ort_fp32']:.2f} | {r['size_bytes'] / 1e6:.1f} | "
+              f"{r['latency_vs_ort_fp32']:.2f} | {r['latency_vs_ort_int8']:.2f} | "
+              f"{r['size_bytes'] / 1e6:.1f} | "
               f"{r['size_vs_ort_fp32']:.2f} | {r['top1_agreement']:.3f} | {r['cosine']:.6f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['compile_s']:.1f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['compile_s']:.1f} | {r.get('tuned_kernels', '')} | "
+              f"{r.get('tuning_s') or ''} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

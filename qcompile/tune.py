@@ -105,6 +105,26 @@ def _has_reduction(mod) -> bool:
     return False
 
 
+def _search_cannot_express(mod) -> bool:
+    """Kernels packed for smmla: MetaSchedule has no rule that tensorizes with it, so a
+    searched schedule would be slower than our default one (schedules/int8_default.py)."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    from .schedules.intrinsics import SMMLA
+    from .schedules.packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
+
+    names = (block_name(CONV_BLOCK, SMMLA), block_name(MATMUL_BLOCK, SMMLA))
+    sch = Schedule(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch.work_on(gvar.name_hint)
+            if any(sch.get(b).name_hint.startswith(names)
+                   for b in sch.get_child_blocks(sch.get_sblock("root"))):
+                return True
+    return False
+
+
 def _records(database, mod) -> list:
     if not database.has_workload(mod):
         return []
@@ -173,6 +193,15 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    searchable = [t for t in tasks if not _search_cannot_express(t.dispatched[0])]
+    if len(searchable) < len(tasks):
+        log.info("%d kernel(s) keep qcompile's default schedule: they are packed for an "
+                 "instruction MetaSchedule's search cannot emit (smmla)",
+                 len(tasks) - len(searchable))
+    tasks = searchable
+    if not tasks:
+        raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}: "
+                         "every kernel keeps qcompile's default schedule.")
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
         strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
@@ -206,16 +235,25 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
         progress.start(f"[{number}/{len(todo)}] {context.task_name}",
                        estimate_tir_flops(context.mod), budget, best)
         task_start = time.perf_counter()
-        ms.tune.tune_tasks(tasks=[context], task_weights=[weights[contexts.index(context)]],
-                           work_dir=str(log_dir), max_trials_global=budget,
-                           num_trials_per_iter=min(budget, TRIALS_PER_BATCH),
-                           builder=build, runner=runner, database=database,
-                           cost_model=cost_model, measure_callbacks=callbacks,
-                           task_scheduler="round-robin", module_equality=MODULE_EQUALITY)
+        try:
+            ms.tune.tune_tasks(tasks=[context], task_weights=[weights[contexts.index(context)]],
+                               work_dir=str(log_dir), max_trials_global=budget,
+                               num_trials_per_iter=min(budget, TRIALS_PER_BATCH),
+                               builder=build, runner=runner, database=database,
+                               cost_model=cost_model, measure_callbacks=callbacks,
+                               task_scheduler="round-robin", module_equality=MODULE_EQUALITY)
+        except Exception:
+            if progress.error is not None:  # the devices are gone; the log keeps the rest
+                raise progress.error from None
+            raise
         seconds[context.task_name] = time.perf_counter() - task_start
         if out.isatty():
             out.write("\n")
     total = time.perf_counter() - start
+    info = read_info(log_dir) or identity(target)
+    info["tuning_seconds"] = round(info.get("tuning_seconds", 0.0) + total, 1)
+    info["models"] = sorted(set(info.get("models", [])) | {Path(model.source).name})
+    write_info(log_dir, info)
     summaries = []
     for context, weight in zip(contexts, weights):
         records = _records(database, context.mod)

@@ -148,3 +148,50 @@ def test_cli_tune_refuses_auto_and_explains(tuned, capsys):
     assert "--precision-rules" in capsys.readouterr().err
     code = main(["tune", str(tuned["path"]), "--quantize", "int8"])
     assert code == 2 and "--calibration" in capsys.readouterr().err
+
+
+def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_model, tmp_path):
+    """The only device under the key dies after the first batch: the next batch fails to run,
+    the tracker has no device left, and the tune stops with a DeviceError naming the key and
+    the tracker; the records measured before stay in the log."""
+    import sys
+    import threading
+    import time
+
+    from conftest import free_port, start_process, wait_for_key
+    from models import conv_relu
+    from qcompile.errors import DeviceError
+    from qcompile.processes import stop_process_group
+
+    key = "dying-host"
+    port = free_port()
+    server = start_process([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                            "--port", str(port), "--port-end", str(port + 50), "--tracker",
+                            tracker, "--key", key])
+    path = save_model(conv_relu())
+    log = tmp_path / "log"
+    outcome = {}
+
+    def tune():
+        try:
+            qcompile.tune(path, "host", log, trials=64, rpc_tracker=tracker, rpc_key=key)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    try:
+        wait_for_key(tracker, key)
+        thread = threading.Thread(target=tune)
+        thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+                (log / RECORDS_FILE).is_file() and (log / RECORDS_FILE).read_text()):
+            time.sleep(0.5)
+    finally:
+        stop_process_group(server)
+    measured = (log / RECORDS_FILE).read_text().count("\n")
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, DeviceError), error
+    assert f"'{key}'" in str(error) and tracker in str(error) and "resumes" in str(error)
+    assert (log / RECORDS_FILE).read_text().count("\n") >= measured > 0

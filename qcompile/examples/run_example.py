@@ -1,4 +1,5 @@
-"""`qcompile example`: EfficientNet-Lite0 from ONNX to a .so, run on real photos."""
+"""`qcompile example`: EfficientNet-Lite0 from ONNX to an int8 .so (calibrated on 32 real
+photos, with the tuning log that ships for the host when it fits this machine), run on photos."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from .photos import photos
 log = logging.getLogger(__name__)
 
 
-def run_example(out_dir: Path, target: str = "host") -> dict[str, list[tuple[str, float]]]:
-    """Convert, compile and run the example; print and return each photo's top-5."""
+def run_example(out_dir: Path, target: str = "host", int8: bool = True
+                ) -> dict[str, list[tuple[str, float]]]:
+    """Convert, compile (int8, or fp32) and run the example; print and return each photo's
+    top-5."""
     from ..pipeline import compile as compile_model
     from ..runtime import load
 
@@ -27,7 +30,20 @@ def run_example(out_dir: Path, target: str = "host") -> dict[str, list[tuple[str
     first_name = next(iter(batch))
     first_npz = out_dir / f"{first_name}.npz"
     np.savez(first_npz, **{effnet.INPUT_NAME: batch[first_name]})
-    artifact = compile_model(onnx_path, target, out_dir / target)
+    options = ""
+    if int8:
+        from .photos import calibration_split, photo_collection
+
+        log.info("calibration data: 32 photos spread over those found on this machine")
+        calibration, _ = calibration_split([effnet.preprocess(image)
+                                            for _, image in photo_collection()])
+        calibration_npz = out_dir / "calibration.npz"
+        np.savez(calibration_npz, **{effnet.INPUT_NAME: np.stack(calibration)})
+        artifact = compile_model(onnx_path, target, out_dir / target, quantize="int8",
+                                 calibration=calibration_npz)
+        options = f" --quantize int8 --calibration {calibration_npz}"
+    else:
+        artifact = compile_model(onnx_path, target, out_dir / target)
     results = {}
     with load(artifact.directory) as model:
         for name, x in batch.items():
@@ -39,6 +55,6 @@ def run_example(out_dir: Path, target: str = "host") -> dict[str, list[tuple[str
         latency = model.benchmark({effnet.INPUT_NAME: batch[first_name]}, repeat=10)
     print("\n" + latency.describe())
     print(f"\nThe same from the command line:\n"
-          f"  qcompile compile {onnx_path} --target {target} -o {artifact.directory}\n"
+          f"  qcompile compile {onnx_path} --target {target}{options} -o {artifact.directory}\n"
           f"  qcompile run {artifact.directory} --inputs {first_npz}")
     return results
