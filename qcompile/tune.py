@@ -208,7 +208,11 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality=MODULE_EQUALITY)
     before = {c.task_name: len(_records(database, c.mod)) for c in contexts}
     budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
-    todo = [c for c in contexts if before[c.task_name] < budgets[c.task_name]]
+    flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
+    weight_of = {c.task_name: w for c, w in zip(contexts, weights)}
+    # the kernels that cost the most first: an interrupted tune has spent its time best
+    todo = sorted((c for c in contexts if before[c.task_name] < budgets[c.task_name]),
+                  key=lambda c: -flops[c.task_name] * weight_of[c.task_name])
     log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
              "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
              target.name, len(contexts) - len(todo), trials, log_dir, len(todo), trials,
@@ -228,15 +232,47 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
                  ms.measure_callback.UpdateCostModel(), progress]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    try:
+        _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
+                   out, build=build, runner=runner, cost_model=cost_model,
+                   callbacks=callbacks, log_dir=log_dir)
+    finally:  # also when interrupted: the log says how long it has been tuned
+        total = time.perf_counter() - start
+        info = read_info(log_dir) or identity(target)
+        info["tuning_seconds"] = round(info.get("tuning_seconds", 0.0) + total, 1)
+        info["models"] = sorted(set(info.get("models", [])) | {Path(model.source).name})
+        write_info(log_dir, info)
+    summaries = []
+    for context, weight in zip(contexts, weights):
+        records = _records(database, context.mod)
+        times = [t for t in (mean_seconds(r.run_secs) for r in records) if t is not None]
+        best = min(times) if times else None
+        ops = flops[context.task_name]
+        summaries.append(TaskSummary(
+            context.task_name, int(weight), len(records),
+            best * 1e6 if best is not None else None,
+            ops / best / 1e9 if best and ops else None,
+            len(records) - before[context.task_name], seconds.get(context.task_name, 0.0)))
+    return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
+                     devices.emulated)
+
+
+
+def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, out, *,
+               build, runner, cost_model, callbacks, log_dir) -> None:
+    """Tune the kernels one after the other, each up to its budget; `seconds` gets the time
+    spent on each."""
+    from tvm.s_tir import meta_schedule as ms
+
     for number, context in enumerate(todo, 1):
-        budget = budgets[context.task_name] - before[context.task_name]
+        name = context.task_name
+        budget = budgets[name] - before[name]
         best = [mean_seconds(r.run_secs) for r in _records(database, context.mod)]
-        best = min((b for b in best if b is not None), default=None)
-        progress.start(f"[{number}/{len(todo)}] {context.task_name}",
-                       estimate_tir_flops(context.mod), budget, best)
+        progress.start(f"[{number}/{len(todo)}] {name}", flops[name], budget,
+                       min((b for b in best if b is not None), default=None))
         task_start = time.perf_counter()
         try:
-            ms.tune.tune_tasks(tasks=[context], task_weights=[weights[contexts.index(context)]],
+            ms.tune.tune_tasks(tasks=[context], task_weights=[weight_of[name]],
                                work_dir=str(log_dir), max_trials_global=budget,
                                num_trials_per_iter=min(budget, TRIALS_PER_BATCH),
                                builder=build, runner=runner, database=database,
@@ -246,25 +282,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             if progress.error is not None:  # the devices are gone; the log keeps the rest
                 raise progress.error from None
             raise
-        seconds[context.task_name] = time.perf_counter() - task_start
+        finally:
+            seconds[name] = time.perf_counter() - task_start
         if out.isatty():
             out.write("\n")
-    total = time.perf_counter() - start
-    info = read_info(log_dir) or identity(target)
-    info["tuning_seconds"] = round(info.get("tuning_seconds", 0.0) + total, 1)
-    info["models"] = sorted(set(info.get("models", [])) | {Path(model.source).name})
-    write_info(log_dir, info)
-    summaries = []
-    for context, weight in zip(contexts, weights):
-        records = _records(database, context.mod)
-        times = [t for t in (mean_seconds(r.run_secs) for r in records) if t is not None]
-        best = min(times) if times else None
-        flops = estimate_tir_flops(context.mod)
-        summaries.append(TaskSummary(
-            context.task_name, int(weight), len(records),
-            best * 1e6 if best is not None else None,
-            flops / best / 1e9 if best and flops else None,
-            len(records) - before[context.task_name], seconds.get(context.task_name, 0.0)))
-    return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
-                     devices.emulated)
-

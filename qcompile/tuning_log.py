@@ -226,3 +226,35 @@ def shipped_log(target: Target) -> TuningLog | None:
     log.info("using the shipped tuning log %s (kernels it has no record for get default "
              "schedules)", directory)
     return TuningLog(directory, info)
+
+
+
+def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
+    """Copy the `keep` best valid records of each kernel of the log `source` into a new log
+    `destination` (what ships in tuning_logs/: compile applies only the best one). Returns the
+    number of records kept."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    source, destination = Path(source), Path(destination)
+    log_ = open_log(source)
+    database = log_.database()
+    workloads = {}
+    for record in database.get_all_tuning_records():
+        workloads.setdefault(tvm_ffi.structural_hash(record.workload.mod), record.workload)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        (destination / name).unlink(missing_ok=True)
+    out = ms.database.JSONDatabase(work_dir=str(destination), module_equality=MODULE_EQUALITY)
+    kept = 0
+    for workload in workloads.values():
+        best = [r for r in database.get_top_k(workload, keep) if r.run_secs]
+        if best:
+            copied = out.commit_workload(workload.mod)
+            for r in best:
+                out.commit_tuning_record(ms.database.TuningRecord(
+                    r.trace, copied, r.run_secs, r.target, r.args_info))
+                kept += 1
+    if log_.info is not None:
+        write_info(destination, log_.info)
+    return kept

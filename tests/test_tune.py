@@ -83,6 +83,17 @@ def test_compile_applies_the_log_with_identical_numerics(tuned, tmp_path):
             assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
 
 
+def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
+    """What ships in tuning_logs/ is pruned to the best records: it still tunes every kernel."""
+    from qcompile.tuning_log import prune
+
+    kept = prune(tuned["log"], tmp_path / "pruned", keep=1)
+    assert kept == sum(1 for t in tuned["second"].tasks if t.best_us is not None)
+    artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
+                                calibration=calibration(), tuning_log=tmp_path / "pruned")
+    assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"]
+
+
 def test_records_apply_to_the_same_convs_calibrated_differently(tuned, tmp_path):
     """Records are keyed by each kernel's conv/matmul, not by the requantization constants
     that the calibration data decides: another calibration still finds the tuned convs."""
