@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError, QcompileError
+from .errors import InputError, QcompileError, TuneInterrupted
 
 DESCRIPTION = """\
 qcompile compiles a trained ONNX model into one shared library (.so) that the TVM runtime
@@ -552,6 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except TuneInterrupted as exc:
+        print(f"qcompile: {exc}", file=sys.stderr)
+        return 130
     except QcompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return 2

@@ -36,3 +36,7 @@ class InputError(QcompileError):
 
 class DeviceError(QcompileError):
     """An RPC tracker or device could not be reached or failed during a session."""
+
+
+class TuneInterrupted(QcompileError):
+    """A tune stopped by Ctrl-C or SIGTERM after its current batch; the log keeps every record."""

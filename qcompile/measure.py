@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import TextIO
 
-from .errors import DeviceError
+from .errors import DeviceError, TuneInterrupted
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,9 @@ def mean_seconds(run_secs) -> float | None:
     return mean if mean < 1e9 else None  # MetaSchedule stores failures as 1e10 s
 
 
-def progress_callback(devices: Devices, out: TextIO):
-    """A MetaSchedule measure callback printing one live line per kernel."""
+def progress_callback(devices: Devices, out: TextIO, stop):
+    """A MetaSchedule measure callback printing one live line per kernel; it stops the tune
+    (TuneInterrupted) after the batch during which `stop` (a threading.Event) was set."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -177,7 +178,7 @@ def progress_callback(devices: Devices, out: TextIO):
             self.failed = 0
             self.best: float | None = None
             self.started = time.perf_counter()
-            self.error: DeviceError | None = None
+            self.error: DeviceError | TuneInterrupted | None = None
 
         def start(self, label: str, flops: float, budget: int, best: float | None) -> None:
             self.label, self.flops, self.budget, self.best = label, flops, budget, best
@@ -210,6 +211,9 @@ def progress_callback(devices: Devices, out: TextIO):
             out.flush()
             ran_nothing = all(r.error_msg is not None for r in runner_results)
             built_some = any(b.error_msg is None for b in builder_results)
+            if stop.is_set():
+                self.error = TuneInterrupted("stopped")
+                raise self.error
             if ran_nothing and built_some:
                 try:
                     devices.check_alive()

@@ -16,14 +16,17 @@ record in a tuning log (tuning_log.py) that the build stage applies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
 
-from .errors import DeviceError, InputError
+from .errors import DeviceError, InputError, TuneInterrupted
 from .frontend import FloatModel
 from .measure import Devices, builder, mean_seconds, progress_callback
 from .targets import Target
@@ -226,16 +229,23 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     warm = _warm_start(cost_model, contexts, database)
     if warm:
         log.info("cost model trained on %d record(s) already in the log", warm)
-    progress = progress_callback(devices, out)
+    stop = threading.Event()
+    progress = progress_callback(devices, out, stop)
     callbacks = [ms.measure_callback.AddToDatabase(),
                  ms.measure_callback.RemoveBuildArtifact(),
                  ms.measure_callback.UpdateCostModel(), progress]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
-        _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
-                   out, build=build, runner=runner, cost_model=cost_model,
-                   callbacks=callbacks, log_dir=log_dir)
+        with _stop_on_signals(stop):
+            _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
+                       out, build=build, runner=runner, cost_model=cost_model,
+                       callbacks=callbacks, log_dir=log_dir)
+    except TuneInterrupted:
+        kept = sum(len(_records(database, c.mod)) for c in contexts)
+        raise TuneInterrupted(
+            f"Tuning stopped: the log {log_dir} keeps all {kept} record(s) of this model's "
+            "kernels. Run the same command again to continue where it stopped.") from None
     finally:  # also when interrupted: the log says how long it has been tuned
         total = time.perf_counter() - start
         info = read_info(log_dir) or identity(target)
@@ -256,6 +266,29 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
                      devices.emulated)
 
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """Ctrl-C or SIGTERM: finish the batch being measured, then stop (MetaSchedule would
+    otherwise take the interrupt for a failed build and go on). A second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after the batch being measured (again to stop at once; "
+                    "the batch's records would then be lost)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, out, *,

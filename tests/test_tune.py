@@ -206,3 +206,32 @@ def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_mode
     assert isinstance(error, DeviceError), error
     assert f"'{key}'" in str(error) and tracker in str(error) and "resumes" in str(error)
     assert (log / RECORDS_FILE).read_text().count("\n") >= measured > 0
+
+
+def test_ctrl_c_stops_the_tune_after_its_batch_and_it_resumes(save_model, tmp_path):
+    """Ctrl-C during `qcompile tune` (MetaSchedule alone takes it for a failed build and goes
+    on): the batch being measured is finished and kept, the command exits with 130 and says
+    how to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from models import conv_relu
+
+    path = save_model(conv_relu())
+    log = tmp_path / "log"
+    process = subprocess.Popen([sys.executable, "-m", "qcompile", "tune", str(path), "--trials",
+                                "64", "--log", str(log)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (
+            (log / RECORDS_FILE).is_file() and (log / RECORDS_FILE).read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    assert "Run the same command again to continue" in err
+    measured = (log / RECORDS_FILE).read_text().count("\n")
+    assert 0 < measured < 64
+    info = json.loads((log / INFO_FILE).read_text())
+    assert info["tuning_seconds"] > 0
