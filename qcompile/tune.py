@@ -153,12 +153,11 @@ def _warm_start(cost_model, contexts, database) -> int:
 
 def check_log_dir(directory: Path, target: Target) -> None:
     """Refuse to add records for `target` to a log measured for another target or TVM."""
-    info = read_info(directory)
+    info = read_info(directory) if directory.is_dir() else None
     if info is None:
-        if any(directory.glob("database_*.json")):
+        if directory.is_dir() and any(directory.glob("database_*.json")):
             log.warning("tuning log %s has no record of its target: assuming %s", directory,
                         target.name)
-        write_info(directory, identity(target))
         return
     why = incompatibility(info, target)
     if why is not None:
@@ -187,10 +186,12 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     out = out or sys.stderr
     intrinsics.register()  # the search tensorizes with them
     log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
     check_log_dir(log_dir, target)
+    devices = Devices(target, rpc)  # before anything is written: no device, no new log
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if read_info(log_dir) is None:
+        write_info(log_dir, identity(target))
     repair(log_dir)
-    devices = Devices(target, rpc)
     tvm_target = target.to_tvm()
     mod = fused_module(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)

@@ -208,11 +208,12 @@ def test_a_killed_tune_resumes_from_what_it_measured(arm64_device, save_model, t
     assert task.records == measured + task.new_trials
 
 
-def test_tune_without_a_device_under_the_key(arm64_device, save_model):
+def test_tune_without_a_device_under_the_key(arm64_device, save_model, tmp_path):
     with pytest.raises(DeviceError) as err:
-        qcompile.tune(save_model(conv_relu()), "arm64", "unused", trials=2,
+        qcompile.tune(save_model(conv_relu()), "arm64", tmp_path / "log", trials=2,
                       rpc_tracker=arm64_device["tracker"], rpc_key="pixel-9")
     assert "'pixel-9'" in str(err.value) and "arm64-emu" in str(err.value)
+    assert not (tmp_path / "log").exists()  # nothing written before a device is found
 
 
 def _newest_qemu_descendant(pid: int) -> psutil.Process:
