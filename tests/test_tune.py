@@ -94,6 +94,19 @@ def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
     assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"]
 
 
+def test_records_that_do_not_replay_leave_the_build_working(tuned, tmp_path):
+    """Records keyed by anchor block can match a kernel they cannot be replayed on (here the
+    fp32 model's pooling matches the int8 one's, whose epilogue differs): TVM's pass would
+    fail the whole build; the kernel keeps its default code and the outputs stay right."""
+    from models import assert_close, onnxruntime_outputs
+
+    artifact = qcompile.compile(tuned["path"], "host", tmp_path / "fp32",
+                                tuning_log=tuned["log"])
+    feeds = random_inputs(packed_convnet(), seed=4)
+    with qcompile.load(artifact.directory) as loaded:
+        assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(packed_convnet(), feeds)["y"])
+
+
 def test_records_apply_to_the_same_convs_calibrated_differently(tuned, tmp_path):
     """Records are keyed by each kernel's conv/matmul, not by the requantization constants
     that the calibration data decides: another calibration still finds the tuned convs."""
