@@ -115,7 +115,7 @@ def measure_one(config: str, onnx_path: Path, work: Path, threads: int, repeat: 
         compile_s = time.perf_counter() - start
         kernels = artifact.manifest.kernels
         extra["tuned_kernels"] = f"{kernels['tuned']}/{kernels['total']}"
-        if kernels["tuning_log"]:
+        if kernels["tuning_log"] and kernels["tuned"]:
             info = json.loads((Path(kernels["tuning_log"]) / "qcompile-log.json").read_text())
             extra["tuning_s"] = info.get("tuning_seconds")
         model = qcompile.load(artifact.directory)
