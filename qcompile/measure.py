@@ -115,8 +115,8 @@ class Devices:
         return (f"{what} under key '{key}' at the tracker {host}:{port}, so nothing can "
                 f"measure the candidates. Keys registered there: {self._known}. Start or "
                 f"reconnect the device (`python -m tvm.exec.rpc_server --tracker {host}:{port} "
-                f"--key {key}`, or `qcompile device` for the emulated one) and run the same "
-                "tune again: it resumes from the records in the log.")
+                f"--key {key}`, or `qcompile device emulate` for the emulated one) and run the "
+                "same tune again: it resumes from the records in the log.")
 
     def runner(self):
         from tvm.s_tir import meta_schedule as ms
