@@ -103,12 +103,9 @@ class Devices:
         self.where = f"{self.count} device(s) '{key}' at {host}:{port}"
 
     def available(self) -> int:
-        from .remote import tracker_status
-
-        (host, port), key = self.rpc
-        status = {k.key: k for k in tracker_status((host, port)).keys}
-        self._known = ", ".join(sorted(status)) or "none"
-        return status[key].total if key in status else 0
+        count, known = registered_devices(*self.rpc)
+        self._known = ", ".join(known) or "none"
+        return count
 
     def _none_left(self, what: str) -> str:
         (host, port), key = self.rpc
@@ -137,18 +134,23 @@ class Devices:
             raise DeviceError(self._none_left("Every device dropped out: none is left"))
 
 
+def registered_devices(address: tuple[str, int], key: str) -> tuple[int, list[str]]:
+    """(devices registered under `key` at the tracker, every key registered there)"""
+    from .remote import tracker_status
+
+    status = {k.key: k for k in tracker_status(address).keys}
+    return (status[key].total if key in status else 0), sorted(status)
+
+
 def create_session(rpc_config):
     """MetaSchedule's session for one candidate, failing at once when the tracker has no device
     under the key: its own request would wait for one forever, so a tune whose devices died
     would hang instead of stopping."""
     from tvm.s_tir.meta_schedule.runner.rpc_runner import default_create_session
 
-    from .remote import tracker_status
-
     address = (rpc_config.tracker_host, rpc_config.tracker_port)
-    keys = {k.key: k for k in tracker_status(address).keys}
     key = rpc_config.tracker_key
-    if key not in keys or keys[key].total == 0:
+    if registered_devices(address, key)[0] == 0:
         raise DeviceError(f"no device is registered under key '{key}' at the tracker "
                           f"{address[0]}:{address[1]}")
     return default_create_session(rpc_config)
@@ -171,14 +173,8 @@ def progress_callback(devices: Devices, out: TextIO, stop):
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
         def __init__(self) -> None:
-            self.label = ""
-            self.flops = 0.0
-            self.budget = 0
-            self.done = 0
-            self.failed = 0
-            self.best: float | None = None
-            self.started = time.perf_counter()
             self.error: DeviceError | TuneInterrupted | None = None
+            self.start("", 0.0, 0, None)
 
         def start(self, label: str, flops: float, budget: int, best: float | None) -> None:
             self.label, self.flops, self.budget, self.best = label, flops, budget, best

@@ -31,7 +31,7 @@ from .frontend import FloatModel
 from .measure import Devices, builder, mean_seconds, progress_callback
 from .targets import Target
 from .tuning_log import (MODULE_EQUALITY, TaskSummary, TuningLog, identity, incompatibility,
-                         read_info, repair, write_info)
+                         open_database, read_info, repair, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -89,49 +89,48 @@ def _has_int8_conv(mod) -> bool:
     return bool(found)
 
 
-def _has_reduction(mod) -> bool:
-    """Whether a kernel reduces (conv, matmul, pooling): those are worth searching. An
-    elementwise kernel's schedule space holds one schedule (parallel + vectorize), measured
-    once: MetaSchedule would spend five empty search rounds finding nothing new."""
+def _blocks(mod):
+    """The top-level blocks of every kernel in `mod`."""
     import tvm
     from tvm.s_tir import Schedule
 
     sch = Schedule(mod)
     for gvar, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        sch.work_on(gvar.name_hint)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            if any(int(iv.iter_type) == tvm.tirx.IterVar.CommReduce
-                   for iv in sch.get(block).iter_vars):
-                return True
-    return False
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch.work_on(gvar.name_hint)
+            yield from (sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _has_reduction(mod) -> bool:
+    """Whether a kernel reduces (conv, matmul, pooling): those are worth searching. An
+    elementwise kernel's schedule space holds one schedule (parallel + vectorize), measured
+    once: MetaSchedule would spend five empty search rounds finding nothing new."""
+    from tvm.tirx import IterVar
+
+    return any(int(iv.iter_type) == IterVar.CommReduce
+               for block in _blocks(mod) for iv in block.iter_vars)
 
 
 def _search_cannot_express(mod) -> bool:
     """Kernels packed for smmla: MetaSchedule has no rule that tensorizes with it, so a
     searched schedule would be slower than our default one (schedules/int8_default.py)."""
-    import tvm
-    from tvm.s_tir import Schedule
-
     from .schedules.intrinsics import SMMLA
     from .schedules.packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
     names = (block_name(CONV_BLOCK, SMMLA), block_name(MATMUL_BLOCK, SMMLA))
-    sch = Schedule(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc):
-            sch.work_on(gvar.name_hint)
-            if any(sch.get(b).name_hint.startswith(names)
-                   for b in sch.get_child_blocks(sch.get_sblock("root"))):
-                return True
-    return False
+    return any(block.name_hint.startswith(names) for block in _blocks(mod))
 
 
 def _records(database, mod) -> list:
     if not database.has_workload(mod):
         return []
     return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
+
+
+def _best_seconds(records) -> float | None:
+    """The fastest valid run among `records` (None: none ran)."""
+    return min((t for t in (mean_seconds(r.run_secs) for r in records) if t is not None),
+               default=None)
 
 
 def _warm_start(cost_model, contexts, database) -> int:
@@ -153,9 +152,9 @@ def _warm_start(cost_model, contexts, database) -> int:
 
 def check_log_dir(directory: Path, target: Target) -> None:
     """Refuse to add records for `target` to a log measured for another target or TVM."""
-    info = read_info(directory) if directory.is_dir() else None
+    info = read_info(directory)
     if info is None:
-        if directory.is_dir() and any(directory.glob("database_*.json")):
+        if any(directory.glob("database_*.json")):
             log.warning("tuning log %s has no record of its target: assuming %s", directory,
                         target.name)
         return
@@ -181,10 +180,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     if target.is_gpu:
         raise DeviceError("Tuning GPU targets is not supported yet: their kernels use dlight's "
                           "default schedules. Compile without a tuning log.")
-    from .schedules import intrinsics
-
     out = out or sys.stderr
-    intrinsics.register()  # the search tensorizes with them
     log_dir = Path(log_dir)
     check_log_dir(log_dir, target)
     devices = Devices(target, rpc)  # before anything is written: no device, no new log
@@ -192,6 +188,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     if read_info(log_dir) is None:
         write_info(log_dir, identity(target))
     repair(log_dir)
+    database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
     tvm_target = target.to_tvm()
     mod = fused_module(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
@@ -209,7 +206,6 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
         strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
-    database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality=MODULE_EQUALITY)
     before = {c.task_name: len(_records(database, c.mod)) for c in contexts}
     budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
     flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
@@ -256,8 +252,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     summaries = []
     for context, weight in zip(contexts, weights):
         records = _records(database, context.mod)
-        times = [t for t in (mean_seconds(r.run_secs) for r in records) if t is not None]
-        best = min(times) if times else None
+        best = _best_seconds(records)
         ops = flops[context.task_name]
         summaries.append(TaskSummary(
             context.task_name, int(weight), len(records),
@@ -266,7 +261,6 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             len(records) - before[context.task_name], seconds.get(context.task_name, 0.0)))
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
                      devices.emulated)
-
 
 
 @contextlib.contextmanager
@@ -301,9 +295,8 @@ def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seco
     for number, context in enumerate(todo, 1):
         name = context.task_name
         budget = budgets[name] - before[name]
-        best = [mean_seconds(r.run_secs) for r in _records(database, context.mod)]
         progress.start(f"[{number}/{len(todo)}] {name}", flops[name], budget,
-                       min((b for b in best if b is not None), default=None))
+                       _best_seconds(_records(database, context.mod)))
         task_start = time.perf_counter()
         try:
             ms.tune.tune_tasks(tasks=[context], task_weights=[weight_of[name]],

@@ -111,14 +111,7 @@ class TuningLog:
     emulated: bool = False
 
     def database(self):
-        from tvm.s_tir import meta_schedule as ms
-
-        from .schedules import intrinsics
-
-        intrinsics.register()  # records name the tensor intrinsics their schedules use
-
-        return ms.database.JSONDatabase(work_dir=str(self.directory), allow_missing=False,
-                                        module_equality=MODULE_EQUALITY)
+        return open_database(self.directory)
 
     def describe(self) -> str:
         reused = sum(1 for t in self.tasks if t.new_trials == 0 and t.records)
@@ -135,6 +128,18 @@ class TuningLog:
             rows.append(f"  {t.name[:44]:<44} {t.weight:>4} {t.records:>7} {t.new_trials:>5} "
                         f"{best:>12} {gops}")
         return "\n".join([head, *rows, f"tuning log: {self.directory}"])
+
+
+def open_database(directory: Path, create: bool = False):
+    """The MetaSchedule JSON database in `directory` (created when `create`), keyed the way
+    qcompile keys records."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import intrinsics
+
+    intrinsics.register()  # records name the tensor intrinsics their schedules use
+    return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=create,
+                                    module_equality=MODULE_EQUALITY)
 
 
 def read_info(directory: Path) -> dict[str, Any] | None:
@@ -228,13 +233,12 @@ def shipped_log(target: Target) -> TuningLog | None:
     return TuningLog(directory, info)
 
 
-
 def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     """Copy the `keep` best valid records of each kernel of the log `source` into a new log
     `destination` (what ships in tuning_logs/: compile applies only the best one). Returns the
     number of records kept."""
     import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord
 
     source, destination = Path(source), Path(destination)
     log_ = open_log(source)
@@ -245,14 +249,14 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     destination.mkdir(parents=True, exist_ok=True)
     for name in (WORKLOADS_FILE, RECORDS_FILE):
         (destination / name).unlink(missing_ok=True)
-    out = ms.database.JSONDatabase(work_dir=str(destination), module_equality=MODULE_EQUALITY)
+    out = open_database(destination, create=True)
     kept = 0
     for workload in workloads.values():
         best = [r for r in database.get_top_k(workload, keep) if r.run_secs]
         if best:
             copied = out.commit_workload(workload.mod)
             for r in best:
-                out.commit_tuning_record(ms.database.TuningRecord(
+                out.commit_tuning_record(TuningRecord(
                     r.trace, copied, r.run_secs, r.target, r.args_info))
                 kept += 1
     if log_.info is not None:
