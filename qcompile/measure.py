@@ -14,6 +14,7 @@ from typing import TextIO
 
 from .errors import DeviceError, TuneInterrupted
 from .targets import Target
+from .tuning_log import mean_seconds
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +155,6 @@ def create_session(rpc_config):
         raise DeviceError(f"no device is registered under key '{key}' at the tracker "
                           f"{address[0]}:{address[1]}")
     return default_create_session(rpc_config)
-
-
-def mean_seconds(run_secs) -> float | None:
-    if not run_secs:
-        return None
-    values = [float(t) for t in run_secs]
-    mean = sum(values) / len(values)
-    return mean if mean < 1e9 else None  # MetaSchedule stores failures as 1e10 s
 
 
 def progress_callback(devices: Devices, out: TextIO, stop):

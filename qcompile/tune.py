@@ -28,10 +28,10 @@ from typing import TextIO
 
 from .errors import DeviceError, InputError, TuneInterrupted
 from .frontend import FloatModel
-from .measure import Devices, builder, mean_seconds, progress_callback
+from .measure import Devices, builder, progress_callback
 from .targets import Target
 from .tuning_log import (MODULE_EQUALITY, TaskSummary, TuningLog, identity, incompatibility,
-                         open_database, read_info, repair, write_info)
+                         mean_seconds, open_database, read_info, repair, write_info)
 
 log = logging.getLogger(__name__)
 

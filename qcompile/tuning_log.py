@@ -130,6 +130,15 @@ class TuningLog:
         return "\n".join([head, *rows, f"tuning log: {self.directory}"])
 
 
+def mean_seconds(run_secs) -> float | None:
+    """A record's mean run time, or None when it did not run."""
+    if not run_secs:
+        return None
+    values = [float(t) for t in run_secs]
+    mean = sum(values) / len(values)
+    return mean if mean < 1e9 else None  # MetaSchedule stores failures as 1e10 s
+
+
 def open_database(directory: Path, create: bool = False):
     """The MetaSchedule JSON database in `directory` (created when `create`), keyed the way
     qcompile keys records."""
@@ -252,7 +261,8 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     out = open_database(destination, create=True)
     kept = 0
     for workload in workloads.values():
-        best = [r for r in database.get_top_k(workload, keep) if r.run_secs]
+        best = [r for r in database.get_top_k(workload, keep)
+                if mean_seconds(r.run_secs) is not None]
         if best:
             copied = out.commit_workload(workload.mod)
             for r in best:

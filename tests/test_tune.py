@@ -89,6 +89,9 @@ def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
 
     kept = prune(tuned["log"], tmp_path / "pruned", keep=1)
     assert kept == sum(1 for t in tuned["second"].tasks if t.best_us is not None)
+    for line in (tmp_path / "pruned" / RECORDS_FILE).read_text().splitlines():
+        run_secs = json.loads(line)[1][1]  # [workload, [trace, run_secs, ...]]
+        assert run_secs and max(float(t) for t in run_secs) < 1e9  # no failed run ships
     artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
                                 calibration=calibration(), tuning_log=tmp_path / "pruned")
     assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"]
@@ -152,6 +155,21 @@ def test_a_log_from_another_tvm_or_target_is_refused(tuned, tmp_path):
         qcompile.compile(tuned["path"], "host", tmp_path / "out", tuning_log=log)
     with pytest.raises(InputError, match="belongs to another target or TVM"):
         qcompile.tune(tuned["path"], "host", log, trials=1)
+
+
+
+def test_cli_refuses_a_log_of_another_tvm_or_a_broken_one(tuned, tmp_path, capsys):
+    log = tmp_path / "log"
+    shutil.copytree(tuned["log"], log)
+    info = json.loads((log / INFO_FILE).read_text())
+    (log / INFO_FILE).write_text(json.dumps({**info, "tvm": "0.19.0"}))
+    args = ["compile", str(tuned["path"]), "-o", str(tmp_path / "out"), "--tuning-log", str(log)]
+    assert main(args) == 2
+    assert "measured with TVM 0.19.0" in capsys.readouterr().err
+    (log / INFO_FILE).write_text("{not json")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert INFO_FILE in err and "is not valid JSON" in err
 
 
 def test_a_torn_last_record_is_dropped(tuned, tmp_path, caplog):
