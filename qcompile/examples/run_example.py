@@ -14,6 +14,24 @@ from .photos import photos
 log = logging.getLogger(__name__)
 
 
+CALIBRATION_PHOTOS = 32
+
+
+def example_calibration(images: list) -> list:
+    """The example's calibration samples: 32 photos spread over those found, or all of them
+    where fewer ship (a bare `pip install` has scikit-image's 6; the Debian packages that
+    tests/run installs add about 300)."""
+    from .photos import calibration_split
+
+    if len(images) <= CALIBRATION_PHOTOS:
+        log.info("calibration data: the %d photos found on this machine (install opencv-doc "
+                 "and gcompris-qt-data for more)", len(images))
+        return images
+    log.info("calibration data: %d photos spread over the %d found on this machine",
+             CALIBRATION_PHOTOS, len(images))
+    return calibration_split(images, CALIBRATION_PHOTOS)[0]
+
+
 def run_example(out_dir: Path, target: str = "host", int8: bool = True
                 ) -> dict[str, list[tuple[str, float]]]:
     """Convert, compile (int8, or fp32) and run the example; print and return each photo's
@@ -32,11 +50,10 @@ def run_example(out_dir: Path, target: str = "host", int8: bool = True
     np.savez(first_npz, **{effnet.INPUT_NAME: batch[first_name]})
     options = ""
     if int8:
-        from .photos import calibration_split, photo_collection
+        from .photos import photo_collection
 
-        log.info("calibration data: 32 photos spread over those found on this machine")
-        calibration, _ = calibration_split([effnet.preprocess(image)
-                                            for _, image in photo_collection()])
+        calibration = example_calibration([effnet.preprocess(image)
+                                           for _, image in photo_collection()])
         calibration_npz = out_dir / "calibration.npz"
         np.savez(calibration_npz, **{effnet.INPUT_NAME: np.stack(calibration)})
         artifact = compile_model(onnx_path, target, out_dir / target, quantize="int8",
