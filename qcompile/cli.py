@@ -164,6 +164,10 @@ def _quantize_args(p, auto: bool) -> None:
     q.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                    help="do not correct the mean output shift that rounding the weights to "
                         "int8 causes (on by default)")
+    q.add_argument("--weight-rounding", default="gptq", choices=["gptq", "nearest"],
+                   help="how int8 weights are rounded: gptq (default) chooses each weight's "
+                        "rounding direction so that the layer's outputs on the calibration data "
+                        "stay closest to fp32; nearest rounds each weight on its own")
 
 
 def _cc_arg(p) -> None:
@@ -204,6 +208,10 @@ def _add_tune(sub) -> None:
                         "(default: 32; 64-200 find better schedules)")
     p.add_argument("--log", dest="log_dir", metavar="DIR",
                    help="tuning log directory (default: tuning_logs/TARGET)")
+    p.add_argument("--reuse-log", metavar="DIR",
+                   help="another tuning log for the target (e.g. the shipped tuning_logs/"
+                        "TARGET): its records that apply to this model's kernels are copied "
+                        "into --log first, and those kernels are not searched again")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="TVM RPC tracker through which to reach the devices that measure "
                         "(every free device under the key measures in parallel)")
@@ -385,7 +393,8 @@ def _quant_config(args):
                            activations=args.activations, symmetric=args.symmetric,
                            float_layers=frozenset(args.float_layer),
                            float_stem=not args.int8_stem, rules=rules,
-                           bias_correction=args.bias_correction)
+                           bias_correction=args.bias_correction,
+                           weight_rounding=args.weight_rounding)
     if args.calibration:
         raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
     if args.precision_rules:
@@ -404,7 +413,7 @@ def _cmd_tune(args) -> int:
     result = tune(args.model, args.target, args.log_dir, trials=args.trials,
                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, input_shapes=shapes,
                   cc=args.cc, quantize=args.quantize, calibration=args.calibration,
-                  quant_config=_quant_config(args))
+                  quant_config=_quant_config(args), reuse_log=args.reuse_log)
     print(result.describe())
     options = f" --quantize {args.quantize} ..." if args.quantize else ""
     print(f"apply it: qcompile compile {args.model} --target {args.target}{options} "

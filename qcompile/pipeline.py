@@ -160,7 +160,8 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
                                     activations)
         fixed = {name: plan[name] for name in explicit}
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
-                    metric, budget, fallback, fixed, config.bias_correction)
+                    metric, budget, fallback, fixed, config.bias_correction,
+                    config.weight_rounding)
     reference = onnxruntime_outputs(float_model.onnx, held_out)
     runs_here = target.name == "host"
     best = None  # (compiled metric, round, result, build directory)
@@ -232,6 +233,7 @@ def tune(
     quantize: str | None = None,
     calibration: Any = None,
     quant_config: QuantConfig | None = None,
+    reuse_log: str | Path | None = None,
 ) -> TuningLog:
     """Tune the kernels of an ONNX model, in the precision it will be compiled in (`quantize`,
     `calibration` and `quant_config` as for compile()), for a target: each kernel until the log
@@ -239,8 +241,10 @@ def tune(
     tuning_logs/<target>); a log that already holds records continues from them (resume, and
     reuse of kernels tuned for other models). Measured on the device under `rpc_key` at
     `rpc_tracker`, or on this machine for the host target. Pass the log to
-    compile(tuning_log=...), with the same quantization options."""
+    compile(tuning_log=...), with the same quantization options. `reuse_log`: another log for
+    the target (e.g. the shipped one) whose records that apply are copied in first."""
     resolved = load_target(target).with_compiler(cc)
+    reuse = open_log(reuse_log, resolved) if reuse_log is not None else None
     if quantize == "auto":
         raise InputError("qcompile tune cannot search the precision mix: compile with "
                          "--quantize auto first, then tune with --quantize int8 "
@@ -252,7 +256,7 @@ def tune(
     graph = _quantize(_import(model, input_shapes), resolved, quantize, calibration,
                       quant_config)
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
-    return tune_model(graph, resolved, directory, trials=trials, rpc=rpc)
+    return tune_model(graph, resolved, directory, trials=trials, rpc=rpc, reuse=reuse)
 
 
 def _import(model: str | Path, input_shapes):

@@ -30,8 +30,9 @@ from .errors import DeviceError, InputError, TuneInterrupted
 from .frontend import FloatModel
 from .measure import Devices, builder, progress_callback
 from .targets import Target
-from .tuning_log import (MODULE_EQUALITY, TaskSummary, TuningLog, identity, incompatibility,
-                         mean_seconds, open_database, read_info, repair, write_info)
+from .tuning_log import (MODULE_EQUALITY, PRUNED_KEY, TaskSummary, TuningLog, identity,
+                         incompatibility, mean_seconds, open_database, pruned_trials, read_info,
+                         repair, workload_key, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,85 @@ def _records(database, mod) -> list:
     return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
 
 
+def _replays(record, mod) -> bool:
+    """Whether a record's schedule applies to the kernel `mod`."""
+    from tvm.s_tir import Schedule
+
+    try:
+        record.trace.apply_to_schedule(Schedule(mod), remove_postproc=False)
+    except Exception:  # noqa: BLE001 - TVM raises various errors for a trace that does not fit
+        return False
+    return True
+
+
+def _trace_for(record, context):
+    """The record's schedule as a trace of this kernel: its own trace when it replays, else
+    its anchor (conv/matmul) steps applied to this kernel as compile does (MetaSchedule's
+    schedule_using_anchor_trace) and the resulting trace, if that replays; None otherwise.
+    The record keeps its measured time, taken with the other epilogue."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    if _replays(record, context.mod):
+        return record.trace
+    try:
+        sch = Schedule(context.mod)
+        schedule_using_anchor_trace(sch, record.trace, context.target)
+    except Exception:  # noqa: BLE001
+        return None
+    trace = sch.trace
+    try:
+        trace.apply_to_schedule(Schedule(context.mod), remove_postproc=False)
+    except Exception:  # noqa: BLE001
+        return None
+    return trace
+
+
+def _replays_here(database, mod) -> bool:
+    records = _records(database, mod)
+    return not records or _replays(records[0], mod)
+
+
+def _adopt(database, contexts, other: TuningLog, log_dir: Path) -> dict[str, int]:
+    """Copy into `database` the records of `other` that replay on this model's kernels,
+    under this model's kernels (and count the candidates `other` had pruned). Kernels the
+    database already has records for are left alone. {kernel: records copied}."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    source = other.database()
+    adopted, pruned = {}, {}
+    for context in contexts:
+        if database.has_workload(context.mod):
+            continue
+        traces = [(r, _trace_for(r, context)) for r in _records(source, context.mod)
+                  if mean_seconds(r.run_secs)]
+        traces = [(r, trace) for r, trace in traces if trace is not None]
+        if not traces:
+            continue
+        workload = database.commit_workload(context.mod)
+        for r, trace in traces:
+            database.commit_tuning_record(TuningRecord(trace, workload, r.run_secs,
+                                                       r.target, r.args_info))
+        records = [r for r, _ in traces]
+        adopted[context.task_name] = len(records)
+        dropped = pruned_trials(other.info, records[0].workload.mod)
+        if dropped:
+            pruned[workload_key(workload.mod)] = dropped
+    if pruned:
+        info = read_info(log_dir) or {}
+        info[PRUNED_KEY] = {**info.get(PRUNED_KEY, {}), **pruned}
+        write_info(log_dir, info)
+    return adopted
+
+
+def _measured(database, mod, info) -> int:
+    """Candidates measured for this kernel: its records, and those prune() dropped."""
+    records = _records(database, mod)
+    if not records:
+        return 0
+    return len(records) + pruned_trials(info, records[0].workload.mod)
+
+
 def _best_seconds(records) -> float | None:
     """The fastest valid run among `records` (None: none ran)."""
     return min((t for t in (mean_seconds(r.run_secs) for r in records) if t is not None),
@@ -166,13 +246,14 @@ def check_log_dir(directory: Path, target: Target) -> None:
 
 def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 32,
          rpc: tuple[tuple[str, int], str] | None = None,
-         out: TextIO | None = None) -> TuningLog:
+         out: TextIO | None = None, reuse: TuningLog | None = None) -> TuningLog:
     """Tune each kernel of `model` (already quantized, if it is to be) for `target` until the
     log holds `trials` measured candidates for it (MetaSchedule, XGBoost cost model).
 
     rpc: ((tracker_host, tracker_port), key) of the devices that measure; None measures here.
     `target` must have its compiler resolved (Target.with_compiler). Progress goes to `out`
-    (default: stderr), one line per batch of candidates.
+    (default: stderr), one line per batch of candidates. `reuse`: another log (for the same
+    target) whose records that apply to this model's kernels are copied in first.
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -206,12 +287,28 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
         strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
-    before = {c.task_name: len(_records(database, c.mod)) for c in contexts}
+    if reuse is not None:
+        adopted = _adopt(database, contexts, reuse, log_dir)
+        if adopted:
+            log.info("reused %d record(s) of %s for %d kernel(s)", sum(adopted.values()),
+                     reuse.directory, len(adopted))
+    # Records are keyed by anchor block (the conv/matmul), so a log can hold records of a
+    # differently fused kernel with the same anchor: they do not replay here, and MetaSchedule
+    # would store this kernel's records under that workload, where they break the log's loading.
+    foreign = {c.task_name for c in contexts if not _replays_here(database, c.mod)}
+    for name in sorted(foreign):
+        log.warning("kernel %s is not tuned: the log's records for its anchor operation were "
+                    "measured on a differently fused kernel, and MetaSchedule keys records by "
+                    "anchor. Tune into a new --log with --reuse-log %s to tune it.", name,
+                    log_dir)
+    info = read_info(log_dir)
+    before = {c.task_name: _measured(database, c.mod, info) for c in contexts}
     budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
     flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
     weight_of = {c.task_name: w for c, w in zip(contexts, weights)}
     # the kernels that cost the most first: an interrupted tune has spent its time best
-    todo = sorted((c for c in contexts if before[c.task_name] < budgets[c.task_name]),
+    todo = sorted((c for c in contexts if before[c.task_name] < budgets[c.task_name]
+                   and c.task_name not in foreign),
                   key=lambda c: -flops[c.task_name] * weight_of[c.task_name])
     log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
              "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
@@ -245,10 +342,10 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             "kernels. Run the same command again to continue where it stopped.") from None
     finally:  # also when interrupted: the log says how long it has been tuned
         total = time.perf_counter() - start
-        info = read_info(log_dir) or identity(target)
-        info["tuning_seconds"] = round(info.get("tuning_seconds", 0.0) + total, 1)
-        info["models"] = sorted(set(info.get("models", [])) | {Path(model.source).name})
-        write_info(log_dir, info)
+        updated = read_info(log_dir) or identity(target)
+        updated["tuning_seconds"] = round(updated.get("tuning_seconds", 0.0) + total, 1)
+        updated["models"] = sorted(set(updated.get("models", [])) | {Path(model.source).name})
+        write_info(log_dir, updated)
     summaries = []
     for context, weight in zip(contexts, weights):
         records = _records(database, context.mod)
@@ -258,7 +355,8 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             context.task_name, int(weight), len(records),
             best * 1e6 if best is not None else None,
             ops / best / 1e9 if best and ops else None,
-            len(records) - before[context.task_name], seconds.get(context.task_name, 0.0)))
+            _measured(database, context.mod, info) - before[context.task_name],
+            seconds.get(context.task_name, 0.0)))
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
                      devices.emulated)
 

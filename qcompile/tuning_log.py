@@ -151,6 +151,9 @@ def open_database(directory: Path, create: bool = False):
                                     module_equality=MODULE_EQUALITY)
 
 
+PRUNED_KEY = "pruned_trials"  # qcompile-log.json: {workload_key: candidates prune() dropped}
+
+
 def read_info(directory: Path) -> dict[str, Any] | None:
     path = directory / INFO_FILE
     if not path.is_file():
@@ -260,15 +263,33 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
         (destination / name).unlink(missing_ok=True)
     out = open_database(destination, create=True)
     kept = 0
-    for workload in workloads.values():
-        best = [r for r in database.get_top_k(workload, keep)
-                if mean_seconds(r.run_secs) is not None]
+    earlier = dict((log_.info or {}).get(PRUNED_KEY, {}))
+    pruned = {}
+    for key, workload in workloads.items():
+        records = database.get_top_k(workload, 1_000_000)
+        best = [r for r in records[:keep] if mean_seconds(r.run_secs) is not None]
         if best:
             copied = out.commit_workload(workload.mod)
             for r in best:
                 out.commit_tuning_record(TuningRecord(
                     r.trace, copied, r.run_secs, r.target, r.args_info))
                 kept += 1
+            pruned[workload_key(copied.mod)] = \
+                earlier.get(workload_key(workload.mod), 0) + len(records) - len(best)
     if log_.info is not None:
-        write_info(destination, log_.info)
+        write_info(destination, {**log_.info, PRUNED_KEY: pruned})
     return kept
+
+
+def workload_key(mod) -> str:
+    """A stable key for a log's workload (a kernel), as qcompile-log.json stores it."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def pruned_trials(info: dict[str, Any] | None, workload_mod) -> int:
+    """How many measured candidates of this workload prune() dropped: they count towards a
+    kernel's trial budget as if they were still in the log, so a tune on a shipped (pruned) log
+    does not search the same kernel again."""
+    return int(((info or {}).get(PRUNED_KEY) or {}).get(workload_key(workload_mod), 0))

@@ -68,6 +68,7 @@ def initializers(model):
 def compile_int8(model, save_model, out, **config):
     config.setdefault("float_stem", False)  # these small models start with a 3-channel conv
     config.setdefault("bias_correction", False)  # the references below do not model it
+    config.setdefault("weight_rounding", "nearest")  # nor GPTQ (test_rounding.py does)
     path = save_model(model)
     qcompile.compile(path, "host", out, quantize="int8", calibration=calibration(model),
                      quant_config=QuantConfig(**config))

@@ -95,6 +95,15 @@ def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
     artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
                                 calibration=calibration(), tuning_log=tmp_path / "pruned")
     assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"]
+    # the candidates pruning dropped still count: tuning on the pruned log (as on a shipped
+    # one) measures no more than on the full log
+    info = json.loads((tmp_path / "pruned" / INFO_FILE).read_text())
+    assert sum(info["pruned_trials"].values()) > 0
+    again = qcompile.tune(tuned["path"], "host", tmp_path / "pruned", trials=TRIALS,
+                          quantize="int8", calibration=calibration())
+    full = {t.name: t for t in tuned["second"].tasks}
+    assert all(t.new_trials <= max(0, TRIALS - full[t.name].records) for t in again.tasks)
+    assert any(full[t.name].records >= TRIALS > t.records for t in again.tasks)
 
 
 def test_records_that_do_not_replay_leave_the_build_working(tuned, tmp_path):
@@ -108,6 +117,30 @@ def test_records_that_do_not_replay_leave_the_build_working(tuned, tmp_path):
     feeds = random_inputs(packed_convnet(), seed=4)
     with qcompile.load(artifact.directory) as loaded:
         assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(packed_convnet(), feeds)["y"])
+
+
+def test_a_differently_fused_kernel_is_not_tuned_into_the_log_and_reuse_copies_records(
+        tuned, tmp_path, caplog):
+    """The fp32 model's pooling kernel has the int8 one's anchor block but another epilogue.
+    Tuned into the int8 log, MetaSchedule would file its records under the int8 kernel and the
+    log would no longer load: tune leaves it alone and says so. With --reuse-log into a new
+    log, the int8 records that replay are copied under this model's kernels."""
+    from qcompile.tuning_log import open_database
+
+    shutil.copytree(tuned["log"], tmp_path / "log")
+    with caplog.at_level("WARNING", logger="qcompile"):
+        result = qcompile.tune(tuned["path"], "host", tmp_path / "log", trials=TRIALS)
+    assert "differently fused kernel" in caplog.text
+    foreign = [t for t in result.tasks if t.name in caplog.text]
+    assert foreign and all(t.new_trials == 0 for t in foreign)
+    open_database(tmp_path / "log")  # still loads
+    # the same int8 model into a new log, reusing the first: nothing left to search
+    again = qcompile.tune(tuned["path"], "host", tmp_path / "new", trials=TRIALS,
+                          quantize="int8", calibration=calibration(), reuse_log=tuned["log"])
+    full = {t.name: t for t in tuned["second"].tasks}
+    reused = [t for t in again.tasks if full[t.name].best_us is not None]
+    assert reused and all(t.records >= 1 for t in reused)
+    assert sum(t.new_trials for t in again.tasks) < sum(t.new_trials for t in tuned["first"].tasks)
 
 
 def test_records_apply_to_the_same_convs_calibrated_differently(tuned, tmp_path):

@@ -26,11 +26,13 @@ from .graph import Graph, read_graph
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
 from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
+from .rounding import InputMoments, conv_shape
 from .rules import LayerSettings, PrecisionRules
 
 log = logging.getLogger(__name__)
 
 MEASURE_SAMPLES = 16
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,15 @@ class QuantConfig:
     float_stem: bool = True           # keep a first conv on a <= 4-channel model input in fp32
     rules: PrecisionRules | None = None  # per-layer precision and options (rules.py)
     bias_correction: bool = True      # remove the mean output shift that weight rounding causes
+    weight_rounding: str = "gptq"     # gptq (minimize each layer's output error) | nearest
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"Unknown calibration method '{self.method}': use one of "
                              f"{', '.join(METHODS)}.")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise InputError(f"Unknown weight rounding '{self.weight_rounding}': use one of "
+                             f"{', '.join(WEIGHT_ROUNDINGS)}.")
         if self.activations not in (None, "uint8", "int8"):
             raise InputError(f"Activations must be uint8 or int8, not '{self.activations}'.")
 
@@ -166,11 +172,20 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
         weighted[var].args[0]: weighted[var].kind for var, s in settings_of.items()
         if s.precision == "int8" and var in weighted}
     sums = {var: 0.0 for var in mean_axes}
+    # each int8 layer's input second moments, for GPTQ rounding (keyed by the layer's input)
+    moments: dict = {}
+    if config.weight_rounding == "gptq":
+        for var, s in settings_of.items():
+            node = weighted.get(var)
+            if s.precision == "int8" and node is not None and _constant_weight(node):
+                moments.setdefault(node.args[0], {})[var] = InputMoments(conv_shape(node))
     for i, feed in enumerate(feeds):
         for var, obs, value in zip(observed, observers, _run(probe, feed, names)):
             obs.update(value, histogram)
             if var in sums:
                 sums[var] = sums[var] + _channel_mean(value, mean_axes[var])
+            for layer_moments in moments.get(var, {}).values():
+                layer_moments.update(value)
         if (i + 1) % 10 == 0 or i + 1 == len(feeds):
             log.info("calibrating: %d/%d samples", i + 1, len(feeds))
     observer_of = dict(zip(observed, observers))
@@ -194,6 +209,7 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
         **_precision_sets(settings_of, skip=stem.name if stem_fp32 else None),
         input_qparams=input_qparams,
         input_means={var: total / len(feeds) for var, total in sums.items()},
+        input_moments={layer: m for by_layer in moments.values() for layer, m in by_layer.items()},
         stem=stem.name if stem_fp32 else None)
     realizer = Realizer(mod, graph, qparams, realize_config)
     quantized_mod = realizer.run()
@@ -295,6 +311,12 @@ def _channel_mean(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "conv2d" and value.ndim == 4:
         return value.mean(axis=(0, 2, 3))
     return value.reshape(-1, value.shape[-1]).mean(axis=0)
+
+
+def _constant_weight(node) -> bool:
+    from .graph import constant_value
+
+    return constant_value(node.args[1]) is not None
 
 
 def _is_float_tensor(var) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 from ..relax_main import function_attrs, without_main
 from .graph import Graph, Node, constant_value
 from .observers import QParams, weight_scales
+from .rounding import gptq_codes
 
 INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
                                  "concat", "reshape", "permute_dims", "flatten", "squeeze",
@@ -53,6 +54,7 @@ class LayerResult:
     output_qp: QParams | None = None  # None: the layer's output is float
     weight_scales: list[float] = field(default_factory=list)
     weight_sqnr_db: float | None = None
+    rounding: str = ""              # how the int8 weights were rounded: gptq | nearest | model
     fused: tuple[str, ...] = ()     # bias / activation nodes folded into the kernel
     output_var: Any = None          # the relax var whose value the layer produces
 
@@ -72,6 +74,7 @@ class RealizeConfig:
     stem: str | None = None                # the image stem conv, kept in float
     weight_codes: Any = None               # prequantized.WeightCodes of a QDQ model
     input_means: Any = None                # {layer input var: per-channel mean} (bias correction)
+    input_moments: Any = None              # {layer var name: rounding.InputMoments} (GPTQ)
 
 
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -134,11 +137,22 @@ class Realizer:
         return isinstance(value, QValue) or expr in self.qparams
 
     # -- integer arithmetic building blocks (each mirrored by tests' numpy reference) -----
+    def clamp(self, x, lo, hi, dtype: str = "float32"):
+        """x limited to [lo, hi] (either may be None), as minimum/maximum with scalar
+        constants rather than relax's clip: ConvertLayout has no layout rule for clip and wrapped
+        every requantize of an NHWC conv in two transposes (100-400 us each on EfficientNet)."""
+        op = self.relax.op
+        if hi is not None:
+            x = op.minimum(x, self._const(hi, dtype))
+        if lo is not None:
+            x = op.maximum(x, self._const(lo, dtype))
+        return x
+
     def quantize(self, x, qp: QParams):
         op = self.relax.op
         scaled = op.divide(x, self._const(qp.scale, "float32"))
         q = op.add(op.round(scaled), self._const(float(qp.zero_point), "float32"))
-        return self._emit(op.astype(op.clip(q, qp.qmin, qp.qmax), qp.dtype))
+        return self._emit(op.astype(self.clamp(q, qp.qmin, qp.qmax), qp.dtype))
 
     def dequantize(self, value: QValue):
         op = self.relax.op
@@ -153,7 +167,7 @@ class Realizer:
         lo = qp.qmin if lo is None else max(lo, qp.qmin)
         hi = qp.qmax if hi is None else min(hi, qp.qmax)
         q = op.add(op.round(real_over_scale), self._const(float(qp.zero_point), "float32"))
-        return self._emit(op.astype(op.clip(q, lo, hi), qp.dtype))
+        return self._emit(op.astype(self.clamp(q, lo, hi), qp.dtype))
 
     def centered(self, value: QValue, factor: float):
         """(q - zero_point) * factor, in float32."""
@@ -306,8 +320,14 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     shape = [1] * weight.ndim
     if axis is not None:
         shape[channel_axis] = channels
-    w_q = given[0].astype(np.int8) if given is not None else \
-        np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+    moments = (r.config.input_moments or {}).get(node.name)
+    if given is not None:
+        w_q, rounding = given[0].astype(np.int8), "model"
+    elif moments is not None:
+        w_q, rounding = gptq_codes(weight, s_w, moments, node.kind), "gptq"
+    else:
+        w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+        rounding = "nearest"
     s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
@@ -327,7 +347,7 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     layer = LayerResult(node.name, node.kind, "int8", input_qp=xq.qp,
                         weight_scales=[float(s) for s in s_w],
                         weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
-                        fused=tuple(r.graph.nodes[i].name for i in absorbed),
+                        rounding=rounding, fused=tuple(r.graph.nodes[i].name for i in absorbed),
                         output_var=last.var)
     r.absorbed.update(absorbed)
     accf = op.astype(acc, "float32")
@@ -342,7 +362,7 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     else:
         real = op.multiply(accf, r._const(acc_scale.reshape(bshape), "float32"))
         if lo is not None or hi is not None:
-            real = op.clip(real, -3.4e38 if lo is None else lo, 3.4e38 if hi is None else hi)
+            real = r.clamp(real, lo, hi)
         out = r._emit(real)
     r.layers.append(layer)
     r.env[last.var] = out
@@ -516,9 +536,9 @@ def _dynamic_matmul(r: Realizer, node: Node, weight: np.ndarray):
     hi = op.maximum(op.max(x), r._const(0.0, f32))
     scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
                                r._const(np.finfo(np.float32).tiny, f32)))
-    zp = r._emit(op.clip(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
+    zp = r._emit(r.clamp(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
                          qmin, qmax))
-    xq = op.astype(op.clip(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax),
+    xq = op.astype(r.clamp(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax),
                    r.config.activation_dtype)
     axis = 1 if r.config.per_channel else None
     s_w = np.broadcast_to(weight_scales(weight, axis), (weight.shape[1],)).astype(np.float32)
@@ -632,7 +652,7 @@ def handle_clip(r: Realizer, node: Node):
         lo, hi = (float(getattr(v, "value", v)) for v in node.value.args[1:3])
     lo_q = qp.qmin if lo is None else max(qp.qmin, qp.zero_point + int(np.round(lo / qp.scale)))
     hi_q = qp.qmax if hi is None else min(qp.qmax, qp.zero_point + int(np.round(hi / qp.scale)))
-    return QValue(r._emit(r.relax.op.clip(x.expr, lo_q, hi_q)), qp)
+    return QValue(r._emit(r.clamp(x.expr, lo_q, hi_q, qp.dtype)), qp)
 
 
 def qdq_params(node: Node) -> QParams | None:

@@ -103,6 +103,7 @@ class QuantReport:
                 "weight_scale_max": max(result.weight_scales) if result.weight_scales else None,
                 "weight_sqnr_db": _finite(result.weight_sqnr_db)
                 if result.weight_sqnr_db is not None else None,
+                "weight_rounding": result.rounding or None,
                 "fused": list(result.fused),
                 "error_vs_fp32": err.to_json() if err else None,
             })

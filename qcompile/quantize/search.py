@@ -132,14 +132,15 @@ def output_sqnr_db(references, outputs) -> float:
 def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapping],
            base: LayerSettings, metric: Metric, budget: float, fallback: str = "fp32",
            fixed: Mapping[str, LayerSettings] | None = None,
-           bias_correction: bool = True) -> SearchResult:
+           bias_correction: bool = True, weight_rounding: str = "gptq") -> SearchResult:
     """Choose each layer's precision. `fixed` layers (set by the user's rules) keep their
     settings and are not searched."""
     start = time.perf_counter()
     fixed = dict(fixed or {})
     log.info("precision search: observing %d calibration sample(s) in onnxruntime",
              len(calibration))
-    sim = Simulator(onnx_model, calibration, bias_correction=bias_correction, base=base)
+    sim = Simulator(onnx_model, calibration, bias_correction=bias_correction, base=base,
+                    weight_rounding=weight_rounding)
     searched = [l for l in sim.layers if l.name not in fixed]
     macs = {l.name: l.macs for l in sim.layers}
     evaluations = 0

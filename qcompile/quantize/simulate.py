@@ -7,7 +7,8 @@ which tensors are integers as `realize`:
 
 - an int8 layer (Conv/Gemm/MatMul with a constant weight) sees its input through a
   QuantizeLinear -> DequantizeLinear pair with the parameters realize gives that tensor, its
-  weight rounded to int8 (symmetric, per channel or per tensor) and its bias to int32;
+  weight rounded to int8 (symmetric, per channel or per tensor; by GPTQ with the same input
+  statistics, or to nearest) and its bias to int32;
 - integer ops (Add of two tensors, Concat, pooling, ReduceMean) on an integer-produced input
   see every input through such a pair;
 - an fp16 layer sees its input and weight rounded to fp16 (fp32 accumulation, like the build);
@@ -28,6 +29,7 @@ import numpy as np
 from ..frontend import LAYER_OPS, layer_name
 from .observers import Observer, QParams, activation_qparams, choose_range, weight_scales
 from .realize import weight_error_shift
+from .rounding import ConvShape, InputMoments, gptq_codes
 from .rules import LayerSettings
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,16 @@ def weighted_layers(model) -> list[SimLayer]:
     return layers
 
 
+def _conv_shape(node, weight_shape) -> ConvShape | None:
+    """A 2-D Conv node's ConvShape (None for other ranks or auto_pad)."""
+    if node.op_type != "Conv" or len(weight_shape) != 4 or \
+            _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    return ConvShape(tuple(weight_shape[2:]), tuple(_attr(node, "strides", [1, 1])),
+                     tuple(_attr(node, "pads", [0, 0, 0, 0])),
+                     tuple(_attr(node, "dilations", [1, 1])), int(_attr(node, "group", 1)))
+
+
 def _attr(node, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -93,13 +105,14 @@ class Simulator:
 
     def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
                  threads: int = 0, bias_correction: bool = True,
-                 base: LayerSettings = LayerSettings()):
+                 base: LayerSettings = LayerSettings(), weight_rounding: str = "gptq"):
         import onnx
         from onnx import numpy_helper
 
         self.model = model
         self.threads = threads
         self.bias_correction = bias_correction
+        self.weight_rounding = weight_rounding
         self.base = base  # the settings of tensors no layer's rules choose (adds, pools)
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
@@ -132,6 +145,12 @@ class Simulator:
         observers = {name: Observer() for name in self.observed}
         inputs = {self.nodes[l.node_index].input[0]: l.op for l in self.layers}
         sums: dict[str, np.ndarray] = {}
+        self.moments: dict[str, InputMoments] = {}  # layer name -> GPTQ input statistics
+        if self.weight_rounding == "gptq":
+            for layer in self.layers:
+                shape = _conv_shape(self.nodes[layer.node_index], layer.weight_shape)
+                if layer.op != "Conv" or shape is not None:
+                    self.moments[layer.name] = InputMoments(shape)
         for feed in feeds:
             values = dict(zip(names, session.run(None, dict(feed))))
             for name in self.observed:
@@ -146,8 +165,22 @@ class Simulator:
                 mean = v.mean(axis=(0, 2, 3)) if op == "Conv" and v.ndim == 4 else \
                     v.reshape(-1, v.shape[-1]).mean(axis=0)
                 sums[name] = sums.get(name, 0.0) + mean
+            for layer in self.layers:
+                if layer.name in self.moments:
+                    self.moments[layer.name].update(values[self.nodes[layer.node_index].input[0]])
         self.means = {name: total / max(len(feeds), 1) for name, total in sums.items()}
         return observers
+
+    def _codes(self, layer: SimLayer, weight: np.ndarray, s_w: np.ndarray) -> np.ndarray:
+        """The int8 codes realize gives `layer`'s weight with scales `s_w` (broadcastable)."""
+        moments = self.moments.get(layer.name)
+        if moments is None:
+            return np.clip(np.round(weight / s_w), -127, 127)
+        if layer.op == "Conv":
+            return gptq_codes(weight, s_w.reshape(-1), moments, "conv2d")
+        if layer.axis == 0:  # Gemm transB: [N, K]
+            return gptq_codes(weight.T, s_w.reshape(-1), moments, "matmul").T
+        return gptq_codes(weight, s_w.reshape(-1), moments, "matmul")
 
     def qparams(self, tensor: str, settings: LayerSettings) -> QParams:
         return activation_qparams(choose_range(self.observers[tensor], settings.method),
@@ -213,7 +246,7 @@ class Simulator:
                 if axis is not None:
                     shape[axis] = weight.shape[axis]
                 s_w = s_w.reshape(shape)
-                fake = (np.clip(np.round(weight / s_w), -127, 127) * s_w).astype(np.float32)
+                fake = (self._codes(layer, weight, s_w) * s_w).astype(np.float32)
                 inits[layer.weight].CopyFrom(numpy_helper.from_array(fake, layer.weight))
                 out_channels = weight.shape[layer.axis]
                 has_bias = len(node.input) > 2 and node.input[2] in self.inits

@@ -1,0 +1,149 @@
+"""Weight rounding that minimizes each layer's output error, not each weight's own error.
+
+Rounding every weight to its nearest int8 code is optimal weight by weight, but the errors of a
+layer's weights add up in its outputs. GPTQ (Frantar et al., 2022, after Optimal Brain
+Quantization) rounds one input column at a time and spreads the rounding error over the
+columns not yet rounded, weighted by the layer's input statistics H = E[x x^T], so that
+W_q x stays close to W x for the inputs the layer actually sees (the calibration data).
+
+    InputMoments    accumulates H per layer during calibration (im2col patches for a conv)
+    gptq_codes      the int8 codes of a weight, given its scales and H
+
+The scales are unchanged (absmax per channel), so every kernel, layout and requantization stays
+the same; only which integer each weight becomes changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DAMPING = 0.01  # of H's mean diagonal, added to the diagonal: H is often singular
+BLOCK = 64      # columns rounded before the rest of the weight is updated (one matmul)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What a conv2d's patches need: kernel, strides, padding (top, left, bottom, right),
+    dilation, groups. NCHW data, OIHW weight."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def conv_shape(node) -> ConvShape | None:
+    """The ConvShape of a Relax conv2d node (graph.Node); None for a matmul."""
+    if node.kind != "conv2d":
+        return None
+    kernel = tuple(int(d) for d in list(node.args[1].ty.shape)[2:])
+    return ConvShape(kernel, tuple(int(v) for v in node.attr("strides")),
+                     tuple(int(v) for v in node.attr("padding")),
+                     tuple(int(v) for v in node.attr("dilation")), int(node.attr("groups")))
+
+
+def conv_patches(x: np.ndarray, conv: ConvShape) -> np.ndarray:
+    """im2col of an NCHW input: [groups, C/groups*KH*KW, N*OH*OW], in the order of an OIHW
+    weight's flattened [I/groups, KH, KW] (zero padding, as the float conv)."""
+    n, c, _, _ = x.shape
+    top, left, bottom, right = conv.padding
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    kh, kw = conv.kernel
+    (sh, sw), (dh, dw) = conv.strides, conv.dilation
+    oh = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    taps = [x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]                  # each [N, C, OH, OW]
+    cols = np.stack(taps, axis=2)                                   # [N, C, KH*KW, OH, OW]
+    cols = cols.reshape(n, conv.groups, c // conv.groups * kh * kw, oh * ow)
+    return cols.transpose(1, 2, 0, 3).reshape(conv.groups, -1, n * oh * ow)
+
+
+class InputMoments:
+    """H = sum of x x^T over every input vector one layer's weights multiply, per group."""
+
+    def __init__(self, conv: ConvShape | None):
+        self.conv = conv  # None: a matmul (the input's last axis is the reduction)
+        self.h: np.ndarray | None = None
+        self.count = 0
+        self.codes: dict = {}  # (scales, kind) -> codes: realize runs more than once
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        if self.conv is None:
+            cols = x.reshape(-1, x.shape[-1]).T[None]               # [1, K, P]
+        else:
+            cols = conv_patches(x, self.conv)                       # [G, K, P]
+        cols = np.ascontiguousarray(cols)  # a strided view sends matmul to a slow path
+        h = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)  # sgemm, then summed
+        self.h = h if self.h is None else self.h + h
+        self.count += cols.shape[2]
+
+    def hessian(self) -> np.ndarray:
+        return self.h / max(self.count, 1)
+
+
+def gptq_codes(weight: np.ndarray, scales: np.ndarray, moments: InputMoments,
+               kind: str, qmax: int = 127) -> np.ndarray:
+    """int8 codes of `weight` (conv OIHW, or matmul [K, N]) with per-output `scales` (a
+    scalar for per-tensor), rounded column by column with GPTQ's error feedback."""
+    key = (np.asarray(scales, np.float32).tobytes(), kind, weight.shape)
+    if key not in moments.codes:
+        moments.codes[key] = _codes(weight, scales, moments.hessian(), kind, qmax)
+    return moments.codes[key]
+
+
+def _codes(weight, scales, h, kind, qmax):
+    if kind == "matmul":                         # [K, N] -> rows = outputs
+        rows = weight.T.astype(np.float64)[None]                     # [1, N, K]
+        s = np.broadcast_to(np.asarray(scales, np.float64), (weight.shape[1],))[None]
+    else:
+        out_channels = weight.shape[0]
+        groups = h.shape[0]
+        rows = weight.reshape(groups, out_channels // groups, -1).astype(np.float64)
+        s = np.broadcast_to(np.asarray(scales, np.float64),
+                            (out_channels,)).reshape(groups, -1)
+    codes = _gptq(rows, s[..., None], h, qmax)
+    if kind == "matmul":
+        return codes[0].T.astype(np.int8)
+    return codes.reshape(weight.shape).astype(np.int8)
+
+
+def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
+    """w [G, R, K] rows to round with scales s [G, R, 1], H [G, K, K] -> codes [G, R, K]."""
+    w = w.copy()
+    h = h.copy()
+    k = h.shape[-1]
+    index = np.arange(k)
+    diag = h[:, index, index]
+    # An input that was zero on every calibration sample: its weights keep their nearest codes
+    # (H's zero row and column pass no error on). Zeroing them, as GPTQ does for language
+    # models, broke EfficientNet channels that are dead on 32 photos but not on others.
+    diag[diag <= 0] = 1.0
+    h[:, index, index] = diag + DAMPING * diag.mean(axis=1, keepdims=True)
+    # the upper Cholesky factor of H^-1: row i holds how the not-yet-rounded columns absorb
+    # column i's error
+    u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    codes = np.empty_like(w)
+    # each code stays the floor or the ceiling of its own weight (AdaRound's constraint): only
+    # the direction of rounding is chosen. Unconstrained, GPTQ moved weights far along the
+    # directions the calibration inputs never excite (a depthwise channel whose input was
+    # constant), fitting the calibration set and costing held-out accuracy.
+    lower = np.clip(np.floor(w / s), -qmax, qmax)
+    upper = np.clip(np.ceil(w / s), -qmax, qmax)
+    for start in range(0, k, BLOCK):
+        end = min(start + BLOCK, k)
+        errors = np.empty(w.shape[:2] + (end - start,))
+        for i in range(start, end):
+            column = w[:, :, i]
+            q = np.clip(np.round(column / s[..., 0]), lower[:, :, i], upper[:, :, i])
+            codes[:, :, i] = q
+            error = (column - q * s[..., 0]) / u[:, i, i][:, None]
+            w[:, :, i + 1:end] -= error[:, :, None] * u[:, i, None, i + 1:end]
+            errors[:, :, i - start] = error
+        # GPTQ's lazy batch: the columns after the block take the block's errors at once
+        w[:, :, end:] -= np.matmul(errors, u[:, start:end, end:])
+    return codes
