@@ -128,12 +128,12 @@ def _records(database, mod) -> list:
     return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
 
 
-def _replays(record, mod) -> bool:
-    """Whether a record's schedule applies to the kernel `mod`."""
+def _replays(trace, mod) -> bool:
+    """Whether a schedule trace applies to the kernel `mod`."""
     from tvm.s_tir import Schedule
 
     try:
-        record.trace.apply_to_schedule(Schedule(mod), remove_postproc=False)
+        trace.apply_to_schedule(Schedule(mod), remove_postproc=False)
     except Exception:  # noqa: BLE001 - TVM raises various errors for a trace that does not fit
         return False
     return True
@@ -147,24 +147,19 @@ def _trace_for(record, context):
     from tvm.s_tir import Schedule
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
-    if _replays(record, context.mod):
+    if _replays(record.trace, context.mod):
         return record.trace
     try:
         sch = Schedule(context.mod)
         schedule_using_anchor_trace(sch, record.trace, context.target)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - TVM raises various errors for a trace that does not fit
         return None
-    trace = sch.trace
-    try:
-        trace.apply_to_schedule(Schedule(context.mod), remove_postproc=False)
-    except Exception:  # noqa: BLE001
-        return None
-    return trace
+    return sch.trace if _replays(sch.trace, context.mod) else None
 
 
 def _replays_here(database, mod) -> bool:
     records = _records(database, mod)
-    return not records or _replays(records[0], mod)
+    return not records or _replays(records[0].trace, mod)
 
 
 def _adopt(database, contexts, other: TuningLog, log_dir: Path) -> dict[str, int]:
@@ -187,9 +182,8 @@ def _adopt(database, contexts, other: TuningLog, log_dir: Path) -> dict[str, int
         for r, trace in traces:
             database.commit_tuning_record(TuningRecord(trace, workload, r.run_secs,
                                                        r.target, r.args_info))
-        records = [r for r, _ in traces]
-        adopted[context.task_name] = len(records)
-        dropped = pruned_trials(other.info, records[0].workload.mod)
+        adopted[context.task_name] = len(traces)
+        dropped = pruned_trials(other.info, traces[0][0].workload.mod)
         if dropped:
             pruned[workload_key(workload.mod)] = dropped
     if pruned:

@@ -249,7 +249,6 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     """Copy the `keep` best valid records of each kernel of the log `source` into a new log
     `destination` (what ships in tuning_logs/: compile applies only the best one). Returns the
     number of records kept."""
-    import tvm_ffi
     from tvm.s_tir.meta_schedule.database import TuningRecord
 
     source, destination = Path(source), Path(destination)
@@ -257,7 +256,7 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     database = log_.database()
     workloads = {}
     for record in database.get_all_tuning_records():
-        workloads.setdefault(tvm_ffi.structural_hash(record.workload.mod), record.workload)
+        workloads.setdefault(workload_key(record.workload.mod), record.workload)
     destination.mkdir(parents=True, exist_ok=True)
     for name in (WORKLOADS_FILE, RECORDS_FILE):
         (destination / name).unlink(missing_ok=True)
@@ -274,8 +273,7 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
                 out.commit_tuning_record(TuningRecord(
                     r.trace, copied, r.run_secs, r.target, r.args_info))
                 kept += 1
-            pruned[workload_key(copied.mod)] = \
-                earlier.get(workload_key(workload.mod), 0) + len(records) - len(best)
+            pruned[workload_key(copied.mod)] = earlier.get(key, 0) + len(records) - len(best)
     if log_.info is not None:
         write_info(destination, {**log_.info, PRUNED_KEY: pruned})
     return kept

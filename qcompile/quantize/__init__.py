@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..frontend import FloatModel, Layer
 from .calibration_data import load_calibration
 from ..relax_main import rebuild_main
-from .graph import Graph, read_graph
+from .graph import Graph, constant_value, read_graph
 from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
 from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
@@ -177,7 +177,8 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     if config.weight_rounding == "gptq":
         for var, s in settings_of.items():
             node = weighted.get(var)
-            if s.precision == "int8" and node is not None and _constant_weight(node):
+            if s.precision == "int8" and node is not None and \
+                    constant_value(node.args[1]) is not None:
                 moments.setdefault(node.args[0], {})[var] = InputMoments(conv_shape(node))
     for i, feed in enumerate(feeds):
         for var, obs, value in zip(observed, observers, _run(probe, feed, names)):
@@ -311,12 +312,6 @@ def _channel_mean(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "conv2d" and value.ndim == 4:
         return value.mean(axis=(0, 2, 3))
     return value.reshape(-1, value.shape[-1]).mean(axis=0)
-
-
-def _constant_weight(node) -> bool:
-    from .graph import constant_value
-
-    return constant_value(node.args[1]) is not None
 
 
 def _is_float_tensor(var) -> bool:
