@@ -226,6 +226,19 @@ def test_bad_calibration_data_is_refused_before_work(save_model, tmp_path, bad, 
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_weight_rounding_is_refused(save_model, tmp_path, capsys):
+    model = conv_relu()
+    with pytest.raises(InputError, match="Unknown weight rounding 'best'.*gptq, nearest"):
+        qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                         calibration=calibration(model),
+                         quant_config=QuantConfig(weight_rounding="best"))
+    with pytest.raises(SystemExit) as exit_info:  # argparse: exit 2 with the choices
+        main(["compile", str(save_model(model)), "--quantize", "int8", "--weight-rounding",
+              "best"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'best'" in capsys.readouterr().err
+
+
 def test_too_few_samples_for_a_histogram_method(save_model, tmp_path):
     model = conv_relu()
     with pytest.raises(InputError) as err:

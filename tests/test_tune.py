@@ -199,6 +199,19 @@ def test_cli_refuses_a_log_of_another_tvm_or_a_broken_one(tuned, tmp_path, capsy
     assert INFO_FILE in err and "is not valid JSON" in err
 
 
+def test_cli_tune_refuses_a_reuse_log_of_another_tvm_or_not_a_log(tuned, tmp_path, capsys):
+    log = tmp_path / "old"
+    shutil.copytree(tuned["log"], log)
+    info = json.loads((log / INFO_FILE).read_text())
+    (log / INFO_FILE).write_text(json.dumps({**info, "tvm": "0.19.0"}))
+    base = ["tune", str(tuned["path"]), "--log", str(tmp_path / "new"), "--trials", "1"]
+    assert main([*base, "--reuse-log", str(log)]) == 2
+    assert "measured with TVM 0.19.0" in capsys.readouterr().err
+    assert main([*base, "--reuse-log", str(tmp_path / "missing")]) == 2
+    assert "is not a tuning log" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # refused before any work
+
+
 def test_a_torn_last_record_is_dropped(tuned, tmp_path, caplog):
     """A tune killed while appending a record leaves half a line: the log still opens."""
     log = tmp_path / "log"
