@@ -230,3 +230,38 @@ def test_inspect_lists_the_layers_rules_name(save_model, capsys):
 def test_inspect_names_what_it_cannot_read(tmp_path, capsys, make, message):
     assert main(["inspect", str(make(tmp_path))]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_auto_on_minilm_keeps_int8_where_the_cosine_budget_allows(tmp_path):
+    """Issue 5 on a real transformer: paraphrase-MiniLM-L3-v2 on real sentences (64 to
+    calibrate, 48 to validate, 48 untouched), --quantize auto with a cosine budget of 0.99."""
+    import sentences
+
+    path = sentences.minilm_onnx_path()
+    feeds = sentences.encode(sentences.fortunes(160), seq_len=64)
+    calibration, validation, untouched = feeds[:64], feeds[64:112], feeds[112:]
+    out = tmp_path / "auto"
+    qcompile.compile(path, "host", out, input_shapes={n: (1, 64) for n in sentences.INPUT_NAMES},
+                     quantize="auto", calibration=calibration, validation=validation,
+                     accuracy_budget=0.99, metric="cosine")
+    search = json.loads((out / "search.json").read_text())
+    # every weighted layer (18 MatMul/Gemm; the attention's two matmuls of activations stay
+    # float) is int8: all-int8 already meets the budget once the residual adds feeding
+    # LayerNorm stay float (requantizing them gave a cosine of 0.91)
+    assert search["int8_mac_fraction"] == 1.0 and not search["kept_in_higher_precision"]
+    assert search["verified"] >= 0.99
+    report = json.loads((out / "quantization.json").read_text())
+    int8 = [layer for layer in report["layers"] if layer["precision"] == "int8"]
+    assert len(int8) == 18
+    # the FFN's output projections feed a residual add and LayerNorm: dequantized from int32
+    assert all(layer["output"] == "float" for layer in int8 if layer["layer"] in
+               ("Gemm_11", "Gemm_22", "Gemm_33"))
+    import onnxruntime as ort
+
+    model = qcompile.load(out)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cosines = [sentences.cosine(model.run(feed)[sentences.SENTENCE_EMBEDDING],
+                                session.run([sentences.SENTENCE_EMBEDDING], feed)[0])
+               for feed in untouched]
+    assert np.mean(cosines) >= 0.99, cosines

@@ -99,6 +99,7 @@ class Realizer:
         self.quant_cache: dict[Any, QValue] = {}
         self.absorbed: set[int] = set()      # node indices folded into a layer's kernel
         self.layers: list[LayerResult] = []
+        self._wants: dict[Any, bool] = {}    # var -> wants_integers
 
     # -- value conversions -------------------------------------------------------------
     def _emit(self, expr):
@@ -182,12 +183,26 @@ class Realizer:
 
     # -- the walk ----------------------------------------------------------------------
     def wants_integers(self, node: Node) -> bool:
-        """Whether every consumer of `node`'s value takes integer input (and it is not an
-        output of the model)."""
-        if node.var in self.graph.outputs or not node.consumers:
+        """Whether `node`'s value is worth keeping in integers: it is not an output of the
+        model, and every consumer takes integer input and uses it as such: an int8 layer, a
+        quantize, or an integer op (add, concat, pooling, reshape...) whose own value is
+        worth keeping in integers. An integer op whose result would only be dequantized runs
+        in float instead, and its producers dequantize their int32 accumulators straight to
+        float: in BERT, the FFN's output and the residual add feeding LayerNorm hold outliers
+        that one int8 scale cannot (requantizing them cost MiniLM's embeddings a cosine of
+        0.91)."""
+        if node.var not in self._wants:
+            self._wants[node.var] = False  # (the graph is acyclic: a guard, never read)
+            self._wants[node.var] = node.var not in self.graph.outputs and \
+                bool(node.consumers) and all(self._uses_integers(c) for c in node.consumers)
+        return self._wants[node.var]
+
+    def _uses_integers(self, consumer: Node) -> bool:
+        if consumer.kind not in INTEGER_INPUT_KINDS:
             return False
-        return all(c.kind in INTEGER_INPUT_KINDS and not self._layer_stays_float(c)
-                   for c in node.consumers)
+        if consumer.kind in ("conv2d", "matmul"):
+            return not self._layer_stays_float(consumer)
+        return consumer.kind == "quantize" or self.wants_integers(consumer)
 
     def _layer_stays_float(self, node: Node) -> bool:
         return node.kind in ("conv2d", "matmul") and (
@@ -569,7 +584,8 @@ def _integer_inputs(r: Realizer, node: Node) -> bool:
 def handle_add(r: Realizer, node: Node):
     a, b = node.args
     if constant_value(a) is not None or constant_value(b) is not None or \
-            not _integer_inputs(r, node) or node.var not in r.qparams or \
+            not _integer_inputs(r, node) or not r.wants_integers(node) or \
+            node.var not in r.qparams or \
             not (r.has_qparams(a) and r.has_qparams(b)) or node.shape != _shape(a) or \
             node.shape != _shape(b):
         return NotImplemented
@@ -588,7 +604,7 @@ def _rescaled(r: Realizer, node: Node, compute):
     """A linear op on one integer input (mean, average pool): `compute` applied to the input
     centered and rescaled to the output's scale, then requantized."""
     x = r.lookup(node.args[0])
-    if not isinstance(x, QValue) or node.var not in r.qparams:
+    if not isinstance(x, QValue) or node.var not in r.qparams or not r.wants_integers(node):
         return NotImplemented
     qp = r.qparams[node.var]
     return QValue(r.requantize_float(compute(r.centered(x, x.qp.scale / qp.scale)), qp), qp)
@@ -629,7 +645,7 @@ def handle_pass_through(r: Realizer, node: Node):
 @handles("concat")
 def handle_concat(r: Realizer, node: Node):
     if not _integer_inputs(r, node) or node.var not in r.qparams or \
-            not all(r.has_qparams(a) for a in node.args):
+            not r.wants_integers(node) or not all(r.has_qparams(a) for a in node.args):
         return NotImplemented
     qp = r.qparams[node.var]
     parts = [r.quant_of(a, qp).expr for a in node.args]

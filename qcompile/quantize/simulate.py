@@ -213,6 +213,8 @@ class Simulator:
                     all(t in self.observers for t in tensors):
                 integer.add(node.output[0])
                 integer_ops[i] = node
+        for i in _dequantized_only(self.nodes, integer_ops, int8, self.output_names):
+            del integer_ops[i]  # realize runs it in float: its result would only be dequantized
         new_nodes, made = [], {}
 
         def qdq(tensor: str, qp: QParams) -> str:
@@ -307,6 +309,29 @@ class Simulator:
         if key not in self._references:  # keeps `feeds` alive, so its id stays its own
             self._references[key] = (feeds, onnxruntime_outputs(self.model, feeds))
         return self._references[key][1]
+
+
+def _dequantized_only(nodes, integer_ops: dict, int8: dict, outputs) -> list[int]:
+    """The integer ops whose result no int8 layer or integer op reads (through activations
+    and reshapes): realize's wants_integers runs those in float."""
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(i)
+    memo: dict[str, bool] = {}
+
+    def used_as_integers(tensor: str) -> bool:
+        if tensor not in memo:
+            memo[tensor] = False
+            memo[tensor] = tensor not in outputs and bool(readers.get(tensor)) and all(
+                (j in int8 and nodes[j].input[0] == tensor) or
+                (j in integer_ops and used_as_integers(nodes[j].output[0])) or
+                (nodes[j].op_type in ACTIVATIONS | PASS_THROUGH and
+                 used_as_integers(nodes[j].output[0]))
+                for j in readers[tensor])
+        return memo[tensor]
+
+    return [i for i, node in integer_ops.items() if not used_as_integers(node.output[0])]
 
 
 def ort_session(model, threads: int = 0):
