@@ -20,7 +20,7 @@ untouched half). Every int8 configuration of a model is calibrated on the same s
 Models: EfficientNet-Lite0 on real photos (top-1), paraphrase-MiniLM-L3-v2 on real sentences
 (the sentence embedding's cosine), and a small conv net the tests build (random inputs).
 
-A separate section (bench/phone.py, skipped with --no-phone) builds EfficientNet-Lite0 int8
+A separate section (bench/phone.py, with --phone) builds EfficientNet-Lite0 int8
 for arm64-dotprod and arm64-i8mm, counts sdot/udot/smmla/ummla in each library and runs it on
 the emulated ARM64 device: correctness and instruction mix, never timings.
 """
@@ -279,8 +279,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, from: {', '.join(MODELS)}")
-    parser.add_argument("--no-phone", action="store_true",
-                        help="skip the emulated-phone section (ARM64 builds run under qemu)")
+    parser.add_argument("--phone", action="store_true",
+                        help="add the emulated-phone section (ARM64 builds run under qemu)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -306,7 +306,7 @@ def main() -> int:
         for name in names:
             rows += _bench_model(MODELS[name], Path(tmp), args)
         phone = []
-        if "efficientnet-lite0" in names and not args.no_phone:
+        if "efficientnet-lite0" in names and args.phone:
             from phone import phone_rows
 
             calibration, held_out = MODELS["efficientnet-lite0"].data()
