@@ -10,7 +10,6 @@ nothing, so none are taken.
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,21 +17,9 @@ from pathlib import Path
 import numpy as np
 
 TARGETS = ("arm64-dotprod", "arm64-i8mm")
-INSTRUCTIONS = ("sdot", "udot", "smmla", "ummla")
+INSTRUCTIONS = ("sdot", "udot", "smmla", "ummla")  # the ARM ones the tests count
 OBJDUMP = "aarch64-linux-gnu-objdump"
 PHOTOS = 8
-
-
-def instruction_counts(library: Path) -> dict[str, int]:
-    """How many times each dot-product instruction appears in the library's code."""
-    asm = subprocess.run([OBJDUMP, "-d", str(library)], capture_output=True, text=True,
-                         check=True).stdout
-    counts = dict.fromkeys(INSTRUCTIONS, 0)
-    for line in asm.splitlines():
-        fields = line.split("\t")
-        if len(fields) >= 3 and fields[2].split() and fields[2].split()[0] in counts:
-            counts[fields[2].split()[0]] += 1
-    return counts
 
 
 def phone_rows(onnx_path: Path, work: Path, calibration: list[dict], held_out: list[dict],
@@ -40,6 +27,7 @@ def phone_rows(onnx_path: Path, work: Path, calibration: list[dict], held_out: l
     """One row per ARM64 target: instruction counts and top-1 agreement on the device."""
     import qcompile
     from qcompile import emulator
+    from test_int8_kernels import instruction_counts  # tests/ is on sys.path (bench/run.py)
     from qcompile.processes import stop_process_group
     from qcompile.remote import start_tracker
 
@@ -56,7 +44,7 @@ def phone_rows(onnx_path: Path, work: Path, calibration: list[dict], held_out: l
             artifact = qcompile.compile(onnx_path, target, work / target, quantize="int8",
                                         calibration=calibration)
             compile_s = time.perf_counter() - started
-            counts = instruction_counts(artifact.library)
+            counts = instruction_counts(artifact.library, OBJDUMP)
             key = f"bench-{target}"
             device = emulator.start(("127.0.0.1", port), key, cpu="max")
             try:
@@ -71,7 +59,8 @@ def phone_rows(onnx_path: Path, work: Path, calibration: list[dict], held_out: l
                                   == reference[:PHOTOS].reshape(PHOTOS, -1).argmax(1)))
             rows.append({"model": "efficientnet-lite0", "target": target, "ran_on": where,
                          "photos": PHOTOS, "top1_agreement": agree, "compile_s": compile_s,
-                         "size_bytes": artifact.manifest.library_bytes, **counts})
+                         "size_bytes": artifact.manifest.library_bytes,
+                         **{name: counts[name] for name in INSTRUCTIONS}})
     finally:
         stop_process_group(tracker)
     return rows

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -97,9 +97,7 @@ def _sentences():
 def _convnet_export(path: Path) -> None:
     import onnx
 
-    from models import packed_convnet
-
-    onnx.save(packed_convnet(), str(path))
+    onnx.save(_packed_convnet(), str(path))
 
 
 def _random(model_fn, calibration: int = 32, held_out: int = 64):
@@ -168,9 +166,11 @@ def _time(fn, repeat: int, warmup: int = 3) -> list[float]:
     return times
 
 
-def measure_one(bench: BenchModel, config: str, onnx_path: Path, work: Path, threads: int,
-                repeat: int) -> dict:
-    """Run one configuration in this process; return its figures (outputs saved to work)."""
+def measure_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
+    """Run one configuration in this process; return its figures (outputs saved in the
+    model's directory under work, beside its model.onnx)."""
+    directory = work / bench.name
+    onnx_path = directory / "model.onnx"
     calibration, held_out = bench.data()
     compile_s = 0.0
     extra: dict = {}
@@ -178,7 +178,7 @@ def measure_one(bench: BenchModel, config: str, onnx_path: Path, work: Path, thr
         path = onnx_path
         if config == "onnxruntime-int8":
             start = time.perf_counter()
-            path = _ort_quantize(onnx_path, work / "ort-int8.onnx", calibration)
+            path = _ort_quantize(onnx_path, directory / "ort-int8.onnx", calibration)
             compile_s = time.perf_counter() - start
         session = _ort_session(path, threads)
         output = bench.output or session.get_outputs()[0].name
@@ -199,7 +199,7 @@ def measure_one(bench: BenchModel, config: str, onnx_path: Path, work: Path, thr
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
         start = time.perf_counter()
-        artifact = qcompile.compile(onnx_path, "host", work / bench.name / config, **options)
+        artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
         compile_s = time.perf_counter() - start
         kernels = artifact.manifest.kernels
         extra["tuned_kernels"] = f"{kernels['tuned']}/{kernels['total']}"
@@ -222,7 +222,7 @@ def measure_one(bench: BenchModel, config: str, onnx_path: Path, work: Path, thr
     else:
         raise SystemExit(f"unknown configuration {config}")
     outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
-    np.save(work / bench.name / f"{config}.npy", outputs)
+    np.save(directory / f"{config}.npy", outputs)
     times = _time(lambda: infer(held_out[0]), repeat)
     return {"config": config, "median_ms": float(np.median(times)),
             "p90_ms": float(np.percentile(times, 90)), "size_bytes": size,
@@ -291,8 +291,7 @@ def main() -> int:
 
     if args.one:  # child process: one configuration
         bench = MODELS[args.model]
-        result = measure_one(bench, args.one, args.work / bench.name / "model.onnx", args.work,
-                             args.threads, args.repeat)
+        result = measure_one(bench, args.one, args.work, args.threads, args.repeat)
         print(json.dumps(result))
         return 0
 

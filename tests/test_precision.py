@@ -236,6 +236,8 @@ def test_inspect_names_what_it_cannot_read(tmp_path, capsys, make, message):
 def test_auto_on_minilm_keeps_int8_where_the_cosine_budget_allows(tmp_path):
     """Issue 5 on a real transformer: paraphrase-MiniLM-L3-v2 on real sentences (64 to
     calibrate, 48 to validate, 48 untouched), --quantize auto with a cosine budget of 0.99."""
+    import onnxruntime as ort
+
     import sentences
 
     path = sentences.minilm_onnx_path()
@@ -257,8 +259,6 @@ def test_auto_on_minilm_keeps_int8_where_the_cosine_budget_allows(tmp_path):
     # the FFN's output projections feed a residual add and LayerNorm: dequantized from int32
     assert all(layer["output"] == "float" for layer in int8 if layer["layer"] in
                ("Gemm_11", "Gemm_22", "Gemm_33"))
-    import onnxruntime as ort
-
     model = qcompile.load(out)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     cosines = [sentences.cosine(model.run(feed)[sentences.SENTENCE_EMBEDDING],

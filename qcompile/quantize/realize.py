@@ -191,8 +191,7 @@ class Realizer:
         float: in BERT, the FFN's output and the residual add feeding LayerNorm hold outliers
         that one int8 scale cannot (requantizing them cost MiniLM's embeddings a cosine of
         0.91)."""
-        if node.var not in self._wants:
-            self._wants[node.var] = False  # (the graph is acyclic: a guard, never read)
+        if node.var not in self._wants:  # memoized: the walk asks again for each consumer
             self._wants[node.var] = node.var not in self.graph.outputs and \
                 bool(node.consumers) and all(self._uses_integers(c) for c in node.consumers)
         return self._wants[node.var]

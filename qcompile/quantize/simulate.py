@@ -10,7 +10,8 @@ which tensors are integers as `realize`:
   weight rounded to int8 (symmetric, per channel or per tensor; by GPTQ with the same input
   statistics, or to nearest) and its bias to int32;
 - integer ops (Add of two tensors, Concat, pooling, ReduceMean) on an integer-produced input
-  see every input through such a pair;
+  see every input through such a pair, when their result goes on into an int8 layer (else
+  realize runs them in float, and so does this);
 - an fp16 layer sees its input and weight rounded to fp16 (fp32 accumulation, like the build);
 - fp32 layers, and everything else, stay as they are.
 
@@ -117,6 +118,10 @@ class Simulator:
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
         self.output_names = [o.name for o in model.graph.output]
+        self.readers: dict[str, list[int]] = {}  # tensor -> indices of the nodes reading it
+        for i, node in enumerate(self.nodes):
+            for tensor in node.input:
+                self.readers.setdefault(tensor, []).append(i)
         self.layers = weighted_layers(model)
         # every float tensor that an int8 layer or an integer op may read
         consumed = {self.nodes[l.node_index].input[0] for l in self.layers}
@@ -213,7 +218,8 @@ class Simulator:
                     all(t in self.observers for t in tensors):
                 integer.add(node.output[0])
                 integer_ops[i] = node
-        for i in _dequantized_only(self.nodes, integer_ops, int8, self.output_names):
+        for i in _dequantized_only(self.nodes, self.readers, integer_ops, int8,
+                                   self.output_names):
             del integer_ops[i]  # realize runs it in float: its result would only be dequantized
         new_nodes, made = [], {}
 
@@ -311,18 +317,14 @@ class Simulator:
         return self._references[key][1]
 
 
-def _dequantized_only(nodes, integer_ops: dict, int8: dict, outputs) -> list[int]:
+def _dequantized_only(nodes, readers: dict, integer_ops: dict, int8: dict,
+                      outputs) -> list[int]:
     """The integer ops whose result no int8 layer or integer op reads (through activations
     and reshapes): realize's wants_integers runs those in float."""
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for tensor in node.input:
-            readers.setdefault(tensor, []).append(i)
     memo: dict[str, bool] = {}
 
     def used_as_integers(tensor: str) -> bool:
         if tensor not in memo:
-            memo[tensor] = False
             memo[tensor] = tensor not in outputs and bool(readers.get(tensor)) and all(
                 (j in int8 and nodes[j].input[0] == tensor) or
                 (j in integer_ops and used_as_integers(nodes[j].output[0])) or
