@@ -6,9 +6,12 @@
 For each model (MODELS) and each engine configuration it measures, with the same thread count:
 latency (median and p90 over repeats, after warm-up), model file size, accuracy against
 onnxruntime fp32 on held-out real data (top-1 agreement and output cosine), peak memory (RSS)
-of the process that runs it, and compile (or quantization) time. Each configuration runs in a
-fresh subprocess so that RSS is its own. Prints a Markdown table and writes JSON. No asserts:
-goals are read off the table.
+of a process that loads and runs the model, compile (or quantization) time and the compile's
+peak RSS. Each configuration is prepared (compiled or quantized) in one fresh subprocess and run
+in another, so that each RSS is its own; the running RSS is taken after timing, before the
+held-out data is loaded for the accuracy. Each model's data is made once and shared by the
+subprocesses. Prints a Markdown table and writes JSON. No asserts: goals are read off the
+table.
 
 Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8
 activations, minmax), qcompile fp32, int8 with default schedules (no tuning log), int8 with
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import resource
 import subprocess
@@ -44,6 +48,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the sentences and the small models live with the tests
+sys.path.insert(0, str(ROOT))  # this checkout's qcompile, installed or not
 ALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
                "qcompile-int8-tuned", "qcompile-auto")
 
@@ -166,30 +171,33 @@ def _time(fn, repeat: int, warmup: int = 3) -> list[float]:
     return times
 
 
-def measure_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
-    """Run one configuration in this process; return its figures (outputs saved in the
-    model's directory under work, beside its model.onnx)."""
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_data(directory: Path) -> tuple[list[dict], list[dict]]:
+    with open(directory / "data.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
+    """Make one configuration's model (onnxruntime's quantize_static, or qcompile's compile)
+    in this process; return the compile figures. The model goes beside the model's ONNX file."""
     directory = work / bench.name
     onnx_path = directory / "model.onnx"
-    calibration, held_out = bench.data()
-    compile_s = 0.0
     extra: dict = {}
-    if config.startswith("onnxruntime"):
-        path = onnx_path
-        if config == "onnxruntime-int8":
-            start = time.perf_counter()
-            path = _ort_quantize(onnx_path, directory / "ort-int8.onnx", calibration)
-            compile_s = time.perf_counter() - start
-        session = _ort_session(path, threads)
-        output = bench.output or session.get_outputs()[0].name
-
-        def infer(feed):
-            return session.run([output], feed)[0]
-
-        size = path.stat().st_size
+    start = time.perf_counter()
+    if config == "onnxruntime-int8":
+        calibration, _ = _load_data(directory)
+        _ort_quantize(onnx_path, directory / "ort-int8.onnx", calibration)
     elif config.startswith("qcompile"):
         import qcompile
 
+        calibration, held_out = _load_data(directory)
         options: dict = {"input_shapes": bench.input_shapes}
         if config == "qcompile-auto":
             options.update(quantize="auto", calibration=calibration,
@@ -198,9 +206,8 @@ def measure_one(bench: BenchModel, config: str, work: Path, threads: int, repeat
         elif config.startswith("qcompile-int8"):
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
-        start = time.perf_counter()
+        del held_out
         artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
-        compile_s = time.perf_counter() - start
         kernels = artifact.manifest.kernels
         extra["tuned_kernels"] = f"{kernels['tuned']}/{kernels['total']}"
         if kernels["tuning_log"] and kernels["tuned"]:
@@ -211,23 +218,48 @@ def measure_one(bench: BenchModel, config: str, work: Path, threads: int, repeat
             found = json.loads(search.read_text())
             extra["int8_mac_fraction"] = found["int8_mac_fraction"]
             extra["search_s"] = found["seconds"]
-        model = qcompile.load(artifact.directory)
+    elif config != "onnxruntime-fp32":
+        raise SystemExit(f"unknown configuration {config}")
+    compile_s = time.perf_counter() - start
+    return {"compile_s": compile_s if config != "onnxruntime-fp32" else 0.0,
+            "compile_rss_mb": _peak_rss_mb(), **extra}
+
+
+def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
+    """Load one prepared configuration in a fresh process and time it on one held-out sample;
+    the peak RSS is taken then (the runtime, the model and one input). Then run every
+    held-out sample and save the outputs beside the model's ONNX file for the accuracy."""
+    directory = work / bench.name
+    with open(directory / "sample.pkl", "rb") as f:
+        sample = pickle.load(f)
+    if config.startswith("onnxruntime"):
+        path = directory / ("ort-int8.onnx" if config == "onnxruntime-int8" else "model.onnx")
+        session = _ort_session(path, threads)
+        output = bench.output or session.get_outputs()[0].name
+
+        def infer(feed):
+            return session.run([output], feed)[0]
+
+        size = path.stat().st_size
+    else:
+        import qcompile
+
+        model = qcompile.load(directory / config)
         output = bench.output
 
         def infer(feed):
             outputs = model.run(feed)
             return outputs[output] if output else next(iter(outputs.values()))
 
-        size = artifact.manifest.library_bytes
-    else:
-        raise SystemExit(f"unknown configuration {config}")
+        size = model.manifest.library_bytes
+    times = _time(lambda: infer(sample), repeat)
+    peak_rss = _peak_rss_mb()
+    _, held_out = _load_data(directory)
     outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
     np.save(directory / f"{config}.npy", outputs)
-    times = _time(lambda: infer(held_out[0]), repeat)
     return {"config": config, "median_ms": float(np.median(times)),
             "p90_ms": float(np.percentile(times, 90)), "size_bytes": size,
-            "compile_s": compile_s, **extra,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss}
 
 
 def _agreement(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -239,23 +271,39 @@ def _agreement(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float
     return top1, cosine
 
 
+def _child(phase: str, config: str, bench: BenchModel, work: Path, args) -> dict:
+    """Run one phase of one configuration in a fresh process (its RSS is its own)."""
+    proc = subprocess.run([sys.executable, __file__, "--one", config, "--phase", phase,
+                           "--model", bench.name, "--work", str(work),
+                           "--threads", str(args.threads), "--repeat", str(args.repeat)],
+                          capture_output=True, text=True, env=os.environ)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"bench: {bench.name} / {config} ({phase}) failed with exit code "
+                         f"{proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     (work / bench.name).mkdir(parents=True, exist_ok=True)
     onnx_path = work / bench.name / "model.onnx"
     bench.export(onnx_path)
+    started = time.perf_counter()
+    calibration, held_out = bench.data()  # once per model: decoding 300 photos takes minutes
+    with open(work / bench.name / "data.pkl", "wb") as f:
+        pickle.dump((calibration, held_out), f)
+    with open(work / bench.name / "sample.pkl", "wb") as f:
+        pickle.dump(held_out[0], f)
+    print(f"bench: {bench.name}: {len(calibration)} calibration and {len(held_out)} held-out "
+          f"samples ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     rows = []
     for config in bench.configs:
         print(f"bench: {bench.name} / {config} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", config, "--model", bench.name,
-                               "--work", str(work), "--threads", str(args.threads),
-                               "--repeat", str(args.repeat)], capture_output=True, text=True,
-                              env=os.environ)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            raise SystemExit(proc.returncode)
-        row = {"model": bench.name, **json.loads(proc.stdout.strip().splitlines()[-1]),
-               "wall_s": time.perf_counter() - started}
+        row = {"model": bench.name}
+        for phase in ("prepare", "run"):
+            row.update(_child(phase, config, bench, work, args))
+        row["wall_s"] = time.perf_counter() - started
         rows.append(row)
     reference = np.load(work / bench.name / "onnxruntime-fp32.npy")
     base = next(r for r in rows if r["config"] == "onnxruntime-fp32")
@@ -283,6 +331,7 @@ def main() -> int:
                         help="add the emulated-phone section (ARM64 builds run under qemu)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("prepare", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -291,7 +340,14 @@ def main() -> int:
 
     if args.one:  # child process: one configuration
         bench = MODELS[args.model]
-        result = measure_one(bench, args.one, args.work, args.threads, args.repeat)
+        if args.phase == "run" and args.one.startswith("qcompile"):
+            # tvm_ffi imports torch whenever it is installed (here: for the test models), which
+            # adds about 530 MB and 2.4 s to a process that only runs a compiled model
+            sys.modules["torch"] = None
+        if args.phase == "prepare":
+            result = prepare_one(bench, args.one, args.work)
+        else:
+            result = run_one(bench, args.one, args.work, args.threads, args.repeat)
         print(json.dumps(result))
         return 0
 
@@ -308,7 +364,7 @@ def main() -> int:
         if "efficientnet-lite0" in names and args.phone:
             from phone import phone_rows
 
-            calibration, held_out = MODELS["efficientnet-lite0"].data()
+            calibration, held_out = _load_data(Path(tmp) / "efficientnet-lite0")
             phone = phone_rows(Path(tmp) / "efficientnet-lite0" / "model.onnx",
                                Path(tmp) / "phone", calibration, held_out,
                                np.load(Path(tmp) / "efficientnet-lite0" / "onnxruntime-fp32.npy"))
@@ -318,7 +374,8 @@ def main() -> int:
                "cores": os.cpu_count(), "threads": args.threads,
                "python": platform.python_version(), "total_s": total_s}
     header = ("| model | config | median ms | p90 ms | x ort fp32 | x ort int8 | size MB | "
-              "x size | top-1 agree | cosine | peak RSS MB | compile s | tuned kernels | "
+              "x size | top-1 agree | cosine | run RSS MB | compile s | compile RSS MB | "
+              "tuned kernels | "
               "tuning s |")
     print(f"\nMachine: {machine['processor']}, {machine['cores']} cores, {args.threads} "
           f"threads; accuracy against onnxruntime fp32 on held-out data; the whole run took "
@@ -336,7 +393,8 @@ def main() -> int:
         print(f"| {r['model']} | {r['config']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
               f"{r['latency_vs_ort_fp32']:.2f} | {r['latency_vs_ort_int8']:.2f} | "
               f"{r['size_bytes'] / 1e6:.1f} | {r['size_vs_ort_fp32']:.2f} | {top1} | {cosine} | "
-              f"{r['peak_rss_mb']:.0f} | {compile_s} | {r.get('tuned_kernels', '')} | "
+              f"{r['peak_rss_mb']:.0f} | {compile_s} | {r['compile_rss_mb']:.0f} | "
+              f"{r.get('tuned_kernels', '')} | "
               f"{r.get('tuning_s') or ''} |")
     print("\n* on the half of the held-out data that the precision search did not validate on")
     if phone:
