@@ -39,12 +39,13 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
     """Run the target's standard Relax pipeline: fold, legalize, fuse, schedule.
 
     With a tuning log (CPU targets), the fused kernels that have records get their best tuned
-    schedule; the others keep the default code.
+    schedule; the others get qcompile's default schedules (schedules/int8_default.py for
+    packed int8 kernels, schedules/float_default.py for the rest).
     """
     import tvm
     from tvm import relax
 
-    from .schedules import int8_default, intrinsics
+    from .schedules import float_default, int8_default, intrinsics
 
     tvm_target = target.to_tvm()
     if target.is_gpu:
@@ -60,6 +61,7 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
         dot = intrinsics.dot_product_for(tvm_target)
         if dot is not None:
             mod = int8_default.apply(mod, dot)
+        mod = float_default.apply(mod)
         seq = tvm.transform.Sequential(dataflow_lower_passes(tvm_target)
                                        + finalize_passes(tvm_target))
         return seq(mod)
@@ -96,6 +98,7 @@ class KernelCounts:
     total: int
     tuned: int             # a schedule from the tuning log
     int8_default: int      # our default schedule for a packed int8 kernel (schedules/)
+    float_default: int     # our default schedule for the other kernels (schedules/)
 
 
 def kernel_counts(mod) -> KernelCounts:
@@ -109,7 +112,10 @@ def kernel_counts(mod) -> KernelCounts:
     return KernelCounts(total=len(kernels),
                         tuned=sum(1 for a in attrs if "tirx.is_scheduled" in a
                                   and SCHEDULE_ATTR not in a),
-                        int8_default=sum(1 for a in attrs if SCHEDULE_ATTR in a))
+                        int8_default=sum(1 for a in attrs
+                                         if a.get(SCHEDULE_ATTR) == "packed-int8"),
+                        float_default=sum(1 for a in attrs if SCHEDULE_ATTR in a
+                                          and a.get(SCHEDULE_ATTR) != "packed-int8"))
 
 
 def link(executable, path: Path, target: Target) -> None:
@@ -149,6 +155,9 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
     if counts.int8_default:
         log.info("%d int8 kernel(s) on packed weights with qcompile's default schedules",
                  counts.int8_default)
+    if counts.float_default:
+        log.info("%d other kernel(s) with qcompile's default (untuned) schedules",
+                 counts.float_default)
     if tuning_log is not None:
         log.info("tuning log %s: tuned schedules for %d of %d kernels%s", tuning_log.directory,
                  counts.tuned, counts.total, "" if counts.tuned else " (its records are for other kernels or "
@@ -167,6 +176,7 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
             versions=versions(), source={"model": model.source, "sha256": model.sha256},
             kernels={"total": counts.total, "tuned": counts.tuned,
                      "int8_default_schedules": counts.int8_default,
+                     "float_default_schedules": counts.float_default,
                      "tuning_log": str(tuning_log.directory) if tuning_log else None})
         Artifact(staging, manifest).save()
         out_dir.mkdir(exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from .intrinsics import DotProduct, register
+from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor
 from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,6 @@ log = logging.getLogger(__name__)
 SCHEDULE_ATTR = "qcompile.default_schedule"
 TILE_PIXELS = 8
 TILE_ROWS = 8
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def _packed_block(sch, dot: DotProduct):
@@ -41,56 +38,15 @@ def _packed_block(sch, dot: DotProduct):
     return None, False, None
 
 
-def _inline_epilogue(sch, keep) -> None:
-    """Inline the elementwise epilogue steps after the packed block into the kernel's final
-    output block. Its producers (pad, reshape) stay separate: the instruction reads its
-    activations from a buffer, not through an expression."""
-    from tvm.s_tir import ScheduleError
-
-    producers = {sch.get(b) for b in sch.get_producers(keep)}
-    changed = True
-    while changed:
-        changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            stmt = sch.get(block)
-            if stmt.same_as(sch.get(keep)) or any(stmt.same_as(p) for p in producers):
-                continue
-            try:
-                sch.compute_inline(block)
-                changed = True
-                break
-            except ScheduleError:
-                pass
-
-
-def _accumulate_in_tile(sch, block, loop) -> None:
-    """Accumulate each tile of `block` in a small buffer, and run what consumes it (the
-    epilogue, or the copy to the kernel's output) under `loop`, tile by tile."""
-    from tvm.s_tir import ScheduleError
-
-    copy = sch.cache_write(block, 0, "global")
-    try:
-        sch.compute_inline(copy)  # the epilogue reads the tile buffer directly
-    except ScheduleError:
-        pass  # the accumulator is the kernel's output
-    for consumer in sch.get_consumers(block):
-        try:
-            sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
-            inner = sch.get_loops(consumer)[-1]
-            sch.vectorize(inner)
-        except ScheduleError:
-            pass
-
-
 def schedule_conv(sch, block, dot: DotProduct) -> None:
     if dot.rows == 2:
         return schedule_conv_pairs(sch, block, dot)
     n, y, x, o, r, s, io, ii = sch.get_loops(block)
     width = int(sch.get(x).extent)
-    xo, xi = sch.split(x, [None, _largest_divisor(width, TILE_PIXELS)])
+    xo, xi = sch.split(x, [None, largest_divisor(width, TILE_PIXELS)])
     oo, oi = sch.split(o, [None, dot.lanes])
     sch.reorder(n, y, xo, oo, r, s, io, xi, oi, ii)
-    _accumulate_in_tile(sch, block, oo)
+    accumulate_in_tile(sch, block, oo)
     sch.parallel(sch.fuse(n, y))
     init = sch.decompose_reduction(block, r)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -104,10 +60,10 @@ def schedule_matmul(sch, block, dot: DotProduct) -> None:
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
     extent = int(sch.get(rows).extent)
-    mo, mi = sch.split(rows, [None, _largest_divisor(extent, TILE_ROWS)])
+    mo, mi = sch.split(rows, [None, largest_divisor(extent, TILE_ROWS)])
     no, ni = sch.split(cols, [None, dot.lanes])
     sch.reorder(mo, no, ko, mi, ni, ki)
-    _accumulate_in_tile(sch, block, no)
+    accumulate_in_tile(sch, block, no)
     sch.parallel(sch.fuse(mo, no))
     init = sch.decompose_reduction(block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -122,12 +78,12 @@ def schedule_conv_pairs(sch, block, dot: DotProduct) -> None:
     channels, each instruction 2 pixels x 2 channels x 8 input channels."""
     n, y, x, o, r, s, io, ii = sch.get_loops(block)
     width, channels = int(sch.get(x).extent), int(sch.get(o).extent)
-    pairs = _largest_divisor(width // 2, PAIR_TILE)
-    cpairs = _largest_divisor(channels // dot.lanes, PAIR_TILE)
+    pairs = largest_divisor(width // 2, PAIR_TILE)
+    cpairs = largest_divisor(channels // dot.lanes, PAIR_TILE)
     xo, xm, x2 = sch.split(x, [None, pairs, 2])
     oo, om, o2 = sch.split(o, [None, cpairs, dot.lanes])
     sch.reorder(n, y, xo, oo, r, s, io, xm, om, x2, o2, ii)
-    _accumulate_in_tile(sch, block, oo)
+    accumulate_in_tile(sch, block, oo)
     sch.parallel(sch.fuse(n, y))
     init = sch.decompose_reduction(block, r)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -139,11 +95,11 @@ def schedule_matmul_pairs(sch, block, dot: DotProduct) -> None:
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
     extent, width = int(sch.get(rows).extent), int(sch.get(cols).extent)
-    mo, mm, m2 = sch.split(rows, [None, _largest_divisor(extent // 2, PAIR_TILE), 2])
-    no, nm, n2 = sch.split(cols, [None, _largest_divisor(width // dot.lanes, PAIR_TILE),
+    mo, mm, m2 = sch.split(rows, [None, largest_divisor(extent // 2, PAIR_TILE), 2])
+    no, nm, n2 = sch.split(cols, [None, largest_divisor(width // dot.lanes, PAIR_TILE),
                                   dot.lanes])
     sch.reorder(mo, no, ko, mm, nm, m2, n2, ki)
-    _accumulate_in_tile(sch, block, no)
+    accumulate_in_tile(sch, block, no)
     sch.parallel(sch.fuse(mo, no))
     init = sch.decompose_reduction(block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -158,7 +114,7 @@ def schedule_kernel(func, dot: DotProduct):
     block, is_conv, chosen = _packed_block(sch, dot)
     if block is None:
         return None
-    _inline_epilogue(sch, block)
+    inline_epilogue(sch, block)
     (schedule_conv if is_conv else schedule_matmul)(sch, block, chosen)
     return sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
 

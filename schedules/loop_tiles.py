@@ -1,0 +1,48 @@
+"""Schedule steps that our default schedules share (int8_default.py, float_default.py)."""
+
+from __future__ import annotations
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def inline_epilogue(sch, keep) -> None:
+    """Inline the elementwise epilogue steps after `keep` (the kernel's conv/matmul block)
+    into the kernel's final output block. Its producers (pad, reshape) stay separate: the
+    inner loop reads its operands from a buffer, not through an expression."""
+    from tvm.s_tir import ScheduleError
+
+    producers = {sch.get(b) for b in sch.get_producers(keep)}
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            stmt = sch.get(block)
+            if stmt.same_as(sch.get(keep)) or any(stmt.same_as(p) for p in producers):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except ScheduleError:
+                pass
+
+
+def accumulate_in_tile(sch, block, loop) -> None:
+    """Accumulate each tile of `block` in a small buffer, and run what consumes it (the
+    epilogue, or the copy to the kernel's output) under `loop`, tile by tile."""
+    from tvm.s_tir import ScheduleError
+
+    copy = sch.cache_write(block, 0, "global")
+    try:
+        sch.compute_inline(copy)  # the epilogue reads the tile buffer directly
+    except ScheduleError:
+        pass  # the accumulator is the kernel's output
+    for consumer in sch.get_consumers(block):
+        try:
+            sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
+            inner = sch.get_loops(consumer)[-1]
+            sch.vectorize(inner)
+        except ScheduleError:
+            pass

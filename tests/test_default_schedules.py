@@ -1,0 +1,72 @@
+"""Default schedules for the kernels without a tuning record or a packed int8 schedule
+(schedules/float_default.py): every conv/matmul kernel of a model gets one, and the outputs
+are those of TVM's unscheduled code."""
+
+import logging
+
+import numpy as np
+import pytest
+
+import qcompile
+from models import (assert_close, conv_relu, depthwise_grouped, gemm_matmul, onnxruntime_outputs,
+                    packed_convnet, random_inputs)
+from qcompile.schedules import float_default
+
+UNSCHEDULED = "keeps the unscheduled code"
+
+
+def _compile(path, target, out, caplog, **options):
+    with caplog.at_level(logging.INFO, logger=float_default.log.name):
+        artifact = qcompile.compile(path, target, out, tuning_log=False, **options)
+    failed = [r.getMessage() for r in caplog.records
+              if r.name == float_default.log.name and UNSCHEDULED in r.getMessage()]
+    assert not failed, failed
+    return artifact
+
+
+@pytest.mark.parametrize("build, anchors", [(conv_relu, 1), (depthwise_grouped, 2),
+                                            (gemm_matmul, 2), (packed_convnet, 4)])
+def test_fp32_kernels_get_a_schedule_and_match_onnxruntime(build, anchors, save_model, tmp_path,
+                                                           caplog):
+    model = build()
+    artifact = _compile(save_model(model), "host", tmp_path / "out", caplog)
+    assert artifact.manifest.kernels["float_default_schedules"] >= anchors
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(2):
+            feeds = random_inputs(model, seed)
+            expected = onnxruntime_outputs(model, feeds)
+            outputs = loaded.run(feeds)
+            for name, value in expected.items():
+                assert_close(outputs[name], value)
+
+
+def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, caplog,
+                                                       monkeypatch):
+    """The int8 graph's depthwise conv (NHWC, OHWI weights read across channels: copied into
+    HWIO by the schedule) computes exactly what TVM's unscheduled kernel computes."""
+    model = packed_convnet()
+    path = save_model(model)
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    scheduled = _compile(path, "host", tmp_path / "scheduled", caplog, quantize="int8",
+                         calibration=calibration)
+    assert scheduled.manifest.kernels["float_default_schedules"] >= 1
+    monkeypatch.setattr(float_default, "apply", lambda mod: mod)
+    plain = qcompile.compile(path, "host", tmp_path / "plain", tuning_log=False,
+                             quantize="int8", calibration=calibration)
+    assert plain.manifest.kernels["float_default_schedules"] == 0
+    with qcompile.load(scheduled.directory) as a, qcompile.load(plain.directory) as b:
+        for seed in range(3):
+            feeds = random_inputs(model, seed)
+            assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
+
+
+def test_arm64_builds_schedule_every_kernel(save_model, tmp_path, caplog):
+    """Cross-compiled for the phone: the fp32 and the int8 model's kernels all get a schedule
+    (the numerics on the device are checked by test_device.py)."""
+    model = packed_convnet()
+    path = save_model(model)
+    fp32 = _compile(path, "arm64-dotprod", tmp_path / "fp32", caplog)
+    assert fp32.manifest.kernels["float_default_schedules"] >= 4
+    int8 = _compile(path, "arm64-dotprod", tmp_path / "int8", caplog, quantize="int8",
+                    calibration=[random_inputs(model, seed=10 + i) for i in range(8)])
+    assert int8.manifest.kernels["float_default_schedules"] >= 1  # the depthwise conv
