@@ -122,6 +122,59 @@ def _search_cannot_express(mod) -> bool:
     return any(block.name_hint.startswith(names) for block in _blocks(mod))
 
 
+def default_schedule(mod, tvm_target):
+    """Our default schedule of the kernel `mod` (what compile gives it without a record):
+    a Schedule, or None when it has none worth measuring (no conv/matmul block)."""
+    from .schedules import float_default, int8_default, intrinsics
+
+    func = mod["main"]
+    dot = intrinsics.dot_product_for(tvm_target)
+    if dot is not None:
+        sch = int8_default.schedule(func, dot)
+        if sch is not None:
+            return sch
+    found = float_default.schedule(func)
+    return found[0] if found is not None and found[1] == "float" else None
+
+
+def _measure_default(context, database, build, runner) -> float | None:
+    """Measure our default schedule of the kernel like a searched candidate and add it to
+    the database: the search then keeps it unless it finds a faster one (a short search
+    often does not). Its mean time in seconds, or None (no such schedule, or it failed)."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        sch = default_schedule(context.mod, context.target)
+    except Exception as exc:  # noqa: BLE001 - the search goes on without it
+        log.info("%s: no default schedule to measure (%s)", context.task_name, exc)
+        return None
+    if sch is None:
+        return None
+    args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    built = build.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
+    if built.error_msg:
+        log.info("%s: qcompile's default schedule did not build: %s", context.task_name,
+                 built.error_msg.strip().splitlines()[-1])
+        return None
+    try:
+        result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
+                                                   args)])[0].result()  # CPU targets only
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    seconds = mean_seconds(result.run_secs) if not result.error_msg else None
+    if seconds is None:
+        log.info("%s: qcompile's default schedule did not run: %s", context.task_name,
+                 (result.error_msg or "no time").strip().splitlines()[-1])
+        return None
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(context.mod),
+        [float(t) for t in result.run_secs], context.target, args))
+    log.info("%s: qcompile's default schedule: %.1f us", context.task_name, seconds * 1e6)
+    return seconds
+
+
 def _records(database, mod) -> list:
     if not database.has_workload(mod):
         return []
@@ -323,11 +376,12 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
                  ms.measure_callback.RemoveBuildArtifact(),
                  ms.measure_callback.UpdateCostModel(), progress]
     seconds: dict[str, float] = {}
+    defaults: dict[str, float] = {}
     start = time.perf_counter()
     try:
         with _stop_on_signals(stop):
             _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
-                       out, build=build, runner=runner, cost_model=cost_model,
+                       defaults, out, build=build, runner=runner, cost_model=cost_model,
                        callbacks=callbacks, log_dir=log_dir)
     except TuneInterrupted:
         kept = sum(len(_records(database, c.mod)) for c in contexts)
@@ -350,7 +404,8 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             best * 1e6 if best is not None else None,
             ops / best / 1e9 if best and ops else None,
             _measured(database, context.mod, info) - before[context.task_name],
-            seconds.get(context.task_name, 0.0)))
+            seconds.get(context.task_name, 0.0),
+            defaults[context.task_name] * 1e6 if context.task_name in defaults else None))
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
                      devices.emulated)
 
@@ -378,15 +433,23 @@ def _stop_on_signals(stop: threading.Event):
             signal.signal(sig, old)
 
 
-def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, out, *,
-               build, runner, cost_model, callbacks, log_dir) -> None:
+def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, defaults,
+               out, *, build, runner, cost_model, callbacks, log_dir) -> None:
     """Tune the kernels one after the other, each up to its budget; `seconds` gets the time
-    spent on each."""
+    spent on each, `defaults` the time of our default schedule of each kernel new to the
+    log (measured first: it is one of the candidates)."""
     from tvm.s_tir import meta_schedule as ms
 
     for number, context in enumerate(todo, 1):
         name = context.task_name
         budget = budgets[name] - before[name]
+        if before[name] == 0 and _has_reduction(context.mod):  # a kernel new to the log
+            measured = _measure_default(context, database, build, runner)
+            if measured is not None:
+                defaults[name] = measured
+                budget -= 1
+                if budget <= 0:
+                    continue
         progress.start(f"[{number}/{len(todo)}] {name}", flops[name], budget,
                        _best_seconds(_records(database, context.mod)))
         task_start = time.perf_counter()

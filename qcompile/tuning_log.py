@@ -92,11 +92,12 @@ class TaskSummary:
     gops: float | None = None
     new_trials: int = 0      # measured by this run (the rest came from the log)
     seconds: float = 0.0     # this run's time on it
+    default_us: float | None = None  # qcompile's default schedule, measured by this run
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "weight": self.weight, "records": self.records,
                 "best_us": self.best_us, "gops": self.gops, "new_trials": self.new_trials,
-                "seconds": round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1), "default_us": self.default_us}
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,13 @@ class TuningLog:
                 + (f", {reused} kernel(s) already tuned in the log (reused)" if reused else "")
                 + (" (EMULATED: measured times are not the phone's)" if self.emulated else ""))
         rows = [f"  {'kernel':<44} {'uses':>4} {'records':>7} {'new':>5} {'best':>12} "
-                f"{'GOPS':>7}"]
+                f"{'GOPS':>7} {'default':>12}"]
         for t in self.tasks:
             best = f"{t.best_us:9.1f} us" if t.best_us is not None else "    no run"
             gops = f"{t.gops:7.1f}" if t.gops is not None else "      -"
+            default = f"{t.default_us:9.1f} us" if t.default_us is not None else "           -"
             rows.append(f"  {t.name[:44]:<44} {t.weight:>4} {t.records:>7} {t.new_trials:>5} "
-                        f"{best:>12} {gops}")
+                        f"{best:>12} {gops} {default:>12}")
         return "\n".join([head, *rows, f"tuning log: {self.directory}"])
 
 

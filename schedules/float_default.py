@@ -156,8 +156,9 @@ def schedule_anchor(sch, block) -> None:
         sch.decompose_reduction(block, reduction[0])
 
 
-def schedule_kernel(func):
-    """`func` scheduled, or None when it has no loops worth scheduling."""
+def schedule(func):
+    """(the Schedule of `func`, "float") when it has a multiply-accumulate block to tile,
+    (the Schedule, "parallel") when only its outer loops run in parallel, or None."""
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
@@ -167,12 +168,21 @@ def schedule_kernel(func):
         for producer in sch.get_producers(block):  # padding, transposes: in parallel
             _parallel_producer(sch, producer)
         schedule_anchor(sch, block)
-        return sch.mod["main"].with_attr(SCHEDULE_ATTR, "float")
+        return sch, "float"
     changed = False
     for child in sch.get_child_blocks(sch.get_sblock("root")):
         if _parallel_producer(sch, child):
             changed = True
-    return sch.mod["main"].with_attr(SCHEDULE_ATTR, "parallel") if changed else None
+    return (sch, "parallel") if changed else None
+
+
+def schedule_kernel(func):
+    """`func` scheduled, or None when it has no loops worth scheduling."""
+    found = schedule(func)
+    if found is None:
+        return None
+    sch, kind = found
+    return sch.mod["main"].with_attr(SCHEDULE_ATTR, kind)
 
 
 def _parallel_producer(sch, block) -> bool:

@@ -106,8 +106,9 @@ def schedule_matmul_pairs(sch, block, dot: DotProduct) -> None:
     sch.tensorize(m2, dot.intrin)
 
 
-def schedule_kernel(func, dot: DotProduct):
-    """`func` scheduled, or None when it has no packed int8 block."""
+def schedule(func, dot: DotProduct):
+    """The Schedule of `func` on our default schedule, or None when it has no packed int8
+    block."""
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
@@ -116,7 +117,13 @@ def schedule_kernel(func, dot: DotProduct):
         return None
     inline_epilogue(sch, block)
     (schedule_conv if is_conv else schedule_matmul)(sch, block, chosen)
-    return sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
+    return sch
+
+
+def schedule_kernel(func, dot: DotProduct):
+    """`func` scheduled, or None when it has no packed int8 block."""
+    sch = schedule(func, dot)
+    return None if sch is None else sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
 
 
 def apply(mod, dot: DotProduct):

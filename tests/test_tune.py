@@ -51,6 +51,10 @@ def test_tune_records_every_kernel_and_what_it_was_measured_for(tuned):
     assert sum("transpose" in t.name for t in first.tasks) <= 2
     convs = [t for t in first.tasks if "packed_conv2d" in t.name]
     assert len(convs) == 2 and all(t.best_us and t.gops for t in convs)
+    # our default schedule of each conv/matmul kernel was measured as its first candidate
+    assert all(t.default_us is not None and t.best_us <= t.default_us for t in convs)
+    assert all(t.default_us is None for t in first.tasks if "conv2d" not in t.name
+               and "matmul" not in t.name)
     assert all(t.records >= 1 for t in first.tasks)
     assert sum(t.new_trials for t in first.tasks) == sum(t.records for t in first.tasks)
     info = json.loads((tuned["log"] / INFO_FILE).read_text())
@@ -84,6 +88,25 @@ def test_compile_applies_the_log_with_identical_numerics(tuned, tmp_path):
         feeds = random_inputs(packed_convnet(), seed=seed)
         with qcompile.load(tuned_build.directory) as a, qcompile.load(plain.directory) as b:
             assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
+
+
+def test_a_one_trial_tune_records_the_default_schedules_and_compile_replays_them(tuned,
+                                                                                 tmp_path):
+    """With one trial per kernel, each conv/matmul kernel's record is our default schedule
+    (measured, not searched): compile replays those traces and computes the same integers."""
+    log = qcompile.tune(tuned["path"], "host", tmp_path / "one", trials=1, quantize="int8",
+                        calibration=calibration())
+    convs = [t for t in log.tasks if "packed_conv2d" in t.name]
+    assert convs and all(t.records == 1 and t.default_us == t.best_us for t in convs)
+    replayed = qcompile.compile(tuned["path"], "host", tmp_path / "replayed", quantize="int8",
+                                calibration=calibration(), tuning_log=log.directory)
+    kernels = replayed.manifest.kernels
+    assert kernels["tuned"] == kernels["total"] and kernels["int8_default_schedules"] == 0
+    plain = qcompile.compile(tuned["path"], "host", tmp_path / "plain", quantize="int8",
+                             calibration=calibration(), tuning_log=False)
+    feeds = random_inputs(packed_convnet(), seed=1)
+    with qcompile.load(replayed.directory) as a, qcompile.load(plain.directory) as b:
+        assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
 
 
 def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
