@@ -30,9 +30,9 @@ from .errors import DeviceError, InputError, TuneInterrupted
 from .frontend import FloatModel
 from .measure import Devices, builder, progress_callback
 from .targets import Target
-from .tuning_log import (MODULE_EQUALITY, PRUNED_KEY, TaskSummary, TuningLog, identity,
-                         incompatibility, mean_seconds, open_database, pruned_trials, read_info,
-                         repair, workload_key, write_info)
+from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, TaskSummary, TuningLog,
+                         identity, incompatibility, mean_seconds, open_database, pruned_trials,
+                         read_info, repair, workload_key, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,23 @@ def default_schedule(mod, tvm_target):
     return found[0] if found is not None and found[1] == "float" else None
 
 
-def _measure_default(context, database, build, runner) -> float | None:
+def _default_unmeasured(database, mod, log_dir: Path) -> bool:
+    """Whether the kernel has a default schedule worth measuring that the log has not
+    measured (qcompile-log.json lists those it has)."""
+    if not _has_reduction(mod):
+        return False
+    measured = (read_info(log_dir) or {}).get(DEFAULTS_KEY) or {}
+    return workload_key(database.commit_workload(mod).mod) not in measured
+
+
+def _note_default(database, mod, log_dir: Path, seconds: float | None) -> None:
+    info = read_info(log_dir) or {}
+    info.setdefault(DEFAULTS_KEY, {})[workload_key(database.commit_workload(mod).mod)] = \
+        round(seconds * 1e6, 2) if seconds is not None else None
+    write_info(log_dir, info)
+
+
+def _measure_default(context, database, build, runner, log_dir: Path) -> float | None:
     """Measure our default schedule of the kernel like a searched candidate and add it to
     the database: the search then keeps it unless it finds a faster one (a short search
     often does not). Its mean time in seconds, or None (no such schedule, or it failed)."""
@@ -149,14 +165,17 @@ def _measure_default(context, database, build, runner) -> float | None:
         sch = default_schedule(context.mod, context.target)
     except Exception as exc:  # noqa: BLE001 - the search goes on without it
         log.info("%s: no default schedule to measure (%s)", context.task_name, exc)
+        _note_default(database, context.mod, log_dir, None)
         return None
     if sch is None:
+        _note_default(database, context.mod, log_dir, None)
         return None
     args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
     built = build.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
     if built.error_msg:
         log.info("%s: qcompile's default schedule did not build: %s", context.task_name,
                  built.error_msg.strip().splitlines()[-1])
+        _note_default(database, context.mod, log_dir, None)
         return None
     try:
         result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
@@ -167,10 +186,11 @@ def _measure_default(context, database, build, runner) -> float | None:
     if seconds is None:
         log.info("%s: qcompile's default schedule did not run: %s", context.task_name,
                  (result.error_msg or "no time").strip().splitlines()[-1])
-        return None
+        return None  # measured again by the next run (the device may have failed)
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, database.commit_workload(context.mod),
         [float(t) for t in result.run_secs], context.target, args))
+    _note_default(database, context.mod, log_dir, seconds)
     log.info("%s: qcompile's default schedule: %.1f us", context.task_name, seconds * 1e6)
     return seconds
 
@@ -354,8 +374,9 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
     weight_of = {c.task_name: w for c, w in zip(contexts, weights)}
     # the kernels that cost the most first: an interrupted tune has spent its time best
-    todo = sorted((c for c in contexts if before[c.task_name] < budgets[c.task_name]
-                   and c.task_name not in foreign),
+    todo = sorted((c for c in contexts if c.task_name not in foreign and (
+                       before[c.task_name] < budgets[c.task_name]
+                       or _default_unmeasured(database, c.mod, log_dir))),
                   key=lambda c: -flops[c.task_name] * weight_of[c.task_name])
     log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
              "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
@@ -436,20 +457,21 @@ def _stop_on_signals(stop: threading.Event):
 def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, defaults,
                out, *, build, runner, cost_model, callbacks, log_dir) -> None:
     """Tune the kernels one after the other, each up to its budget; `seconds` gets the time
-    spent on each, `defaults` the time of our default schedule of each kernel new to the
-    log (measured first: it is one of the candidates)."""
+    spent on each, `defaults` the time of our default schedule of each kernel whose default
+    the log has not measured yet (measured first: it is one of the candidates; on a log tuned
+    before defaults were measured, it is measured even when the kernel's budget is spent)."""
     from tvm.s_tir import meta_schedule as ms
 
     for number, context in enumerate(todo, 1):
         name = context.task_name
         budget = budgets[name] - before[name]
-        if before[name] == 0 and _has_reduction(context.mod):  # a kernel new to the log
-            measured = _measure_default(context, database, build, runner)
+        if _default_unmeasured(database, context.mod, log_dir):
+            measured = _measure_default(context, database, build, runner, log_dir)
             if measured is not None:
                 defaults[name] = measured
                 budget -= 1
-                if budget <= 0:
-                    continue
+        if budget <= 0:
+            continue
         progress.start(f"[{number}/{len(todo)}] {name}", flops[name], budget,
                        _best_seconds(_records(database, context.mod)))
         task_start = time.perf_counter()

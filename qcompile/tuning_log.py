@@ -154,6 +154,8 @@ def open_database(directory: Path, create: bool = False):
 
 
 PRUNED_KEY = "pruned_trials"  # qcompile-log.json: {workload_key: candidates prune() dropped}
+# qcompile-log.json: {workload_key: microseconds} of our default schedules measured into the log
+DEFAULTS_KEY = "default_schedules_us"
 
 
 def read_info(directory: Path) -> dict[str, Any] | None:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import logging
 
-from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor
+from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_ATTR = "qcompile.default_schedule"
+SCHEDULE_ATTR = "qcompile.default_schedule"  # the same attribute as int8_default's
 VECTOR = 8    # output elements per vector tile (one AVX2 / two NEON fp32 registers)
-ROWS = 8      # rows of the register tile (measured on EfficientNet-Lite0 fp32: 8x8 35 ms, 8x4 38, 16x4 45)
+ROWS = 8      # rows of the register tile
+# (EfficientNet-Lite0 fp32 here: 8 x 8 35 ms, 4 x 8 38 ms, 4 x 16 45 ms, 8 x 16 47 ms)
 MIN_PARALLEL = 4096  # elements of output below which a kernel stays on one thread
 
 
@@ -204,23 +205,4 @@ def _parallel_producer(sch, block) -> bool:
 def apply(mod):
     """Schedule every kernel of `mod` that has no schedule yet (tuned kernels and packed int8
     kernels keep theirs). A kernel this cannot handle keeps TVM's default code."""
-    import tvm
-
-    from .int8_default import SCHEDULE_ATTR as INT8_ATTR
-
-    updates = {}
-    for gvar, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and (
-                "tirx.is_scheduled" in func.attrs or INT8_ATTR in func.attrs)):
-            continue
-        try:
-            scheduled = schedule_kernel(func)
-        except Exception as exc:  # noqa: BLE001 - one kernel's failure is not the build's
-            log.info("kernel %s keeps the unscheduled code: %s", gvar.name_hint,
-                     str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
-            continue
-        if scheduled is not None:
-            updates[gvar] = scheduled
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return schedule_each(mod, schedule_kernel)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import logging
 
 from .intrinsics import DotProduct, register
-from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor
+from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
 from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
-
-log = logging.getLogger(__name__)
 
 SCHEDULE_ATTR = "qcompile.default_schedule"
 TILE_PIXELS = 8
@@ -129,22 +127,5 @@ def schedule_kernel(func, dot: DotProduct):
 def apply(mod, dot: DotProduct):
     """Schedule every packed int8 kernel of `mod` that has no schedule yet (tuned ones keep
     theirs). A kernel our schedule cannot handle keeps TVM's default code, with a warning."""
-    import tvm
-
     register()
-    updates = {}
-    for gvar, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or (
-                func.attrs is not None and "tirx.is_scheduled" in func.attrs):
-            continue
-        try:
-            scheduled = schedule_kernel(func, dot)
-        except Exception as exc:  # noqa: BLE001 - one kernel's failure is not the build's
-            log.warning("kernel %s keeps the unscheduled code: %s", gvar.name_hint,
-                        str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
-            continue
-        if scheduled is not None:
-            updates[gvar] = scheduled
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return schedule_each(mod, lambda func: schedule_kernel(func, dot), logging.WARNING)

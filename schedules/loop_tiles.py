@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
 
 def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
@@ -46,3 +51,30 @@ def accumulate_in_tile(sch, block, loop) -> None:
             sch.vectorize(inner)
         except ScheduleError:
             pass
+
+
+def schedule_each(mod, schedule_kernel: Callable, level: int = logging.INFO):
+    """`mod` with every kernel that has no schedule yet replaced by `schedule_kernel(func)`
+    (None: it keeps its code). A kernel whose scheduling fails keeps TVM's default code, and
+    the failure is logged at `level`: one kernel's failure is not the build's."""
+    import tvm
+
+    from .int8_default import SCHEDULE_ATTR
+
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and (
+                "tirx.is_scheduled" in func.attrs or SCHEDULE_ATTR in func.attrs)):
+            continue
+        try:
+            scheduled = schedule_kernel(func)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            message = str(exc).strip()
+            log.log(level, "kernel %s keeps the unscheduled code: %s", gvar.name_hint,
+                    message.splitlines()[-1] if message else type(exc).__name__)
+            continue
+        if scheduled is not None:
+            updates[gvar] = scheduled
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod

@@ -10,16 +10,16 @@ import pytest
 import qcompile
 from models import (assert_close, conv_relu, depthwise_grouped, gemm_matmul, onnxruntime_outputs,
                     packed_convnet, random_inputs)
-from qcompile.schedules import float_default
+from qcompile.schedules import float_default, loop_tiles
 
 UNSCHEDULED = "keeps the unscheduled code"
 
 
 def _compile(path, target, out, caplog, **options):
-    with caplog.at_level(logging.INFO, logger=float_default.log.name):
+    with caplog.at_level(logging.INFO, logger=loop_tiles.log.name):
         artifact = qcompile.compile(path, target, out, tuning_log=False, **options)
     failed = [r.getMessage() for r in caplog.records
-              if r.name == float_default.log.name and UNSCHEDULED in r.getMessage()]
+              if r.name == loop_tiles.log.name and UNSCHEDULED in r.getMessage()]
     assert not failed, failed
     return artifact
 
