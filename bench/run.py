@@ -21,7 +21,8 @@ budget, validated on half of the held-out data; its accuracy is also given on th
 untouched half). Every int8 configuration of a model is calibrated on the same samples.
 
 Models: EfficientNet-Lite0 on real photos (top-1), paraphrase-MiniLM-L3-v2 on real sentences
-(the sentence embedding's cosine), and a small conv net the tests build (random inputs).
+(the sentence embedding's cosine), and a small conv net and a small Gemm/MatMul net that the
+tests build (random inputs).
 
 A separate section (bench/phone.py, with --phone) builds EfficientNet-Lite0 int8
 for arm64-dotprod and arm64-i8mm, counts sdot/udot/smmla/ummla in each library and runs it on
@@ -121,6 +122,18 @@ def _packed_convnet():
     return packed_convnet()
 
 
+def _gemm_matmul():
+    from models import gemm_matmul
+
+    return gemm_matmul()
+
+
+def _matmul_export(path: Path) -> None:
+    import onnx
+
+    onnx.save(_gemm_matmul(), str(path))
+
+
 MODELS = {m.name: m for m in (
     BenchModel("efficientnet-lite0", _effnet_export, _photos),
     BenchModel("minilm-l3", _minilm_export, _sentences, output="461",
@@ -128,6 +141,9 @@ MODELS = {m.name: m for m in (
                configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
                         "qcompile-int8", "qcompile-auto"), metric="cosine"),
     BenchModel("small-convnet", _convnet_export, _random(_packed_convnet),
+               configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
+                        "qcompile-int8"), metric="cosine"),
+    BenchModel("small-matmul", _matmul_export, _random(_gemm_matmul),
                configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
                         "qcompile-int8"), metric="cosine"),
 )}

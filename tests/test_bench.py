@@ -1,0 +1,24 @@
+"""The benchmark's command line (bench/run.py): what it measures is read off its table, but
+a wrong model name must fail at once with the names it knows, before any work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+def test_an_unknown_model_is_refused_with_the_known_names():
+    proc = subprocess.run([sys.executable, str(BENCH), "--models", "efficientnet-lite0,resnet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown model 'resnet'" in proc.stderr
+    assert "efficientnet-lite0" in proc.stderr and "minilm-l3" in proc.stderr
+    assert "bench:" not in proc.stderr  # nothing was measured
+
+
+def test_help_lists_the_models():
+    proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "small-matmul" in proc.stdout and "--phone" in proc.stdout
