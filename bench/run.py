@@ -100,38 +100,30 @@ def _sentences():
     return feeds[:64], feeds[64:]
 
 
-def _convnet_export(path: Path) -> None:
-    import onnx
-
-    onnx.save(_packed_convnet(), str(path))
+SMALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8")
 
 
-def _random(model_fn, calibration: int = 32, held_out: int = 64):
+def _tests_model(name: str, builder: str, calibration: int = 32,
+                 held_out: int = 64) -> BenchModel:
+    """A small model that tests/models.py builds (the function `builder`), on random inputs."""
+    def build():
+        import models
+
+        return getattr(models, builder)()
+
+    def export(path: Path) -> None:
+        import onnx
+
+        onnx.save(build(), str(path))
+
     def data():
         from models import random_inputs
 
-        model = model_fn()
+        model = build()
         feeds = [random_inputs(model, seed) for seed in range(calibration + held_out)]
         return feeds[:calibration], feeds[calibration:]
-    return data
 
-
-def _packed_convnet():
-    from models import packed_convnet
-
-    return packed_convnet()
-
-
-def _gemm_matmul():
-    from models import gemm_matmul
-
-    return gemm_matmul()
-
-
-def _matmul_export(path: Path) -> None:
-    import onnx
-
-    onnx.save(_gemm_matmul(), str(path))
+    return BenchModel(name, export, data, configs=SMALL_CONFIGS, metric="cosine")
 
 
 MODELS = {m.name: m for m in (
@@ -140,12 +132,8 @@ MODELS = {m.name: m for m in (
                input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)},
                configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
                         "qcompile-int8", "qcompile-auto"), metric="cosine"),
-    BenchModel("small-convnet", _convnet_export, _random(_packed_convnet),
-               configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
-                        "qcompile-int8"), metric="cosine"),
-    BenchModel("small-matmul", _matmul_export, _random(_gemm_matmul),
-               configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
-                        "qcompile-int8"), metric="cosine"),
+    _tests_model("small-convnet", "packed_convnet"),
+    _tests_model("small-matmul", "gemm_matmul"),
 )}
 
 

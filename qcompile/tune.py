@@ -137,13 +137,13 @@ def default_schedule(mod, tvm_target):
     return found[0] if found is not None and found[1] == "float" else None
 
 
-def _default_unmeasured(database, mod, log_dir: Path) -> bool:
-    """Whether the kernel has a default schedule worth measuring that the log has not
-    measured (qcompile-log.json lists those it has)."""
-    if not _has_reduction(mod):
-        return False
+def _defaults_unmeasured(database, contexts, foreign, log_dir: Path) -> set[str]:
+    """The kernels (task names) that may have a default schedule worth measuring (they
+    reduce) and whose default the log has not measured (qcompile-log.json lists those)."""
     measured = (read_info(log_dir) or {}).get(DEFAULTS_KEY) or {}
-    return workload_key(database.commit_workload(mod).mod) not in measured
+    return {c.task_name for c in contexts if c.task_name not in foreign
+            and _has_reduction(c.mod)
+            and workload_key(database.commit_workload(c.mod).mod) not in measured}
 
 
 def _note_default(database, mod, log_dir: Path, seconds: float | None) -> None:
@@ -374,9 +374,10 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
     weight_of = {c.task_name: w for c, w in zip(contexts, weights)}
     # the kernels that cost the most first: an interrupted tune has spent its time best
+    unmeasured = _defaults_unmeasured(database, contexts, foreign, log_dir)
     todo = sorted((c for c in contexts if c.task_name not in foreign and (
                        before[c.task_name] < budgets[c.task_name]
-                       or _default_unmeasured(database, c.mod, log_dir))),
+                       or c.task_name in unmeasured)),
                   key=lambda c: -flops[c.task_name] * weight_of[c.task_name])
     log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
              "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
@@ -402,8 +403,8 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     try:
         with _stop_on_signals(stop):
             _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
-                       defaults, out, build=build, runner=runner, cost_model=cost_model,
-                       callbacks=callbacks, log_dir=log_dir)
+                       unmeasured, defaults, out, build=build, runner=runner,
+                       cost_model=cost_model, callbacks=callbacks, log_dir=log_dir)
     except TuneInterrupted:
         kept = sum(len(_records(database, c.mod)) for c in contexts)
         raise TuneInterrupted(
@@ -454,18 +455,20 @@ def _stop_on_signals(stop: threading.Event):
             signal.signal(sig, old)
 
 
-def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds, defaults,
-               out, *, build, runner, cost_model, callbacks, log_dir) -> None:
+def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
+               unmeasured, defaults, out, *, build, runner, cost_model, callbacks,
+               log_dir) -> None:
     """Tune the kernels one after the other, each up to its budget; `seconds` gets the time
-    spent on each, `defaults` the time of our default schedule of each kernel whose default
-    the log has not measured yet (measured first: it is one of the candidates; on a log tuned
-    before defaults were measured, it is measured even when the kernel's budget is spent)."""
+    spent on each, `defaults` the time of our default schedule of each kernel in
+    `unmeasured` (those whose default the log has not measured: measured first, as one of
+    the candidates; on a log tuned before defaults were measured, even when the kernel's
+    budget is spent)."""
     from tvm.s_tir import meta_schedule as ms
 
     for number, context in enumerate(todo, 1):
         name = context.task_name
         budget = budgets[name] - before[name]
-        if _default_unmeasured(database, context.mod, log_dir):
+        if name in unmeasured:
             measured = _measure_default(context, database, build, runner, log_dir)
             if measured is not None:
                 defaults[name] = measured

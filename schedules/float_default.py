@@ -88,12 +88,24 @@ def _permutation(order: list[int]):
                               index_dtype="int64")
 
 
-def _parallel_outer(sch, block, output_elements: int) -> None:
-    """Run a kernel block's outer loops in parallel (two of them fused)."""
-    loops = sch.get_loops(block)
-    if not loops or output_elements < MIN_PARALLEL:
-        return
+def _output_elements(stmt) -> int:
+    """How many elements a block writes: the product of its spatial axes' extents."""
+    elements = 1
+    for iv in stmt.iter_vars:
+        if iv.iter_type == 0:
+            elements *= int(iv.dom.extent)
+    return elements
+
+
+def _parallel_outer(sch, block) -> bool:
+    """Run a block's outer loops in parallel (up to two of them fused), when it writes enough
+    elements; whether it did."""
+    from tvm.s_tir import ScheduleError
+
     stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if not loops or _output_elements(stmt) < MIN_PARALLEL:
+        return False
     spatial = 0
     for iv in stmt.iter_vars:
         if iv.iter_type != 0:
@@ -101,8 +113,12 @@ def _parallel_outer(sch, block, output_elements: int) -> None:
         spatial += 1
     outer = loops[:min(2, spatial, len(loops) - 1)] if spatial > 1 else loops[:1]
     if not outer:
-        return
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        return False
+    try:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    except ScheduleError:
+        return False
+    return True
 
 
 def schedule_anchor(sch, block) -> None:
@@ -116,9 +132,7 @@ def schedule_anchor(sch, block) -> None:
     reduction = [loop for loop, iv in zip(loops, stmt.iter_vars) if iv.iter_type != 0]
     if [iv for _, iv in spatial] != list(stmt.iter_vars[:len(spatial)]):
         raise ScheduleError("reduction axes come before output axes")
-    output_elements = 1
-    for _, iv in spatial:
-        output_elements *= int(iv.dom.extent)
+    output_elements = _output_elements(stmt)
     v_loop, v_iv = spatial[-1]
     _make_contiguous(sch, block, v_iv.var.name, output_elements)
     stmt = sch.get(block)
@@ -167,14 +181,12 @@ def schedule(func):
     if block is not None:
         inline_epilogue(sch, block)
         for producer in sch.get_producers(block):  # padding, transposes: in parallel
-            _parallel_producer(sch, producer)
+            _parallel_outer(sch, producer)
         schedule_anchor(sch, block)
         return sch, "float"
-    changed = False
-    for child in sch.get_child_blocks(sch.get_sblock("root")):
-        if _parallel_producer(sch, child):
-            changed = True
-    return (sch, "parallel") if changed else None
+    changed = [_parallel_outer(sch, child)
+               for child in sch.get_child_blocks(sch.get_sblock("root"))]
+    return (sch, "parallel") if any(changed) else None
 
 
 def schedule_kernel(func):
@@ -184,22 +196,6 @@ def schedule_kernel(func):
         return None
     sch, kind = found
     return sch.mod["main"].with_attr(SCHEDULE_ATTR, kind)
-
-
-def _parallel_producer(sch, block) -> bool:
-    from tvm.s_tir import ScheduleError
-
-    stmt = sch.get(block)
-    elements = 1
-    for iv in stmt.iter_vars:
-        if iv.iter_type == 0:
-            elements *= int(iv.dom.extent)
-    try:
-        before = len(sch.get_loops(block))
-        _parallel_outer(sch, block, elements)
-        return before > 0 and elements >= MIN_PARALLEL
-    except ScheduleError:
-        return False
 
 
 def apply(mod):
