@@ -94,11 +94,14 @@ def _add_compile(sub) -> None:
                       help="use no tuning log, not even the shipped one (default schedules)")
     _quantize_args(p, auto=True)
     a = p.add_argument_group(
-        "automatic precision (--quantize auto)", "Each layer's sensitivity is measured in "
-        "simulation (onnxruntime) on the calibration data; the fewest most-sensitive layers "
-        "that meet the budget on --validation stay in --fallback-precision. The compiled model "
-        "is then checked on --validation (host target). Writes OUT_DIR/precision-rules.toml "
-        "(reuse it with --quantize int8 --precision-rules) and OUT_DIR/search.json.")
+        "automatic precision (--quantize auto)", "Each layer's kernel is first timed in int8 "
+        "and in --fallback-precision on the target (here for host; on a device with "
+        "--rpc-tracker/--rpc-key): layers not faster in int8 stay in the fallback precision. "
+        "Then each layer's sensitivity is measured in simulation (onnxruntime) on the "
+        "calibration data; the fewest most-sensitive layers that meet the budget on "
+        "--validation stay in --fallback-precision. The compiled model is then checked on "
+        "--validation (host target). Writes OUT_DIR/precision-rules.toml (reuse it with "
+        "--quantize int8 --precision-rules) and OUT_DIR/search.json.")
     a.add_argument("--accuracy-budget", type=float, metavar="X",
                    help="the lowest acceptable --metric against fp32 (the highest for mse), "
                         "e.g. 0.99 for 99%% top-1 agreement")
@@ -111,6 +114,14 @@ def _add_compile(sub) -> None:
                         "is met; without it, the calibration samples (optimistic)")
     a.add_argument("--fallback-precision", default="fp32", choices=["fp32", "fp16"],
                    help="precision of the layers int8 would cost too much (default: fp32)")
+    a.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="do not time the layers: choose the mix for accuracy only (timing "
+                        "takes about 2 s per distinct layer shape)")
+    a.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="time the layers on a device registered at this RPC tracker (targets "
+                        "other than host cannot be timed here)")
+    a.add_argument("--rpc-key", metavar="KEY",
+                   help="device key at the tracker (default: the target's rpc_key)")
     p.set_defaults(func=_cmd_compile)
 
 
@@ -375,7 +386,9 @@ def _cmd_compile(args) -> int:
                              cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
                              calibration=args.calibration, quant_config=config,
                              validation=args.validation, accuracy_budget=args.accuracy_budget,
-                             metric=args.metric, fallback_precision=args.fallback_precision)
+                             metric=args.metric, fallback_precision=args.fallback_precision,
+                             latency=args.latency, rpc_tracker=args.rpc_tracker,
+                             rpc_key=args.rpc_key)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
     return 0

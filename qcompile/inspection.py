@@ -39,6 +39,10 @@ def inspect_model(path: Path, input_shapes=None) -> str:
     return "\n".join(lines)
 
 
+def _us(value) -> str:
+    return f"{value:8.1f}" if isinstance(value, (int, float)) else f"{'-':>8}"
+
+
 def _dims(shape) -> str:
     return "x".join(str(d) for d in shape) if shape else "?"
 
@@ -84,19 +88,27 @@ def inspect_build(directory: Path) -> str:
     if search_path.is_file():
         search = json.loads(search_path.read_text())
         kept = {k["layer"]: k["precision"] for k in search["kept_in_higher_precision"]}
+        slow = {k["layer"]: f"{k['precision']} (int8 not faster)"
+                for k in search.get("kept_because_int8_is_not_faster", [])}
+        fallback = search.get("fallback_precision", "fp32")
         lines.append("")
         lines.append(f"precision search: {search['metric']} budget {search['budget']}; all "
                      f"int8 {search['all_int8_estimate']:.4f} (simulated), chosen "
                      f"{search['chosen_estimate']:.4f} (simulated)" +
                      (f", {search['verified']:.4f} compiled" if search.get("verified")
                       is not None else ""))
-        lines.append(f"{len(kept)} layer(s) in higher precision, "
-                     f"{search['int8_mac_fraction']:.1%} of MACs in int8; "
+        where = search.get("latency_measured_on")
+        lines.append(f"{len(kept)} layer(s) in higher precision for accuracy, {len(slow)} "
+                     "because int8 is not faster" +
+                     (f" (timed on {where})" if where else " (layers not timed)") +
+                     f"; {search['int8_mac_fraction']:.1%} of MACs in int8; "
                      f"{search['evaluations']} evaluations in {search['seconds']} s")
-        lines.append(f"{'layer':<36} {'MACs':>8} {'alone dB':>9} {'fallback dB':>11}  chosen")
+        lines.append(f"{'layer':<36} {'MACs':>8} {'alone dB':>9} {'fallback dB':>11} "
+                     f"{'int8 us':>8} {fallback + ' us':>8}  chosen")
         for row in sorted(search["sensitivity"], key=lambda r: float(r["alone_sqnr_db"])):
             lines.append(f"{row['layer'][:36]:<36} {row['macs'] / 1e6:7.2f}M "
                          f"{float(row['alone_sqnr_db']):9.1f} "
-                         f"{float(row['fallback_sqnr_db']):11.2f}  "
-                         f"{kept.get(row['layer'], 'int8')}")
+                         f"{float(row['fallback_sqnr_db']):11.2f} "
+                         f"{_us(row.get('int8_us'))} {_us(row.get('fallback_us'))}  "
+                         f"{slow.get(row['layer']) or kept.get(row['layer'], 'int8')}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +46,9 @@ def compile(  # noqa: A001 - the verb users know
     accuracy_budget: float | None = None,
     metric: str = "top1",
     fallback_precision: str = "fp32",
+    latency: bool = True,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
 ) -> Artifact:
     """Compile an ONNX model into OUT_DIR/model.so + OUT_DIR/model.json.
 
@@ -60,7 +64,10 @@ def compile(  # noqa: A001 - the verb users know
       "int8-weights": weight-only int8 (fp32 arithmetic); "auto": int8 where the
       `accuracy_budget` on `metric` allows (measured on `validation` samples, held out from
       calibration), `fallback_precision` elsewhere; the choice is saved as
-      OUT_DIR/precision-rules.toml and OUT_DIR/search.json. The report is saved as
+      OUT_DIR/precision-rules.toml and OUT_DIR/search.json. With `latency` (auto only), each
+      layer's kernel is first timed in int8 and in the fallback precision, on this machine
+      for the host target or on the device under `rpc_key` at `rpc_tracker`; layers whose
+      int8 kernel is not faster stay in the fallback precision. The report is saved as
       OUT_DIR/quantization.json. A pre-quantized (QDQ/QOperator) model is realized with its own
       scales whatever this says. quant_config.rules (a PrecisionRules) sets per-layer precision.
     """
@@ -69,7 +76,8 @@ def compile(  # noqa: A001 - the verb users know
         log_ = shipped_log(resolved)
     else:
         log_ = open_log(tuning_log, resolved) if tuning_log is not False else None
-    _check_quantize_args(quantize, calibration, validation, accuracy_budget)
+    rpc = _rpc(rpc_tracker, rpc_key, resolved)
+    _check_quantize_args(quantize, calibration, validation, accuracy_budget, rpc)
     if quantize == "auto":
         from .quantize.metrics import load_metric
 
@@ -81,7 +89,7 @@ def compile(  # noqa: A001 - the verb users know
     if quantize == "auto" and not graph.prequantized:
         return _auto(graph, resolved, Path(out_dir), calibration, validation,
                      quant_config or QuantConfig(), accuracy_budget, metric, fallback_precision,
-                     log_)
+                     log_, latency, rpc)
     graph = _quantize(graph, resolved, quantize, calibration, quant_config)
     artifact = build(graph, resolved, out_dir, tuning_log=log_)
     if hasattr(graph, "report"):
@@ -90,7 +98,8 @@ def compile(  # noqa: A001 - the verb users know
     return artifact
 
 
-def _check_quantize_args(quantize, calibration, validation=None, accuracy_budget=None) -> None:
+def _check_quantize_args(quantize, calibration, validation=None, accuracy_budget=None,
+                         rpc=None) -> None:
     if quantize not in (None, "none", "fp32", *QUANTIZE_MODES):
         raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, calibrated), "
                          "int8-dynamic, int8-weights or fp16.")
@@ -106,6 +115,9 @@ def _check_quantize_args(quantize, calibration, validation=None, accuracy_budget
                          "of --metric (e.g. 0.99 for top-1 agreement with fp32).")
     if quantize != "auto" and (validation is not None or accuracy_budget is not None):
         raise InputError("--validation and --accuracy-budget belong to --quantize auto.")
+    if quantize != "auto" and rpc is not None:
+        raise InputError("compile uses --rpc-tracker only with --quantize auto, to time each "
+                         "layer on the device; `qcompile run` and `qcompile tune` take it too.")
 
 
 def _quantize(graph, target: Target, quantize, calibration, quant_config):
@@ -128,9 +140,10 @@ def _quantize(graph, target: Target, quantize, calibration, quant_config):
 
 def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
           config: QuantConfig, budget: float, metric, fallback: str,
-          tuning_log) -> Artifact:
-    """--quantize auto: search the precision mix in simulation, build it, check the budget
-    with the compiled model (host targets), keep more layers in higher precision if needed."""
+          tuning_log, latency: bool, rpc) -> Artifact:
+    """--quantize auto: time each layer in int8 and in the fallback precision (`latency`, on
+    the device at `rpc` or here), search the precision mix in simulation, build it, check the budget with the
+    compiled model (host targets), keep more layers in higher precision if needed."""
     import dataclasses
     import json
 
@@ -159,9 +172,12 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
         plan, explicit = layer_plan(float_model, dataclasses.replace(config, float_stem=False),
                                     activations)
         fixed = {name: plan[name] for name in explicit}
+    timing = time.perf_counter()
+    latencies, where = _layer_latencies(float_model, target, fallback, activations, fixed,
+                                        rpc) if latency else ({}, None)
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
                     metric, budget, fallback, fixed, config.bias_correction,
-                    config.weight_rounding)
+                    config.weight_rounding, latencies, where, time.perf_counter() - timing)
     reference = onnxruntime_outputs(float_model.onnx, held_out)
     runs_here = target.name == "host"
     best = None  # (compiled metric, round, result, build directory)
@@ -220,6 +236,25 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
     return artifact
 
 
+def _layer_latencies(float_model, target: Target, fallback: str, activations: str,
+                     fixed, rpc) -> tuple[dict, str | None]:
+    """({layer: LayerLatency}, where they were timed) for the layers the search chooses, or
+    ({}, None) when the target cannot be timed from here."""
+    from . import layer_latency
+    from .quantize.simulate import weighted_layers
+
+    why_not = layer_latency.can_measure(target, rpc)
+    if why_not is not None:
+        log.warning("layers not timed, the precision mix is chosen for accuracy only: %s",
+                    why_not)
+        return {}, None
+    layers = [l for l in weighted_layers(float_model.onnx) if l.name not in fixed]
+    timed = layer_latency.measure(float_model.onnx, layers, target, fallback, activations, rpc)
+    where = f"{target.name}, " + ("this machine" if rpc is None else
+                                  f"device '{rpc[1]}' at {rpc[0][0]}:{rpc[0][1]}")
+    return timed, where
+
+
 def tune(
     model: str | Path,
     target: str | Path | Target = "host",
@@ -250,13 +285,18 @@ def tune(
                          "--quantize auto first, then tune with --quantize int8 "
                          "--precision-rules OUT_DIR/precision-rules.toml (the mix it wrote).")
     _check_quantize_args(quantize, calibration)
-    rpc = None
-    if rpc_tracker is not None or rpc_key is not None:
-        rpc = (parse_tracker(rpc_tracker), rpc_key or resolved.rpc_key)
+    rpc = _rpc(rpc_tracker, rpc_key, resolved)
     graph = _quantize(_import(model, input_shapes), resolved, quantize, calibration,
                       quant_config)
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
     return tune_model(graph, resolved, directory, trials=trials, rpc=rpc, reuse=reuse)
+
+
+def _rpc(rpc_tracker: str | None, rpc_key: str | None, target: Target):
+    """((host, port), key) of the devices to use, or None (this machine)."""
+    if rpc_tracker is None and rpc_key is None:
+        return None
+    return parse_tracker(rpc_tracker), rpc_key or target.rpc_key
 
 
 def _import(model: str | Path, input_shapes):

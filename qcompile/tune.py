@@ -44,12 +44,13 @@ SEARCH = {"population_size": 256, "init_min_unmeasured": 32, "genetic_num_iters"
 COST_MODEL_WARMUP = 32  # random candidates before the cost model ranks them (MetaSchedule: 100)
 
 
-def fused_module(mod, target: Target):
+def fused_module(mod, target: Target, packed_layout: bool | None = None):
     """The model legalized to TIR and fused: the kernels that are tuned and then built.
 
     Tuning and building must see the same fused kernels, or the records do not match. On a
     target with an integer dot-product instruction, the int8 graph is converted to NHWC and its
-    conv2d/matmul put on packed weights (schedules/packed_int8.py).
+    conv2d/matmul put on packed weights (schedules/packed_int8.py). `packed_layout`: convert
+    to NHWC even without an int8 conv (True), or never (False); None: when `mod` has one.
     """
     import tvm
     from tvm import relax
@@ -61,7 +62,8 @@ def fused_module(mod, target: Target):
     dot = intrinsics.dot_product_for(tvm_target)
     with tvm_target:
         passes = [relax.transform.FoldConstant()]
-        if dot is not None and _has_int8_conv(mod):
+        if dot is not None and (_has_int8_conv(mod) if packed_layout is None
+                                else packed_layout):
             passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
                        relax.transform.FoldConstant()]
         passes += library_dispatch_passes(tvm_target)

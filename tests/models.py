@@ -104,6 +104,22 @@ def packed_convnet() -> onnx.ModelProto:
          numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
 
 
+def padded_channels() -> onnx.ModelProto:
+    """Output channels that are not a multiple of VNNI's 16 lanes: 24 and 40 (packed with
+    zero channels up to 32 and 48, like EfficientNet-Lite0's project convs) and a Gemm to 10
+    classes (16 would be 6 zero channels of 16: left unpacked on VNNI; 12 on ARM's 4 lanes)."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv24", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv40"),
+         helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc10", transB=1)],
+        [("x", [1, 16, 12, 12])], [("y", [1, 10])],
+        [_w("w1", (24, 16, 3, 3), 41, 0.1), _w("b1", (24,), 42), _w("w2", (40, 24, 1, 1), 43, 0.2),
+         _w("b2", (40,), 44), _w("w3", (10, 40), 45), _w("b3", (10,), 46)])
+
+
 def outlier_chain() -> onnx.ModelProto:
     """Four 1x1 convs; the second writes one channel 300x larger than the others (the
     outlier activations of transformers), which the third reads through tiny weights: only

@@ -2,6 +2,7 @@
 the aarch64 TVM runtime under qemu, run and compared with onnxruntime on this machine; tuning
 measured on it; and the faults (busy keys, dead devices, missing qemu)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -40,26 +41,45 @@ def test_emulated_device_matches_onnxruntime(arm64_device, name, target, save_mo
         assert_close(actual[out_name], value)
 
 
-@pytest.mark.parametrize("target,instruction", [("arm64-dotprod", "sdot"),
-                                                ("arm64-i8mm", "smmla")])
+@pytest.mark.parametrize("target,instruction,model", [
+    ("arm64-dotprod", "sdot", packed_convnet), ("arm64-i8mm", "smmla", packed_convnet),
+    ("arm64-dotprod", "sdot", gemm_matmul)])
 def test_packed_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, save_model,
-                                                                 tmp_path, target, instruction):
+                                                                 tmp_path, target, instruction,
+                                                                 model):
     """arm64-dotprod packs int8 weights for sdot, arm64-i8mm for smmla (and sdot where pixels
     do not pair up); arm64 (neither) keeps TVM's kernels. All builds of the same quantized
-    model give the same integers on the (emulated, -cpu max) phone."""
+    model give the same integers on the (emulated, -cpu max) phone. gemm_matmul's 10-output
+    MatMul is packed with zero columns up to 12."""
     from test_int8_kernels import compile_int8, instruction_counts
 
-    path = save_model(packed_convnet())
-    packed = compile_int8(path, target, tmp_path / "packed")
-    plain = compile_int8(path, "arm64", tmp_path / "plain")
+    path = save_model(model())
+    packed = compile_int8(path, target, tmp_path / "packed", model)
+    plain = compile_int8(path, "arm64", tmp_path / "plain", model)
     assert instruction_counts(packed.library, "aarch64-linux-gnu-objdump")[instruction] > 0
-    feeds = random_inputs(packed_convnet(), seed=3)
+    feeds = random_inputs(model(), seed=3)
     outputs = []
     for artifact in (packed, plain):
         with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
                            rpc_key=arm64_device["key"]) as loaded:
             outputs.append(loaded.run(feeds)["y"])
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_auto_times_each_layer_on_the_device(arm64_device, save_model, tmp_path):
+    """--quantize auto for arm64-dotprod with a tracker: every layer's int8 and fp32 kernels
+    are cross-built and timed on the (emulated) phone before the precision search."""
+    model = packed_convnet()
+    out = tmp_path / "auto"
+    qcompile.compile(save_model(model), "arm64-dotprod", out, quantize="auto",
+                     calibration=[random_inputs(model, seed=i) for i in range(8)],
+                     accuracy_budget=0.9, metric="cosine", rpc_tracker=arm64_device["tracker"],
+                     rpc_key=arm64_device["key"])
+    search = json.loads((out / "search.json").read_text())
+    assert search["latency_measured_on"] == \
+        f"arm64-dotprod, device 'arm64-emu' at {arm64_device['tracker']}"
+    rows = search["sensitivity"]
+    assert len(rows) == 4 and all(r["int8_us"] > 0 and r["fallback_us"] > 0 for r in rows)
 
 
 def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qcompile
-from models import gemm_matmul, packed_convnet, random_inputs
+from models import gemm_matmul, packed_convnet, padded_channels, random_inputs
 from qcompile.schedules import intrinsics
 from qcompile.targets import load_target
 
@@ -23,8 +23,8 @@ def instruction_counts(library, objdump: str = "objdump") -> dict[str, int]:
     return {name: sum(1 for w in words if w == name) for name in INSTRUCTIONS}
 
 
-def compile_int8(path, target, out):
-    calibration = [random_inputs(packed_convnet(), seed=10 + i) for i in range(8)]
+def compile_int8(path, target, out, model=packed_convnet):
+    calibration = [random_inputs(model(), seed=10 + i) for i in range(8)]
     return qcompile.compile(path, target, out, quantize="int8", calibration=calibration)
 
 
@@ -45,32 +45,36 @@ def test_packing_blocks():
 
 
 @pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-def test_host_int8_uses_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path):
-    path = save_model(packed_convnet())
-    packed = compile_int8(path, "host", tmp_path / "packed")
+@pytest.mark.parametrize("model, packed_kernels", [(packed_convnet, 3), (padded_channels, 2)])
+def test_host_int8_uses_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path, model,
+                                                              packed_kernels):
+    """packed_convnet: 2 convs and the fc fill the blocks. padded_channels: the 24- and
+    40-channel convs are packed with zero channels, the 10-class fc is not."""
+    path = save_model(model())
+    packed = compile_int8(path, "host", tmp_path / "packed", model)
     # the same model for an x86 CPU without VNNI: TVM's own (unpacked) int8 kernels
     plain_target = tmp_path / "x86-avx2.toml"
     plain_target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
                             '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
-    plain = compile_int8(path, str(plain_target), tmp_path / "plain")
-    assert packed.manifest.kernels["int8_default_schedules"] >= 3  # 2 convs and the fc
+    plain = compile_int8(path, str(plain_target), tmp_path / "plain", model)
+    assert packed.manifest.kernels["int8_default_schedules"] == packed_kernels
     assert plain.manifest.kernels["int8_default_schedules"] == 0
     assert instruction_counts(packed.library)["vpdpbusd"] > 0
     assert instruction_counts(plain.library)["vpdpbusd"] == 0
     for seed in range(3):
-        feeds = random_inputs(packed_convnet(), seed=seed)
+        feeds = random_inputs(model(), seed=seed)
         with qcompile.load(packed.directory) as a, qcompile.load(plain.directory) as b:
             assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
 
 
-def test_layers_that_do_not_fill_blocks_keep_unpacked_kernels(save_model, tmp_path):
-    """gemm_matmul's second MatMul has 10 outputs: not a multiple of 16 (VNNI) or 4 (sdot);
-    it is built with TVM's own kernel, the first one is packed."""
+def test_outputs_that_do_not_fill_blocks_are_padded(save_model, tmp_path):
+    """gemm_matmul's second MatMul has 10 outputs, not a multiple of sdot's 4 lanes: its
+    weight is packed with 2 zero columns (the device test checks its integers)."""
     model = gemm_matmul()
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
     artifact = qcompile.compile(save_model(model), "arm64-dotprod", tmp_path / "out",
                                 quantize="int8", calibration=calibration)
-    assert artifact.manifest.kernels["int8_default_schedules"] == 1
+    assert artifact.manifest.kernels["int8_default_schedules"] == 2
     counts = instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")
     assert counts["sdot"] > 0
 

@@ -132,9 +132,10 @@ def test_auto_keeps_only_the_layer_that_costs_accuracy(save_model, tmp_path):
     out = tmp_path / "auto"
     qcompile.compile(path, "host", out, quantize="auto", calibration=samples(model, 16, 0),
                      validation=samples(model, 16, 100), accuracy_budget=0.999,
-                     metric="cosine")
+                     metric="cosine", latency=False)  # accuracy alone (timing: below)
     search = json.loads((out / "search.json").read_text())
     assert [k["layer"] for k in search["kept_in_higher_precision"]] == ["conv3"]
+    assert search["latency_measured_on"] is None
     assert search["all_int8_estimate"] < 0.9 <= 0.999 <= search["chosen_estimate"]
     assert search["verified"] >= 0.999  # measured with the compiled model
     assert search["evaluations"] >= 2 * 4 and search["seconds"] > 0
@@ -150,6 +151,81 @@ def test_auto_keeps_only_the_layer_that_costs_accuracy(save_model, tmp_path):
     assert precisions(again) == precisions(out)
     text = inspect_path(out)
     assert "precision search: cosine budget 0.999" in text and "conv3" in text
+
+
+def test_layers_not_faster_in_int8_by_the_margin():
+    from qcompile.layer_latency import LayerLatency
+    from qcompile.quantize.search import not_faster_in_int8
+
+    timed = {"slower": LayerLatency(100.0, 50.0, "fp32"),
+             "faster": LayerLatency(50.0, 100.0, "fp32"),
+             "barely": LayerLatency(95.0, 100.0, "fp32"),  # 5% faster: within the margin
+             "unmeasured": LayerLatency(None, 10.0, "fp32", "did not build")}
+    names = ["slower", "faster", "barely", "unmeasured", "absent"]
+    assert not_faster_in_int8(timed, names) == ["slower", "barely"]
+    assert not_faster_in_int8(timed, names, margin=0.0) == ["slower"]
+
+
+def test_search_keeps_layers_slower_in_int8_in_the_fallback():
+    """With conv1 timed slower in int8, it stays fp32 from the start; the accuracy search
+    still keeps conv3 (the outlier reader), and reports both reasons apart."""
+    from qcompile.layer_latency import LayerLatency
+    from qcompile.quantize.metrics import load_metric
+    from qcompile.quantize.rules import LayerSettings
+    from qcompile.quantize.search import search
+
+    model = outlier_chain()
+    timed = {"conv1": LayerLatency(80.0, 40.0, "fp32"), "conv2": LayerLatency(20.0, 40.0, "fp32"),
+             "conv3": LayerLatency(20.0, 40.0, "fp32"), "conv4": LayerLatency(20.0, 40.0, "fp32")}
+    result = search(model, samples(model, 16, 0), samples(model, 16, 100),
+                    LayerSettings("int8", activations="uint8"), load_metric("cosine"), 0.999,
+                    latencies=timed, latency_where="host, this machine")
+    assert result.slower_in_int8 == ["conv1"] and result.kept == ["conv3"]
+    assert {n: s.precision for n, s in result.plan.items()} == {
+        "conv1": "fp32", "conv2": "int8", "conv3": "fp32", "conv4": "int8"}
+    assert "conv1" not in result.ranking
+    assert "1 because int8 is not faster (timed on host, this machine in 0 s)" in \
+        result.summary()
+    data = result.to_json()
+    assert data["kept_because_int8_is_not_faster"] == [{"layer": "conv1", "precision": "fp32"}]
+    row = next(r for r in data["sensitivity"] if r["layer"] == "conv1")
+    assert row["int8_us"] == 80.0 and row["fallback_us"] == 40.0
+    assert "because int8 is not faster" in result.rules_text()
+
+
+def test_auto_times_each_layer_here_and_keeps_int8_where_faster(save_model, tmp_path):
+    """--quantize auto on the host times every layer's kernel in int8 and fp32 (real builds,
+    real runs) and keeps in fp32 exactly the layers whose int8 kernel is not faster."""
+    from qcompile.quantize.search import LATENCY_MARGIN
+
+    model = packed_convnet()
+    out = tmp_path / "auto"
+    qcompile.compile(save_model(model), "host", out, quantize="auto",
+                     calibration=[random_inputs(model, seed=i) for i in range(8)],
+                     validation=[random_inputs(model, seed=50 + i) for i in range(4)],
+                     accuracy_budget=0.9, metric="cosine")
+    search = json.loads((out / "search.json").read_text())
+    assert search["latency_measured_on"] == "host, this machine"
+    rows = {r["layer"]: r for r in search["sensitivity"]}
+    assert set(rows) == {"conv3x3", "pointwise", "depthwise", "fc"}
+    assert all(r["int8_us"] > 0 and r["fallback_us"] > 0 for r in rows.values()), rows
+    slower = {name for name, r in rows.items()
+              if r["int8_us"] * (1 + LATENCY_MARGIN) > r["fallback_us"]}
+    assert {k["layer"] for k in search["kept_because_int8_is_not_faster"]} == slower
+    built = precisions(out)
+    assert all(built[name] == "fp32" for name in slower), built
+    assert "int8 us" in inspect_path(out) and "fp32 us" in inspect_path(out)
+
+
+def test_auto_says_a_cross_target_cannot_be_timed_here(save_model, tmp_path, caplog):
+    model = outlier_chain()
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        qcompile.compile(save_model(model), "arm64-dotprod", tmp_path / "out", quantize="auto",
+                         calibration=samples(model, 8, 0), accuracy_budget=0.9,
+                         metric="cosine")
+    assert "layers not timed" in caplog.text and "--rpc-tracker" in caplog.text
+    search = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert search["latency_measured_on"] is None
 
 
 METRIC = '''
@@ -246,7 +322,7 @@ def test_auto_on_minilm_keeps_int8_where_the_cosine_budget_allows(tmp_path):
     out = tmp_path / "auto"
     qcompile.compile(path, "host", out, input_shapes={n: (1, 64) for n in sentences.INPUT_NAMES},
                      quantize="auto", calibration=calibration, validation=validation,
-                     accuracy_budget=0.99, metric="cosine")
+                     accuracy_budget=0.99, metric="cosine", latency=False)
     search = json.loads((out / "search.json").read_text())
     # every weighted layer (18 MatMul/Gemm; the attention's two matmuls of activations stay
     # float) is int8: all-int8 already meets the budget once the residual adds feeding

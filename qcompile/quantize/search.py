@@ -10,6 +10,11 @@
 3. The pipeline builds the choice, checks the budget with the compiled model on the validation
    data, and keeps the next-ranked layers in higher precision if the simulation was optimistic.
 
+Latency: when each layer's kernel was timed on the target in int8 and in the fallback precision
+(layer_latency.py), a layer whose int8 kernel is not faster (by LATENCY_MARGIN) stays in the
+fallback precision from the start: it buys nothing in int8. The search then spends the budget on
+the others.
+
 The result is written as a rules file (precision-rules.toml), so the same mix compiles again
 without searching, and as search.json with the sensitivity table and the search's cost.
 """
@@ -29,6 +34,11 @@ from .simulate import Simulator
 
 log = logging.getLogger(__name__)
 
+# int8 must be this much faster than the fallback to be worth it: a float layer among int8 ones
+# costs a dequantize and a quantize that its own kernel's time does not show, and two timings
+# of the same kernel differ by a few percent
+LATENCY_MARGIN = 0.10
+
 
 @dataclass
 class LayerSensitivity:
@@ -37,11 +47,15 @@ class LayerSensitivity:
     macs: int
     alone_sqnr_db: float      # outputs' SQNR with only this layer in int8
     fallback_sqnr_db: float   # outputs' SQNR with every searched layer but this one in int8
+    int8_us: float | None = None      # its kernel's time in int8 on the target, if measured
+    fallback_us: float | None = None  # ... and in the fallback precision
 
     def to_json(self) -> dict:
         return {"layer": self.name, "op": self.op, "macs": self.macs,
                 "alone_sqnr_db": _finite(self.alone_sqnr_db),
-                "fallback_sqnr_db": _finite(self.fallback_sqnr_db)}
+                "fallback_sqnr_db": _finite(self.fallback_sqnr_db),
+                **({"int8_us": self.int8_us, "fallback_us": self.fallback_us}
+                   if self.int8_us is not None or self.fallback_us is not None else {})}
 
 
 @dataclass
@@ -65,12 +79,16 @@ class SearchResult:
     fallback: str = "fp32"
     verified: float | None = None        # the metric of the compiled model on validation
     rounds: list[dict] = field(default_factory=list)
+    slower_in_int8: list[str] = field(default_factory=list)  # in fallback for latency
+    latency_where: str | None = None     # where the layers were timed (None: not timed)
+    latency_seconds: float = 0.0         # how long timing them took (before the search)
 
     def rules_text(self) -> str:
         return rules_toml(self.plan, self.base, header=(
             f"Chosen by `qcompile compile --quantize auto` for {self.metric} "
             f"{'>=' if self.higher_is_better else '<='} {self.budget:g}: {len(self.kept)} "
-            f"layer(s) kept in higher precision, {self.int8_mac_fraction:.1%} of the MACs "
+            f"layer(s) kept in higher precision for accuracy, {len(self.slower_in_int8)} "
+            f"because int8 is not faster, {self.int8_mac_fraction:.1%} of the MACs "
             "in int8.\nCompile with --quantize int8 --precision-rules THIS_FILE to get the same "
             "mix without searching."))
 
@@ -82,6 +100,11 @@ class SearchResult:
             "chosen_estimate": self.estimate, "verified": self.verified,
             "kept_in_higher_precision": [
                 {"layer": name, "precision": self.plan[name].precision} for name in self.kept],
+            "kept_because_int8_is_not_faster": [
+                {"layer": name, "precision": self.plan[name].precision}
+                for name in self.slower_in_int8],
+            "latency_measured_on": self.latency_where,
+            "latency_seconds": round(self.latency_seconds, 1),
             "int8_mac_fraction": self.int8_mac_fraction,
             "evaluations": self.evaluations, "seconds": round(self.seconds, 3),
             "calibration_samples": self.calibration_samples,
@@ -95,17 +118,40 @@ class SearchResult:
         lines = [f"precision search: {self.metric} budget {self.budget:g}; all int8 "
                  f"{self.all_int8:.4f} (simulated), chosen mix {self.estimate:.4f} (simulated)"
                  + (f", {self.verified:.4f} compiled" if self.verified is not None else ""),
-                 f"{len(self.kept)} layer(s) kept in higher precision; "
-                 f"{self.int8_mac_fraction:.1%} of the MACs in int8; {self.evaluations} "
-                 f"evaluations in {self.seconds:.0f} s",
+                 f"{len(self.kept)} layer(s) kept in higher precision for accuracy, "
+                 f"{len(self.slower_in_int8)} because int8 is not faster"
+                 + (f" (timed on {self.latency_where} in {self.latency_seconds:.0f} s)"
+                    if self.latency_where else " (not timed)")
+                 + f"; {self.int8_mac_fraction:.1%} of the MACs in int8; "
+                 f"{self.evaluations} evaluations in {self.seconds:.0f} s",
                  f"{'rank':>4} {'layer':<32} {'op':<7} {'MACs':>8} {'alone dB':>9} "
-                 f"{'fallback dB':>11}  precision"]
-        for rank, name in enumerate(self.ranking, start=1):
+                 f"{'fallback dB':>11} {'int8 us':>8} {self.fallback + ' us':>8}  precision"]
+        for rank, name in enumerate(self.ranking + self.slower_in_int8, start=1):
             s = by_name[name]
-            lines.append(f"{rank:>4} {name[:32]:<32} {s.op:<7} {s.macs / 1e6:7.1f}M "
-                         f"{s.alone_sqnr_db:9.1f} {s.fallback_sqnr_db:11.2f}  "
-                         f"{self.plan[name].precision}")
+            why = " (int8 not faster)" if name in self.slower_in_int8 else ""
+            lines.append(f"{rank if not why else '-':>4} {name[:32]:<32} {s.op:<7} "
+                         f"{s.macs / 1e6:7.1f}M {s.alone_sqnr_db:9.1f} "
+                         f"{s.fallback_sqnr_db:11.2f} {_us(s.int8_us)} {_us(s.fallback_us)}  "
+                         f"{self.plan[name].precision}{why}")
         return "\n".join(lines)
+
+
+def _us(value: float | None) -> str:
+    return f"{value:8.1f}" if value is not None else f"{'-':>8}"
+
+
+def not_faster_in_int8(latencies: Mapping, names: Sequence[str],
+                       margin: float = LATENCY_MARGIN) -> list[str]:
+    """The layers (of `names`) whose int8 kernel is not faster than their fallback kernel by
+    `margin`, as measured (`latencies`: {name: layer_latency.LayerLatency}); a layer not
+    measured in both precisions stays int8."""
+    slow = []
+    for name in names:
+        t = latencies.get(name)
+        if t is not None and t.int8_us is not None and t.fallback_us is not None and \
+                t.int8_us * (1.0 + margin) > t.fallback_us:
+            slow.append(name)
+    return slow
 
 
 def _finite(x: float) -> float | str:
@@ -132,9 +178,12 @@ def output_sqnr_db(references, outputs) -> float:
 def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapping],
            base: LayerSettings, metric: Metric, budget: float, fallback: str = "fp32",
            fixed: Mapping[str, LayerSettings] | None = None,
-           bias_correction: bool = True, weight_rounding: str = "gptq") -> SearchResult:
+           bias_correction: bool = True, weight_rounding: str = "gptq",
+           latencies: Mapping | None = None, latency_where: str | None = None,
+           latency_seconds: float = 0.0) -> SearchResult:
     """Choose each layer's precision. `fixed` layers (set by the user's rules) keep their
-    settings and are not searched."""
+    settings and are not searched. `latencies` ({layer: layer_latency.LayerLatency}, timed
+    on `latency_where`): layers whose int8 kernel is not faster stay in `fallback`."""
     start = time.perf_counter()
     fixed = dict(fixed or {})
     log.info("precision search: observing %d calibration sample(s) in onnxruntime",
@@ -143,14 +192,23 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
                     weight_rounding=weight_rounding)
     searched = [l for l in sim.layers if l.name not in fixed]
     macs = {l.name: l.macs for l in sim.layers}
+    latencies = dict(latencies or {})
+    slow = set(not_faster_in_int8(latencies, [l.name for l in searched]))
+    if latencies:
+        log.info("precision search: %d of %d layer(s) are not faster in int8 than in %s on %s: "
+                 "they stay in %s", len(slow), len(searched), fallback, latency_where,
+                 fallback)
     evaluations = 0
     ref_cal = sim.reference(calibration)
     ref_val = sim.reference(validation)
 
     def plan_with(fallen: set[str], only: str | None = None) -> dict[str, LayerSettings]:
+        """`fallen` (and the layers slower in int8) in the fallback precision, the other
+        searched layers in int8; or only the layer `only` in int8."""
         plan = dict(fixed)
         for layer in searched:
-            int8 = layer.name == only if only is not None else layer.name not in fallen
+            int8 = layer.name == only if only is not None else \
+                layer.name not in fallen and layer.name not in slow
             plan[layer.name] = base if int8 else replace(base, precision=fallback)
         return plan
 
@@ -164,25 +222,34 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         evaluations += 1
         return output_sqnr_db(ref_cal, sim.run(plan, calibration))
 
-    all_int8 = score(plan_with(set()))
-    all_int8_sqnr = sqnr(plan_with(set()))
+    every_int8 = {layer.name: base for layer in searched}
+    all_int8 = score({**fixed, **every_int8})
+    all_int8_sqnr = sqnr({**fixed, **every_int8})
     log.info("precision search: all %d searched layers in int8: %s %.4f (budget %s), output "
              "SQNR %.1f dB", len(searched), metric.name, all_int8, metric.describe(budget),
              all_int8_sqnr)
+    start_value = all_int8 if not slow else score(plan_with(set()))
+    if slow:
+        log.info("precision search: with the %d layer(s) slower in int8 in %s: %s %.4f",
+                 len(slow), fallback, metric.name, start_value)
     sensitivities = []
     for i, layer in enumerate(searched, start=1):
         alone = sqnr(plan_with(set(), only=layer.name))
         fallback_db = sqnr(plan_with({layer.name}))
-        sensitivities.append(LayerSensitivity(layer.name, layer.op, layer.macs, alone,
-                                              fallback_db))
+        timed = latencies.get(layer.name)
+        sensitivities.append(LayerSensitivity(
+            layer.name, layer.op, layer.macs, alone, fallback_db,
+            timed.int8_us if timed is not None else None,
+            timed.fallback_us if timed is not None else None))
         if i % 10 == 0 or i == len(searched):
             log.info("precision search: sensitivity of %d/%d layers (%.0f s)", i,
                      len(searched), time.perf_counter() - start)
-    ranking = [s.name for s in sorted(sensitivities, key=lambda s: s.alone_sqnr_db)]
+    ranking = [s.name for s in sorted(sensitivities, key=lambda s: s.alone_sqnr_db)
+               if s.name not in slow]
 
     kept: list[str] = []
-    estimate = all_int8
-    if not metric.meets(all_int8, budget):
+    estimate = start_value
+    if not metric.meets(start_value, budget) and ranking:
         results: dict[int, float] = {}
 
         def prefix_meets(k: int) -> bool:
@@ -222,7 +289,8 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         sensitivities=sensitivities, int8_mac_fraction=int8_fraction(plan, macs),
         evaluations=evaluations, seconds=time.perf_counter() - start,
         calibration_samples=len(calibration), validation_samples=len(validation),
-        fallback=fallback)
+        fallback=fallback, slower_in_int8=[s.name for s in sensitivities if s.name in slow],
+        latency_where=latency_where if latencies else None, latency_seconds=latency_seconds)
     log.info("%s", result.summary())
     return result
 

@@ -1,0 +1,272 @@
+"""Each layer's kernel time in int8 and in the fallback precision, on the target: what
+`--quantize auto` uses to keep a layer out of int8 where int8 is not faster.
+
+A weighted layer (Conv/Gemm/MatMul with a constant weight), with the Relu/Clip that follows it
+(which fuses into its kernel), is cut out of the ONNX model as a one-layer model. That model is
+compiled twice, in int8 (quantized with random calibration data: the scales do not change the
+code) and in the fallback precision, as compile would (the same legalization, layouts, packing
+and fusion). The kernel that holds the layer's conv/matmul gets the schedule compile gives a
+kernel without a tuning record (schedules/: our default schedules) and is timed like a tuning
+candidate: on this machine for the host target, or on the device through the RPC tracker.
+Quantize/dequantize kernels at the one-layer model's edges are not counted: inside an int8
+model, int8 layers pass integers to each other.
+
+Layers with the same shapes and attributes are measured once. Measuring EfficientNet-Lite0's
+50 layers takes a few minutes on 2 cores, mostly compiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DeviceError
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """One layer's kernel time (microseconds) in int8 and in `fallback`; None: not measured
+    (the kernel did not build or run; the reason is in `error`)."""
+
+    int8_us: float | None
+    fallback_us: float | None
+    fallback: str
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"int8_us": self.int8_us, f"{self.fallback}_us": self.fallback_us,
+                **({"error": self.error} if self.error else {})}
+
+
+def one_layer_model(model, node_index: int):
+    """The ONNX node `node_index` of `model` (a Conv/Gemm/MatMul with constant weights), and the
+    Relu or Clip that alone consumes its output, as a model of its own: (model, signature).
+    Equal signatures compile to the same kernels."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    node = graph.node[node_index]
+    shapes = _shapes(model)
+    nodes = [node]
+    readers = [n for n in graph.node if node.output[0] in n.input]
+    outputs = {o.name for o in graph.output}
+    if len(readers) == 1 and node.output[0] not in outputs and \
+            readers[0].op_type in ("Relu", "Clip") and \
+            all(not name or name in inits for name in readers[0].input[1:]):
+        nodes.append(readers[0])
+    x = node.input[0]
+    out = nodes[-1].output[0]
+    if x not in shapes or out not in shapes:
+        raise ValueError(f"layer {node.name or node.op_type}: shapes unknown")
+    used = [inits[name] for n in nodes for name in n.input[1:] if name in inits]
+    one = helper.make_model(
+        helper.make_graph(
+            [_copy(n) for n in nodes], "layer",
+            [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, shapes[x])],
+            [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, shapes[out])],
+            initializer=used),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    # the code depends on the ops, attributes and shapes, and on a Clip's bounds (constants
+    # in the kernel), not on the weights' values
+    bounds = [onnx.numpy_helper.to_array(inits[name]).tobytes()
+              for name in nodes[-1].input[1:] if len(nodes) > 1 and name]
+    signature = (tuple(_anonymous(n).SerializeToString(deterministic=True) for n in nodes),
+                 shapes[x], tuple(tuple(i.dims) for i in used), tuple(bounds))
+    return one, signature
+
+
+def _copy(node):
+    from onnx import NodeProto
+
+    copied = NodeProto()
+    copied.CopyFrom(node)
+    return copied
+
+
+def _anonymous(node):
+    """The node without its name and tensor names (for signatures)."""
+    copied = _copy(node)
+    copied.name = ""
+    del copied.input[:]
+    del copied.output[:]
+    return copied
+
+
+def _shapes(model) -> dict[str, tuple[int, ...]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in list(inferred.graph.input) + list(inferred.graph.value_info) + \
+            list(inferred.graph.output):
+        dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            shapes[info.name] = tuple(dims)
+    return shapes
+
+
+def _anchor_kernel(mod, target: Target, packed_layout: bool):
+    """The fused kernel of `mod` that holds its conv/matmul (the most work), as an IRModule."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    from .tune import MODULE_EQUALITY, fused_module
+
+    fused = fused_module(mod, target, packed_layout=packed_layout)
+    tasks = ms.relax_integration.extract_tasks(fused, target.to_tvm(),
+                                               module_equality=MODULE_EQUALITY)
+    best = max(tasks, key=lambda t: estimate_tir_flops(t.dispatched[0]))
+    kernel = best.dispatched[0]
+    return kernel if isinstance(kernel, tvm.IRModule) else tvm.IRModule({"main": kernel})
+
+
+def _kernels(onnx_path: Path, target: Target, fallback: str, activations: str,
+             packed_layout: bool):
+    """(int8 kernel, fallback kernel) of a one-layer ONNX model."""
+    from .frontend import import_onnx
+    from .quantize import QuantConfig, quantize, to_fp16
+
+    model = import_onnx(onnx_path)
+    rng = np.random.default_rng(0)
+    feeds = [{s.name: rng.standard_normal(s.shape).astype(np.float32) for s in model.inputs}
+             for _ in range(CALIBRATION_SAMPLES)]
+    config = QuantConfig(activations=activations, float_stem=False, bias_correction=False,
+                         weight_rounding="nearest")
+    int8 = quantize(model, feeds, config, target)
+    lower = to_fp16(model) if fallback == "fp16" else model
+    return (_anchor_kernel(int8.mod, target, packed_layout),
+            _anchor_kernel(lower.mod, target, packed_layout))
+
+
+def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32",
+            activations: str = "uint8",
+            rpc: tuple[tuple[str, int], str] | None = None) -> dict[str, LayerLatency]:
+    """{layer name: LayerLatency} for `layers` (simulate.SimLayer) of `onnx_model` (the
+    simplified model with static shapes), measured on the target: here for the host target,
+    else through `rpc` ((tracker host, port), key). Raises DeviceError when the target cannot
+    be measured (a cross target without a tracker)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .measure import Devices, builder
+    from .schedules import intrinsics
+    from .tune import default_schedule
+    from .tuning_log import mean_seconds
+
+    devices = Devices(target, rpc)
+    intrinsics.register()  # the default int8 schedules tensorize with ours
+    tvm_target = target.to_tvm()
+    # in an int8 model on a dot-product target every conv is NHWC, the float ones too
+    packed_layout = intrinsics.dot_product_for(tvm_target) is not None
+    start = time.perf_counter()
+    groups: dict = {}  # signature -> [layer names]
+    models = {}
+    for layer in layers:
+        try:
+            one, signature = one_layer_model(onnx_model, layer.node_index)
+        except ValueError as exc:
+            log.info("layer latency: %s not measured (%s)", layer.name, exc)
+            continue
+        groups.setdefault(signature, []).append(layer.name)
+        models.setdefault(signature, one)
+    log.info("layer latency: %d layer(s), %d distinct, in int8 and %s, measured on %s%s",
+             len(layers), len(groups), fallback, devices.where,
+             " (EMULATED: these times are not the phone's)" if devices.emulated else "")
+    work = Path(tempfile.mkdtemp(prefix="qcompile-layers-"))
+    schedules, errors = [], {}
+    try:
+        for i, (signature, one) in enumerate(models.items(), start=1):
+            path = work / f"layer{i}.onnx"
+            path.write_bytes(one.SerializeToString())
+            try:
+                with _quiet("qcompile.quantize", "qcompile.frontend"):
+                    kernels = _kernels(path, target, fallback, activations, packed_layout)
+                for kernel in kernels:
+                    sch = default_schedule(kernel, tvm_target)
+                    schedules.append((signature, sch.mod if sch is not None else kernel))
+            except Exception as exc:  # noqa: BLE001 - one layer's failure is data
+                errors[signature] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if i % 5 == 0 or i == len(models):
+                log.info("layer latency: compiled %d/%d layer(s) (%.0f s)", i, len(models),
+                         time.perf_counter() - start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    build = builder(target.cc)
+    runner = devices.runner()
+    built = build.build([ms.builder.BuilderInput(mod, tvm_target) for _, mod in schedules])
+    seconds: dict = {}  # signature -> [int8 seconds, fallback seconds]
+    for (signature, mod), result in zip(schedules, built):
+        time_s = None
+        if result.error_msg:
+            errors.setdefault(signature, "did not build: " + _last_line(result.error_msg))
+        else:
+            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            ran = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu",
+                                                    args)])[0].result()
+            shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
+            if ran.error_msg:
+                errors.setdefault(signature, "did not run: " + _last_line(ran.error_msg))
+            else:
+                time_s = mean_seconds(ran.run_secs)
+        seconds.setdefault(signature, []).append(time_s)
+    latencies = {}
+    for signature, names in groups.items():
+        int8_s, fallback_s = seconds.get(signature, [None, None])
+        value = LayerLatency(_us(int8_s), _us(fallback_s), fallback, errors.get(signature))
+        for name in names:
+            latencies[name] = value
+    measured = sum(1 for v in latencies.values() if v.int8_us and v.fallback_us)
+    log.info("layer latency: %d of %d layer(s) measured in both precisions in %.0f s",
+             measured, len(layers), time.perf_counter() - start)
+    return latencies
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The one-layer models' import and quantization logs are not the user's model's."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "?"
+
+
+def _us(seconds: float | None) -> float | None:
+    return round(seconds * 1e6, 2) if seconds is not None else None
+
+
+def can_measure(target: Target, rpc) -> str | None:
+    """None when `target` can be measured (here, or through `rpc`), else why not."""
+    if rpc is not None:
+        return None
+    if target.cc is not None or target.is_gpu:
+        return (f"target '{target.name}' cannot run on this machine; give --rpc-tracker and "
+                "--rpc-key of a device to measure it")
+    return None
+
+
+__all__ = ["LayerLatency", "measure", "one_layer_model", "can_measure", "DeviceError"]
