@@ -28,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DeviceError
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -51,17 +50,19 @@ class LayerLatency:
                 **({"error": self.error} if self.error else {})}
 
 
-def one_layer_model(model, node_index: int):
+def one_layer_model(model, node_index: int, shapes: dict | None = None):
     """The ONNX node `node_index` of `model` (a Conv/Gemm/MatMul with constant weights), and the
     Relu or Clip that alone consumes its output, as a model of its own: (model, signature).
-    Equal signatures compile to the same kernels."""
+    Equal signatures compile to the same kernels. `shapes`: simulate.value_shapes(model)."""
     import onnx
     from onnx import helper
+
+    from .quantize.simulate import value_shapes
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     node = graph.node[node_index]
-    shapes = _shapes(model)
+    shapes = shapes if shapes is not None else value_shapes(model)
     nodes = [node]
     readers = [n for n in graph.node if node.output[0] in n.input]
     outputs = {o.name for o in graph.output}
@@ -105,19 +106,6 @@ def _anonymous(node):
     del copied.input[:]
     del copied.output[:]
     return copied
-
-
-def _shapes(model) -> dict[str, tuple[int, ...]]:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in list(inferred.graph.input) + list(inferred.graph.value_info) + \
-            list(inferred.graph.output):
-        dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
-        if dims and all(d > 0 for d in dims):
-            shapes[info.name] = tuple(dims)
-    return shapes
 
 
 def _anchor_kernel(mod, target: Target, packed_layout: bool):
@@ -164,6 +152,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     from tvm.s_tir import meta_schedule as ms
 
     from .measure import Devices, builder
+    from .quantize.simulate import value_shapes
     from .schedules import intrinsics
     from .tune import default_schedule
     from .tuning_log import mean_seconds
@@ -176,9 +165,10 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     start = time.perf_counter()
     groups: dict = {}  # signature -> [layer names]
     models = {}
+    shapes = value_shapes(onnx_model)
     for layer in layers:
         try:
-            one, signature = one_layer_model(onnx_model, layer.node_index)
+            one, signature = one_layer_model(onnx_model, layer.node_index, shapes)
         except ValueError as exc:
             log.info("layer latency: %s not measured (%s)", layer.name, exc)
             continue
@@ -269,4 +259,4 @@ def can_measure(target: Target, rpc) -> str | None:
     return None
 
 
-__all__ = ["LayerLatency", "measure", "one_layer_model", "can_measure", "DeviceError"]
+__all__ = ["LayerLatency", "measure", "one_layer_model", "can_measure"]

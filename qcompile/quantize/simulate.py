@@ -60,7 +60,7 @@ def weighted_layers(model) -> list[SimLayer]:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    shapes = _value_shapes(model)
+    shapes = value_shapes(model)
     layers = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
@@ -377,12 +377,15 @@ def _topological(nodes, available: set[str]):
     return ordered
 
 
-def _value_shapes(model) -> dict[str, tuple[int, ...]]:
+def value_shapes(model) -> dict[str, tuple[int, ...]]:
+    """{tensor name: static shape} of the model's inputs, intermediate values and outputs
+    (ONNX shape inference)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for info in list(inferred.graph.input) + list(inferred.graph.value_info) + \
+            list(inferred.graph.output):
         dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
         if dims and all(d > 0 for d in dims):
             shapes[info.name] = tuple(dims)
