@@ -142,8 +142,9 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
           config: QuantConfig, budget: float, metric, fallback: str,
           tuning_log, latency: bool, rpc) -> Artifact:
     """--quantize auto: time each layer in int8 and in the fallback precision (`latency`, on
-    the device at `rpc` or here), search the precision mix in simulation, build it, check the budget with the
-    compiled model (host targets), keep more layers in higher precision if needed."""
+    the device at `rpc` or here), search the precision mix in simulation, build it, check the
+    budget with the compiled model (host targets), keep more layers in higher precision if
+    needed."""
     import dataclasses
     import json
 
