@@ -117,12 +117,16 @@ def _add_compile(sub) -> None:
     a.add_argument("--no-latency", dest="latency", action="store_false",
                    help="do not time the layers: choose the mix for accuracy only (timing "
                         "takes about 2 s per distinct layer shape)")
-    a.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="time the layers on a device registered at this RPC tracker (targets "
-                        "other than host cannot be timed here)")
-    a.add_argument("--rpc-key", metavar="KEY",
-                   help="device key at the tracker (default: the target's rpc_key)")
+    _device_args(a, "time the layers on a device registered at this RPC tracker (targets "
+                    "other than host cannot be timed here)")
     p.set_defaults(func=_cmd_compile)
+
+
+def _device_args(p, tracker_help: str) -> None:
+    """--rpc-tracker and --rpc-key: the device a command uses (compile, tune, run)."""
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help=tracker_help)
+    p.add_argument("--rpc-key", metavar="KEY",
+                   help="device key at the tracker (default: the target's rpc_key)")
 
 
 def _quantize_args(p, auto: bool) -> None:
@@ -223,11 +227,8 @@ def _add_tune(sub) -> None:
                    help="another tuning log for the target (e.g. the shipped tuning_logs/"
                         "TARGET): its records that apply to this model's kernels are copied "
                         "into --log first, and those kernels are not searched again")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="TVM RPC tracker through which to reach the devices that measure "
-                        "(every free device under the key measures in parallel)")
-    p.add_argument("--rpc-key", metavar="KEY",
-                   help="device key at the tracker (default: the target's rpc_key)")
+    _device_args(p, "TVM RPC tracker through which to reach the devices that measure (every "
+                    "free device under the key measures in parallel)")
     _shape_arg(p)
     _cc_arg(p)
     _quantize_args(p, auto=False)
@@ -269,10 +270,7 @@ def _add_run(sub) -> None:
                    help="inputs as an .npz with one array per model input, by name "
                         "(default: random data of the right shapes)")
     p.add_argument("--output", metavar="Y.npz", help="save the outputs to this .npz")
-    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
-                   help="TVM RPC tracker through which to reach the device")
-    p.add_argument("--rpc-key", metavar="KEY",
-                   help="device key at the tracker (default: the target's rpc_key)")
+    _device_args(p, "TVM RPC tracker through which to reach the device")
     p.add_argument("--repeat", type=int, default=20,
                    help="timing repeats for the latency statistics (default: 20)")
     p.add_argument("--timeout", type=float, default=60.0,

@@ -45,10 +45,6 @@ class LayerLatency:
     fallback: str
     error: str | None = None
 
-    def to_json(self) -> dict:
-        return {"int8_us": self.int8_us, f"{self.fallback}_us": self.fallback_us,
-                **({"error": self.error} if self.error else {})}
-
 
 def one_layer_model(model, node_index: int, shapes: dict | None = None):
     """The ONNX node `node_index` of `model` (a Conv/Gemm/MatMul with constant weights), and the
@@ -147,15 +143,13 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
             rpc: tuple[tuple[str, int], str] | None = None) -> dict[str, LayerLatency]:
     """{layer name: LayerLatency} for `layers` (simulate.SimLayer) of `onnx_model` (the
     simplified model with static shapes), measured on the target: here for the host target,
-    else through `rpc` ((tracker host, port), key). Raises DeviceError when the target cannot
-    be measured (a cross target without a tracker)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from .measure import Devices, builder
+    else through `rpc` ((tracker host, port), key). Raises DeviceError before any work when
+    the target cannot be measured (a cross target without a tracker, no device at the
+    tracker)."""
+    from .measure import Devices, builder, time_kernels
     from .quantize.simulate import value_shapes
     from .schedules import intrinsics
     from .tune import default_schedule
-    from .tuning_log import mean_seconds
 
     devices = Devices(target, rpc)
     intrinsics.register()  # the default int8 schedules tensorize with ours
@@ -196,30 +190,24 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
                          time.perf_counter() - start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    build = builder(target.cc)
-    runner = devices.runner()
-    built = build.build([ms.builder.BuilderInput(mod, tvm_target) for _, mod in schedules])
+    times = time_kernels([mod for _, mod in schedules], tvm_target, builder(target.cc),
+                         devices.runner())
     seconds: dict = {}  # signature -> [int8 seconds, fallback seconds]
-    for (signature, mod), result in zip(schedules, built):
-        time_s = None
-        if result.error_msg:
-            errors.setdefault(signature, "did not build: " + _last_line(result.error_msg))
-        else:
-            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-            ran = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu",
-                                                    args)])[0].result()
-            shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
-            if ran.error_msg:
-                errors.setdefault(signature, "did not run: " + _last_line(ran.error_msg))
-            else:
-                time_s = mean_seconds(ran.run_secs)
-        seconds.setdefault(signature, []).append(time_s)
+    for (signature, _), timed in zip(schedules, times):
+        if timed.build_error:
+            errors.setdefault(signature, "did not build: " + timed.build_error)
+        elif timed.run_error:
+            errors.setdefault(signature, "did not run: " + timed.run_error)
+        seconds.setdefault(signature, []).append(timed.seconds)
     latencies = {}
     for signature, names in groups.items():
         int8_s, fallback_s = seconds.get(signature, [None, None])
         value = LayerLatency(_us(int8_s), _us(fallback_s), fallback, errors.get(signature))
         for name in names:
             latencies[name] = value
+    for signature, error in errors.items():
+        log.warning("layer latency: %s not timed, it stays int8 unless accuracy says "
+                    "otherwise: %s", ", ".join(groups[signature]), error)
     measured = sum(1 for v in latencies.values() if v.int8_us and v.fallback_us)
     log.info("layer latency: %d of %d layer(s) measured in both precisions in %.0f s",
              measured, len(layers), time.perf_counter() - start)
@@ -240,23 +228,8 @@ def _quiet(*names: str):
             logger.setLevel(level)
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "?"
-
-
 def _us(seconds: float | None) -> float | None:
     return round(seconds * 1e6, 2) if seconds is not None else None
 
 
-def can_measure(target: Target, rpc) -> str | None:
-    """None when `target` can be measured (here, or through `rpc`), else why not."""
-    if rpc is not None:
-        return None
-    if target.cc is not None or target.is_gpu:
-        return (f"target '{target.name}' cannot run on this machine; give --rpc-tracker and "
-                "--rpc-key of a device to measure it")
-    return None
-
-
-__all__ = ["LayerLatency", "measure", "one_layer_model", "can_measure"]
+__all__ = ["LayerLatency", "measure", "one_layer_model"]

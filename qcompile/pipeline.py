@@ -240,17 +240,21 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
 def _layer_latencies(float_model, target: Target, fallback: str, activations: str,
                      fixed, rpc) -> tuple[dict, str | None]:
     """({layer: LayerLatency}, where they were timed) for the layers the search chooses, or
-    ({}, None) when the target cannot be timed from here."""
+    ({}, None) when no tracker is given and the target cannot run here (a tracker that
+    fails is an error: the user asked for it)."""
     from . import layer_latency
+    from .errors import DeviceError
     from .quantize.simulate import weighted_layers
 
-    why_not = layer_latency.can_measure(target, rpc)
-    if why_not is not None:
-        log.warning("layers not timed, the precision mix is chosen for accuracy only: %s",
-                    why_not)
-        return {}, None
     layers = [l for l in weighted_layers(float_model.onnx) if l.name not in fixed]
-    timed = layer_latency.measure(float_model.onnx, layers, target, fallback, activations, rpc)
+    try:
+        timed = layer_latency.measure(float_model.onnx, layers, target, fallback, activations,
+                                      rpc)
+    except DeviceError as exc:
+        if rpc is not None:
+            raise
+        log.warning("layers not timed, the precision mix is chosen for accuracy only: %s", exc)
+        return {}, None
     where = f"{target.name}, " + ("this machine" if rpc is None else
                                   f"device '{rpc[1]}' at {rpc[0][0]}:{rpc[0][1]}")
     return timed, where

@@ -28,7 +28,7 @@ from typing import TextIO
 
 from .errors import DeviceError, InputError, TuneInterrupted
 from .frontend import FloatModel
-from .measure import Devices, builder, progress_callback
+from .measure import Devices, builder, progress_callback, time_kernels
 from .targets import Target
 from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, TaskSummary, TuningLog,
                          identity, incompatibility, mean_seconds, open_database, pruned_trials,
@@ -159,8 +159,6 @@ def _measure_default(context, database, build, runner, log_dir: Path) -> float |
     """Measure our default schedule of the kernel like a searched candidate and add it to
     the database: the search then keeps it unless it finds a faster one (a short search
     often does not). Its mean time in seconds, or None (no such schedule, or it failed)."""
-    import shutil
-
     from tvm.s_tir import meta_schedule as ms
 
     try:
@@ -172,26 +170,20 @@ def _measure_default(context, database, build, runner, log_dir: Path) -> float |
     if sch is None:
         _note_default(database, context.mod, log_dir, None)
         return None
-    args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-    built = build.build([ms.builder.BuilderInput(sch.mod, context.target)])[0]
-    if built.error_msg:
+    timed = time_kernels([sch.mod], context.target, build, runner)[0]
+    if timed.build_error:
         log.info("%s: qcompile's default schedule did not build: %s", context.task_name,
-                 built.error_msg.strip().splitlines()[-1])
+                 timed.build_error)
         _note_default(database, context.mod, log_dir, None)
         return None
-    try:
-        result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
-                                                   args)])[0].result()  # CPU targets only
-    finally:
-        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
-    seconds = mean_seconds(result.run_secs) if not result.error_msg else None
+    seconds = timed.seconds
     if seconds is None:
         log.info("%s: qcompile's default schedule did not run: %s", context.task_name,
-                 (result.error_msg or "no time").strip().splitlines()[-1])
+                 timed.run_error or "no time")
         return None  # measured again by the next run (the device may have failed)
     database.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, database.commit_workload(context.mod),
-        [float(t) for t in result.run_secs], context.target, args))
+        sch.trace, database.commit_workload(context.mod), timed.run_secs, context.target,
+        timed.args))
     _note_default(database, context.mod, log_dir, seconds)
     log.info("%s: qcompile's default schedule: %.1f us", context.task_name, seconds * 1e6)
     return seconds

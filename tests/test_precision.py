@@ -272,6 +272,8 @@ def test_cli_auto_with_a_python_metric_and_fp16_fallback(save_model, tmp_path, c
      "json has no function 'no_such'"),
     (["--quantize", "int8", "--precision-rules", "no_such_rules.toml"],
      "Precision rules file no_such_rules.toml does not exist"),
+    (["--quantize", "int8", "--rpc-tracker", "127.0.0.1:9190"],
+     "compile uses --rpc-tracker only with --quantize auto"),
 ])
 def test_auto_option_errors(save_model, tmp_path, capsys, args, message):
     model = outlier_chain()
