@@ -49,9 +49,12 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
 
     tvm_target = target.to_tvm()
     if target.is_gpu:
+        _, scheduled = gpu_kernels(mod, target)
+        backend = _gpu_backend(tvm_target)
         with tvm_target:
-            mod = relax.transform.FoldConstant()(mod)
-            return relax.get_default_pipeline(tvm_target)(mod)
+            seq = tvm.transform.Sequential(backend.dataflow_lower_passes(tvm_target)
+                                           + backend.finalize_passes(tvm_target))
+            return seq(scheduled)
     from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
 
     mod = fused_module(mod, target)
@@ -65,6 +68,31 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
         seq = tvm.transform.Sequential(dataflow_lower_passes(tvm_target)
                                        + finalize_passes(tvm_target))
         return seq(mod)
+
+
+def gpu_kernels(mod, target: Target):
+    """An OpenCL target's Relax module with its kernels fused, before and after their default
+    schedules (schedules/gpu_default.py): (fused, scheduled). TVM's pipeline for the target
+    (generic GPU, or Adreno's) up to fusion, then qcompile's choice of dlight rules."""
+    import tvm
+    from tvm import relax
+
+    from .schedules import gpu_default
+
+    tvm_target = target.to_tvm()
+    backend = _gpu_backend(tvm_target)
+    with tvm_target:
+        passes = [relax.transform.FoldConstant()] + \
+            backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
+        fused = tvm.transform.Sequential(
+            [p for p in passes if p.info.name != "ApplyDefaultSchedule"])(mod)
+        return fused, gpu_default.apply(fused, tvm_target)
+
+
+def _gpu_backend(tvm_target):
+    from tvm.relax.backend import adreno, gpu_generic
+
+    return adreno if "adreno" in tvm_target.keys else gpu_generic
 
 
 def apply_tuning_log(mod, tuning_log: TuningLog):
@@ -99,12 +127,14 @@ class KernelCounts:
     tuned: int             # a schedule from the tuning log
     int8_default: int      # our default schedule for a packed int8 kernel (schedules/)
     float_default: int     # our default schedule for the other kernels (schedules/)
+    gpu_default: int = 0   # dlight's schedule, as schedules/gpu_default.py chooses it
 
 
 def kernel_counts(mod) -> KernelCounts:
     """How the kernels of an optimized module got their schedules."""
     import tvm
 
+    from .schedules.gpu_default import SCHEDULE as DLIGHT
     from .schedules.int8_default import SCHEDULE_ATTR
 
     kernels = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -115,7 +145,9 @@ def kernel_counts(mod) -> KernelCounts:
                         int8_default=sum(1 for a in attrs
                                          if a.get(SCHEDULE_ATTR) == "packed-int8"),
                         float_default=sum(1 for a in attrs if SCHEDULE_ATTR in a
-                                          and a.get(SCHEDULE_ATTR) != "packed-int8"))
+                                          and a.get(SCHEDULE_ATTR) not in ("packed-int8",
+                                                                           DLIGHT)),
+                        gpu_default=sum(1 for a in attrs if a.get(SCHEDULE_ATTR) == DLIGHT))
 
 
 def link(executable, path: Path, target: Target) -> None:
@@ -158,6 +190,9 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
     if counts.float_default:
         log.info("%d other kernel(s) with qcompile's default (untuned) schedules",
                  counts.float_default)
+    if counts.gpu_default:
+        log.info("%d GPU kernel(s) with dlight's default schedules (not tuned: tuning GPU "
+                 "targets is not supported yet)", counts.gpu_default)
     if tuning_log is not None:
         log.info("tuning log %s: tuned schedules for %d of %d kernels%s", tuning_log.directory,
                  counts.tuned, counts.total, "" if counts.tuned else " (its records are for other kernels or "
@@ -177,6 +212,7 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
             kernels={"total": counts.total, "tuned": counts.tuned,
                      "int8_default_schedules": counts.int8_default,
                      "float_default_schedules": counts.float_default,
+                     "gpu_default_schedules": counts.gpu_default,
                      "tuning_log": str(tuning_log.directory) if tuning_log else None})
         Artifact(staging, manifest).save()
         out_dir.mkdir(exist_ok=True)

@@ -1,0 +1,86 @@
+"""Default schedules for OpenCL GPU targets (Mali, Adreno): TVM's dlight rules, minus the one
+that computes wrong results.
+
+TVM's default GPU pipelines schedule each fused kernel with the first dlight rule that applies:
+`gpu.Matmul, gpu.GEMV, gpu.Reduction, gpu.GeneralReduction, gpu.Fallback` (generic OpenCL), or
+the Adreno texture rules then `gpu.Reduction, gpu.GeneralReduction, gpu.Fallback` (Adreno).
+
+`gpu.Reduction` is left out here. Run on an OpenCL device (pocl on the CPU, in the tests), its
+schedule of a grouped 1x1 conv (TVM 0.27.0.post1: `group_conv2d_nchw` with 4 input channels per
+group, plus the fused requantize epilogue) returns wrong values in most outputs, in fp32 and
+int8 alike (max error 85-96% of the largest output): its cross-thread partial sums live in
+`local` memory and are read back across threads, and the write-back recovers the output index
+from a different fusion of the spatial loops. `gpu.GeneralReduction` schedules the same kernels
+correctly. `tests/test_gpu_kernels.py` runs every kernel of the test models on pocl against the
+same kernel compiled for the CPU, so a rule that breaks is caught.
+
+Adreno keeps TVM's choice of no `gpu.Matmul` and `gpu.GEMV`. Measured on pocl: with
+Adreno's configuration, `gpu.Matmul` schedules 21 of EfficientNet-Lite0's 50 int8 kernels into
+wrong results (whole int8 ranges off) and one into OpenCL that does not compile. It vectorizes
+the int8 weight reads as 8-lane gathers, and TVM's OpenCL code generator assembles a gathered
+`char8` by shifting its 8 bytes into one 32-bit int, losing half of them. With Mali's (generic)
+configuration the same kernels are correct. So int8 convs and matmuls on Adreno get
+`gpu.GeneralReduction` or `gpu.Fallback` (correct, not fast).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+SCHEDULE = "dlight"  # the manifest's name for these schedules
+
+
+def rules(tvm_target) -> list:
+    """The dlight rules for `tvm_target`, in the order they are tried."""
+    from tvm.s_tir import dlight as dl
+
+    if "adreno" in tvm_target.keys:
+        return [dl.adreno.Conv2d(), dl.adreno.LayoutTransform(), dl.adreno.Pool2D(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def apply(mod, tvm_target):
+    """`mod` with each unscheduled kernel scheduled by the first rule that applies; `mod`
+    itself is left as it was. A rule that fails on a kernel counts as not applying (TVM 0.27's
+    `gpu.Matmul` asserts on some fused int8 convs of EfficientNet-Lite0: "There are some
+    consumers of the cache-write stage that are not properly inlined"); a kernel that no rule
+    schedules is an error naming it."""
+    import tvm
+
+    from .int8_default import SCHEDULE_ATTR
+
+    chosen = rules(tvm_target)
+    scheduled = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs,
+                             global_infos=mod.global_infos)
+    for gvar, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or \
+                (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        scheduled[gvar] = _schedule(gvar.name_hint, func, chosen, tvm_target) \
+            .with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, SCHEDULE)
+    return scheduled
+
+
+def _schedule(name: str, func, chosen: list, tvm_target):
+    failures = []
+    for rule in chosen:
+        try:
+            space = rule.apply(func, tvm_target, False)
+        except Exception as exc:  # noqa: BLE001 - one rule's bug is not the build's
+            failures.append(f"{type(rule).__name__}: {_last_line(exc)}")
+            log.debug("kernel %s: dlight rule %s failed (%s); trying the next rule", name,
+                      type(rule).__name__, failures[-1])
+            continue
+        if space is None:
+            continue
+        return (space[0] if isinstance(space, list) else space).mod["main"]
+    raise RuntimeError(f"No GPU schedule for kernel {name}: no dlight rule applies"
+                       + (f" ({'; '.join(failures)})" if failures else ""))
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__

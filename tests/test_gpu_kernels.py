@@ -1,0 +1,71 @@
+"""GPU (OpenCL) builds compute what the CPU computes: every kernel of a Mali or Adreno build
+of the test models, in int8, fp16 and fp32, runs on pocl (an OpenCL implementation for CPUs,
+tests/opencl.py) and matches the same kernel compiled for the CPU. This found a dlight rule
+that computes wrong results, and one that does on Adreno (schedules/gpu_default.py): the
+grouped conv of depthwise_grouped and the convs of packed_convnet are where they showed."""
+
+import pytest
+import tvm
+
+import qcompile
+from models import (depthwise_grouped, gemm_matmul, packed_convnet, random_inputs,
+                    residual_pool_concat)
+from opencl import check_kernel
+from qcompile.build import gpu_kernels
+from qcompile.frontend import import_onnx
+from qcompile.quantize import QuantConfig, quantize, to_fp16
+from qcompile.targets import load_target
+
+INT_TOLERANCE = 1        # an int8 result of float requantization may round one step apart
+FLOAT_TOLERANCE = 1e-5   # relative to the largest output value
+FP16_TOLERANCE = 4e-3    # fp16 kernels run widened to float on pocl: a few fp16 steps apart
+
+
+def _model(path, model, precision, target):
+    float_model = import_onnx(path)
+    if precision == "int8":
+        calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+        return quantize(float_model, calibration, QuantConfig(), target)
+    if precision == "fp16":
+        return to_fp16(float_model)
+    return float_model
+
+
+@pytest.mark.parametrize("target_name, model, precision", [
+    ("mali", depthwise_grouped, "int8"), ("mali", gemm_matmul, "int8"),
+    ("mali", residual_pool_concat, "int8"), ("mali", depthwise_grouped, "fp16"),
+    ("mali", depthwise_grouped, "fp32"),
+    ("mali", packed_convnet, "int8"),
+    ("adreno", depthwise_grouped, "int8"), ("adreno", packed_convnet, "int8"),
+    ("adreno", gemm_matmul, "fp16")])
+def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precision):
+    """Each fused kernel: its dlight-scheduled OpenCL on pocl against the unscheduled kernel
+    compiled for this CPU, from the same random buffers."""
+    onnx_model = model()
+    target = load_target(target_name)
+    graph = _model(save_model(onnx_model), onnx_model, precision, target)
+    fused, scheduled = gpu_kernels(graph.mod, target)
+    device = target.to_tvm().attrs["device"]
+    checks = []
+    for gvar, func in scheduled.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        checks.append(check_kernel(gvar.name_hint, fused[gvar.name_hint], func, device))
+    assert checks
+    tolerance = FP16_TOLERANCE if precision == "fp16" else FLOAT_TOLERANCE
+    wrong = [c for c in checks if (c.integer_error or 0) > INT_TOLERANCE
+             or (c.float_error or 0.0) > tolerance]
+    assert not wrong, f"kernels whose OpenCL result differs from the CPU's: {wrong}"
+    if precision == "int8":  # int8 results were compared: the quantize and the int8 layers
+        assert sum(1 for c in checks if c.integer_error is not None) >= 2
+
+
+def test_gpu_build_reports_its_default_schedules(save_model, tmp_path):
+    artifact = qcompile.compile(save_model(gemm_matmul()), "mali", tmp_path / "out",
+                                quantize="int8",
+                                calibration=[random_inputs(gemm_matmul(), seed=i)
+                                             for i in range(4)])
+    kernels = artifact.manifest.kernels
+    assert kernels["gpu_default_schedules"] == kernels["total"] > 0
+    assert kernels["tuned"] == 0
+    assert b"char" in artifact.library.read_bytes()  # int8 kernels in the OpenCL source
