@@ -1,5 +1,5 @@
-"""Default schedules for OpenCL GPU targets (Mali, Adreno): TVM's dlight rules, minus the one
-that computes wrong results.
+"""Default schedules for OpenCL GPU targets (Mali, Adreno): TVM's dlight rules, minus the two
+found to compute wrong results.
 
 TVM's default GPU pipelines schedule each fused kernel with the first dlight rule that applies:
 `gpu.Matmul, gpu.GEMV, gpu.Reduction, gpu.GeneralReduction, gpu.Fallback` (generic OpenCL), or
