@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
-from .errors import ToolchainError
+from .errors import ToolchainError, last_line
 from .frontend import FloatModel
 from .targets import Target
 from .tune import fused_module
@@ -43,7 +43,6 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
     packed int8 kernels, schedules/float_default.py for the rest).
     """
     import tvm
-    from tvm import relax
 
     from .schedules import float_default, int8_default, intrinsics
 
@@ -115,7 +114,7 @@ def apply_tuning_log(mod, tuning_log: TuningLog):
             except Exception as exc:  # noqa: BLE001 - one kernel's record is not the build
                 log.info("kernel %s keeps its default schedule: its tuning record does not "
                          "replay on it (%s)", gvar.name_hint,
-                         str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else exc)
+                         last_line(str(exc), type(exc).__name__)[:120])
                 continue
             mod[gvar] = applied[gvar.name_hint]
     return mod

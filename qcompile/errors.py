@@ -6,6 +6,13 @@ traceback; anything else escaping is a bug in qcompile.
 """
 
 
+def last_line(message: str, default: str = "?") -> str:
+    """The last non-empty line of a (multi-line) error message, such as TVM's: what went
+    wrong; `default` when there is none."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else default
+
+
 class QcompileError(Exception):
     """Base class for errors caused by the user's input or environment."""
 

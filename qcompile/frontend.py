@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ModelError, ShapeError, UnsupportedOpError
+from .errors import ModelError, ShapeError, UnsupportedOpError, last_line
 from .relax_main import rebuild_main
 from .specs import TensorSpec
 
@@ -200,8 +200,9 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
         except tvm.error.OpNotImplemented as exc:
             raise UnsupportedOpError(f"TVM cannot import the model: {exc}") from None
         except Exception as exc:
+            why = last_line(str(exc), type(exc).__name__)
             raise UnsupportedOpError(
-                f"TVM's ONNX importer failed on '{path.name}': {_last_line(exc)}. This usually "
+                f"TVM's ONNX importer failed on '{path.name}': {why}. This usually "
                 "means an op uses a form TVM does not support (for example a shape computed at "
                 "run time); fix the input shapes with --input-shape, or simplify the model.",
             ) from None
@@ -275,8 +276,3 @@ def layer_name(node, index: int) -> str:
 def _layers(model) -> tuple[Layer, ...]:
     return tuple(Layer(name=layer_name(node, i), op=node.op_type)
                  for i, node in enumerate(model.graph.node) if node.op_type in LAYER_OPS)
-
-
-def _last_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

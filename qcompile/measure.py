@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from .errors import DeviceError, TuneInterrupted
+from .errors import DeviceError, TuneInterrupted, last_line
 from .targets import Target
 from .tuning_log import mean_seconds
 
@@ -177,12 +177,6 @@ def time_kernels(mods, tvm_target, build, runner) -> list[KernelTime]:
                 timed.run_secs = [float(t) for t in ran.run_secs]
         times.append(timed)
     return times
-
-
-def last_line(message: str) -> str:
-    """The last non-empty line of a (multi-line) error message: what went wrong."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "?"
 
 
 def registered_devices(address: tuple[str, int], key: str) -> tuple[int, list[str]]:

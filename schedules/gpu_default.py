@@ -65,12 +65,15 @@ def apply(mod, tvm_target):
 
 
 def _schedule(name: str, func, chosen: list, tvm_target):
+    from ..errors import last_line
+
     failures = []
     for rule in chosen:
         try:
             space = rule.apply(func, tvm_target, False)
         except Exception as exc:  # noqa: BLE001 - one rule's bug is not the build's
-            failures.append(f"{type(rule).__name__}: {_last_line(exc)}")
+            why = last_line(str(exc), type(exc).__name__)[:200]
+            failures.append(f"{type(rule).__name__}: {why}")
             log.debug("kernel %s: dlight rule %s failed (%s); trying the next rule", name,
                       type(rule).__name__, failures[-1])
             continue
@@ -79,8 +82,3 @@ def _schedule(name: str, func, chosen: list, tvm_target):
         return (space[0] if isinstance(space, list) else space).mod["main"]
     raise RuntimeError(f"No GPU schedule for kernel {name}: no dlight rule applies"
                        + (f" ({'; '.join(failures)})" if failures else ""))
-
-
-def _last_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1][:200] if lines else type(exc).__name__
