@@ -55,7 +55,7 @@ def apply(mod, tvm_target):
     chosen = rules(tvm_target)
     scheduled = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs,
                              global_infos=mod.global_infos)
-    for gvar, func in list(mod.functions.items()):
+    for gvar, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or \
                 (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
             continue
@@ -74,8 +74,8 @@ def _schedule(name: str, func, chosen: list, tvm_target):
         except Exception as exc:  # noqa: BLE001 - one rule's bug is not the build's
             why = last_line(str(exc), type(exc).__name__)[:200]
             failures.append(f"{type(rule).__name__}: {why}")
-            log.debug("kernel %s: dlight rule %s failed (%s); trying the next rule", name,
-                      type(rule).__name__, failures[-1])
+            log.debug("kernel %s: dlight rule %s failed; trying the next rule", name,
+                      failures[-1])
             continue
         if space is None:
             continue

@@ -166,4 +166,4 @@ def check_kernel(name: str, fused, scheduled, device: str, seed: int = 0) -> Ker
             scale = float(np.abs(expected).max()) or 1.0
             error = float(np.abs(expected - actual).max()) / scale
             float_error = max(float_error or 0.0, error)
-    return KernelCheck(name, len(launches(scheduled)), integer_error, float_error)
+    return KernelCheck(name, len(SIGNATURE.findall(source)), integer_error, float_error)
