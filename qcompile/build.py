@@ -38,9 +38,9 @@ def versions() -> dict[str, str]:
 def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
     """Run the target's standard Relax pipeline: fold, legalize, fuse, schedule.
 
-    With a tuning log (CPU targets), the fused kernels that have records get their best tuned
-    schedule; the others get qcompile's default schedules (schedules/int8_default.py for
-    packed int8 kernels, schedules/float_default.py for the rest).
+    With a tuning log, the fused kernels that have records get their best tuned schedule; the
+    others get qcompile's default schedules (schedules/int8_default.py for packed int8
+    kernels, schedules/float_default.py for the rest; on GPUs, schedules/gpu_default.py).
     """
     import tvm
 
@@ -48,7 +48,7 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
 
     tvm_target = target.to_tvm()
     if target.is_gpu:
-        _, scheduled = gpu_kernels(mod, target)
+        _, scheduled = gpu_kernels(mod, target, tuning_log)
         backend = _gpu_backend(tvm_target)
         with tvm_target:
             seq = tvm.transform.Sequential(backend.dataflow_lower_passes(tvm_target)
@@ -69,10 +69,11 @@ def optimize(mod, target: Target, tuning_log: TuningLog | None = None):
         return seq(mod)
 
 
-def gpu_kernels(mod, target: Target):
-    """An OpenCL target's Relax module with its kernels fused, before and after their default
-    schedules (schedules/gpu_default.py): (fused, scheduled). TVM's pipeline for the target
-    (generic GPU, or Adreno's) up to fusion, then qcompile's choice of dlight rules."""
+def gpu_kernels(mod, target: Target, tuning_log: TuningLog | None = None):
+    """An OpenCL target's Relax module with its kernels fused, before and after scheduling:
+    (fused, scheduled). TVM's pipeline for the target (generic GPU, or Adreno's) up to fusion;
+    then each kernel's best record in `tuning_log`, and for the others qcompile's choice of
+    dlight rules (schedules/gpu_default.py)."""
     import tvm
     from tvm import relax
 
@@ -85,7 +86,12 @@ def gpu_kernels(mod, target: Target):
             backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
         fused = tvm.transform.Sequential(
             [p for p in passes if p.info.name != "ApplyDefaultSchedule"])(mod)
-        return fused, gpu_default.apply(fused, tvm_target)
+        tuned = fused
+        if tuning_log is not None:
+            tuned = apply_tuning_log(tvm.IRModule(dict(fused.functions.items()),
+                                                  attrs=fused.attrs,
+                                                  global_infos=fused.global_infos), tuning_log)
+        return fused, gpu_default.apply(tuned, tvm_target)
 
 
 def _gpu_backend(tvm_target):
@@ -118,6 +124,24 @@ def apply_tuning_log(mod, tuning_log: TuningLog):
                 continue
             mod[gvar] = applied[gvar.name_hint]
     return mod
+
+
+def check_opencl(module) -> None:
+    """Refuse to ship OpenCL C with a known TVM code-generation defect (wrong results): the
+    tuner rejects such candidates and qcompile's dlight rules avoid the schedules that caused
+    it so far; this stops one that slips through."""
+    from .schedules.gpu_default import codegen_defect
+
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        pending.extend(current.imports)
+        if current.kind == "opencl":
+            defect = codegen_defect(current.inspect_source())
+            if defect is not None:
+                raise RuntimeError(f"The GPU build would compute wrong results: {defect}. "
+                                   "Compile without --tuning-log if one was given, or in "
+                                   "another precision (--quantize fp16).")
 
 
 @dataclass(frozen=True)
@@ -190,13 +214,15 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
         log.info("%d other kernel(s) with qcompile's default (untuned) schedules",
                  counts.float_default)
     if counts.gpu_default:
-        log.info("%d GPU kernel(s) with dlight's default schedules (not tuned: tuning GPU "
-                 "targets is not supported yet)", counts.gpu_default)
+        log.info("%d GPU kernel(s) with dlight's default (untuned) schedules",
+                 counts.gpu_default)
     if tuning_log is not None:
         log.info("tuning log %s: tuned schedules for %d of %d kernels%s", tuning_log.directory,
                  counts.tuned, counts.total, "" if counts.tuned else " (its records are for other kernels or "
                  "another target: the default schedules are used)")
     executable = tvm.compile(mod, tvm_target, relax_pipeline=None)
+    if target.is_gpu:
+        check_opencl(executable.mod)
     log.info("linking %s with %s", LIBRARY_FILE, target.cc or "the host compiler")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=out_dir.parent))

@@ -200,7 +200,9 @@ def _shape_arg(p) -> None:
 TUNE_HELP = """\
 Search faster schedules for the model's kernels with MetaSchedule (XGBoost cost model),
 measuring candidates on the device through an RPC tracker (--rpc-tracker/--rpc-key), or on
-this machine for the host target. Tune the model in the precision you will compile it in: pass
+this machine for the host target. GPU targets (mali, adreno) are measured on the phone's GPU
+through the tracker; --pocl runs the same flow on this machine's CPU instead (for trying it
+out: the schedules it picks are correct, but chosen for the wrong device). Tune the model in the precision you will compile it in: pass
 the same --quantize, --calibration and other quantization options as to `qcompile compile`.
 
 Every measured candidate is appended to the tuning log (a MetaSchedule JSON database, default
@@ -229,6 +231,9 @@ def _add_tune(sub) -> None:
                         "into --log first, and those kernels are not searched again")
     _device_args(p, "TVM RPC tracker through which to reach the devices that measure (every "
                     "free device under the key measures in parallel)")
+    p.add_argument("--pocl", action="store_true",
+                   help="GPU targets: measure on pocl, an OpenCL implementation for this CPU "
+                        "(pip install pyopencl pocl-binary-distribution), instead of a phone")
     _shape_arg(p)
     _cc_arg(p)
     _quantize_args(p, auto=False)
@@ -424,7 +429,8 @@ def _cmd_tune(args) -> int:
     result = tune(args.model, args.target, args.log_dir, trials=args.trials,
                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, input_shapes=shapes,
                   cc=args.cc, quantize=args.quantize, calibration=args.calibration,
-                  quant_config=_quant_config(args), reuse_log=args.reuse_log)
+                  quant_config=_quant_config(args), reuse_log=args.reuse_log,
+                  pocl=args.pocl)
     print(result.describe())
     options = f" --quantize {args.quantize} ..." if args.quantize else ""
     print(f"apply it: qcompile compile {args.model} --target {args.target}{options} "

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from .errors import DeviceError, TuneInterrupted, last_line
+from .errors import DeviceError, InputError, TuneInterrupted, last_line
 from .targets import Target
 from .tuning_log import mean_seconds
 
@@ -37,8 +37,27 @@ def _warm_worker() -> None:
     import tvm.s_tir.tensor_intrin  # noqa: F401  what MetaSchedule's default build imports
 
 
-def builder(cc: str | None):
-    """A MetaSchedule builder linking candidates with `cc` (None: the host compiler).
+def _build_gpu_candidate(mod, target, params, cc: str | None) -> str:
+    """Build a GPU candidate like MetaSchedule does, into a .so (which an RPC device runs) with
+    its OpenCL C and launch sizes beside it (which pocl runs: pocl.runner). A candidate whose
+    OpenCL C has a known code-generation defect fails to build (gpu_default.codegen_defect)."""
+    from tvm.s_tir.meta_schedule.builder import local_builder
+
+    from . import pocl
+    from .schedules.gpu_default import codegen_defect
+
+    runtime_module = local_builder.default_build(mod, target, params)
+    defect = codegen_defect(runtime_module.imports[0].inspect_source())
+    if defect is not None:  # a failed build: this candidate is never measured nor applied
+        raise RuntimeError(f"candidate rejected: {defect}")
+    path = export_library(runtime_module, cc)
+    pocl.write_candidate(os.path.dirname(path), runtime_module, mod["main"])
+    return path
+
+
+def builder(cc: str | None, gpu: bool = False):
+    """A MetaSchedule builder linking candidates with `cc` (None: the host compiler); `gpu`:
+    the candidates are OpenCL kernels (see _build_gpu_candidate).
 
     MetaSchedule's LocalBuilder starts new worker processes for every batch, and each spends
     about 17 s importing TVM's tensor intrinsics: on 2 cores that was 30 s per batch, longer
@@ -64,11 +83,15 @@ def builder(cc: str | None):
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def build(self, build_inputs):
-            jobs = [(None, export, item.mod, item.target,
-                     local_builder._serialize_params(item.params)) for item in build_inputs]
+            if gpu:
+                jobs = [(item.mod, item.target, None, cc) for item in build_inputs]
+                work = lambda job: _build_gpu_candidate(*job)  # noqa: E731
+            else:
+                jobs = [(None, export, item.mod, item.target,
+                         local_builder._serialize_params(item.params)) for item in build_inputs]
+                work = lambda job: local_builder._worker_func(*job)  # noqa: E731
             results = []
-            for done in self.pool.map_with_error_catching(
-                    lambda job: local_builder._worker_func(*job), jobs):
+            for done in self.pool.map_with_error_catching(work, jobs):
                 if done.status == StatusKind.COMPLETE:
                     results.append(ms.builder.BuilderResult(done.value, None))
                 elif done.status == StatusKind.TIMEOUT:
@@ -83,14 +106,34 @@ def builder(cc: str | None):
 
 
 class Devices:
-    """Where candidates are measured: this machine, or the devices under a key at a tracker."""
+    """Where candidates are measured: this machine, the devices under a key at a tracker, or
+    (GPU targets, `pocl=True`) pocl, an OpenCL implementation on this machine's CPU."""
 
-    def __init__(self, target: Target, rpc: tuple[tuple[str, int], str] | None):
+    def __init__(self, target: Target, rpc: tuple[tuple[str, int], str] | None,
+                 pocl: bool = False):
         self.rpc = rpc
+        self.pocl = pocl
+        if pocl:
+            if not target.is_gpu:
+                raise InputError(f"--pocl measures OpenCL (GPU) candidates, and target "
+                                 f"'{target.name}' is a CPU ({target.kind}).")
+            if rpc is not None:
+                raise InputError("Measure on the devices at the tracker or on pocl, not both: "
+                                 "drop --pocl or --rpc-tracker.")
+            from . import pocl as pocl_
+
+            why = pocl_.available()
+            if why is not None:
+                raise DeviceError(why)
+            self.where, self.count, self.emulated = "pocl (OpenCL on this CPU)", 1, True
+            return
         if rpc is None:
             if target.cc is not None or target.is_gpu:
-                raise DeviceError(f"Target '{target.name}' cannot be measured on this machine: "
-                                  "pass --rpc-tracker HOST:PORT and --rpc-key KEY of a device.")
+                raise DeviceError(
+                    f"Target '{target.name}' cannot be measured on this machine: pass "
+                    "--rpc-tracker HOST:PORT and --rpc-key KEY of a device"
+                    + (" (or --pocl: the whole flow on an OpenCL implementation for this CPU, "
+                       "whose timings are not the GPU's)." if target.is_gpu else "."))
             self.where, self.count, self.emulated = "this machine", 1, False
             return
         from .remote import device_info, request_session
@@ -122,6 +165,10 @@ class Devices:
 
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
                                               enable_cpu_cache_flush=False)
+        if self.pocl:
+            from . import pocl
+
+            return pocl.runner(number=evaluator.number, repeat=evaluator.repeat)
         if self.rpc is None:
             return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=RUN_TIMEOUT_S)
         (host, port), key = self.rpc
@@ -154,12 +201,13 @@ class KernelTime:
 def time_kernels(mods, tvm_target, build, runner) -> list[KernelTime]:
     """Build the scheduled kernels `mods` (IRModules with a "main" PrimFunc) with `build` (all
     at once, in parallel) and time each with `runner` (one after the other, so that they do
-    not share the cores), removing each built library after its run. CPU targets only."""
+    not share the cores), removing each built library after its run."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
 
     built = build.build([ms.builder.BuilderInput(mod, tvm_target) for mod in mods])
+    device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
     times = []
     for mod, result in zip(mods, built):
         timed = KernelTime(ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
@@ -167,7 +215,7 @@ def time_kernels(mods, tvm_target, build, runner) -> list[KernelTime]:
             timed.build_error = last_line(result.error_msg)
         else:
             try:
-                ran = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu",
+                ran = runner.run([ms.runner.RunnerInput(result.artifact_path, device,
                                                         timed.args)])[0].result()
             finally:
                 shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)

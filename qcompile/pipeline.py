@@ -274,6 +274,7 @@ def tune(
     calibration: Any = None,
     quant_config: QuantConfig | None = None,
     reuse_log: str | Path | None = None,
+    pocl: bool = False,
 ) -> TuningLog:
     """Tune the kernels of an ONNX model, in the precision it will be compiled in (`quantize`,
     `calibration` and `quant_config` as for compile()), for a target: each kernel until the log
@@ -282,7 +283,9 @@ def tune(
     reuse of kernels tuned for other models). Measured on the device under `rpc_key` at
     `rpc_tracker`, or on this machine for the host target. Pass the log to
     compile(tuning_log=...), with the same quantization options. `reuse_log`: another log for
-    the target (e.g. the shipped one) whose records that apply are copied in first."""
+    the target (e.g. the shipped one) whose records that apply are copied in first. `pocl`: a
+    GPU target's candidates are measured on pocl, an OpenCL implementation for this CPU (the
+    whole flow without a phone; the timings are not the GPU's)."""
     resolved = load_target(target).with_compiler(cc)
     reuse = open_log(reuse_log, resolved) if reuse_log is not None else None
     if quantize == "auto":
@@ -294,7 +297,8 @@ def tune(
     graph = _quantize(_import(model, input_shapes), resolved, quantize, calibration,
                       quant_config)
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
-    return tune_model(graph, resolved, directory, trials=trials, rpc=rpc, reuse=reuse)
+    return tune_model(graph, resolved, directory, trials=trials, rpc=rpc, reuse=reuse,
+                      pocl=pocl)
 
 
 def _rpc(rpc_tracker: str | None, rpc_key: str | None, target: Target):

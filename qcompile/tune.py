@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .errors import DeviceError, InputError, TuneInterrupted
+from .errors import InputError, TuneInterrupted
 from .frontend import FloatModel
 from .measure import Devices, builder, progress_callback, time_kernels
 from .targets import Target
-from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, TaskSummary, TuningLog,
-                         identity, incompatibility, mean_seconds, open_database, pruned_trials,
-                         read_info, repair, workload_key, write_info)
+from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, STAND_IN_KEY, TaskSummary,
+                         TuningLog, identity, incompatibility, mean_seconds, open_database,
+                         pruned_trials, read_info, repair, workload_key, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,13 @@ def _search_cannot_express(mod) -> bool:
 
 def default_schedule(mod, tvm_target):
     """Our default schedule of the kernel `mod` (what compile gives it without a record):
-    a Schedule, or None when it has none worth measuring (no conv/matmul block)."""
-    from .schedules import float_default, int8_default, intrinsics
+    a Schedule, or None when it has none worth measuring (no conv/matmul block). On a GPU:
+    the dlight rule that compile would choose (schedules/gpu_default.py)."""
+    from .schedules import float_default, gpu_default, int8_default, intrinsics
 
     func = mod["main"]
+    if tvm_target.kind.name != "llvm":
+        return gpu_default.schedule(func, tvm_target)
     dot = intrinsics.dot_product_for(tvm_target)
     if dot is not None:
         sch = int8_default.schedule(func, dot)
@@ -305,9 +308,20 @@ def check_log_dir(directory: Path, target: Target) -> None:
                          f"Tune '{target.name}' into another directory (--log DIR).")
 
 
+def tuning_module(mod, target: Target):
+    """The fused kernels of `mod` that tune() searches and build() schedules: on a GPU target,
+    those of TVM's pipeline for it (build.gpu_kernels); on a CPU, fused_module's."""
+    if target.is_gpu:
+        from .build import gpu_kernels
+
+        return gpu_kernels(mod, target)[0]
+    return fused_module(mod, target)
+
+
 def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 32,
          rpc: tuple[tuple[str, int], str] | None = None,
-         out: TextIO | None = None, reuse: TuningLog | None = None) -> TuningLog:
+         out: TextIO | None = None, reuse: TuningLog | None = None,
+         pocl: bool = False) -> TuningLog:
     """Tune each kernel of `model` (already quantized, if it is to be) for `target` until the
     log holds `trials` measured candidates for it (MetaSchedule, XGBoost cost model).
 
@@ -315,24 +329,25 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     `target` must have its compiler resolved (Target.with_compiler). Progress goes to `out`
     (default: stderr), one line per batch of candidates. `reuse`: another log (for the same
     target) whose records that apply to this model's kernels are copied in first.
+    `pocl`: a GPU target's candidates are measured on pocl (an OpenCL implementation for this
+    CPU: the whole flow without a phone, with timings that are not the phone's).
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    if target.is_gpu:
-        raise DeviceError("Tuning GPU targets is not supported yet: their kernels use dlight's "
-                          "default schedules. Compile without a tuning log.")
     out = out or sys.stderr
     log_dir = Path(log_dir)
     check_log_dir(log_dir, target)
-    devices = Devices(target, rpc)  # before anything is written: no device, no new log
+    devices = Devices(target, rpc, pocl)  # before anything is written: no device, no new log
     log_dir.mkdir(parents=True, exist_ok=True)
     if read_info(log_dir) is None:
         write_info(log_dir, identity(target))
+    if devices.pocl:
+        write_info(log_dir, {**read_info(log_dir), STAND_IN_KEY: devices.where})
     repair(log_dir)
     database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
     tvm_target = target.to_tvm()
-    mod = fused_module(model.mod, target)
+    mod = tuning_module(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
@@ -379,7 +394,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
              devices.where,
              " (EMULATED: timings rank candidates but are not the phone's)"
              if devices.emulated else "")
-    build = builder(target.cc)
+    build = builder(target.cc, gpu=target.is_gpu)
     runner = devices.runner()
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1,
                                         num_warmup_samples=COST_MODEL_WARMUP)

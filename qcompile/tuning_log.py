@@ -156,6 +156,8 @@ def open_database(directory: Path, create: bool = False):
 PRUNED_KEY = "pruned_trials"  # qcompile-log.json: {workload_key: candidates prune() dropped}
 # qcompile-log.json: {workload_key: microseconds} of our default schedules measured into the log
 DEFAULTS_KEY = "default_schedules_us"
+# qcompile-log.json: what measured a GPU log's records instead of the GPU (tune --pocl)
+STAND_IN_KEY = "measured_on_stand_in"
 
 
 def read_info(directory: Path) -> dict[str, Any] | None:
@@ -214,6 +216,10 @@ def open_log(directory: str | Path, target: Target | None = None) -> TuningLog:
                              f"{why}. Tune for this target into another directory (`qcompile "
                              f"tune MODEL --target {target.name} --log DIR`), or compile "
                              "without --tuning-log.")
+        if info.get(STAND_IN_KEY):
+            log.warning("tuning log %s was measured on %s, not on the GPU: its schedules "
+                        "are correct but chosen for the wrong device", directory,
+                        info[STAND_IN_KEY])
         changed = differences(info, target)
         if changed:
             log.warning("tuning log %s was measured on another CPU (%s): its schedules apply "

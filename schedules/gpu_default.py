@@ -26,10 +26,15 @@ configuration the same kernels are correct. So int8 convs and matmuls on Adreno 
 from __future__ import annotations
 
 import logging
+import re
 
 log = logging.getLogger(__name__)
 
 SCHEDULE = "dlight"  # the manifest's name for these schedules
+# What TVM 0.27's OpenCL code generator emits for an int8 vector gathered from non-contiguous
+# addresses: its bytes shifted into one 32-bit int (CUDA's packing of char4), which OpenCL
+# then converts to the char vector lane by lane, so the lanes get wrong values.
+PACKED_INT8_GATHER = "(0x000000ff << "
 
 
 def rules(tvm_target) -> list:
@@ -43,7 +48,7 @@ def rules(tvm_target) -> list:
 
 
 def apply(mod, tvm_target):
-    """`mod` with each unscheduled kernel scheduled by the first rule that applies; `mod`
+    """`mod` with each unscheduled kernel (one that no tuning record scheduled) scheduled by the first rule that applies; `mod`
     itself is left as it was. A rule that fails on a kernel counts as not applying (TVM 0.27's
     `gpu.Matmul` asserts on some fused int8 convs of EfficientNet-Lite0: "There are some
     consumers of the cache-write stage that are not properly inlined"); a kernel that no rule
@@ -52,23 +57,36 @@ def apply(mod, tvm_target):
 
     from .int8_default import SCHEDULE_ATTR
 
-    chosen = rules(tvm_target)
     scheduled = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs,
                              global_infos=mod.global_infos)
     for gvar, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or \
                 (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
             continue
-        scheduled[gvar] = _schedule(gvar.name_hint, func, chosen, tvm_target) \
+        scheduled[gvar] = schedule(func, tvm_target, gvar.name_hint).mod["main"] \
             .with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, SCHEDULE)
     return scheduled
 
 
-def _schedule(name: str, func, chosen: list, tvm_target):
+def codegen_defect(source: str) -> str | None:
+    """Why the OpenCL C `source` computes wrong results (None: no known defect). Seen in
+    MetaSchedule's GPU candidates for int8 convs (their shared-memory fetches of the padded
+    input are vectorized gathers) and in dlight's gpu.Matmul with Adreno's configuration."""
+    if PACKED_INT8_GATHER in source:
+        kernels = sorted(set(re.findall(r"__kernel void (\w+)\(", source)))
+        return ("TVM's OpenCL code generator packs a gathered int8 vector into one int, which "
+                f"gives wrong values (kernels: {', '.join(kernels)})")
+    return None
+
+
+def schedule(func, tvm_target, name: str = "main"):
+    """The tir Schedule of the kernel `func` by the first dlight rule that applies (what
+    compile gives a GPU kernel without a tuning record; the tuner measures it as the kernel's
+    first candidate). RuntimeError naming the kernel when no rule applies."""
     from ..errors import last_line
 
     failures = []
-    for rule in chosen:
+    for rule in rules(tvm_target):
         try:
             space = rule.apply(func, tvm_target, False)
         except Exception as exc:  # noqa: BLE001 - one rule's bug is not the build's
@@ -79,6 +97,6 @@ def _schedule(name: str, func, chosen: list, tvm_target):
             continue
         if space is None:
             continue
-        return (space[0] if isinstance(space, list) else space).mod["main"]
+        return space[0] if isinstance(space, list) else space
     raise RuntimeError(f"No GPU schedule for kernel {name}: no dlight rule applies"
                        + (f" ({'; '.join(failures)})" if failures else ""))

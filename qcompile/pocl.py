@@ -1,0 +1,267 @@
+"""TVM's OpenCL kernels run without a GPU: on pocl, an OpenCL implementation for CPUs.
+
+The TVM wheel has no OpenCL runtime and a build machine has no phone GPU, but the OpenCL C that
+TVM generates for a kernel is plain OpenCL: pocl (`pocl-binary-distribution` on PyPI) compiles
+and runs it through `pyopencl` (`pip install "qcompile[pocl]"`). A kernel function becomes one
+or more OpenCL kernels, launched in program order with the grid and work-group sizes of its
+thread-bound loops (`launches`).
+
+Two uses: the tests check every kernel of a GPU build against the CPU, and `qcompile tune
+--target mali --pocl` measures GPU candidates here (`Runner`), which runs the whole GPU tuning
+flow (search, OpenCL build, measurement, tuning log, compile with the log) without a phone.
+pocl's timings rank candidates for this CPU, not for the phone's GPU; a log measured on pocl
+says so.
+
+pocl's CPU device has no `cl_khr_fp16`: fp16 kernels run with `half` widened to `float`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DeviceError
+
+SIGNATURE = re.compile(r"__kernel void (\w+)\(([^)]*)\)\s*\{")
+POINTER = re.compile(r"__global (?:\w+ )*?(\w+)\* restrict (\w+)_ptr$")
+SOURCE_FILE = "kernel.cl"        # beside a built GPU candidate: its OpenCL C
+LAUNCHES_FILE = "launches.json"  # its parameters' names and its kernels' launch sizes
+
+
+def available() -> str | None:
+    """None when pocl can run kernels here; else why not, and what to install."""
+    try:
+        import pyopencl as cl
+
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+    except Exception as exc:  # noqa: BLE001 - ImportError, or no OpenCL platform at all
+        return (f"pocl is not usable here ({type(exc).__name__}: {exc}). Install it with "
+                "`pip install pyopencl pocl-binary-distribution` (or qcompile[pocl]).")
+    if not devices:
+        return "pyopencl finds no OpenCL device. Install `pocl-binary-distribution`."
+    return None
+
+
+def launches(func) -> list[dict[str, int]]:
+    """{thread tag: extent} of each kernel the scheduled PrimFunc `func` launches, in program
+    order: a kernel is an outermost thread-bound loop and the thread-bound loops inside it."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(tvm.IRModule({"main": func}))
+    kernels: list[tuple[object, dict[str, int]]] = []
+
+    def walk(block):
+        loops = [sch.get(loop) for loop in sch.get_loops(block)]
+        bound = [loop for loop in loops if loop.kind == tirx.ForKind.THREAD_BINDING]
+        if not bound:
+            for child in sch.get_child_blocks(block):
+                walk(child)
+            return
+        for outer, tags in kernels:
+            if outer.same_as(bound[0]):
+                break
+        else:
+            tags = {}
+            kernels.append((bound[0], tags))
+        for loop in bound:
+            tags[loop.thread_binding.thread_tag] = int(loop.extent)
+
+    for child in sch.get_child_blocks(sch.get_sblock("root")):
+        walk(child)
+    return [tags for _, tags in kernels]
+
+
+def workspaces(func) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of the global buffers the scheduled `func` allocates: passed from
+    one of its OpenCL kernels to the next (the host code allocates them)."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(tvm.IRModule({"main": func}))
+    found = []
+
+    def walk(block):
+        for buffer in sch.get(block).alloc_buffers:
+            if buffer.scope() == "global":
+                found.append((buffer.name, [int(d) for d in buffer.shape], str(buffer.dtype)))
+        for child in sch.get_child_blocks(block):
+            walk(child)
+
+    walk(sch.get_sblock("root"))
+    return found
+
+
+def describe(func) -> dict:
+    """What `Program` needs besides the OpenCL C to run the scheduled kernel function `func`."""
+    return {"params": [p.name for p in func.params], "kernels": launches(func),
+            "workspaces": workspaces(func)}
+
+
+def write_candidate(directory: Path, runtime_module, scheduled_func) -> None:
+    """Keep what `Program` needs beside a built GPU candidate: its OpenCL C and launches."""
+    directory = Path(directory)
+    (directory / SOURCE_FILE).write_text(runtime_module.imports[0].inspect_source())
+    (directory / LAUNCHES_FILE).write_text(json.dumps(describe(scheduled_func)))
+
+
+class Program:
+    """The OpenCL kernels of one TVM kernel function, built for pocl."""
+
+    def __init__(self, source: str, info: dict):
+        import pyopencl as cl
+
+        self.params = info["params"]  # the function's buffer parameters, in order
+        self.workspaces = info["workspaces"]
+        nests = info["kernels"]
+        if "cl_khr_fp16" in source:
+            source = _widen_half(source)
+        self.kernels = SIGNATURE.findall(source)
+        if len(self.kernels) != len(nests):
+            raise ValueError(f"{len(self.kernels)} OpenCL kernels but {len(nests)} "
+                             "thread-bound loop nests")
+        self.nests = nests
+        self.context = cl.Context([d for p in cl.get_platforms() for d in p.get_devices()][:1])
+        self.queue = cl.CommandQueue(self.context)
+        self.program = cl.Program(self.context, source).build()
+        self.handles = [cl.Kernel(self.program, name) for name, _ in self.kernels]
+
+    @classmethod
+    def of_candidate(cls, directory: str | Path) -> "Program":
+        directory = Path(directory)
+        return cls((directory / SOURCE_FILE).read_text(),
+                   json.loads((directory / LAUNCHES_FILE).read_text()))
+
+    def _buffers(self, arrays: dict[str, np.ndarray]) -> dict:
+        import pyopencl as cl
+
+        flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
+        buffers = {n: cl.Buffer(self.context, flags, hostbuf=np.ascontiguousarray(a))
+                   for n, a in arrays.items()}
+        for name, shape, dtype in self.workspaces:
+            size = int(np.prod(shape)) * np.dtype("float32" if dtype == "float16"
+                                                  else dtype).itemsize
+            buffers[name] = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, max(size, 1))
+        return buffers
+
+    def _launch_all(self, buffers: dict) -> None:
+        import pyopencl as cl
+
+        for (name, params), tags, kernel in zip(self.kernels, self.nests, self.handles):
+            args = []
+            for param in params.split(","):
+                match = POINTER.match(param.strip())
+                if not match or match.group(2) not in buffers:
+                    raise ValueError(f"kernel {name}: no buffer for its parameter "
+                                     f"'{param.strip()}'")
+                args.append(buffers[match.group(2)])
+            kernel.set_args(*args)
+            local = tuple(tags.get(f"threadIdx.{axis}", 1) for axis in "xyz")
+            grid = tuple(tags.get(f"blockIdx.{axis}", 1) * local[i]
+                         for i, axis in enumerate("xyz"))
+            cl.enqueue_nd_range_kernel(self.queue, kernel, grid, local)
+
+    def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every buffer (by parameter name) after the kernels ran once, in order."""
+        import pyopencl as cl
+
+        host = {n: (a.astype(np.float32) if a.dtype == np.float16 else a)
+                for n, a in arrays.items()}
+        buffers = self._buffers(host)
+        self._launch_all(buffers)
+        results = {}
+        for n, a in host.items():
+            results[n] = np.empty_like(a)
+            cl.enqueue_copy(self.queue, results[n], buffers[n])
+        self.queue.finish()
+        return results
+
+    def time(self, arrays: dict[str, np.ndarray], number: int, repeat: int) -> list[float]:
+        """Mean seconds of one run of all the kernels, `repeat` times over `number` runs."""
+        host = {n: (a.astype(np.float32) if a.dtype == np.float16 else a)
+                for n, a in arrays.items()}
+        buffers = self._buffers(host)
+        self._launch_all(buffers)  # warm-up: pocl compiles the kernels for the work-group size
+        self.queue.finish()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                self._launch_all(buffers)
+            self.queue.finish()
+            times.append((time.perf_counter() - start) / number)
+        return times
+
+
+def random_arrays(params, seed: int) -> dict[str, np.ndarray]:
+    """Random contents for buffers [(name, shape, dtype)]: integers over their whole range
+    (int32 within +-2000, as biases are), floats standard normal."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape, dtype in params:
+        if dtype in ("int8", "uint8"):
+            info = np.iinfo(dtype)
+            arrays[name] = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+        elif dtype.startswith(("int", "uint")):
+            arrays[name] = rng.integers(-2000, 2000, shape).astype(dtype)
+        else:
+            arrays[name] = rng.standard_normal(shape).astype(dtype)
+    return arrays
+
+
+def _widen_half(source: str) -> str:
+    """fp16 OpenCL C with `half` as `float` (and without its check for cl_khr_fp16)."""
+    source = re.sub(r"#ifdef cl_khr_fp16\n.*?#endif\n", "", source, flags=re.S)
+    source = re.sub(r"\bconvert_half(\d*)", r"convert_float\1", source)
+    return re.sub(r"\bhalf(\d*)\b", r"float\1", source)
+
+
+def runner(number: int = 3, repeat: int = 1):
+    """A MetaSchedule runner measuring GPU candidates on pocl, one after the other. The
+    candidates must come from measure.builder (which keeps their OpenCL C and launches)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    why = available()
+    if why is not None:
+        raise DeviceError(why)
+    # pyopencl logs every program build that takes over half a second: each candidate's
+    logging.getLogger("pyopencl").setLevel(logging.WARNING)
+
+    @derived_object
+    class Done(ms.runner.PyRunnerFuture):
+        def __init__(self, result) -> None:
+            super().__init__()
+            self._result = result
+
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            return self._result
+
+    @derived_object
+    class PoclRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs):
+            futures = []
+            for item in runner_inputs:
+                try:
+                    program = Program.of_candidate(Path(item.artifact_path).parent)
+                    params = [(name, [int(d) for d in info.shape], str(info.dtype))
+                              for name, info in zip(program.params, item.args_info)]
+                    seconds = program.time(random_arrays(params, 0), number, repeat)
+                    result = ms.runner.RunnerResult(run_secs=seconds, error_msg=None)
+                except Exception as exc:  # noqa: BLE001 - a failed candidate is a record
+                    result = ms.runner.RunnerResult(
+                        run_secs=None, error_msg=f"pocl: {type(exc).__name__}: {exc}")
+                futures.append(Done(result))
+            return futures
+
+    return PoclRunner()
+
