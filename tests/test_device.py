@@ -196,6 +196,7 @@ def test_tune_over_rpc_then_compile_applies_the_log(arm64_device, save_model, tm
         assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
 
 
+@pytest.mark.slow
 def test_a_killed_tune_resumes_from_what_it_measured(arm64_device, save_model, tmp_path):
     """`qcompile tune` over RPC killed (SIGKILL) after its first measurements: running it
     again keeps those records and measures only the rest of the budget."""

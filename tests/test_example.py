@@ -67,6 +67,7 @@ def test_example_command(tmp_path, capsys):
     assert sum(layer["precision"] == "int8" for layer in manifest["layers"]) == 49
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
     """Static int8 calibrated on 32 photos, evaluated on the others (at least 60; about 277
     with opencv-doc and gcompris-qt-data, which tests/run installs). The issue's goal is 97%

@@ -255,6 +255,7 @@ def test_cli_tune_refuses_auto_and_explains(tuned, capsys):
     assert code == 2 and "--calibration" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_model, tmp_path):
     """The only device under the key dies after the first batch: the next batch fails to run,
     the tracker has no device left, and the tune stops with a DeviceError naming the key and
