@@ -171,8 +171,7 @@ class Program:
         """Every buffer (by parameter name) after the kernels ran once, in order."""
         import pyopencl as cl
 
-        host = {n: (a.astype(np.float32) if a.dtype == np.float16 else a)
-                for n, a in arrays.items()}
+        host = _widened(arrays)
         buffers = self._buffers(host)
         self._launch_all(buffers)
         results = {}
@@ -184,9 +183,7 @@ class Program:
 
     def time(self, arrays: dict[str, np.ndarray], number: int, repeat: int) -> list[float]:
         """Mean seconds of one run of all the kernels, `repeat` times over `number` runs."""
-        host = {n: (a.astype(np.float32) if a.dtype == np.float16 else a)
-                for n, a in arrays.items()}
-        buffers = self._buffers(host)
+        buffers = self._buffers(_widened(arrays))
         self._launch_all(buffers)  # warm-up: pocl compiles the kernels for the work-group size
         self.queue.finish()
         times = []
@@ -197,6 +194,11 @@ class Program:
             self.queue.finish()
             times.append((time.perf_counter() - start) / number)
         return times
+
+
+def _widened(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """fp16 arrays as float32, as the kernels run with `half` widened (_widen_half)."""
+    return {n: (a.astype(np.float32) if a.dtype == np.float16 else a) for n, a in arrays.items()}
 
 
 def random_arrays(params, seed: int) -> dict[str, np.ndarray]:
