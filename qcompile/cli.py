@@ -201,9 +201,10 @@ TUNE_HELP = """\
 Search faster schedules for the model's kernels with MetaSchedule (XGBoost cost model),
 measuring candidates on the device through an RPC tracker (--rpc-tracker/--rpc-key), or on
 this machine for the host target. GPU targets (mali, adreno) are measured on the phone's GPU
-through the tracker; --pocl runs the same flow on this machine's CPU instead (for trying it
-out: the schedules it picks are correct, but chosen for the wrong device). Tune the model in the precision you will compile it in: pass
-the same --quantize, --calibration and other quantization options as to `qcompile compile`.
+through the tracker; --pocl runs the same flow on this machine's CPU instead, for trying it
+without a phone (the schedules it picks are chosen for this CPU, not for the GPU). Tune the
+model in the precision you will compile it in: pass the same --quantize, --calibration and
+other quantization options as to `qcompile compile`.
 
 Every measured candidate is appended to the tuning log (a MetaSchedule JSON database, default
 tuning_logs/TARGET) as soon as it is measured. Each kernel is tuned until the log holds

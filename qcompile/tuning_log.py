@@ -218,7 +218,7 @@ def open_log(directory: str | Path, target: Target | None = None) -> TuningLog:
                              "without --tuning-log.")
         if info.get(STAND_IN_KEY):
             log.warning("tuning log %s was measured on %s, not on the GPU: its schedules "
-                        "are correct but chosen for the wrong device", directory,
+                        "were chosen for that device, not for this one", directory,
                         info[STAND_IN_KEY])
         changed = differences(info, target)
         if changed:

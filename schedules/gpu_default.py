@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 SCHEDULE = "dlight"  # the manifest's name for these schedules
 # What TVM 0.27's OpenCL code generator emits for an int8 vector gathered from non-contiguous
-# addresses: its bytes shifted into one 32-bit int (CUDA's packing of char4), which OpenCL
-# then converts to the char vector lane by lane, so the lanes get wrong values.
+# addresses: its bytes shifted into one 32-bit int (CUDA's representation of char4). OpenCL C
+# has real char vectors, so storing that int as one (vstore2/3/8) gives the lanes wrong values.
 PACKED_INT8_GATHER = "(0x000000ff << "
 
 

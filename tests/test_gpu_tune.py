@@ -105,8 +105,7 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
 
 def test_cli_gpu_tune_needs_a_device_or_pocl(save_model, capsys):
     path = save_model(packed_convnet())
-    calibration = ["--quantize", "fp16"]
-    assert main(["tune", str(path), "--target", "mali", *calibration]) != 0
+    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16"]) != 0
     assert "--pocl" in capsys.readouterr().err
     assert main(["tune", str(path), "--target", "host", "--pocl"]) != 0
     assert "GPU" in capsys.readouterr().err
