@@ -20,6 +20,7 @@ from pathlib import Path
 from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
 from .errors import ToolchainError, last_line
 from .frontend import FloatModel
+from .relax_main import module_copy
 from .targets import Target
 from .tune import fused_module
 from .tuning_log import TuningLog
@@ -86,11 +87,7 @@ def gpu_kernels(mod, target: Target, tuning_log: TuningLog | None = None):
             backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
         fused = tvm.transform.Sequential(
             [p for p in passes if p.info.name != "ApplyDefaultSchedule"])(mod)
-        tuned = fused
-        if tuning_log is not None:
-            tuned = apply_tuning_log(tvm.IRModule(dict(fused.functions.items()),
-                                                  attrs=fused.attrs,
-                                                  global_infos=fused.global_infos), tuning_log)
+        tuned = apply_tuning_log(fused, tuning_log) if tuning_log is not None else fused
         return fused, gpu_default.apply(tuned, tvm_target)
 
 
@@ -101,7 +98,8 @@ def _gpu_backend(tvm_target):
 
 
 def apply_tuning_log(mod, tuning_log: TuningLog):
-    """Give each kernel of `mod` its best schedule from the log, one kernel at a time.
+    """`mod` with each kernel given its best schedule from the log, one kernel at a time
+    (`mod` itself is left as it was).
 
     Records are keyed by the kernel's anchor (conv/matmul) block, so a record can match a
     kernel whose other blocks differ from the one it was tuned on; replaying its trace can
@@ -111,6 +109,7 @@ def apply_tuning_log(mod, tuning_log: TuningLog):
     from tvm import relax
 
     apply = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)
+    mod = module_copy(mod)
     with tuning_log.database():
         for gvar, func in list(mod.functions.items()):
             if not isinstance(func, tvm.tirx.PrimFunc):

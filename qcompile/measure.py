@@ -47,11 +47,12 @@ def _build_gpu_candidate(mod, target, params, cc: str | None) -> str:
     from .schedules.gpu_default import codegen_defect
 
     runtime_module = local_builder.default_build(mod, target, params)
-    defect = codegen_defect(runtime_module.imports[0].inspect_source())
+    source = runtime_module.imports[0].inspect_source()
+    defect = codegen_defect(source)
     if defect is not None:  # a failed build: this candidate is never measured nor applied
         raise RuntimeError(f"candidate rejected: {defect}")
     path = export_library(runtime_module, cc)
-    pocl.write_candidate(os.path.dirname(path), runtime_module, mod["main"])
+    pocl.write_candidate(os.path.dirname(path), source, mod["main"])
     return path
 
 

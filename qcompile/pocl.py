@@ -104,10 +104,11 @@ def describe(func) -> dict:
             "workspaces": workspaces(func)}
 
 
-def write_candidate(directory: Path, runtime_module, scheduled_func) -> None:
-    """Keep what `Program` needs beside a built GPU candidate: its OpenCL C and launches."""
+def write_candidate(directory: Path, source: str, scheduled_func) -> None:
+    """Keep what `Program` needs beside a built GPU candidate: its OpenCL C `source` and
+    describe(scheduled_func)."""
     directory = Path(directory)
-    (directory / SOURCE_FILE).write_text(runtime_module.imports[0].inspect_source())
+    (directory / SOURCE_FILE).write_text(source)
     (directory / LAUNCHES_FILE).write_text(json.dumps(describe(scheduled_func)))
 
 

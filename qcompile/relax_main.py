@@ -6,6 +6,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
+def module_copy(mod):
+    """A new IRModule with the same functions, attributes and global infos as `mod`: what a
+    pass that replaces some functions starts from, so that `mod` stays as it was."""
+    import tvm
+
+    return tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs,
+                        global_infos=mod.global_infos)
+
+
 def without_main(mod):
     """`mod` without its main function (the rest: TIR functions main calls)."""
     import tvm
