@@ -105,7 +105,12 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
 
 def test_cli_gpu_tune_needs_a_device_or_pocl(save_model, capsys):
     path = save_model(packed_convnet())
-    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16"]) != 0
-    assert "--pocl" in capsys.readouterr().err
-    assert main(["tune", str(path), "--target", "host", "--pocl"]) != 0
-    assert "GPU" in capsys.readouterr().err
+    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "--rpc-tracker HOST:PORT" in err and "--pocl" in err
+    assert main(["tune", str(path), "--target", "host", "--pocl"]) == 2
+    assert "--pocl measures OpenCL (GPU) candidates, and target 'host' is a CPU" in \
+        capsys.readouterr().err
+    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16", "--pocl",
+                 "--rpc-tracker", "127.0.0.1:9"]) == 2
+    assert "on the devices at the tracker or on pocl, not both" in capsys.readouterr().err
