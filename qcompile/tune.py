@@ -360,9 +360,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     if not tasks:
         raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}: "
                          "every kernel keeps qcompile's default schedule.")
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, work_dir=str(log_dir), num_threads=os.cpu_count() or 1,
-        strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
+    contexts, weights = _tune_contexts(tasks, target, log_dir)
     if reuse is not None:
         adopted = _adopt(database, contexts, reuse, log_dir)
         if adopted:
@@ -439,6 +437,26 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
             defaults[context.task_name] * 1e6 if context.task_name in defaults else None))
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
                      devices.emulated)
+
+
+def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:
+    """MetaSchedule's TuneContext and weight of each task. A GPU kernel is searched in the
+    space schedules/gpu_search.py gives it (its int8 fetches are not vectorized); a CPU kernel
+    in MetaSchedule's default space for the target."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import gpu_search
+
+    contexts, weights = [], []
+    for task in tasks:
+        space = gpu_search.space(task.dispatched[0], task.target) if target.is_gpu else \
+            "post-order-apply"
+        context, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [task], work_dir=str(log_dir), space=space, num_threads=os.cpu_count() or 1,
+            strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
+        contexts += context
+        weights += weight
+    return contexts, weights
 
 
 @contextlib.contextmanager

@@ -103,6 +103,67 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
         check_opencl(executable.mod)
 
 
+def _sampled_schedules(func, tvm_target, space, seeds):
+    """Schedules of `func` drawn from `space` like MetaSchedule's first trials: the design
+    space's trace replayed with fresh random decisions, then its postprocessors (None: one they
+    reject)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    context = ms.TuneContext(mod=func, target=tvm_target, space_generator=space,
+                             search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
+                             num_threads=1)
+    design = context.generate_design_space()[0].trace.simplified(remove_postproc=True)
+    for seed in seeds:
+        schedule = tvm.s_tir.Schedule(func, seed=seed)
+        tvm.s_tir.Trace(design.insts, {}).apply_to_schedule(schedule, remove_postproc=True)
+        ok = all(p.apply(schedule) for p in context.space_generator.postprocs)
+        yield schedule if ok else None
+
+
+def test_int8_gpu_search_space_has_no_packed_gathers(save_model):
+    """MetaSchedule's default GPU space gives packed_convnet's int8 convs candidates with the
+    packed-gather defect (the builder rejects them: wasted trials); schedules/gpu_search.py's
+    space for int8 kernels gives none. Its rules, with TVM's vector lengths, sample exactly
+    what TVM's default rules sample."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import local_builder
+
+    from qcompile.schedules import gpu_search, intrinsics
+    from qcompile.tune import MODULE_EQUALITY, tuning_module
+
+    intrinsics.register()
+    target = load_target("mali")
+    tvm_target = target.to_tvm()
+    onnx_model = packed_convnet()
+    graph = quantize(import_onnx(save_model(onnx_model)),
+                     [random_inputs(onnx_model, seed=i) for i in range(4)], QuantConfig(),
+                     target)
+    tasks = ms.relax_integration.extract_tasks(tuning_module(graph.mod, target), tvm_target,
+                                               module_equality=MODULE_EQUALITY)
+    convs = [t.dispatched[0] for t in tasks if "conv2d" in t.task_name]
+    assert len(convs) == 3 and all(gpu_search.is_integer_kernel(f) for f in convs)
+
+    def defects(space, func):
+        sampled = _sampled_schedules(func, tvm_target, space, range(1, 5))
+        built = [local_builder.default_build(s.mod, tvm_target, None).imports[0]
+                 .inspect_source() for s in sampled if s is not None]
+        return sum(codegen_defect(source) is not None for source in built), len(built)
+
+    ours = [defects(gpu_search.space(f, tvm_target), f) for f in convs]
+    assert all(bad == 0 and built >= 3 for bad, built in ours), ours
+    tvms = [defects("post-order-apply", f) for f in convs]
+    assert sum(bad for bad, _ in tvms) >= 3, \
+        f"TVM's default GPU space no longer makes packed gathers ({tvms}): is the defect fixed?"
+    rebuilt = ms.space_generator.PostOrderApply(
+        sch_rules=gpu_search.rules(gpu_search.DEFAULT_VECTOR_LOAD_LENS))
+    for seed in range(1, 4):
+        [a] = _sampled_schedules(convs[0], tvm_target, "post-order-apply", [seed])
+        [b] = _sampled_schedules(convs[0], tvm_target, rebuilt, [seed])
+        assert (a is None) == (b is None)
+        if a is not None:
+            tvm.ir.assert_structural_equal(a.mod, b.mod)
+
+
 def test_cli_gpu_tune_needs_a_device_or_pocl(save_model, capsys):
     path = save_model(packed_convnet())
     assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16"]) == 2
