@@ -175,3 +175,20 @@ def test_cli_gpu_tune_needs_a_device_or_pocl(save_model, capsys):
     assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16", "--pocl",
                  "--rpc-tracker", "127.0.0.1:9"]) == 2
     assert "on the devices at the tracker or on pocl, not both" in capsys.readouterr().err
+
+
+def test_cli_pocl_not_installed_says_what_to_install(save_model, tmp_path, capsys,
+                                                     monkeypatch):
+    """--pocl without pyopencl (here: made unimportable) is refused before any log is
+    written, naming the packages to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyopencl", None)  # `import pyopencl` raises ImportError
+    path = save_model(packed_convnet())
+    log_dir = tmp_path / "log"
+    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16", "--pocl",
+                 "--log", str(log_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "pocl is not usable here (ModuleNotFoundError" in err
+    assert "pip install pyopencl pocl-binary-distribution" in err
+    assert not log_dir.exists()
