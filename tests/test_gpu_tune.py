@@ -69,6 +69,15 @@ def test_compile_applies_a_gpu_log_and_its_kernels_are_right(gpu_tuned, tmp_path
     assert checks and not wrong, wrong
 
 
+def _int8_packed_convnet(save_model, target):
+    """packed_convnet quantized to int8 for `target` (calibrated on random inputs): its Relax
+    module."""
+    onnx_model = packed_convnet()
+    return quantize(import_onnx(save_model(onnx_model)),
+                    [random_inputs(onnx_model, seed=i) for i in range(4)], QuantConfig(),
+                    target).mod
+
+
 def test_the_packed_int8_gather_defect_is_caught(save_model):
     """dlight's gpu.Matmul with Adreno's configuration emits the defect on packed_convnet's
     int8 convs (schedules/gpu_default.py leaves it out for Adreno): codegen_defect names it,
@@ -77,11 +86,7 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
 
     target = load_target("adreno")
     tvm_target = target.to_tvm()
-    onnx_model = packed_convnet()
-    graph = quantize(import_onnx(save_model(onnx_model)),
-                     [random_inputs(onnx_model, seed=i) for i in range(4)], QuantConfig(),
-                     target)
-    fused, _ = gpu_kernels(graph.mod, target)
+    fused, _ = gpu_kernels(_int8_packed_convnet(save_model, target), target)
     defective = []
     for gvar, func in fused.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or "conv2d" not in gvar.name_hint:
@@ -134,11 +139,8 @@ def test_int8_gpu_search_space_has_no_packed_gathers(save_model):
     intrinsics.register()
     target = load_target("mali")
     tvm_target = target.to_tvm()
-    onnx_model = packed_convnet()
-    graph = quantize(import_onnx(save_model(onnx_model)),
-                     [random_inputs(onnx_model, seed=i) for i in range(4)], QuantConfig(),
-                     target)
-    tasks = ms.relax_integration.extract_tasks(tuning_module(graph.mod, target), tvm_target,
+    mod = _int8_packed_convnet(save_model, target)
+    tasks = ms.relax_integration.extract_tasks(tuning_module(mod, target), tvm_target,
                                                module_equality=MODULE_EQUALITY)
     convs = [t.dispatched[0] for t in tasks if "conv2d" in t.task_name]
     assert len(convs) == 3 and all(gpu_search.is_integer_kernel(f) for f in convs)
