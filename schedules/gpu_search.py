@@ -30,8 +30,8 @@ def is_integer_kernel(func) -> bool:
 
 
 def space(func, tvm_target):
-    """The space generator to tune `func` (as is_integer_kernel takes it) in on the GPU target `tvm_target` (anything
-    MetaSchedule's TuneContext takes as space_generator)."""
+    """The space generator to tune `func` (as is_integer_kernel takes it) in on the GPU target
+    `tvm_target`: anything MetaSchedule's TuneContext takes as space_generator."""
     from tvm.s_tir import meta_schedule as ms
 
     if not is_integer_kernel(func):
