@@ -49,10 +49,10 @@ def rules(tvm_target) -> list:
 
 def apply(mod, tvm_target):
     """`mod` with each unscheduled kernel (one that no tuning record scheduled) scheduled by
-    the first rule that applies; `mod` itself is left as it was. A rule that fails on a kernel counts as not applying (TVM 0.27's
-    `gpu.Matmul` asserts on some fused int8 convs of EfficientNet-Lite0: "There are some
-    consumers of the cache-write stage that are not properly inlined"); a kernel that no rule
-    schedules is an error naming it."""
+    the first rule that applies; `mod` itself is left as it was. A rule that fails on a kernel
+    counts as not applying (TVM 0.27's `gpu.Matmul` asserts on some fused int8 convs of
+    EfficientNet-Lite0: "There are some consumers of the cache-write stage that are not
+    properly inlined"); a kernel that no rule schedules is an error naming it."""
     import tvm
 
     from ..relax_main import module_copy
