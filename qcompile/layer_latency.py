@@ -6,8 +6,9 @@ A weighted layer (Conv/Gemm/MatMul with a constant weight), with the Relu/Clip t
 compiled twice, in int8 (quantized with random calibration data: the scales do not change the
 code) and in the fallback precision, as compile would (the same legalization, layouts, packing
 and fusion). The kernel that holds the layer's conv/matmul gets the schedule compile gives a
-kernel without a tuning record (schedules/: our default schedules) and is timed like a tuning
-candidate: on this machine for the host target, or on the device through the RPC tracker.
+kernel without a tuning record (schedules/: our default schedules; dlight's on a GPU) and is
+timed like a tuning candidate: on this machine for the host target, or on the device through
+the RPC tracker (a GPU target's OpenCL kernels on the phone's GPU).
 Quantize/dequantize kernels at the one-layer model's edges are not counted: inside an int8
 model, int8 layers pass integers to each other.
 
@@ -110,9 +111,11 @@ def _anchor_kernel(mod, target: Target, packed_layout: bool):
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from .tune import MODULE_EQUALITY, fused_module
+    from .tune import MODULE_EQUALITY, fused_module, tuning_module
 
-    fused = fused_module(mod, target, packed_layout=packed_layout)
+    # on a GPU, the kernels of TVM's GPU pipeline, as compile and tune see them
+    fused = tuning_module(mod, target) if target.is_gpu else \
+        fused_module(mod, target, packed_layout=packed_layout)
     tasks = ms.relax_integration.extract_tasks(fused, target.to_tvm(),
                                                module_equality=MODULE_EQUALITY)
     best = max(tasks, key=lambda t: estimate_tir_flops(t.dispatched[0]))
@@ -140,18 +143,21 @@ def _kernels(onnx_path: Path, target: Target, fallback: str, activations: str,
 
 def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32",
             activations: str = "uint8",
-            rpc: tuple[tuple[str, int], str] | None = None) -> dict[str, LayerLatency]:
+            rpc: tuple[tuple[str, int], str] | None = None,
+            pocl: bool = False) -> dict[str, LayerLatency]:
     """{layer name: LayerLatency} for `layers` (simulate.SimLayer) of `onnx_model` (the
     simplified model with static shapes), measured on the target: here for the host target,
-    else through `rpc` ((tracker host, port), key). Raises DeviceError before any work when
-    the target cannot be measured (a cross target without a tracker, no device at the
+    else through `rpc` ((tracker host, port), key); a GPU target's kernels (scheduled by
+    dlight, as compile does without a record) on its GPU, or with `pocl` on pocl (the flow
+    without a phone; the times are not the GPU's). Raises DeviceError before any work when the
+    target cannot be measured (a cross or GPU target without a tracker, no device at the
     tracker)."""
     from .measure import Devices, builder, time_kernels
     from .quantize.simulate import value_shapes
     from .schedules import intrinsics
     from .tune import default_schedule
 
-    devices = Devices(target, rpc)
+    devices = Devices(target, rpc, pocl)
     intrinsics.register()  # the default int8 schedules tensorize with ours
     tvm_target = target.to_tvm()
     # in an int8 model on a dot-product target every conv is NHWC, the float ones too
@@ -190,7 +196,8 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
                          time.perf_counter() - start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    times = time_kernels([mod for _, mod in schedules], tvm_target, builder(target.cc),
+    times = time_kernels([mod for _, mod in schedules], tvm_target,
+                         builder(target.cc, gpu=target.is_gpu),
                          devices.runner())
     seconds: dict = {}  # signature -> [int8 seconds, fallback seconds]
     for (signature, _), timed in zip(schedules, times):

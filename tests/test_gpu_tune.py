@@ -194,3 +194,23 @@ def test_cli_pocl_not_installed_says_what_to_install(save_model, tmp_path, capsy
     assert "pocl is not usable here (ModuleNotFoundError" in err
     assert "pip install pyopencl pocl-binary-distribution" in err
     assert not log_dir.exists()
+
+
+@pytest.mark.slow  # about 75 s: 8 one-layer models through the GPU pipeline
+def test_layer_latency_times_gpu_kernels(save_model):
+    """`--quantize auto`'s per-layer timing on a GPU target: each layer's int8 and fp16 kernels,
+    cut out and compiled as compile would for Mali (dlight's schedules), built as OpenCL and
+    timed, here on pocl; without a tracker (or pocl) it says why it cannot measure."""
+    from qcompile import layer_latency
+    from qcompile.errors import DeviceError
+    from qcompile.quantize.simulate import weighted_layers
+
+    model = packed_convnet()
+    layers = weighted_layers(model)
+    target = load_target("mali").with_compiler()  # the phone's host code: aarch64
+    timed = layer_latency.measure(model, layers, target, "fp16", "int8", pocl=True)
+    assert set(timed) == {layer.name for layer in layers}
+    assert all(t.error is None and t.int8_us > 0 and t.fallback_us > 0 and t.fallback == "fp16"
+               for t in timed.values()), timed
+    with pytest.raises(DeviceError, match="--rpc-tracker"):
+        layer_latency.measure(model, layers, target, "fp16", "int8")
