@@ -111,11 +111,9 @@ def _anchor_kernel(mod, target: Target, packed_layout: bool):
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from .tune import MODULE_EQUALITY, fused_module, tuning_module
+    from .tune import MODULE_EQUALITY, tuning_module
 
-    # on a GPU, the kernels of TVM's GPU pipeline, as compile and tune see them
-    fused = tuning_module(mod, target) if target.is_gpu else \
-        fused_module(mod, target, packed_layout=packed_layout)
+    fused = tuning_module(mod, target, packed_layout)  # as compile and tune fuse it
     tasks = ms.relax_integration.extract_tasks(fused, target.to_tvm(),
                                                module_equality=MODULE_EQUALITY)
     best = max(tasks, key=lambda t: estimate_tir_flops(t.dispatched[0]))

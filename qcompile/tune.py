@@ -308,14 +308,15 @@ def check_log_dir(directory: Path, target: Target) -> None:
                          f"Tune '{target.name}' into another directory (--log DIR).")
 
 
-def tuning_module(mod, target: Target):
+def tuning_module(mod, target: Target, packed_layout: bool | None = None):
     """The fused kernels of `mod` that tune() searches and build() schedules: on a GPU target,
-    those of TVM's pipeline for it (build.gpu_kernels); on a CPU, fused_module's."""
+    those of TVM's pipeline for it (build.gpu_kernels); on a CPU, fused_module's (with
+    `packed_layout` as it takes it)."""
     if target.is_gpu:
         from .build import gpu_kernels
 
         return gpu_kernels(mod, target)[0]
-    return fused_module(mod, target)
+    return fused_module(mod, target, packed_layout=packed_layout)
 
 
 def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 32,
