@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
-from .errors import ToolchainError, last_line
+from .errors import InputError, ToolchainError, last_line
 from .frontend import FloatModel
 from .relax_main import module_copy
 from .targets import Target
@@ -138,7 +138,7 @@ def check_opencl(module) -> None:
         if current.kind == "opencl":
             defect = codegen_defect(current.inspect_source())
             if defect is not None:
-                raise RuntimeError(f"The GPU build would compute wrong results: {defect}. "
+                raise InputError(f"The GPU build would compute wrong results: {defect}. "
                                    "Compile without --tuning-log if one was given, or in "
                                    "another precision (--quantize fp16).")
 

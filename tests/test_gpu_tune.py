@@ -14,6 +14,7 @@ from models import packed_convnet, random_inputs
 from opencl import check_kernel, opencl_source
 from qcompile.build import check_opencl, gpu_kernels
 from qcompile.cli import main
+from qcompile.errors import QcompileError
 from qcompile.frontend import import_onnx
 from qcompile.quantize import QuantConfig, quantize
 from qcompile.schedules.gpu_default import codegen_defect
@@ -104,7 +105,7 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
             assert "packs a gathered int8 vector" in defect
     assert defective
     executable = tvm.compile(tvm.IRModule({"main": defective[0]}), target=tvm_target)
-    with pytest.raises(RuntimeError, match="wrong results"):
+    with pytest.raises(QcompileError, match="wrong results"):  # the CLI: its message, exit 2
         check_opencl(executable.mod)
 
 
