@@ -114,16 +114,6 @@ def _has_reduction(mod) -> bool:
                for block in _blocks(mod) for iv in block.iter_vars)
 
 
-def _search_cannot_express(mod) -> bool:
-    """Kernels packed for smmla: MetaSchedule has no rule that tensorizes with it, so a
-    searched schedule would be slower than our default one (schedules/int8_default.py)."""
-    from .schedules.intrinsics import SMMLA
-    from .schedules.packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
-
-    names = (block_name(CONV_BLOCK, SMMLA), block_name(MATMUL_BLOCK, SMMLA))
-    return any(block.name_hint.startswith(names) for block in _blocks(mod))
-
-
 def default_schedule(mod, tvm_target):
     """Our default schedule of the kernel `mod` (what compile gives it without a record):
     a Schedule, or None when it has none worth measuring (no conv/matmul block). On a GPU:
@@ -352,15 +342,8 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    searchable = [t for t in tasks if not _search_cannot_express(t.dispatched[0])]
-    if len(searchable) < len(tasks):
-        log.info("%d kernel(s) keep qcompile's default schedule: they are packed for an "
-                 "instruction MetaSchedule's search cannot emit (smmla)",
-                 len(tasks) - len(searchable))
-    tasks = searchable
     if not tasks:
-        raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}: "
-                         "every kernel keeps qcompile's default schedule.")
+        raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}.")
     contexts, weights = _tune_contexts(tasks, target, log_dir)
     if reuse is not None:
         adopted = _adopt(database, contexts, reuse, log_dir)
@@ -443,15 +426,16 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
 def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:
     """MetaSchedule's TuneContext and weight of each task. A GPU kernel is searched in the
     space schedules/gpu_search.py gives it (its int8 fetches are not vectorized); a CPU kernel
-    in MetaSchedule's default space for the target."""
+    in the one schedules/cpu_search.py gives it (MetaSchedule's default for the target, plus
+    smmla tensorization for kernels packed for it)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import gpu_search
+    from .schedules import cpu_search, gpu_search
 
     contexts, weights = [], []
     for task in tasks:
-        space = gpu_search.space(task.dispatched[0], task.target) if target.is_gpu else \
-            "post-order-apply"
+        search = gpu_search if target.is_gpu else cpu_search
+        space = search.space(task.dispatched[0], task.target)
         context, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [task], work_dir=str(log_dir), space=space, num_threads=os.cpu_count() or 1,
             strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))

@@ -197,6 +197,49 @@ def test_tune_over_rpc_then_compile_applies_the_log(arm64_device, save_model, tm
 
 
 @pytest.mark.slow
+def test_smmla_kernels_are_tuned_over_rpc_and_searched_schedules_match(arm64_device,
+                                                                      save_model, tmp_path):
+    """arm64-i8mm over RPC: the smmla kernel is searched like the others (MetaSchedule had no
+    rule that emits smmla; schedules/cpu_search.py adds one). Built with only the searched
+    records (our default schedules' records dropped), the model uses smmla and gives exactly
+    the integers of the untuned build on the (emulated, -cpu max) phone."""
+    from test_int8_kernels import compile_int8, instruction_counts
+    from qcompile.tuning_log import RECORDS_FILE
+
+    path = save_model(packed_convnet())
+    calibration = [random_inputs(packed_convnet(), seed=10 + i) for i in range(8)]
+    log_dir = tmp_path / "log"
+    log = qcompile.tune(path, "arm64-i8mm", log_dir, trials=8, quantize="int8",
+                        calibration=calibration, rpc_tracker=arm64_device["tracker"],
+                        rpc_key=arm64_device["key"])
+    searched, defaults, smmla_ran = [], 0, 0
+    for line in (log_dir / RECORDS_FILE).read_text().splitlines():
+        trace, run_secs = json.loads(line)[1][:2]
+        text = json.dumps(trace)
+        if "qcompile_smmla" in text and "meta_schedule.tiling_structure" not in text:
+            defaults += 1  # our default schedule's record, measured first
+            continue
+        searched.append(line)
+        smmla_ran += "qcompile_smmla" in text and min(run_secs) < 1e9  # 1e10: it failed
+    assert defaults == 1 and smmla_ran >= 4, (defaults, smmla_ran)
+    assert all(task.records >= 1 for task in log.tasks)
+    (log_dir / RECORDS_FILE).write_text("\n".join(searched) + "\n")
+
+    tuned = qcompile.compile(path, "arm64-i8mm", tmp_path / "tuned", quantize="int8",
+                             calibration=calibration, tuning_log=log_dir)
+    assert tuned.manifest.kernels["tuned"] == tuned.manifest.kernels["total"]
+    assert instruction_counts(tuned.library, "aarch64-linux-gnu-objdump")["smmla"] > 0
+    untuned = compile_int8(path, "arm64-i8mm", tmp_path / "untuned")
+    feeds = random_inputs(packed_convnet(), seed=3)
+    outputs = []
+    for artifact in (tuned, untuned):
+        with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
+                           rpc_key=arm64_device["key"]) as loaded:
+            outputs.append(loaded.run(feeds)["y"])
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.slow
 def test_a_killed_tune_resumes_from_what_it_measured(arm64_device, save_model, tmp_path):
     """`qcompile tune` over RPC killed (SIGKILL) after its first measurements: running it
     again keeps those records and measures only the rest of the budget."""

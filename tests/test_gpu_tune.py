@@ -12,6 +12,7 @@ import tvm
 import qcompile
 from models import packed_convnet, random_inputs
 from opencl import check_kernel, opencl_source
+from spaces import int8_packed_convnet, sampled_schedules
 from qcompile.build import check_opencl, gpu_kernels
 from qcompile.cli import main
 from qcompile.errors import QcompileError
@@ -70,15 +71,6 @@ def test_compile_applies_a_gpu_log_and_its_kernels_are_right(gpu_tuned, tmp_path
     assert checks and not wrong, wrong
 
 
-def _int8_packed_convnet(save_model, target):
-    """packed_convnet quantized to int8 for `target` (calibrated on random inputs): its Relax
-    module."""
-    onnx_model = packed_convnet()
-    return quantize(import_onnx(save_model(onnx_model)),
-                    [random_inputs(onnx_model, seed=i) for i in range(4)], QuantConfig(),
-                    target).mod
-
-
 def test_the_packed_int8_gather_defect_is_caught(save_model):
     """dlight's gpu.Matmul with Adreno's configuration emits the defect on packed_convnet's
     int8 convs (schedules/gpu_default.py leaves it out for Adreno): codegen_defect names it,
@@ -87,7 +79,7 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
 
     target = load_target("adreno")
     tvm_target = target.to_tvm()
-    fused, _ = gpu_kernels(_int8_packed_convnet(save_model, target), target)
+    fused, _ = gpu_kernels(int8_packed_convnet(save_model, target), target)
     defective = []
     for gvar, func in fused.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or "conv2d" not in gvar.name_hint:
@@ -109,23 +101,6 @@ def test_the_packed_int8_gather_defect_is_caught(save_model):
         check_opencl(executable.mod)
 
 
-def _sampled_schedules(func, tvm_target, space, seeds):
-    """Schedules of `func` drawn from `space` like MetaSchedule's first trials: the design
-    space's trace replayed with fresh random decisions, then its postprocessors (None: one they
-    reject)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    context = ms.TuneContext(mod=func, target=tvm_target, space_generator=space,
-                             search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
-                             num_threads=1)
-    design = context.generate_design_space()[0].trace.simplified(remove_postproc=True)
-    for seed in seeds:
-        schedule = tvm.s_tir.Schedule(func, seed=seed)
-        tvm.s_tir.Trace(design.insts, {}).apply_to_schedule(schedule, remove_postproc=True)
-        ok = all(p.apply(schedule) for p in context.space_generator.postprocs)
-        yield schedule if ok else None
-
-
 def test_int8_gpu_search_space_has_no_packed_gathers(save_model):
     """MetaSchedule's default GPU space gives packed_convnet's int8 convs candidates with the
     packed-gather defect (the builder rejects them: wasted trials); schedules/gpu_search.py's
@@ -140,14 +115,14 @@ def test_int8_gpu_search_space_has_no_packed_gathers(save_model):
     intrinsics.register()
     target = load_target("mali")
     tvm_target = target.to_tvm()
-    mod = _int8_packed_convnet(save_model, target)
+    mod = int8_packed_convnet(save_model, target)
     tasks = ms.relax_integration.extract_tasks(tuning_module(mod, target), tvm_target,
                                                module_equality=MODULE_EQUALITY)
     convs = [t.dispatched[0] for t in tasks if "conv2d" in t.task_name]
     assert len(convs) == 3 and all(gpu_search.is_integer_kernel(f) for f in convs)
 
     def defects(space, func):
-        sampled = _sampled_schedules(func, tvm_target, space, range(1, 5))
+        sampled = sampled_schedules(func, tvm_target, space, range(1, 5))
         built = [local_builder.default_build(s.mod, tvm_target, None).imports[0]
                  .inspect_source() for s in sampled if s is not None]
         return sum(codegen_defect(source) is not None for source in built), len(built)
@@ -160,8 +135,8 @@ def test_int8_gpu_search_space_has_no_packed_gathers(save_model):
     rebuilt = ms.space_generator.PostOrderApply(
         sch_rules=gpu_search.rules(gpu_search.DEFAULT_VECTOR_LOAD_LENS))
     for seed in range(1, 4):
-        [a] = _sampled_schedules(convs[0], tvm_target, "post-order-apply", [seed])
-        [b] = _sampled_schedules(convs[0], tvm_target, rebuilt, [seed])
+        [a] = sampled_schedules(convs[0], tvm_target, "post-order-apply", [seed])
+        [b] = sampled_schedules(convs[0], tvm_target, rebuilt, [seed])
         assert (a is None) == (b is None)
         if a is not None:
             tvm.ir.assert_structural_equal(a.mod, b.mod)
