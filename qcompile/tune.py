@@ -426,8 +426,9 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
 def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:
     """MetaSchedule's TuneContext and weight of each task. A GPU kernel is searched in the
     space schedules/gpu_search.py gives it (its int8 fetches are not vectorized); a CPU kernel
-    in the one schedules/cpu_search.py gives it (MetaSchedule's default for the target, plus
-    smmla tensorization for kernels packed for it)."""
+    in the one schedules/cpu_search.py gives it (MetaSchedule's default for the target; for
+    an int8 kernel on packed weights, with the loop around the tensorized block kept serial so
+    that every candidate builds, and smmla tensorization where it is packed for smmla)."""
     from tvm.s_tir import meta_schedule as ms
 
     from .schedules import cpu_search, gpu_search
