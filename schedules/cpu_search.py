@@ -44,7 +44,7 @@ def packed_instruction(func) -> str | None:
             name = sch.get(block).name_hint
             for kind in (CONV_BLOCK, MATMUL_BLOCK):
                 if name.startswith(kind):
-                    suffix = name[len(kind):].lstrip("_0123456789")
+                    suffix = name[len(kind):].strip("_0123456789")  # names may be uniquified: _1
                     return suffix or "dot"
     return None
 
