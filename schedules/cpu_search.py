@@ -9,8 +9,9 @@ other kernel in the default space itself.
   widen the intrinsic's vector operands: the build aborts ("Cannot broadcast lanes=4 ... to
   16", "VectorizeLoop before LiftStorageAlloc"). Sampled on a 3x3 int8 conv, 12 candidates per
   space: TVM's default space built 4 for arm64-dotprod (sdot) and 7 for the host (VNNI); this
-  one 12 and 12 (on the host, each computing the unscheduled kernel's integers). An annotation on that loop keeps the
-  postprocessor off it (the intrinsic is the vector code already).
+  one 12 and 12 (on the host, each computing the unscheduled kernel's integers). An
+  annotation on that loop keeps the postprocessor off it (the intrinsic is the vector code
+  already).
 - Kernels packed for smmla (arm64-i8mm) also get MetaSchedule's multi-level tiling with our
   smmla intrinsic (intrinsics.py): 2 output pixels (or matmul rows) x 2 packed output channels
   x 8 reduction bytes per instruction. Its accumulator is 2 x 2, and the tensorize
