@@ -41,6 +41,16 @@ def test_emulated_device_matches_onnxruntime(arm64_device, name, target, save_mo
         assert_close(actual[out_name], value)
 
 
+def _outputs_on_device(device, artifacts, feeds) -> list:
+    """Each build's output "y" for `feeds`, run on the emulated phone."""
+    outputs = []
+    for artifact in artifacts:
+        with qcompile.load(artifact.directory, rpc_tracker=device["tracker"],
+                           rpc_key=device["key"]) as loaded:
+            outputs.append(loaded.run(feeds)["y"])
+    return outputs
+
+
 @pytest.mark.parametrize("target,instruction,model", [
     ("arm64-dotprod", "sdot", packed_convnet), ("arm64-i8mm", "smmla", packed_convnet),
     ("arm64-dotprod", "sdot", gemm_matmul)])
@@ -58,12 +68,7 @@ def test_packed_int8_kernels_on_the_device_match_unpacked_kernels(arm64_device, 
     plain = compile_int8(path, "arm64", tmp_path / "plain", model)
     assert instruction_counts(packed.library, "aarch64-linux-gnu-objdump")[instruction] > 0
     feeds = random_inputs(model(), seed=3)
-    outputs = []
-    for artifact in (packed, plain):
-        with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
-                           rpc_key=arm64_device["key"]) as loaded:
-            outputs.append(loaded.run(feeds)["y"])
-    assert np.array_equal(outputs[0], outputs[1])
+    assert np.array_equal(*_outputs_on_device(arm64_device, (packed, plain), feeds))
 
 
 def test_auto_times_each_layer_on_the_device(arm64_device, save_model, tmp_path):
@@ -242,12 +247,7 @@ def test_int8_kernels_tuned_over_rpc_build_and_match(arm64_device, save_model, t
     assert instruction_counts(tuned.library, "aarch64-linux-gnu-objdump")[instruction] > 0
     untuned = compile_int8(path, target, tmp_path / "untuned")
     feeds = random_inputs(packed_convnet(), seed=3)
-    outputs = []
-    for artifact in (tuned, untuned):
-        with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
-                           rpc_key=arm64_device["key"]) as loaded:
-            outputs.append(loaded.run(feeds)["y"])
-    assert np.array_equal(outputs[0], outputs[1])
+    assert np.array_equal(*_outputs_on_device(arm64_device, (tuned, untuned), feeds))
 
 
 @pytest.mark.slow
