@@ -26,37 +26,38 @@ import functools
 SERIAL_ANNOTATION = "qcompile.serial_around_intrinsic"
 
 
-def packed_instruction(func) -> str | None:
-    """The instruction the kernel `func` (a PrimFunc, or a tuning task's IRModule) has a
-    conv/matmul block packed for ("smmla"; "dot" for vpdpbusd/sdot, whose blocks are not
-    named after it), or None: no packed block."""
+def packed_for(func, tvm_target):
+    """The dot product (intrinsics.DotProduct) the kernel `func` (a PrimFunc, or a tuning
+    task's IRModule) has a conv/matmul packed for on `tvm_target`, or None."""
     import tvm
 
-    from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK
+    from .int8_default import packed_block
+    from .intrinsics import dot_product_for
 
+    dot = dot_product_for(tvm_target)
+    if dot is None:
+        return None
     if isinstance(func, tvm.tirx.PrimFunc):
         func = tvm.IRModule({"main": func})
     sch = tvm.s_tir.Schedule(func)
     for gvar, f in func.functions.items():
-        if not isinstance(f, tvm.tirx.PrimFunc):
-            continue
-        sch.work_on(gvar.name_hint)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(block).name_hint
-            for kind in (CONV_BLOCK, MATMUL_BLOCK):
-                if name.startswith(kind):
-                    suffix = name[len(kind):].strip("_0123456789")  # names may be uniquified: _1
-                    return suffix or "dot"
+        if isinstance(f, tvm.tirx.PrimFunc):
+            sch.work_on(gvar.name_hint)
+            chosen = packed_block(sch, dot)[2]
+            if chosen is not None:
+                return chosen
     return None
 
 
 def space(func, tvm_target):
     """The space generator to tune `func` in on the CPU target `tvm_target`: anything
     MetaSchedule's TuneContext takes as space_generator."""
-    instruction = packed_instruction(func)
-    if instruction is None:
+    from .intrinsics import SMMLA
+
+    dot = packed_for(func, tvm_target)
+    if dot is None:
         return "post-order-apply"
-    return tensorized_space(tvm_target, smmla=instruction == "smmla")
+    return tensorized_space(tvm_target, smmla=dot is SMMLA)
 
 
 def tensorized_space(tvm_target, smmla: bool = False):

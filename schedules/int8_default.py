@@ -25,8 +25,9 @@ TILE_PIXELS = 8
 TILE_ROWS = 8
 
 
-def _packed_block(sch, dot: DotProduct):
-    """(the packed conv/matmul block, whether it is a conv, the instruction it is packed for)"""
+def packed_block(sch, dot: DotProduct):
+    """(the packed conv/matmul block, whether it is a conv, the instruction it is packed for:
+    `dot` or its fallback), or (None, False, None) when the kernel has none."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(block).name_hint
         for kind in (CONV_BLOCK, MATMUL_BLOCK):
@@ -110,7 +111,7 @@ def schedule(func, dot: DotProduct):
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
-    block, is_conv, chosen = _packed_block(sch, dot)
+    block, is_conv, chosen = packed_block(sch, dot)
     if block is None:
         return None
     inline_epilogue(sch, block)

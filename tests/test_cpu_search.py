@@ -19,7 +19,7 @@ SEEDS = range(1, 5)
 
 def _packed_kernels(save_model, target):
     """packed_convnet's int8 kernels for `target` that are packed for its dot product:
-    {instruction ("smmla" or "dot"): [kernel IRModule]}."""
+    {instruction ("vpdpbusd", "sdot", "smmla"): [kernel IRModule]}."""
     from tvm.s_tir import meta_schedule as ms
 
     intrinsics.register()
@@ -28,9 +28,9 @@ def _packed_kernels(save_model, target):
                                                module_equality=MODULE_EQUALITY)
     kernels = {}
     for task in tasks:
-        instruction = cpu_search.packed_instruction(task.dispatched[0])
-        if instruction is not None:
-            kernels.setdefault(instruction, []).append(task.dispatched[0])
+        dot = cpu_search.packed_for(task.dispatched[0], target.to_tvm())
+        if dot is not None:
+            kernels.setdefault(dot.instruction, []).append(task.dispatched[0])
     return kernels
 
 
@@ -42,7 +42,7 @@ def _build(schedule, tvm_target):
 
 
 def _run(executable, func, inputs):
-    out = [p for p in func.params][len(inputs):]
+    out = list(func.params)[len(inputs):]
     args = [tvm.runtime.tensor(x) for x in inputs] + [
         tvm.runtime.tensor(np.zeros([int(d) for d in p.shape], str(p.dtype))) for p in out]
     executable(*args)
@@ -68,9 +68,10 @@ def test_host_int8_candidates_all_build_and_compute_the_same_integers(save_model
     unscheduled kernel's outputs; TVM's default space has candidates that fail to build."""
     target = load_target("host")
     tvm_target = target.to_tvm()
-    if intrinsics.dot_product_for(tvm_target) is None:
+    dot = intrinsics.dot_product_for(tvm_target)
+    if dot is None:
         pytest.skip("this CPU has no integer dot-product instruction: int8 kernels stay unpacked")
-    kernels = _packed_kernels(save_model, target)["dot"]
+    kernels = _packed_kernels(save_model, target)[dot.instruction]
     assert len(kernels) == 3  # packed_convnet: two convs and the Gemm
     rng = np.random.default_rng(0)
     tvm_failed = 0
@@ -90,8 +91,8 @@ def test_host_int8_candidates_all_build_and_compute_the_same_integers(save_model
     assert tvm_failed >= 1, "TVM's default space built every candidate: is the vectorizer fixed?"
 
 
-@pytest.mark.parametrize("name,instructions", [("arm64-dotprod", {"dot"}),
-                                               ("arm64-i8mm", {"dot", "smmla"})])
+@pytest.mark.parametrize("name,instructions", [("arm64-dotprod", {"sdot"}),
+                                               ("arm64-i8mm", {"sdot", "smmla"})])
 def test_arm_int8_candidates_all_build_with_the_instruction(save_model, name, instructions):
     """arm64-dotprod and arm64-i8mm: every sampled candidate of each packed kernel builds, and
     the smmla kernels' candidates use smmla (before, TVM's search could not emit it, and its
@@ -110,7 +111,7 @@ def test_arm_int8_candidates_all_build_with_the_instruction(save_model, name, in
                 assert built is not None, schedule.trace
                 if instruction == "smmla":
                     assert "smmla" in built.mod.inspect_source("asm")
-            if instruction == "dot":
+            if instruction == "sdot":
                 tvm_failed += sum(s is None or _build(s, tvm_target) is None
                                   for s in sampled_schedules(mod["main"], tvm_target,
                                                              "post-order-apply", SEEDS))
