@@ -158,9 +158,10 @@ def _quantize_args(p, auto: bool) -> None:
                         "entropy and mse clip outliers and need at least 8 samples")
     q.add_argument("--weights", default="per-channel", choices=["per-channel", "per-tensor"],
                    help="int8 weight scales (default: per-channel)")
-    q.add_argument("--activations", choices=["uint8", "int8"],
+    q.add_argument("--activations", choices=["uint8", "int8", "uint16", "int16"],
                    help="activation type (default: per target: uint8 on x86 for VNNI, int8 on "
-                        "ARM for sdot)")
+                        "ARM for sdot); 16 bits: int8 weights on 16-bit inputs, split into "
+                        "two bytes (twice the int8 work; a rules file can pick the layers)")
     q.add_argument("--symmetric", action="store_true",
                    help="symmetric activation ranges (zero point 0, or 128 for uint8)")
     q.add_argument("--float-layer", action="append", default=[], metavar="NAME",

@@ -20,8 +20,11 @@ def calibration(model, count=16, seed=1):
 
 
 # -- the numpy reference: affine uint8/int8 activations, symmetric per-channel int8 weights --
+RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+
+
 def quantize_ref(x, qp):
-    lo, hi = (0, 255) if qp["dtype"] == "uint8" else (-128, 127)
+    lo, hi = RANGES[qp["dtype"]]
     q = np.round(x / np.float32(qp["scale"])) + np.float32(qp["zero_point"])
     return np.clip(q, lo, hi).astype(np.int64)
 
@@ -52,7 +55,7 @@ def conv_ref(xc, w, stride, pad, groups):
 
 
 def requantize_ref(acc, multiplier, qp, lo=None, hi=None):
-    qmin, qmax = (0, 255) if qp["dtype"] == "uint8" else (-128, 127)
+    qmin, qmax = RANGES[qp["dtype"]]
     lo_q = qmin if lo is None else max(qmin, qp["zero_point"] + int(np.round(lo / qp["scale"])))
     hi_q = qmax if hi is None else min(qmax, qp["zero_point"] + int(np.round(hi / qp["scale"])))
     q = np.round(acc.astype(np.float32) * multiplier) + np.float32(qp["zero_point"])

@@ -32,6 +32,11 @@ from .rules import LayerSettings, PrecisionRules
 log = logging.getLogger(__name__)
 
 MEASURE_SAMPLES = 16
+WIDE_ACTIVATIONS = ("int16", "uint16")
+# integer ops whose inputs are 16-bit when their output is
+WIDE_THROUGH = frozenset({"add", "concat", "mean", "avg_pool2d", "max_pool2d", "relu", "max",
+                          "min", "clip", "reshape", "permute_dims", "flatten", "squeeze",
+                          "expand_dims"})
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
@@ -58,8 +63,9 @@ class QuantConfig:
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise InputError(f"Unknown weight rounding '{self.weight_rounding}': use one of "
                              f"{', '.join(WEIGHT_ROUNDINGS)}.")
-        if self.activations not in (None, "uint8", "int8"):
-            raise InputError(f"Activations must be uint8 or int8, not '{self.activations}'.")
+        if self.activations not in (None, "uint8", "int8", *WIDE_ACTIVATIONS):
+            raise InputError(f"Activations must be uint8, int8, uint16 or int16, not "
+                             f"'{self.activations}'.")
 
     def base_settings(self, activations: str) -> LayerSettings:
         return LayerSettings("int8", self.method, self.per_channel, activations, self.symmetric)
@@ -193,20 +199,30 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     qparams = {var: activation_qparams(choose_range(obs, config.method, config.percentile),
                                        activations, config.symmetric)
                for var, obs in observer_of.items()}
+    wide = wide_tensors(graph, {var: s for var, s in settings_of.items() if var in weighted})
+    for var, (dtype, symmetric) in wide.items():
+        if var in observer_of:  # 16 bits need no clipping: their ranges are min/max
+            qparams[var] = activation_qparams(choose_range(observer_of[var], "minmax"), dtype,
+                                              symmetric)
     log.info("calibrated in %.1f s", time.perf_counter() - start)
 
     input_qparams = {}
     for var, s in settings_of.items():
         x = weighted[var].args[0] if var in weighted else None
-        if s.precision == "int8" and x in observer_of and \
-                (s.method, s.activations, s.symmetric) != (base.method, base.activations,
-                                                           base.symmetric):
+        if s.precision != "int8" or x not in observer_of:
+            continue
+        if x in wide and s.activations in WIDE_ACTIVATIONS:
+            input_qparams[var] = qparams[x]
+        elif x in wide or (s.method, s.activations, s.symmetric) != (
+                base.method, base.activations, base.symmetric):
             input_qparams[var] = activation_qparams(
-                choose_range(observer_of[x], s.method, config.percentile), s.activations,
+                choose_range(observer_of[x], s.method, config.percentile),
+                s.activations if s.activations not in WIDE_ACTIVATIONS else activations,
                 s.symmetric)
     stem_fp32 = stem is not None and settings_of.get(stem.name, base).precision == "fp32"
     realize_config = RealizeConfig(
-        activation_dtype=activations, per_channel=config.per_channel,
+        activation_dtype=activations, plane_dtype=activation_dtype_for(target),
+        per_channel=config.per_channel,
         **_precision_sets(settings_of, skip=stem.name if stem_fp32 else None),
         input_qparams=input_qparams,
         input_means={var: total / len(feeds) for var, total in sums.items()},
@@ -240,6 +256,10 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     from tvm import relax
 
     config.check()
+    if mode == "dynamic" and config.activations in WIDE_ACTIVATIONS:
+        raise InputError(f"Dynamic quantization quantizes activations to 8 bits at run time; "
+                         f"--activations {config.activations} needs static int8 (--quantize "
+                         f"int8 with --calibration).")
     activations = config.activations or activation_dtype_for(target)
     mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
@@ -293,6 +313,29 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           _layers(model, graph, realizer.layers), report, model,
                           model.source, model.sha256)
+
+
+def wide_tensors(graph: Graph, settings_of: Mapping[str, LayerSettings]) -> dict:
+    """{var: (16-bit dtype, symmetric)}: the inputs of the int8 layers whose settings ask for
+    16-bit activations, and, backwards through integer ops (add, concat, pooling, clip,
+    reshapes), the tensors those inputs are computed from: a residual stream is 16-bit through
+    its adds, so that only the layers' requantization rounds it."""
+    wide: dict = {}
+    pending = []
+    for node in graph.nodes:
+        s = settings_of.get(node.name)
+        if node.kind in ("conv2d", "matmul") and s is not None and s.precision == "int8" and \
+                s.activations in WIDE_ACTIVATIONS:
+            pending.append((node.args[0], (s.activations, s.symmetric)))
+    while pending:
+        var, how = pending.pop()
+        if var in wide or constant_value(var) is not None:
+            continue
+        wide[var] = how
+        producer = graph.node_of(var)
+        if producer is not None and producer.kind in WIDE_THROUGH:
+            pending.extend((arg, how) for arg in producer.args)
+    return wide
 
 
 def _precision_sets(settings_of: dict[str, LayerSettings], skip: str | None = None) -> dict:

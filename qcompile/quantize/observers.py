@@ -154,21 +154,30 @@ def _mse_threshold(obs: Observer, steps: int = 128) -> float:
     return float(best_t)
 
 
+INTEGER_RANGES = {"uint8": (0, 255), "int8": (-128, 127),
+                  "uint16": (0, 65535), "int16": (-32768, 32767)}
+ACTIVATION_DTYPES = tuple(INTEGER_RANGES)
+
+
 @dataclass(frozen=True)
 class QParams:
     """Affine quantization: real = scale * (q - zero_point), q in dtype's range."""
 
     scale: float
     zero_point: int
-    dtype: str  # "uint8" or "int8"
+    dtype: str  # uint8 | int8, or uint16 | int16 (a 16-bit input of an int8-weight layer)
 
     @property
     def qmin(self) -> int:
-        return 0 if self.dtype == "uint8" else -128
+        return INTEGER_RANGES[self.dtype][0]
 
     @property
     def qmax(self) -> int:
-        return 255 if self.dtype == "uint8" else 127
+        return INTEGER_RANGES[self.dtype][1]
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.dtype.endswith("16") else 8
 
     def to_json(self) -> dict:
         return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype}
@@ -179,17 +188,17 @@ def activation_qparams(r: Range, dtype: str, symmetric: bool) -> QParams:
 
     A constant or all-zero tensor gets a valid scale (never zero): its values are exact anyway.
     """
-    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    qmin, qmax = INTEGER_RANGES[dtype]
     lo, hi = min(r.lo, 0.0), max(r.hi, 0.0)
     if symmetric:
         bound = max(abs(lo), abs(hi))
-        if dtype == "uint8":
+        if qmin == 0:
             if lo < 0:  # symmetric unsigned: zero point in the middle
-                scale = (2 * bound) / 255.0
-                return QParams(float(np.float32(scale or 1.0)), 128, dtype)
-            scale = hi / 255.0
+                scale = (2 * bound) / qmax
+                return QParams(float(np.float32(scale or 1.0)), (qmax + 1) // 2, dtype)
+            scale = hi / qmax
             return QParams(float(np.float32(scale or 1.0)), 0, dtype)
-        scale = bound / 127.0
+        scale = bound / qmax
         return QParams(float(np.float32(scale or 1.0)), 0, dtype)
     scale = (hi - lo) / float(qmax - qmin)
     if scale == 0.0 or not np.isfinite(scale):

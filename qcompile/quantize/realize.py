@@ -48,7 +48,7 @@ class LayerResult:
 
     var: str
     op: str
-    precision: str                  # "int8" or "fp32"
+    precision: str                  # int8 | int8-a16 (16-bit input) | fp16 | fp32 | ...
     reason: str = ""                # why it stayed in float
     input_qp: QParams | None = None
     output_qp: QParams | None = None  # None: the layer's output is float
@@ -66,6 +66,7 @@ MODES = ("static", "dynamic", "weight-only")
 class RealizeConfig:
     mode: str = "static"              # static (calibrated) | dynamic | weight-only
     activation_dtype: str = "uint8"   # "uint8" (x86 VNNI: u8 x s8) or "int8" (ARM sdot)
+    plane_dtype: str = "uint8"        # the 8-bit planes of a 16-bit input: the target's type
     per_channel: bool = True
     float_layers: frozenset = frozenset()  # layer vars kept in fp32 (by relax name)
     fp16_layers: frozenset = frozenset()   # layer vars computed in fp16 (fp32 accumulation)
@@ -326,7 +327,7 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
         given = None
         s_w = weight_scales(weight, axis)
     in_scale = np.float32(xq.qp.scale)
-    if bias is not None and given is None:
+    if bias is not None and given is None and xq.qp.bits == 8:
         # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
         # overflow it, so its weight scale is raised until the bias fits in 2^30.
         floor = (np.abs(bias) / (np.float64(in_scale) * 2.0 ** 30)).astype(np.float32)
@@ -345,7 +346,9 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
-    correction = -np.int64(xq.qp.zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
+    wide = xq.qp.bits == 16
+    zero_point = plane_zero_point(xq.qp, r.config.plane_dtype) if wide else xq.qp.zero_point
+    correction = -np.int64(zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
     means = r.config.input_means.get(x) if r.config.input_means is not None else None
     if means is not None and given is None:
         shift = weight_error_shift(w_q * s_w.reshape(shape) - weight, means, node.kind)
@@ -357,14 +360,18 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     bshape = [1] * len(out_shape)
     out_axis = 1 if node.kind == "conv2d" else len(out_shape) - 1
     bshape[out_axis] = channels
-    acc = r._emit(op.add(acc, r._const(correction.astype(np.int32).reshape(bshape), "int32")))
-    layer = LayerResult(node.name, node.kind, "int8", input_qp=xq.qp,
+    if wide:
+        accf = combined_planes(r, acc, correction.astype(np.float32).reshape(bshape))
+    else:
+        acc = r._emit(op.add(acc, r._const(correction.astype(np.int32).reshape(bshape),
+                                           "int32")))
+        accf = op.astype(acc, "float32")
+    layer = LayerResult(node.name, node.kind, "int8-a16" if wide else "int8", input_qp=xq.qp,
                         weight_scales=[float(s) for s in s_w],
                         weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
                         rounding=rounding, fused=tuple(r.graph.nodes[i].name for i in absorbed),
                         output_var=last.var)
     r.absorbed.update(absorbed)
-    accf = op.astype(acc, "float32")
     if r.wants_integers(last) and last.var in r.qparams:
         qp = r.qparams[last.var]
         multiplier = (acc_scale / np.float32(qp.scale)).astype(np.float32).reshape(bshape)
@@ -397,6 +404,42 @@ def weight_error_shift(error: np.ndarray, means: np.ndarray, kind: str) -> np.nd
     group_means = means.reshape(groups, per_group)
     of_output = np.repeat(group_means, out_channels // groups, axis=0)  # [O, I/g]
     return np.einsum("oikl,oi->o", error.astype(np.float64), of_output).astype(np.float32)
+
+
+def plane_offsets(qp: QParams, plane_dtype: str) -> tuple[int, int]:
+    """What is added to the high and low bytes of a 16-bit integer to fit `plane_dtype`."""
+    high = {("uint16", "uint8"): 0, ("int16", "uint8"): 128,
+            ("uint16", "int8"): -128, ("int16", "int8"): 0}[(qp.dtype, plane_dtype)]
+    return high, (0 if plane_dtype == "uint8" else -128)
+
+
+def plane_zero_point(qp: QParams, plane_dtype: str) -> int:
+    """The zero point of a 16-bit input in terms of its byte planes: x - z = 256 h + l - z'."""
+    high, low = plane_offsets(qp, plane_dtype)
+    return qp.zero_point + 256 * high + low
+
+
+def byte_planes(r: Realizer, data, qp: QParams):
+    """A 16-bit integer tensor as its high and low bytes, stacked along axis 0 (one int8
+    kernel computes both): x = 256 h + l, each byte moved into `plane_dtype`'s range."""
+    op = r.relax.op
+    high, low = plane_offsets(qp, r.config.plane_dtype)
+    wide = op.astype(data, "int32")
+    h = op.add(op.right_shift(wide, r._const(8, "int32")), r._const(high, "int32"))
+    l = op.add(op.bitwise_and(wide, r._const(255, "int32")), r._const(low, "int32"))
+    dtype = r.config.plane_dtype
+    return r._emit(op.concat([op.astype(h, dtype), op.astype(l, dtype)], axis=0))
+
+
+def combined_planes(r: Realizer, acc, correction: np.ndarray):
+    """The float32 accumulator of a 16-bit input from its planes' int32 accumulators (stacked
+    along axis 0): 256 acc_h + acc_l + correction, in float (256 acc_h may not fit int32)."""
+    op = r.relax.op
+    halves = r._emit(op.split(acc, 2, axis=0))
+    acc_h = op.astype(r.relax.TupleGetItem(halves, 0), "float32")
+    acc_l = op.astype(r.relax.TupleGetItem(halves, 1), "float32")
+    return op.add(op.add(op.multiply(acc_h, r._const(256.0, "float32")), acc_l),
+                  r._const(correction, "float32"))
 
 
 def _stays_float(r: Realizer, node: Node, unsupported: str | None) -> bool:
@@ -454,12 +497,15 @@ def handle_conv2d(r: Realizer, node: Node):
     def emit_acc(xq: QValue, w_q: np.ndarray):
         data = xq.expr
         pad = padding
-        if xq.qp.zero_point != 0 and any(padding):
-            # the real zero is the zero point: pad with it, not with 0
+        if (xq.qp.zero_point != 0 or xq.qp.bits == 16) and any(padding):
+            # the real zero is the zero point: pad with it, not with 0 (a 16-bit input
+            # before it is split into bytes)
             top, left, bottom, right = padding
             data = r._emit(op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
                                      pad_value=float(xq.qp.zero_point)))
             pad = [0, 0, 0, 0]
+        if xq.qp.bits == 16:
+            data = byte_planes(r, data, xq.qp)
         return r._emit(op.nn.conv2d(data, r._const(w_q, "int8"), strides=strides, padding=pad,
                                     dilation=dilation, groups=groups, out_dtype="int32"))
 
@@ -482,7 +528,8 @@ def handle_matmul(r: Realizer, node: Node):
     op = r.relax.op
 
     def emit_acc(xq: QValue, w_q: np.ndarray):
-        return r._emit(op.matmul(xq.expr, r._const(w_q, "int8"), out_dtype="int32"))
+        data = byte_planes(r, xq.expr, xq.qp) if xq.qp.bits == 16 else xq.expr
+        return r._emit(op.matmul(data, r._const(w_q, "int8"), out_dtype="int32"))
 
     result = _layer(r, node, weight, channel_axis=1, reduce_axes=(0,), emit_acc=emit_acc)
     if result is NotImplemented:

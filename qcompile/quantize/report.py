@@ -131,7 +131,10 @@ class QuantReport:
                     + (f", {self.activations} activations quantized at run time"
                        if mode == "dynamic" else ", fp32 arithmetic"))
         elif self.samples:
-            head = (f"quantized {int8} of {len(self.rows)} layers to int8 ({self.method} "
+            wide = sum(1 for r in self.rows if r["precision"] == "int8-a16")
+            head = (f"quantized {int8} of {len(self.rows)} layers to int8 "
+                    + (f"({wide} of them with 16-bit inputs) " if wide else "") +
+                    f"({self.method} "
                     f"calibration on {self.samples} samples, {self.activations} activations, "
                     f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)")
         else:

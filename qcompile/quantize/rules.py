@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("int8", "fp16", "fp32")
 SELECTORS = ("name", "op", "first", "last")
 SETTINGS = ("precision", "calibration", "weights", "activations", "symmetric")
+# the input type of an int8 layer; 16 bits: the input is split into two bytes, each multiplied
+# by the int8 weights (twice the int8 MACs), for inputs that one int8 scale cannot hold
+ACTIVATIONS = ("uint8", "int8", "uint16", "int16")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class LayerSettings:
     precision: str = "int8"           # int8 | fp16 | fp32
     method: str = "minmax"            # calibration method of the layer's input
     per_channel: bool = True          # weight scales per output channel
-    activations: str = "uint8"        # the layer's input integer type: uint8 | int8
+    activations: str = "uint8"        # the layer's input integer type: (u)int8 | (u)int16
     symmetric: bool = False
 
 
@@ -211,9 +214,9 @@ def _settings(entry: dict, where: str) -> dict[str, object]:
                              f"{entry['weights']!r}.")
         out["per_channel"] = entry["weights"] == "per-channel"
     if "activations" in entry:
-        if entry["activations"] not in ("uint8", "int8"):
-            raise InputError(f"{where}: activations must be uint8 or int8, not "
-                             f"{entry['activations']!r}.")
+        if entry["activations"] not in ACTIVATIONS:
+            raise InputError(f"{where}: activations must be one of {', '.join(ACTIVATIONS)}, "
+                             f"not {entry['activations']!r}.")
         out["activations"] = entry["activations"]
     if "symmetric" in entry:
         if not isinstance(entry["symmetric"], bool):

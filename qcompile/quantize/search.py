@@ -296,9 +296,12 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
 
 
 def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int]) -> float:
+    """The fraction of the MACs that multiply int8 by int8 (a layer with 16-bit inputs does
+    not count: it runs twice the int8 MACs, one pass per byte of its input)."""
     total = sum(macs.values())
-    int8 = sum(m for name, m in macs.items() if plan.get(name, LayerSettings("fp32")).precision
-               == "int8")
+    int8 = sum(m for name, m in macs.items()
+               if plan.get(name, LayerSettings("fp32")).precision == "int8" and
+               plan[name].activations in ("uint8", "int8"))
     return int8 / total if total else 0.0
 
 

@@ -36,6 +36,7 @@ from .rules import LayerSettings
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = frozenset({"Relu", "Clip"})
+WIDE = ("uint16", "int16")  # 16-bit inputs of int8 layers
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
 INTEGER_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool", "ReduceMean"})
 
@@ -223,10 +224,16 @@ class Simulator:
             del integer_ops[i]  # realize runs it in float: its result would only be dequantized
         new_nodes, made = [], {}
 
+        wide = self.wide_tensors(int8)
+
         def qdq(tensor: str, qp: QParams) -> str:
             key = (tensor, qp)
             if key not in made:
                 base = f"{tensor}__{len(made)}"
+                if qp.bits == 16:
+                    new_nodes.extend(_float_qdq(graph, tensor, qp, base))
+                    made[key] = base + "_dq"
+                    return made[key]
                 scale = numpy_helper.from_array(np.array(qp.scale, np.float32), base + "_s")
                 zp = numpy_helper.from_array(np.array(qp.zero_point, qp.dtype), base + "_z")
                 graph.initializer.extend([scale, zp])
@@ -245,7 +252,8 @@ class Simulator:
             if i in int8 and node.input[0] in self.observers:
                 layer, settings = int8[i]
                 source = node.input[0]
-                qp = self.qparams(source, settings)
+                qp = wide[source] if source in wide and settings.activations in WIDE else \
+                    self.qparams(source, settings)
                 node.input[0] = qdq(node.input[0], qp)
                 weight = self.inits[layer.weight]
                 axis = layer.axis if settings.per_channel else None
@@ -295,7 +303,8 @@ class Simulator:
             elif i in integer_ops:
                 for k, tensor in enumerate(node.input):
                     if tensor and tensor not in self.inits:
-                        node.input[k] = qdq(tensor, self.qparams(tensor, self.base))
+                        node.input[k] = qdq(tensor, wide.get(tensor) or
+                                            self.qparams(tensor, self.base))
             new_nodes.append(node)
             new_nodes.extend(after)
             after.clear()
@@ -303,6 +312,25 @@ class Simulator:
         graph.node.extend(_topological(new_nodes, {i.name for i in graph.input} |
                                        set(inits)))
         return model
+
+    def wide_tensors(self, int8: Mapping[int, tuple]) -> dict[str, QParams]:
+        """{tensor: its 16-bit QParams}: the inputs of the int8 layers with 16-bit
+        activations and, backwards through integer ops, what they are computed from (as
+        realize's wide_tensors)."""
+        producers = {out: node for node in self.nodes for out in node.output}
+        wide: dict[str, QParams] = {}
+        pending = [(self.nodes[i].input[0], settings) for i, (_, settings) in int8.items()
+                   if settings.activations in WIDE]
+        while pending:
+            tensor, settings = pending.pop()
+            if tensor in wide or tensor not in self.observers:
+                continue
+            wide[tensor] = activation_qparams(choose_range(self.observers[tensor], "minmax"),
+                                              settings.activations, settings.symmetric)
+            node = producers.get(tensor)
+            if node is not None and node.op_type in INTEGER_OPS | ACTIVATIONS | PASS_THROUGH:
+                pending.extend((t, settings) for t in node.input if t and t not in self.inits)
+        return wide
 
     def run(self, plan: Mapping[str, LayerSettings], feeds) -> list[list[np.ndarray]]:
         """The model's outputs on each feed, with `plan` simulated."""
@@ -315,6 +343,23 @@ class Simulator:
         if key not in self._references:  # keeps `feeds` alive, so its id stays its own
             self._references[key] = (feeds, onnxruntime_outputs(self.model, feeds))
         return self._references[key][1]
+
+
+def _float_qdq(graph, tensor: str, qp: QParams, base: str) -> list:
+    """Nodes rounding `tensor` to 16-bit integers and back, in float arithmetic (ONNX's
+    QuantizeLinear takes 16-bit types only from opset 21): clip(round(x / s) + z) - z, * s."""
+    from onnx import helper, numpy_helper
+
+    constants = {"_s": qp.scale, "_z": float(qp.zero_point), "_lo": float(qp.qmin),
+                 "_hi": float(qp.qmax)}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), base + k)
+                             for k, v in constants.items())
+    return [helper.make_node("Div", [tensor, base + "_s"], [base + "_d"]),
+            helper.make_node("Round", [base + "_d"], [base + "_r"]),
+            helper.make_node("Add", [base + "_r", base + "_z"], [base + "_a"]),
+            helper.make_node("Clip", [base + "_a", base + "_lo", base + "_hi"], [base + "_c"]),
+            helper.make_node("Sub", [base + "_c", base + "_z"], [base + "_u"]),
+            helper.make_node("Mul", [base + "_u", base + "_s"], [base + "_dq"])]
 
 
 def _dequantized_only(nodes, readers: dict, integer_ops: dict, int8: dict,
