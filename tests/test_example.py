@@ -67,19 +67,32 @@ def test_example_command(tmp_path, capsys):
     assert sum(layer["precision"] == "int8" for layer in manifest["layers"]) == 49
 
 
-@pytest.mark.slow
-def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
-    """Static int8 calibrated on 32 photos, evaluated on the others (at least 60; about 277
-    with opencv-doc and gcompris-qt-data, which tests/run installs). The issue's goal is 97%
-    top-1 agreement; this asserts the level reached so far (93.1% measured with minmax;
-    onnxruntime's quantize_static gets less on the same split) so that it cannot regress, and
-    the size (0.32x of fp32 measured; the goal of 0.30x is not met yet)."""
+def _photo_split():
     from qcompile.examples.photos import calibration_split, photo_collection
 
     photos_ = photo_collection()
     xs = [effnet.preprocess(image) for _, image in photos_]
     calibration, held_out = calibration_split(xs)
     assert len(held_out) >= 60, [name for name, _ in photos_]
+    return calibration, held_out
+
+
+def _agreement(onnx_path, directory, held_out) -> int:
+    """On how many held-out photos the build's top-1 equals onnxruntime fp32's."""
+    data = onnx_path.read_bytes()
+    with qcompile.load(directory) as loaded:
+        return sum(int(np.argmax(onnxruntime_outputs(data, {"images": x})["logits"]) ==
+                       np.argmax(loaded.run({"images": x})["logits"])) for x in held_out)
+
+
+@pytest.mark.slow
+def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
+    """Static int8 calibrated on 32 photos, evaluated on the others (at least 60; about 277
+    with opencv-doc and gcompris-qt-data, which tests/run installs). The issue's goal is 97%
+    top-1 agreement; this asserts the level reached by plain int8 (95.7% measured;
+    onnxruntime's quantize_static gets 89.2% on the same split) so that it cannot regress, and
+    the size (0.28x of fp32 measured; the goal is 0.30x)."""
+    calibration, held_out = _photo_split()
     artifact = qcompile.compile(onnx_path, "host", tmp_path / "int8", quantize="int8",
                                 calibration=[{"images": x} for x in calibration])
     precisions = [layer["precision"] for layer in artifact.manifest.layers]
@@ -89,9 +102,30 @@ def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_
         # scheduled by the shipped tuning log where it fits, else by our default schedules
         kernels = artifact.manifest.kernels
         assert kernels["int8_default_schedules"] + kernels["tuned"] >= 19
-    data = onnx_path.read_bytes()
-    with qcompile.load(tmp_path / "int8") as loaded:
-        agree = sum(int(np.argmax(onnxruntime_outputs(data, {"images": x})["logits"]) ==
-                        np.argmax(loaded.run({"images": x})["logits"])) for x in held_out)
+    agree = _agreement(onnx_path, tmp_path / "int8", held_out)
     assert agree / len(held_out) >= 0.92, f"{agree}/{len(held_out)}"
     assert artifact.manifest.library_bytes < 0.33 * fp32_artifact.manifest.library_bytes
+
+
+RESIDUAL_STREAM_16BIT = {"rule": [{"name": ["*expand_conv", "conv_head"],
+                                   "activations": "uint16"}]}
+
+
+@pytest.mark.slow
+def test_16bit_residual_stream_reaches_97_percent(onnx_path, fp32_artifact, tmp_path):
+    """The README's rule: the expand convs and conv_head (the layers that read the residual
+    stream) take 16-bit inputs, so the stream is 16-bit through its adds. Measured: 269/277 =
+    97.1% (plain int8: 95.7%), 0.33x the fp32 size."""
+    from qcompile.quantize import QuantConfig
+    from qcompile.quantize.rules import PrecisionRules
+
+    calibration, held_out = _photo_split()
+    artifact = qcompile.compile(
+        onnx_path, "host", tmp_path / "a16", quantize="int8",
+        calibration=[{"images": x} for x in calibration],
+        quant_config=QuantConfig(rules=PrecisionRules.from_dict(RESIDUAL_STREAM_16BIT)))
+    precisions = [layer["precision"] for layer in artifact.manifest.layers]
+    assert precisions.count("int8-a16") == 16 and precisions.count("int8") == 33
+    agree = _agreement(onnx_path, tmp_path / "a16", held_out)
+    assert agree / len(held_out) >= 0.965, f"{agree}/{len(held_out)}"
+    assert artifact.manifest.library_bytes < 0.36 * fp32_artifact.manifest.library_bytes
