@@ -18,8 +18,8 @@ register-tiled one, with fixed tile sizes instead of searched ones:
   copied once per call into a layout where it is contiguous; only small operands (weights)
   are, so the copy costs little next to the kernel.
 
-Kernels without such a block (softmax, layer norm, reshapes) get their outer loops run in
-parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
+Kernels without such a block (softmax, layer norm, reshapes) get the intermediate steps that
+one step reads inlined, and their outer loops run in parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
 """
 
 from __future__ import annotations
@@ -184,9 +184,30 @@ def schedule(func):
             _parallel_outer(sch, producer)
         schedule_anchor(sch, block)
         return sch, "float"
+    inline_single_use(sch)
     changed = [_parallel_outer(sch, child)
                for child in sch.get_child_blocks(sch.get_sblock("root"))]
     return (sch, "parallel") if any(changed) else None
+
+
+def inline_single_use(sch) -> None:
+    """Inline each intermediate block that exactly one block reads (casts, shifts, the halves
+    of a split): FuseTIR leaves one block per op, each writing a whole buffer. A block read by
+    several (softmax's exp) stays, so nothing is computed twice."""
+    from tvm.s_tir import ScheduleError
+
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if len(sch.get_consumers(block)) != 1:
+                continue
+            try:
+                sch.compute_inline(block)
+            except ScheduleError:
+                continue
+            changed = True
+            break
 
 
 def schedule_kernel(func):
