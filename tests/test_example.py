@@ -115,7 +115,7 @@ RESIDUAL_STREAM_16BIT = {"rule": [{"name": ["*expand_conv", "conv_head"],
 def test_16bit_residual_stream_reaches_97_percent(onnx_path, fp32_artifact, tmp_path):
     """The README's rule: the expand convs and conv_head (the layers that read the residual
     stream) take 16-bit inputs, so the stream is 16-bit through its adds. Measured: 269/277 =
-    97.1% (plain int8: 95.7%), 0.33x the fp32 size."""
+    97.1% (plain int8: 95.7%), 0.28x the fp32 size (the issue's goals: 97%, 0.30x)."""
     from qcompile.quantize import QuantConfig
     from qcompile.quantize.rules import PrecisionRules
 
@@ -128,4 +128,4 @@ def test_16bit_residual_stream_reaches_97_percent(onnx_path, fp32_artifact, tmp_
     assert precisions.count("int8-a16") == 16 and precisions.count("int8") == 33
     agree = _agreement(onnx_path, tmp_path / "a16", held_out)
     assert agree / len(held_out) >= 0.965, f"{agree}/{len(held_out)}"
-    assert artifact.manifest.library_bytes < 0.36 * fp32_artifact.manifest.library_bytes
+    assert artifact.manifest.library_bytes < 0.30 * fp32_artifact.manifest.library_bytes

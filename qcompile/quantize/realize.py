@@ -7,7 +7,9 @@ quantization parameters (QValue). Handlers, registered per node kind, emit:
   uint8/int8 activations, int32 accumulation, the bias and the activation zero-point correction
   folded into one int32 constant, and the output requantized in the same fused kernel with the
   following ReLU/ReLU6/clip as its integer bounds. When nothing after it takes integers (or it
-  is a graph output, e.g. logits), the int32 accumulator is dequantized straight to float;
+  is a graph output, e.g. logits), the int32 accumulator is dequantized straight to float.
+  A layer with a 16-bit input runs its int8 kernel on the input's two bytes (a batch of two)
+  and combines the two accumulators in float (byte_planes, combined_planes);
 - add, mean (global average pool), average/max pooling, concat, clip: integer in, integer out,
   rescaled to the output's parameters inside the kernel;
 - reshape-like ops: on the integer tensor, parameters unchanged;
