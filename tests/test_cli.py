@@ -139,6 +139,8 @@ def test_damaged_manifest_or_missing_library_is_refused(compiled, tmp_path, caps
      "--quantize int8-dynamic needs no calibration data"),
     (["--quantize", "int8-weights", "--calibration", "calib.npz"],
      "--quantize int8-weights needs no calibration data"),
+    (["--quantize", "int8-dynamic", "--activations", "int16"],
+     "--activations int16 needs static int8"),
 ])
 def test_quantize_option_errors(save_model, tmp_path, capsys, args, message):
     path = save_model(conv_relu())

@@ -62,6 +62,24 @@ def requantize_ref(acc, multiplier, qp, lo=None, hi=None):
     return np.clip(q, lo_q, hi_q).astype(np.int64)
 
 
+def depthwise_grouped_ref(x, rows, init):
+    """depthwise (3x3, padded) -> ReLU6 -> grouped 1x1 conv with bias, each layer's input
+    quantized as the report says (8 or 16 bits), integers accumulated exactly: (the output,
+    the grouped conv's int8 weights, its accumulator scales)."""
+    dw = rows["depthwise"]
+    s_x = np.float32(dw["input"]["scale"])
+    wq1, s_w1 = weights_ref(init["dw"], 0)
+    acc1 = conv_ref(quantize_ref(x, dw["input"]) - dw["input"]["zero_point"], wq1, 1, 1, 16)
+    mid = dw["output"]
+    m1 = ((s_x * s_w1) / np.float32(mid["scale"])).astype(np.float32)
+    q1 = requantize_ref(acc1, m1[None, :, None, None], mid, lo=0.0, hi=6.0)
+    wq2, s_w2 = weights_ref(init["gw"], 0)
+    acc_scale2 = (np.float32(mid["scale"]) * s_w2).astype(np.float32)
+    acc2 = conv_ref(q1 - mid["zero_point"], wq2, 1, 0, 4)
+    acc2 += np.round(init["gb"] / acc_scale2).astype(np.int64)[None, :, None, None]
+    return acc2.astype(np.float32) * acc_scale2[None, :, None, None], wq2, acc_scale2
+
+
 def initializers(model):
     from onnx import numpy_helper
 
@@ -131,20 +149,9 @@ def test_depthwise_relu6_grouped_chain_requantizes_like_the_reference(save_model
     dw, gr = rows["depthwise"], rows["grouped"]
     assert dw["output"] != "float" and gr["output"] == "float" and "relu6" not in rows
     assert report["activations"] == "uint8"  # x86 host: VNNI multiplies u8 x s8
-    init = initializers(model)
+    assert gr["input"] == dw["output"]  # the int8 tensor flows from one kernel into the next
     x = random_inputs(model, seed=42)["x"]
-    s_x = np.float32(dw["input"]["scale"])
-    wq1, s_w1 = weights_ref(init["dw"], 0)
-    acc1 = conv_ref(quantize_ref(x, dw["input"]) - dw["input"]["zero_point"], wq1, 1, 1, 16)
-    mid = dw["output"]
-    m1 = ((s_x * s_w1) / np.float32(mid["scale"])).astype(np.float32)
-    q1 = requantize_ref(acc1, m1[None, :, None, None], mid, lo=0.0, hi=6.0)
-    assert gr["input"] == mid  # the int8 tensor flows from one kernel into the next
-    wq2, s_w2 = weights_ref(init["gw"], 0)
-    acc_scale2 = (np.float32(mid["scale"]) * s_w2).astype(np.float32)
-    acc2 = conv_ref(q1 - mid["zero_point"], wq2, 1, 0, 4)
-    acc2 += np.round(init["gb"] / acc_scale2).astype(np.int64)[None, :, None, None]
-    expected = acc2.astype(np.float32) * acc_scale2[None, :, None, None]
+    expected, wq2, acc_scale2 = depthwise_grouped_ref(x, rows, initializers(model))
     actual = loaded.run({"x": x})["y"]
     # one LSB of the intermediate int8 tensor may differ (float rounding at a .5 boundary)
     step = float(np.abs(wq2).sum(axis=(1, 2, 3)).max() * acc_scale2.max())

@@ -17,30 +17,12 @@ from qcompile.quantize import QuantConfig, quantize
 from qcompile.quantize.rules import LayerSettings, PrecisionRules
 from qcompile.targets import load_target
 from test_int8_kernels import host_has_vnni, instruction_counts
-from test_quantize import (calibration, compile_int8, conv_ref, initializers, quantize_ref,
-                           requantize_ref, weights_ref)
+from test_quantize import calibration, compile_int8, depthwise_grouped_ref, initializers
 
 
 def wide(*names, activations="uint16"):
     return PrecisionRules.from_dict({"rule": [{"name": list(names),
                                                "activations": activations}]})
-
-
-def depthwise_grouped_ref(x, rows, init):
-    """depthwise (3x3, padded) -> ReLU6 -> grouped 1x1 conv with bias, each layer's input
-    quantized as the report says (8 or 16 bits), integers accumulated exactly."""
-    dw, gr = rows["depthwise"], rows["grouped"]
-    s_x = np.float32(dw["input"]["scale"])
-    wq1, s_w1 = weights_ref(init["dw"], 0)
-    acc1 = conv_ref(quantize_ref(x, dw["input"]) - dw["input"]["zero_point"], wq1, 1, 1, 16)
-    mid = dw["output"]
-    m1 = ((s_x * s_w1) / np.float32(mid["scale"])).astype(np.float32)
-    q1 = requantize_ref(acc1, m1[None, :, None, None], mid, lo=0.0, hi=6.0)
-    wq2, s_w2 = weights_ref(init["gw"], 0)
-    acc_scale2 = (np.float32(mid["scale"]) * s_w2).astype(np.float32)
-    acc2 = conv_ref(q1 - mid["zero_point"], wq2, 1, 0, 4)
-    acc2 += np.round(init["gb"] / acc_scale2).astype(np.int64)[None, :, None, None]
-    return acc2.astype(np.float32) * acc_scale2[None, :, None, None], wq2, acc_scale2
 
 
 @pytest.mark.parametrize("layer", ["grouped", "depthwise"])

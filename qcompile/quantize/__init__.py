@@ -23,8 +23,10 @@ from ..frontend import FloatModel, Layer
 from .calibration_data import load_calibration
 from ..relax_main import rebuild_main
 from .graph import Graph, constant_value, read_graph
-from .observers import METHODS, Observer, QParams, activation_qparams, choose_range
-from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
+from .observers import (ACTIVATION_DTYPES, METHODS, WIDE_DTYPES as WIDE_ACTIVATIONS, Observer,
+                        QParams, activation_qparams, choose_range)
+from .realize import (INTEGER_INPUT_KINDS, LayerResult, RealizeConfig, Realizer,
+                      graph_qparams)
 from .report import QuantReport, TensorError, layer_errors
 from .rounding import InputMoments, conv_shape
 from .rules import LayerSettings, PrecisionRules
@@ -32,11 +34,8 @@ from .rules import LayerSettings, PrecisionRules
 log = logging.getLogger(__name__)
 
 MEASURE_SAMPLES = 16
-WIDE_ACTIVATIONS = ("int16", "uint16")
 # integer ops whose inputs are 16-bit when their output is
-WIDE_THROUGH = frozenset({"add", "concat", "mean", "avg_pool2d", "max_pool2d", "relu", "max",
-                          "min", "clip", "reshape", "permute_dims", "flatten", "squeeze",
-                          "expand_dims"})
+WIDE_THROUGH = INTEGER_INPUT_KINDS - {"conv2d", "matmul", "quantize"}
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
@@ -63,7 +62,7 @@ class QuantConfig:
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise InputError(f"Unknown weight rounding '{self.weight_rounding}': use one of "
                              f"{', '.join(WEIGHT_ROUNDINGS)}.")
-        if self.activations not in (None, "uint8", "int8", *WIDE_ACTIVATIONS):
+        if self.activations not in (None, *ACTIVATION_DTYPES):
             raise InputError(f"Activations must be uint8, int8, uint16 or int16, not "
                              f"'{self.activations}'.")
 

@@ -157,6 +157,7 @@ def _mse_threshold(obs: Observer, steps: int = 128) -> float:
 INTEGER_RANGES = {"uint8": (0, 255), "int8": (-128, 127),
                   "uint16": (0, 65535), "int16": (-32768, 32767)}
 ACTIVATION_DTYPES = tuple(INTEGER_RANGES)
+WIDE_DTYPES = ("uint16", "int16")  # inputs an int8 layer takes as two bytes
 
 
 @dataclass(frozen=True)

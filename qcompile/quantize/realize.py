@@ -329,7 +329,8 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
         given = None
         s_w = weight_scales(weight, axis)
     in_scale = np.float32(xq.qp.scale)
-    if bias is not None and given is None and xq.qp.bits == 8:
+    wide = xq.qp.bits == 16  # the input runs as two bytes; the correction is added in float
+    if bias is not None and given is None and not wide:
         # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
         # overflow it, so its weight scale is raised until the bias fits in 2^30.
         floor = (np.abs(bias) / (np.float64(in_scale) * 2.0 ** 30)).astype(np.float32)
@@ -348,7 +349,6 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
-    wide = xq.qp.bits == 16
     zero_point = plane_zero_point(xq.qp, r.config.plane_dtype) if wide else xq.qp.zero_point
     correction = -np.int64(zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
     means = r.config.input_means.get(x) if r.config.input_means is not None else None

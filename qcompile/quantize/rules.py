@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import InputError
-from .observers import METHODS
+from .observers import ACTIVATION_DTYPES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SELECTORS = ("name", "op", "first", "last")
 SETTINGS = ("precision", "calibration", "weights", "activations", "symmetric")
 # the input type of an int8 layer; 16 bits: the input is split into two bytes, each multiplied
 # by the int8 weights (twice the int8 MACs), for inputs that one int8 scale cannot hold
-ACTIVATIONS = ("uint8", "int8", "uint16", "int16")
+ACTIVATIONS = ACTIVATION_DTYPES
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .metrics import Metric
+from .observers import WIDE_DTYPES
 from .rules import LayerSettings, rules_toml
 from .simulate import Simulator
 
@@ -301,7 +302,7 @@ def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int]) ->
     total = sum(macs.values())
     int8 = sum(m for name, m in macs.items()
                if plan.get(name, LayerSettings("fp32")).precision == "int8" and
-               plan[name].activations in ("uint8", "int8"))
+               plan[name].activations not in WIDE_DTYPES)
     return int8 / total if total else 0.0
 
 

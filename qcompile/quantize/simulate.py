@@ -28,7 +28,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..frontend import LAYER_OPS, layer_name
-from .observers import Observer, QParams, activation_qparams, choose_range, weight_scales
+from .observers import (WIDE_DTYPES as WIDE, Observer, QParams, activation_qparams,
+                        choose_range, weight_scales)
 from .realize import weight_error_shift
 from .rounding import ConvShape, InputMoments, gptq_codes
 from .rules import LayerSettings
@@ -36,7 +37,6 @@ from .rules import LayerSettings
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = frozenset({"Relu", "Clip"})
-WIDE = ("uint16", "int16")  # 16-bit inputs of int8 layers
 PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
 INTEGER_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool", "ReduceMean"})
 
