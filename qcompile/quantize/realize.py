@@ -28,7 +28,7 @@ import numpy as np
 from ..relax_main import function_attrs, without_main
 from .graph import Graph, Node, constant_value
 from .observers import QParams, weight_scales
-from .rounding import gptq_codes
+from .rounding import fitted_scales, gptq_codes
 
 INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
                                  "concat", "reshape", "permute_dims", "flatten", "squeeze",
@@ -330,6 +330,7 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
         s_w = weight_scales(weight, axis)
     in_scale = np.float32(xq.qp.scale)
     wide = xq.qp.bits == 16  # the input runs as two bytes; the correction is added in float
+    floor = None
     if bias is not None and given is None and not wide:
         # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
         # overflow it, so its weight scale is raised until the bias fits in 2^30.
@@ -339,6 +340,8 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     if axis is not None:
         shape[channel_axis] = channels
     moments = (r.config.input_moments or {}).get(node.name)
+    if given is None and moments is not None and axis is not None:
+        s_w = fitted_scales(weight, s_w, moments, node.kind, floor)  # short rows only
     if given is not None:
         w_q, rounding = given[0].astype(np.int8), "model"
     elif moments is not None:

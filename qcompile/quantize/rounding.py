@@ -7,10 +7,16 @@ columns not yet rounded, weighted by the layer's input statistics H = E[x x^T], 
 W_q x stays close to W x for the inputs the layer actually sees (the calibration data).
 
     InputMoments    accumulates H per layer during calibration (im2col patches for a conv)
+    fitted_scales   the scale of each short row (a depthwise or 3-channel conv's output), chosen
+                    by the same output error
     gptq_codes      the int8 codes of a weight, given its scales and H
 
-The scales are unchanged (absmax per channel), so every kernel, layout and requantization stays
-the same; only which integer each weight becomes changes.
+A row of hundreds of weights keeps its absmax scale. A row of 9 or 25 (a depthwise conv's
+output channel) is different: its largest weight alone sets the step of the other few, and a
+smaller scale that clips it slightly often lowers the row's output error. So the scale of each
+row of at most SHORT_ROW weights is chosen from SCALE_RATIOS x absmax, the one whose GPTQ codes
+give the least output error (w - q s)^T H (w - q s). Kernels, layouts and requantization are
+unchanged: only the per-channel scales and the codes are.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import numpy as np
 
 DAMPING = 0.01  # of H's mean diagonal, added to the diagonal: H is often singular
 BLOCK = 64      # columns rounded before the rest of the weight is updated (one matmul)
+SHORT_ROW = 32  # rows of at most this many weights get their scale fitted
+SCALE_RATIOS = np.linspace(1.0, 0.6, 41)  # of absmax; the first (no clipping) wins ties
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,42 @@ def gptq_codes(weight: np.ndarray, scales: np.ndarray, moments: InputMoments,
     scalar for per-tensor), rounded column by column with GPTQ's error feedback."""
     key = (np.asarray(scales, np.float32).tobytes(), kind, weight.shape)
     if key not in moments.codes:
-        moments.codes[key] = _codes(weight, scales, moments.hessian(), kind, qmax)
+        rows, s = _rows(weight, scales, moments.hessian(), kind)
+        moments.codes[key] = _from_rows(_gptq(rows, s[..., None], moments.hessian(), qmax),
+                                        weight, kind)
     return moments.codes[key]
 
 
-def _codes(weight, scales, h, kind, qmax):
+def fitted_scales(weight: np.ndarray, scales: np.ndarray, moments: InputMoments, kind: str,
+                  floor: np.ndarray | None = None, qmax: int = 127) -> np.ndarray:
+    """Per-output `scales` with each row of at most SHORT_ROW weights rescaled by the ratio in
+    SCALE_RATIOS whose GPTQ codes give it the least output error on the calibration inputs;
+    longer rows, and per-tensor scales, are returned as they are. `floor`: the least scale
+    each output may have (realize's bias bound)."""
+    scales = np.asarray(scales, np.float32)
+    h = moments.hessian()
+    rows, s = _rows(weight, scales, h, kind)
+    if scales.size == 1 or rows.shape[-1] > SHORT_ROW:
+        return scales
+    key = ("fitted", scales.tobytes(), None if floor is None else
+           np.asarray(floor, np.float32).tobytes(), kind, weight.shape)
+    if key not in moments.codes:
+        lowest = np.broadcast_to(np.asarray(0.0 if floor is None else floor, np.float64),
+                                 (scales.size,)).reshape(s.shape)
+        damped = _damped(h)
+        best, best_error = s.copy(), np.full(s.shape, np.inf)
+        for ratio in SCALE_RATIOS:
+            trial = np.maximum(s * ratio, lowest).astype(np.float32).astype(np.float64)
+            error = rows - _gptq(rows, trial[..., None], h, qmax) * trial[..., None]
+            error = np.einsum("grk,gkl,grl->gr", error, damped, error)
+            better = error < best_error
+            best[better], best_error[better] = trial[better], error[better]
+        moments.codes[key] = best.reshape(scales.shape).astype(np.float32)
+    return moments.codes[key]
+
+
+def _rows(weight, scales, h, kind):
+    """(rows [G, R, K] of weights that share an input, their scales [G, R])."""
     if kind == "matmul":                         # [K, N] -> rows = outputs
         rows = weight.T.astype(np.float64)[None]                     # [1, N, K]
         s = np.broadcast_to(np.asarray(scales, np.float64), (weight.shape[1],))[None]
@@ -106,24 +145,34 @@ def _codes(weight, scales, h, kind, qmax):
         rows = weight.reshape(groups, out_channels // groups, -1).astype(np.float64)
         s = np.broadcast_to(np.asarray(scales, np.float64),
                             (out_channels,)).reshape(groups, -1)
-    codes = _gptq(rows, s[..., None], h, qmax)
+    return rows, s
+
+
+def _from_rows(codes, weight, kind):
     if kind == "matmul":
         return codes[0].T.astype(np.int8)
     return codes.reshape(weight.shape).astype(np.int8)
 
 
+def _damped(h: np.ndarray) -> np.ndarray:
+    """H with GPTQ's damping: an input zero on every calibration sample gets diagonal 1 (its
+    weights pass no error on and keep their nearest codes), every diagonal DAMPING more."""
+    h = h.copy()
+    index = np.arange(h.shape[-1])
+    diag = h[:, index, index]
+    diag[diag <= 0] = 1.0
+    h[:, index, index] = diag + DAMPING * diag.mean(axis=1, keepdims=True)
+    return h
+
+
 def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
     """w [G, R, K] rows to round with scales s [G, R, 1], H [G, K, K] -> codes [G, R, K]."""
     w = w.copy()
-    h = h.copy()
     k = h.shape[-1]
-    index = np.arange(k)
-    diag = h[:, index, index]
     # An input that was zero on every calibration sample: its weights keep their nearest codes
     # (H's zero row and column pass no error on). Zeroing them, as GPTQ does for language
     # models, broke EfficientNet channels that are dead on 32 photos but not on others.
-    diag[diag <= 0] = 1.0
-    h[:, index, index] = diag + DAMPING * diag.mean(axis=1, keepdims=True)
+    h = _damped(h)
     # the upper Cholesky factor of H^-1: row i holds how the not-yet-rounded columns absorb
     # column i's error
     u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)

@@ -31,7 +31,7 @@ from ..frontend import LAYER_OPS, layer_name
 from .observers import (WIDE_DTYPES as WIDE, Observer, QParams, activation_qparams,
                         choose_range, weight_scales)
 from .realize import weight_error_shift
-from .rounding import ConvShape, InputMoments, gptq_codes
+from .rounding import ConvShape, InputMoments, fitted_scales, gptq_codes
 from .rules import LayerSettings
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,18 @@ class Simulator:
         self.means = {name: total / max(len(feeds), 1) for name, total in sums.items()}
         return observers
 
+    def _fitted_scales(self, layer: SimLayer, weight: np.ndarray,
+                       s_w: np.ndarray) -> np.ndarray:
+        """The per-channel scales realize gives `layer`'s weight (short rows fitted)."""
+        moments = self.moments.get(layer.name)
+        if moments is None:
+            return s_w
+        if layer.op == "Conv":
+            return fitted_scales(weight, s_w, moments, "conv2d")
+        if layer.axis == 0:  # Gemm transB: [N, K]
+            return fitted_scales(weight.T, s_w, moments, "matmul")
+        return fitted_scales(weight, s_w, moments, "matmul")
+
     def _codes(self, layer: SimLayer, weight: np.ndarray, s_w: np.ndarray) -> np.ndarray:
         """The int8 codes realize gives `layer`'s weight with scales `s_w` (broadcastable)."""
         moments = self.moments.get(layer.name)
@@ -258,6 +270,8 @@ class Simulator:
                 weight = self.inits[layer.weight]
                 axis = layer.axis if settings.per_channel else None
                 s_w = weight_scales(weight, axis)
+                if axis is not None:
+                    s_w = self._fitted_scales(layer, weight, s_w)
                 shape = [1] * weight.ndim
                 if axis is not None:
                     shape[axis] = weight.shape[axis]
