@@ -1,11 +1,13 @@
-"""The benchmark's command line (bench/run.py): what it measures is read off its table, but
-a wrong model name must fail at once with the names it knows, before any work."""
+"""The benchmarks' command lines (bench/run.py, bench/error_budget.py): what they measure is
+read off their tables, but a wrong model name must fail at once with the names it knows,
+before any work."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+ERROR_BUDGET = BENCH.parent / "error_budget.py"
 
 
 def test_an_unknown_model_is_refused_with_the_known_names():
@@ -22,3 +24,10 @@ def test_help_lists_the_models():
                           text=True, timeout=120)
     assert proc.returncode == 0
     assert "small-matmul" in proc.stdout and "--phone" in proc.stdout
+
+
+def test_error_budget_help_says_what_it_measures():
+    proc = subprocess.run([sys.executable, str(ERROR_BUDGET), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "EfficientNet-Lite0" in proc.stdout and "--json" in proc.stdout
