@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -330,6 +331,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     log_dir = Path(log_dir)
     check_log_dir(log_dir, target)
     devices = Devices(target, rpc, pocl)  # before anything is written: no device, no new log
+    created = not log_dir.exists()
     log_dir.mkdir(parents=True, exist_ok=True)
     if read_info(log_dir) is None:
         write_info(log_dir, identity(target))
@@ -343,7 +345,10 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     if not tasks:
-        raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}.")
+        if created:  # a log of nothing would only be in the way
+            shutil.rmtree(log_dir, ignore_errors=True)
+        raise InputError(f"{Path(model.source).name} has no kernel to tune for {target.name}: "
+                         "nothing in it runs as a compiled kernel. Compile it directly.")
     contexts, weights = _tune_contexts(tasks, target, log_dir)
     if reuse is not None:
         adopted = _adopt(database, contexts, reuse, log_dir)

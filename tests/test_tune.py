@@ -255,6 +255,63 @@ def test_cli_tune_refuses_auto_and_explains(tuned, capsys):
     assert code == 2 and "--calibration" in capsys.readouterr().err
 
 
+def _conv_then(residual: bool):
+    """A 1x1 conv of 16 channels, then ReLU; with `residual`, the input is added first (the
+    add fuses into the conv's kernel: the same anchor, another epilogue)."""
+    from onnx import helper
+
+    from models import _w, make_model
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv")]
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "x"], ["s"], name="add"))
+    nodes.append(helper.make_node("Relu", ["s" if residual else "c"], ["y"], name="relu"))
+    return make_model(nodes, [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])],
+                      [_w("w", (16, 16, 1, 1), 31, 0.2), _w("b", (16,), 32)])
+
+
+def test_a_kernel_fused_differently_from_the_logs_is_left_untuned_and_said(save_model,
+                                                                           tmp_path, caplog):
+    """A log tuned on conv+ReLU, then a model whose same conv has a residual add fused in:
+    MetaSchedule would file the new kernel's records under the logged one (records are keyed
+    by anchor) and break the log's loading. It is skipped with a warning naming the way out;
+    the log still loads."""
+    import logging
+
+    from qcompile.tuning_log import open_database
+
+    log_dir = tmp_path / "log"
+    for residual in (False, True):
+        model = _conv_then(residual)
+        path = save_model(model, f"model{int(residual)}.onnx")
+        calibration = [random_inputs(model, seed=i) for i in range(4)]
+        with caplog.at_level(logging.WARNING, logger="qcompile"):
+            result = qcompile.tune(path, "host", log_dir, trials=1, quantize="int8",
+                                   calibration=calibration)
+    skipped = [r.getMessage() for r in caplog.records if "is not tuned" in r.getMessage()]
+    assert len(skipped) == 1
+    assert "differently fused kernel" in skipped[0] and f"--reuse-log {log_dir}" in skipped[0]
+    name = skipped[0].split()[1]
+    assert [t.new_trials for t in result.tasks if t.name == name] == [0]
+    assert open_database(log_dir).get_all_tuning_records()  # still loads
+
+
+def test_a_model_with_nothing_to_tune_is_refused_without_leaving_a_log(save_model, tmp_path,
+                                                                       capsys):
+    from onnx import helper
+
+    from models import make_model
+
+    path = save_model(make_model([helper.make_node("Identity", ["x"], ["y"], name="same")],
+                                 [("x", [1, 4, 4])], [("y", [1, 4, 4])]))
+    with pytest.raises(InputError, match="has no kernel to tune for host.*Compile it directly"):
+        qcompile.tune(path, "host", tmp_path / "log", trials=1)
+    assert not (tmp_path / "log").exists()
+    assert main(["tune", str(path), "--target", "host", "--log", str(tmp_path / "log"),
+                 "--trials", "1"]) == 2
+    assert "has no kernel to tune" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_model, tmp_path):
     """The only device under the key dies after the first batch: the next batch fails to run,
