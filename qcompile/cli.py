@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError, QcompileError, TuneInterrupted
+from .quantize.rules import FALLBACKS
 
 DESCRIPTION = """\
 qcompile compiles a trained ONNX model into one shared library (.so) that the TVM runtime
@@ -112,8 +113,11 @@ def _add_compile(sub) -> None:
     a.add_argument("--validation", metavar="VAL.npz",
                    help="held-out samples (same format as --calibration) on which the budget "
                         "is met; without it, the calibration samples (optimistic)")
-    a.add_argument("--fallback-precision", default="fp32", choices=["fp32", "fp16"],
-                   help="precision of the layers int8 would cost too much (default: fp32)")
+    a.add_argument("--fallback-precision", default="fp32", choices=list(FALLBACKS),
+                   help="precision of the layers int8 would cost too much (default: fp32); "
+                        "int8-a16 keeps their int8 weights and gives them 16-bit inputs, run "
+                        "as two bytes through the same int8 kernels: the model stays as small "
+                        "as int8, those layers do twice the int8 work, and no layer is timed")
     a.add_argument("--no-latency", dest="latency", action="store_false",
                    help="do not time the layers: choose the mix for accuracy only (timing "
                         "takes about 2 s per distinct layer shape)")

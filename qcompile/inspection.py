@@ -63,29 +63,21 @@ def inspect_build(directory: Path) -> str:
              f"{meta.get('library', {}).get('bytes', 0) / 1e6:.1f} MB library"]
     report_path = directory / "quantization.json"
     if report_path.is_file():
+        from .quantize.report import layer_table
+
         report = json.loads(report_path.read_text())
         lines.append(f"quantization: {report['method']} calibration, {report['activations']} "
                      f"activations, {report['weights']} weights, "
                      f"{report['calibration_samples']} samples")
-        lines.append(f"{'layer':<36} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
-                     f"{'cosine':>8}  note")
-        for row in report["layers"]:
-            err = row.get("error_vs_fp32") or {}
-            sqnr = err.get("sqnr_db", "")
-            sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, (int, float)) else f"{sqnr:>8}"
-            cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
-            out = "float" if row["output"] == "float" else row["output"]["dtype"]
-            lines.append(f"{row['layer'][:36]:<36} {row['op']:<7} {row['precision']:<12} "
-                         f"{out:<6} {sqnr} {cosine}  {row.get('reason', '')}")
-        for out in report.get("outputs", []):
-            lines.append(f"output {out['name']}: SQNR {out['sqnr_db']} dB, cosine "
-                         f"{out['cosine']:.5f} against fp32")
+        lines.extend(layer_table(report["layers"], report.get("outputs", []), width=36))
     else:
         layers = meta.get("layers", [])
         lines.append(f"{'layer':<36} {'op':<7} precision")
         lines.extend(f"{l['name'][:36]:<36} {l['op']:<7} {l['precision']}" for l in layers)
     search_path = directory / "search.json"
     if search_path.is_file():
+        from .quantize.search import weights_note
+
         search = json.loads(search_path.read_text())
         kept = {k["layer"]: k["precision"] for k in search["kept_in_higher_precision"]}
         slow = {k["layer"]: f"{k['precision']} (int8 not faster)"
@@ -101,8 +93,10 @@ def inspect_build(directory: Path) -> str:
         lines.append(f"{len(kept)} layer(s) in higher precision for accuracy, {len(slow)} "
                      "because int8 is not faster" +
                      (f" (timed on {where})" if where else " (layers not timed)") +
-                     f"; {search['int8_mac_fraction']:.1%} of MACs in int8; "
-                     f"{search['evaluations']} evaluations in {search['seconds']} s")
+                     f"; {search['int8_mac_fraction']:.1%} of MACs in int8"
+                     + weights_note(search["int8_mac_fraction"],
+                                    search.get("int8_weight_mac_fraction")) +
+                     f"; {search['evaluations']} evaluations in {search['seconds']} s")
         lines.append(f"{'layer':<36} {'MACs':>8} {'alone dB':>9} {'fallback dB':>11} "
                      f"{'int8 us':>8} {fallback + ' us':>8}  chosen")
         for row in sorted(search["sensitivity"], key=lambda r: float(r["alone_sqnr_db"])):

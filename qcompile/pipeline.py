@@ -14,6 +14,8 @@ from .build import build
 from .frontend import import_onnx
 from .errors import InputError
 from .quantize import QuantConfig, quantize_weights, realize_prequantized, to_fp16
+from .quantize.observers import WIDE_DTYPES
+from .quantize.rules import FALLBACKS
 from .quantize import quantize as quantize_model
 from .remote import parse_tracker
 from .targets import Target, load_target
@@ -63,7 +65,8 @@ def compile(  # noqa: A001 - the verb users know
       "int8-dynamic": MatMul/Gemm in int8 with activations quantized at run time;
       "int8-weights": weight-only int8 (fp32 arithmetic); "auto": int8 where the
       `accuracy_budget` on `metric` allows (measured on `validation` samples, held out from
-      calibration), `fallback_precision` elsewhere; the choice is saved as
+      calibration), `fallback_precision` elsewhere (fp32, fp16, or int8-a16: int8 weights
+      with 16-bit inputs); the choice is saved as
       OUT_DIR/precision-rules.toml and OUT_DIR/search.json. With `latency` (auto only), each
       layer's kernel is first timed in int8 and in the fallback precision, on this machine
       for the host target or on the device under `rpc_key` at `rpc_tracker`; layers whose
@@ -82,9 +85,15 @@ def compile(  # noqa: A001 - the verb users know
         from .quantize.metrics import load_metric
 
         metric = load_metric(metric)  # a bad --metric fails before any work
-    if fallback_precision not in ("fp32", "fp16"):
-        raise InputError(f"--fallback-precision must be fp32 or fp16, not "
+    if fallback_precision not in FALLBACKS:
+        raise InputError(f"--fallback-precision must be {', '.join(FALLBACKS)}, not "
                          f"'{fallback_precision}'.")
+    if fallback_precision == "int8-a16" and quant_config is not None and \
+            quant_config.activations in WIDE_DTYPES:
+        raise InputError(f"--fallback-precision int8-a16 keeps sensitive layers in int8 with "
+                         f"16-bit inputs, but --activations {quant_config.activations} gives "
+                         "every layer 16-bit inputs already: drop one of the two, or fall "
+                         "back to fp16 or fp32.")
     graph = _import(model, input_shapes)
     if quantize == "auto" and not graph.prequantized:
         return _auto(graph, resolved, Path(out_dir), calibration, validation,
@@ -174,6 +183,10 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
                                     activations)
         fixed = {name: plan[name] for name in explicit}
     timing = time.perf_counter()
+    if latency and fallback == "int8-a16":
+        log.info("layers not timed: int8-a16 runs a layer's int8 kernel on both bytes of its "
+                 "input, so it is never faster than int8")
+        latency = False
     latencies, where = _layer_latencies(float_model, target, fallback, activations, fixed,
                                         rpc) if latency else ({}, None)
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),

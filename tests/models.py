@@ -142,6 +142,36 @@ def outlier_chain() -> onnx.ModelProto:
          _w("w4", (16, 16, 1, 1), 35), _w("b4", (16,), 36)])
 
 
+def spiky_chain() -> onnx.ModelProto:
+    """Three 1x1 convs; the first reads an input with rare spikes (spiky_inputs) and is
+    clipped to [0, 6] after it, so only the first conv's input range is wide: in 8 bits its
+    scale is set by the spikes and the ordinary values round to a few steps; 16-bit inputs
+    hold them (int8-a16), and so would fp32. The weights are plain: int8 weights lose
+    little."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+         helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="relu6"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+         helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="conv3")],
+        [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])],
+        [_w("w1", (16, 16, 1, 1), 41), _w("b1", (16,), 42), _w("w2", (16, 16, 1, 1), 43),
+         _w("b2", (16,), 44), _w("w3", (16, 16, 1, 1), 45), _w("b3", (16,), 46),
+         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+
+
+def spiky_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """random_inputs with two values in a thousand 300x larger (spiky_chain's input)."""
+    feeds = random_inputs(model, seed)
+    rng = _rng(seed + 10_000)
+    for name, value in feeds.items():
+        spikes = rng.random(value.shape) < 0.002
+        spikes.flat[rng.integers(value.size)] = True  # every sample sets the range
+        feeds[name] = np.where(spikes, 300.0 * np.sign(value), value).astype(value.dtype)
+    return feeds
+
+
 def resize_layernorm() -> onnx.ModelProto:
     """Bilinear and nearest Resize, then LayerNormalization over the last axis."""
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")

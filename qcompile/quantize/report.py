@@ -140,21 +140,25 @@ class QuantReport:
         else:
             head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8 with "
                     "the model's own scales and weights")
-        lines = [head,
-                 f"{'layer':<28} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
-                 f"{'cosine':>8}"]
-        for row in self.rows:
-            err = row["error_vs_fp32"] or {}
-            sqnr = err.get("sqnr_db", "")
-            sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, float) else f"{sqnr:>8}"
-            cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
-            out = "float" if row["output"] == "float" else row["output"]["dtype"]
-            lines.append(f"{row['layer'][:28]:<28} {row['op']:<7} {row['precision']:<12} "
-                         f"{out:<6} {sqnr} {cosine}" +
-                         (f"  ({row['reason']})" if row["reason"] else ""))
-        for out in self.outputs:
-            sqnr = out["sqnr_db"]
-            sqnr = f"{sqnr:.1f}" if isinstance(sqnr, float) else sqnr
-            lines.append(f"output {out['name']}: SQNR {sqnr} dB, cosine "
-                         f"{out['cosine']:.5f} against fp32")
-        return "\n".join(lines)
+        return "\n".join([head, *layer_table(self.rows, self.outputs)])
+
+
+def layer_table(rows: list[dict], outputs: list[dict], width: int = 28) -> list[str]:
+    """The report's rows (as saved in quantization.json) as a table: per layer its op,
+    precision, output type, error against fp32 and why it is not int8; then each output's."""
+    lines = [f"{'layer':<{width}} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
+             f"{'cosine':>8}  note"]
+    for row in rows:
+        err = row.get("error_vs_fp32") or {}
+        sqnr = err.get("sqnr_db", "")
+        sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, (int, float)) else f"{sqnr:>8}"
+        cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
+        out = "float" if row["output"] == "float" else row["output"]["dtype"]
+        lines.append(f"{row['layer'][:width]:<{width}} {row['op']:<7} {row['precision']:<12} "
+                     f"{out:<6} {sqnr} {cosine}  {row.get('reason') or ''}".rstrip())
+    for out in outputs:
+        sqnr = out["sqnr_db"]
+        sqnr = f"{sqnr:.1f}" if isinstance(sqnr, (int, float)) else sqnr
+        lines.append(f"output {out['name']}: SQNR {sqnr} dB, cosine {out['cosine']:.5f} "
+                     "against fp32")
+    return lines

@@ -42,6 +42,8 @@ from .observers import ACTIVATION_DTYPES, METHODS
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp16", "fp32")
+# what --quantize auto keeps a sensitive layer in: int8-a16 is int8 with 16-bit inputs
+FALLBACKS = ("fp32", "fp16", "int8-a16")
 SELECTORS = ("name", "op", "first", "last")
 SETTINGS = ("precision", "calibration", "weights", "activations", "symmetric")
 # the input type of an int8 layer; 16 bits: the input is split into two bytes, each multiplied

@@ -10,6 +10,11 @@
 3. The pipeline builds the choice, checks the budget with the compiled model on the validation
    data, and keeps the next-ranked layers in higher precision if the simulation was optimistic.
 
+Fallback precisions: fp32, fp16, or int8-a16 (int8 weights, 16-bit inputs taken as two bytes: the
+same int8 kernels, twice the MACs), which keeps an outlier-heavy or wide-ranged input exact
+enough without leaving int8 weights; its MACs do not count as int8 in `int8_mac_fraction`, and
+`int8_weight_mac_fraction` counts them.
+
 Latency: when each layer's kernel was timed on the target in int8 and in the fallback precision
 (layer_latency.py), a layer whose int8 kernel is not faster (by LATENCY_MARGIN) stays in the
 fallback precision from the start: it buys nothing in int8. The search then spends the budget on
@@ -30,7 +35,7 @@ import numpy as np
 
 from .metrics import Metric
 from .observers import WIDE_DTYPES
-from .rules import LayerSettings, rules_toml
+from .rules import FALLBACKS, LayerSettings, rules_toml
 from .simulate import Simulator
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,27 @@ log = logging.getLogger(__name__)
 # costs a dequantize and a quantize that its own kernel's time does not show, and two timings
 # of the same kernel differ by a few percent
 LATENCY_MARGIN = 0.10
+WIDE_OF = {"uint8": "uint16", "int8": "int16"}  # the 16-bit input type of an 8-bit one
+
+
+def fallback_settings(base: LayerSettings, fallback: str) -> LayerSettings:
+    """The settings of a layer kept out of plain int8: `base` in fp32 or fp16, or, for
+    int8-a16, `base` with 16-bit inputs (of the same signedness)."""
+    if fallback == "int8-a16":
+        if base.activations not in WIDE_OF:
+            raise ValueError(f"int8-a16 fallback of layers whose inputs are already "
+                             f"{base.activations}")
+        return replace(base, activations=WIDE_OF[base.activations])
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback precision {fallback!r}")
+    return replace(base, precision=fallback)
+
+
+def precision_label(settings: LayerSettings) -> str:
+    """int8, int8-a16 (16-bit inputs), fp16 or fp32: as the report and the manifest say."""
+    if settings.precision == "int8" and settings.activations in WIDE_DTYPES:
+        return "int8-a16"
+    return settings.precision
 
 
 @dataclass
@@ -83,6 +109,7 @@ class SearchResult:
     slower_in_int8: list[str] = field(default_factory=list)  # in fallback for latency
     latency_where: str | None = None     # where the layers were timed (None: not timed)
     latency_seconds: float = 0.0         # how long timing them took (before the search)
+    int8_weight_mac_fraction: float | None = None  # MACs with int8 weights (int8 + int8-a16)
 
     def rules_text(self) -> str:
         return rules_toml(self.plan, self.base, header=(
@@ -90,8 +117,8 @@ class SearchResult:
             f"{'>=' if self.higher_is_better else '<='} {self.budget:g}: {len(self.kept)} "
             f"layer(s) kept in higher precision for accuracy, {len(self.slower_in_int8)} "
             f"because int8 is not faster, {self.int8_mac_fraction:.1%} of the MACs "
-            "in int8.\nCompile with --quantize int8 --precision-rules THIS_FILE to get the same "
-            "mix without searching."))
+            f"in int8{self._weights_note()}.\nCompile with --quantize int8 --precision-rules "
+            "THIS_FILE to get the same mix without searching."))
 
     def to_json(self) -> dict:
         return {
@@ -100,13 +127,15 @@ class SearchResult:
             "all_int8_estimate": self.all_int8, "all_int8_sqnr_db": _finite(self.all_int8_sqnr_db),
             "chosen_estimate": self.estimate, "verified": self.verified,
             "kept_in_higher_precision": [
-                {"layer": name, "precision": self.plan[name].precision} for name in self.kept],
+                {"layer": name, "precision": precision_label(self.plan[name])}
+                for name in self.kept],
             "kept_because_int8_is_not_faster": [
-                {"layer": name, "precision": self.plan[name].precision}
+                {"layer": name, "precision": precision_label(self.plan[name])}
                 for name in self.slower_in_int8],
             "latency_measured_on": self.latency_where,
             "latency_seconds": round(self.latency_seconds, 1),
             "int8_mac_fraction": self.int8_mac_fraction,
+            "int8_weight_mac_fraction": self.int8_weight_mac_fraction,
             "evaluations": self.evaluations, "seconds": round(self.seconds, 3),
             "calibration_samples": self.calibration_samples,
             "validation_samples": self.validation_samples,
@@ -123,7 +152,8 @@ class SearchResult:
                  f"{len(self.slower_in_int8)} because int8 is not faster"
                  + (f" (timed on {self.latency_where} in {self.latency_seconds:.0f} s)"
                     if self.latency_where else " (not timed)")
-                 + f"; {self.int8_mac_fraction:.1%} of the MACs in int8; "
+                 + f"; {self.int8_mac_fraction:.1%} of the MACs in int8"
+                 f"{self._weights_note()}; "
                  f"{self.evaluations} evaluations in {self.seconds:.0f} s",
                  f"{'rank':>4} {'layer':<32} {'op':<7} {'MACs':>8} {'alone dB':>9} "
                  f"{'fallback dB':>11} {'int8 us':>8} {self.fallback + ' us':>8}  precision"]
@@ -133,8 +163,18 @@ class SearchResult:
             lines.append(f"{rank if not why else '-':>4} {name[:32]:<32} {s.op:<7} "
                          f"{s.macs / 1e6:7.1f}M {s.alone_sqnr_db:9.1f} "
                          f"{s.fallback_sqnr_db:11.2f} {_us(s.int8_us)} {_us(s.fallback_us)}  "
-                         f"{self.plan[name].precision}{why}")
+                         f"{precision_label(self.plan[name])}{why}")
         return "\n".join(lines)
+
+    def _weights_note(self) -> str:
+        return weights_note(self.int8_mac_fraction, self.int8_weight_mac_fraction)
+
+
+def weights_note(int8_mac_fraction: float, int8_weight_mac_fraction: float | None) -> str:
+    """With layers in int8-a16: the fraction of MACs with int8 weights, those included."""
+    if int8_weight_mac_fraction is None or int8_weight_mac_fraction == int8_mac_fraction:
+        return ""
+    return f" ({int8_weight_mac_fraction:.1%} with int8 weights, int8-a16 included)"
 
 
 def _us(value: float | None) -> str:
@@ -187,6 +227,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
     on `latency_where`): layers whose int8 kernel is not faster stay in `fallback`."""
     start = time.perf_counter()
     fixed = dict(fixed or {})
+    kept_settings = fallback_settings(base, fallback)
     log.info("precision search: observing %d calibration sample(s) in onnxruntime",
              len(calibration))
     sim = Simulator(onnx_model, calibration, bias_correction=bias_correction, base=base,
@@ -210,7 +251,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         for layer in searched:
             int8 = layer.name == only if only is not None else \
                 layer.name not in fallen and layer.name not in slow
-            plan[layer.name] = base if int8 else replace(base, precision=fallback)
+            plan[layer.name] = base if int8 else kept_settings
         return plan
 
     def score(plan) -> float:
@@ -261,7 +302,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
             return metric.meets(results[k], budget)
 
         low, high, k = 0, len(ranking), 1
-        while k < len(ranking):  # doubling: low fails, high meets (all in fallback meets)
+        while k < len(ranking):  # doubling: low fails, high meets
             if prefix_meets(k):
                 high = k
                 break
@@ -273,9 +314,24 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
                 high = middle
             else:
                 low = middle
+        reachable = high < len(ranking) or prefix_meets(high)
+        if not reachable:  # fp32 meets any budget; int8-a16 and fp16 may not, nor int8 rules
+            # the best prefix tried (the fewest layers among equals): more is not always better
+            better = (lambda a, b: a > b) if metric.higher_is_better else (lambda a, b: a < b)
+            high = 0
+            for k in sorted(results):
+                if better(results[k], results.get(high, start_value)):
+                    high = k
+            log.warning("precision search: even with all %d searched layer(s) in %s, %s is "
+                        "%.4f, short of the budget %s; the best mix tried keeps the %d most "
+                        "sensitive in %s (%s %.4f). Fall back to a higher precision "
+                        "(--fallback-precision fp32), or loosen the budget", len(ranking),
+                        fallback, metric.name, results[len(ranking)], metric.describe(budget),
+                        high, fallback, metric.name, results.get(high, start_value))
         kept = ranking[:high]
-        estimate = results.get(high, float("nan"))
-        for name in reversed(list(kept)):  # prune: back to int8 where the budget still holds
+        estimate = results.get(high, start_value)
+        pruning = list(kept) if reachable else []
+        for name in reversed(pruning):  # prune: back to int8 where the budget still holds
             trial = [n for n in kept if n != name]
             value = score(plan_with(set(trial)))
             if metric.meets(value, budget):
@@ -288,6 +344,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         higher_is_better=metric.higher_is_better, all_int8=all_int8, estimate=estimate,
         all_int8_sqnr_db=all_int8_sqnr, kept=kept, ranking=ranking,
         sensitivities=sensitivities, int8_mac_fraction=int8_fraction(plan, macs),
+        int8_weight_mac_fraction=int8_fraction(plan, macs, weights_only=True),
         evaluations=evaluations, seconds=time.perf_counter() - start,
         calibration_samples=len(calibration), validation_samples=len(validation),
         fallback=fallback, slower_in_int8=[s.name for s in sensitivities if s.name in slow],
@@ -296,13 +353,15 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
     return result
 
 
-def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int]) -> float:
+def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int],
+                  weights_only: bool = False) -> float:
     """The fraction of the MACs that multiply int8 by int8 (a layer with 16-bit inputs does
-    not count: it runs twice the int8 MACs, one pass per byte of its input)."""
+    not count: it runs twice the int8 MACs, one pass per byte of its input); `weights_only`:
+    the fraction whose weights are int8, 16-bit inputs or not."""
     total = sum(macs.values())
     int8 = sum(m for name, m in macs.items()
                if plan.get(name, LayerSettings("fp32")).precision == "int8" and
-               plan[name].activations not in WIDE_DTYPES)
+               (weights_only or plan[name].activations not in WIDE_DTYPES))
     return int8 / total if total else 0.0
 
 
@@ -313,6 +372,7 @@ def keep_more(result: SearchResult, count: int) -> SearchResult:
     kept = result.kept + extra
     plan = dict(result.plan)
     for name in extra:
-        plan[name] = replace(result.base, precision=result.fallback)
+        plan[name] = fallback_settings(result.base, result.fallback)
     macs = {s.name: s.macs for s in result.sensitivities}
-    return replace(result, plan=plan, kept=kept, int8_mac_fraction=int8_fraction(plan, macs))
+    return replace(result, plan=plan, kept=kept, int8_mac_fraction=int8_fraction(plan, macs),
+                   int8_weight_mac_fraction=int8_fraction(plan, macs, weights_only=True))
