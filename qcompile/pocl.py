@@ -17,6 +17,7 @@ pocl's CPU device has no `cl_khr_fp16`: fp16 kernels run with `half` widened to 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -33,18 +34,45 @@ SOURCE_FILE = "kernel.cl"        # beside a built GPU candidate: its OpenCL C
 LAUNCHES_FILE = "launches.json"  # its parameters' names and its kernels' launch sizes
 
 
+PROBE = "__kernel void probe(__global float* a) { a[get_global_id(0)] += 1.0f; }"
+
+
 def available() -> str | None:
     """None when pocl can run kernels here; else why not, and what to install."""
+    return _device()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _device():
+    """(the first OpenCL device that builds a kernel, None), or (None, why none does).
+
+    pocl-binary-distribution (PyPI) ships pocl 3.0 on LLVM 14, which does not know CPUs newer
+    than it (AMD Zen 5, for one): it names them 'generic', and every build fails with
+    "unknown target CPU 'generic'". Debian's pocl (pocl-opencl-icd) picks the nearest CPU it
+    knows; pyopencl's loader lists it too, so the device that builds the probe is used."""
     try:
         import pyopencl as cl
 
         devices = [d for p in cl.get_platforms() for d in p.get_devices()]
     except Exception as exc:  # noqa: BLE001 - ImportError, or no OpenCL platform at all
-        return (f"pocl is not usable here ({type(exc).__name__}: {exc}). Install it with "
-                "`pip install pyopencl pocl-binary-distribution` (or qcompile[pocl]).")
+        return None, (f"pocl is not usable here ({type(exc).__name__}: {exc}). Install it "
+                      "with `pip install pyopencl pocl-binary-distribution` (or "
+                      "qcompile[pocl]).")
     if not devices:
-        return "pyopencl finds no OpenCL device. Install `pocl-binary-distribution`."
-    return None
+        return None, "pyopencl finds no OpenCL device. Install `pocl-binary-distribution`."
+    failures = []
+    for device in devices:
+        try:
+            cl.Program(cl.Context([device]), PROBE).build()
+            return device, None
+        except Exception as exc:  # noqa: BLE001 - this device's compiler fails: try the next
+            reason = next((line.strip() for line in str(exc).splitlines()
+                           if "error" in line.lower() and "clBuildProgram" not in line),
+                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            failures.append(f"{device.platform.version.strip()} on {device.name}: {reason}")
+    return None, ("No OpenCL device here builds a kernel (" + "; ".join(failures) + "). "
+                  "pocl from PyPI (LLVM 14) does not know CPUs newer than 2022: install "
+                  "Debian's pocl as well (`apt-get install pocl-opencl-icd`).")
 
 
 def launches(func) -> list[dict[str, int]]:
@@ -128,7 +156,10 @@ class Program:
             raise ValueError(f"{len(self.kernels)} OpenCL kernels but {len(nests)} "
                              "thread-bound loop nests")
         self.nests = nests
-        self.context = cl.Context([d for p in cl.get_platforms() for d in p.get_devices()][:1])
+        device, why = _device()
+        if device is None:
+            raise DeviceError(why)
+        self.context = cl.Context([device])
         self.queue = cl.CommandQueue(self.context)
         self.program = cl.Program(self.context, source).build()
         self.handles = [cl.Kernel(self.program, name) for name, _ in self.kernels]
