@@ -17,7 +17,6 @@ pocl's CPU device has no `cl_khr_fp16`: fp16 kernels run with `half` widened to 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
@@ -42,7 +41,6 @@ def available() -> str | None:
     return _device()[1]
 
 
-@functools.lru_cache(maxsize=None)
 def _device():
     """(the first OpenCL device that builds a kernel, None), or (None, why none does).
 
@@ -62,17 +60,30 @@ def _device():
         return None, "pyopencl finds no OpenCL device. Install `pocl-binary-distribution`."
     failures = []
     for device in devices:
-        try:
-            cl.Program(cl.Context([device]), PROBE).build()
+        if device.int_ptr not in _PROBED:
+            _PROBED[device.int_ptr] = _probe(cl, device)
+        if _PROBED[device.int_ptr] is None:
             return device, None
-        except Exception as exc:  # noqa: BLE001 - this device's compiler fails: try the next
-            reason = next((line.strip() for line in str(exc).splitlines()
-                           if "error" in line.lower() and "clBuildProgram" not in line),
-                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            failures.append(f"{device.platform.version.strip()} on {device.name}: {reason}")
+        failures.append(f"{device.platform.version.strip()} on {device.name}: "
+                        f"{_PROBED[device.int_ptr]}")
     return None, ("No OpenCL device here builds a kernel (" + "; ".join(failures) + "). "
                   "pocl from PyPI (LLVM 14) does not know CPUs newer than 2022: install "
                   "Debian's pocl as well (`apt-get install pocl-opencl-icd`).")
+
+
+_PROBED: dict[int, str | None] = {}  # device -> why it cannot build the probe (None: it can)
+
+
+def _probe(cl, device) -> str | None:
+    """None when `device` builds PROBE, else the compiler's error."""
+    try:
+        cl.Program(cl.Context([device]), PROBE).build()
+        return None
+    except Exception as exc:  # noqa: BLE001 - this device's compiler fails: try the next
+        lines = str(exc).splitlines()
+        return next((line.strip() for line in lines
+                     if "error" in line.lower() and "clBuildProgram" not in line),
+                    lines[0] if lines else type(exc).__name__)
 
 
 def launches(func) -> list[dict[str, int]]:
