@@ -217,8 +217,7 @@ def _auto(float_model, target: Target, out_dir: Path, calibration, validation,
         log.info("compiled model, round %d: %s %.4f on %d validation sample(s) (budget %s)",
                  round_, metric.name, result.verified, len(held_out),
                  metric.describe(budget))
-        improved = best is None or (result.verified > best[0] if metric.higher_is_better
-                                    else result.verified < best[0])
+        improved = best is None or metric.better(result.verified, best[0])
         if improved:
             best = (result.verified, round_, result, artifact.directory)
         if metric.meets(result.verified, budget) or not improved or \

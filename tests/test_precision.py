@@ -214,6 +214,24 @@ def test_a_fallback_that_cannot_meet_the_budget_is_said_and_keeps_every_layer(ca
         set(result.kept)
 
 
+def test_int8_mac_fractions_count_the_layers_rules_fix():
+    """The MAC fractions are over every layer, the ones rules fix included, before and after
+    the compiled check keeps more layers out of int8 (outlier_chain's 4 convs have equal
+    MACs: conv1 fixed in fp32, conv3 kept by the search, then one more)."""
+    from qcompile.quantize.metrics import load_metric
+    from qcompile.quantize.rules import LayerSettings
+    from qcompile.quantize.search import keep_more, search
+
+    model = outlier_chain()
+    base = LayerSettings("int8", activations="uint8")
+    result = search(model, samples(model, 16, 0), samples(model, 16, 100), base,
+                    load_metric("cosine"), 0.999, fixed={"conv1": LayerSettings("fp32")})
+    assert result.kept == ["conv3"] and result.int8_mac_fraction == pytest.approx(2 / 4)
+    more = keep_more(result, 1)
+    assert len(more.kept) == 2 and more.int8_mac_fraction == pytest.approx(1 / 4)
+    assert more.to_json()["int8_mac_fraction"] == pytest.approx(1 / 4)
+
+
 def test_layers_not_faster_in_int8_by_the_margin():
     from qcompile.layer_latency import LayerLatency
     from qcompile.quantize.search import not_faster_in_int8

@@ -40,6 +40,10 @@ class Metric:
     def meets(self, value: float, budget: float) -> bool:
         return value >= budget if self.higher_is_better else value <= budget
 
+    def better(self, value: float, than: float) -> bool:
+        """`value` is strictly better than `than`."""
+        return value > than if self.higher_is_better else value < than
+
     def describe(self, budget: float) -> str:
         return f"{self.name} {'>=' if self.higher_is_better else '<='} {budget:g}"
 

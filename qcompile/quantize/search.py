@@ -98,7 +98,7 @@ class SearchResult:
     kept: list[str]                      # layers kept in higher precision, most sensitive first
     ranking: list[str]                   # every searched layer, most sensitive first
     sensitivities: list[LayerSensitivity]
-    int8_mac_fraction: float
+    macs: dict[str, int]                 # every layer's MACs, the searched and the fixed
     evaluations: int
     seconds: float
     calibration_samples: int
@@ -109,7 +109,15 @@ class SearchResult:
     slower_in_int8: list[str] = field(default_factory=list)  # in fallback for latency
     latency_where: str | None = None     # where the layers were timed (None: not timed)
     latency_seconds: float = 0.0         # how long timing them took (before the search)
-    int8_weight_mac_fraction: float | None = None  # MACs with int8 weights (int8 + int8-a16)
+
+    @property
+    def int8_mac_fraction(self) -> float:
+        return int8_fraction(self.plan, self.macs)
+
+    @property
+    def int8_weight_mac_fraction(self) -> float:
+        """The MACs with int8 weights: int8-a16 layers included."""
+        return int8_fraction(self.plan, self.macs, weights_only=True)
 
     def rules_text(self) -> str:
         return rules_toml(self.plan, self.base, header=(
@@ -317,10 +325,9 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         reachable = high < len(ranking) or prefix_meets(high)
         if not reachable:  # fp32 meets any budget; int8-a16 and fp16 may not, nor int8 rules
             # the best prefix tried (the fewest layers among equals): more is not always better
-            better = (lambda a, b: a > b) if metric.higher_is_better else (lambda a, b: a < b)
             high = 0
             for k in sorted(results):
-                if better(results[k], results.get(high, start_value)):
+                if metric.better(results[k], results.get(high, start_value)):
                     high = k
             log.warning("precision search: even with all %d searched layer(s) in %s, %s is "
                         "%.4f, short of the budget %s; the best mix tried keeps the %d most "
@@ -343,8 +350,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         plan=plan, base=base, metric=metric.name, budget=budget,
         higher_is_better=metric.higher_is_better, all_int8=all_int8, estimate=estimate,
         all_int8_sqnr_db=all_int8_sqnr, kept=kept, ranking=ranking,
-        sensitivities=sensitivities, int8_mac_fraction=int8_fraction(plan, macs),
-        int8_weight_mac_fraction=int8_fraction(plan, macs, weights_only=True),
+        sensitivities=sensitivities, macs=macs,
         evaluations=evaluations, seconds=time.perf_counter() - start,
         calibration_samples=len(calibration), validation_samples=len(validation),
         fallback=fallback, slower_in_int8=[s.name for s in sensitivities if s.name in slow],
@@ -373,6 +379,4 @@ def keep_more(result: SearchResult, count: int) -> SearchResult:
     plan = dict(result.plan)
     for name in extra:
         plan[name] = fallback_settings(result.base, result.fallback)
-    macs = {s.name: s.macs for s in result.sensitivities}
-    return replace(result, plan=plan, kept=kept, int8_mac_fraction=int8_fraction(plan, macs),
-                   int8_weight_mac_fraction=int8_fraction(plan, macs, weights_only=True))
+    return replace(result, plan=plan, kept=kept)
