@@ -172,6 +172,25 @@ def test_cli_pocl_not_installed_says_what_to_install(save_model, tmp_path, capsy
     assert not log_dir.exists()
 
 
+def test_cli_pocl_that_cannot_build_says_why_and_what_to_install(save_model, tmp_path, capsys,
+                                                                monkeypatch):
+    """--pocl where no OpenCL device builds a kernel (as PyPI's pocl on a CPU its LLVM does not
+    know; here: a probe that does not compile) is refused before any log is written, with each
+    device's compiler error and the package that helps."""
+    from qcompile import pocl
+
+    monkeypatch.setattr(pocl, "PROBE", "__kernel void probe(__global float* a) { a[0] = ; }")
+    monkeypatch.setattr(pocl, "_PROBED", {})
+    path = save_model(packed_convnet())
+    log_dir = tmp_path / "log"
+    assert main(["tune", str(path), "--target", "mali", "--quantize", "fp16", "--pocl",
+                 "--log", str(log_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "No OpenCL device here builds a kernel (OpenCL" in err and "error" in err
+    assert "apt-get install pocl-opencl-icd" in err
+    assert not log_dir.exists()
+
+
 @pytest.mark.slow  # about 75 s: 8 one-layer models through the GPU pipeline
 def test_layer_latency_times_gpu_kernels(save_model):
     """`--quantize auto`'s per-layer timing on a GPU target: each layer's int8 and fp16 kernels,
