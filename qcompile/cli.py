@@ -589,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except QcompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130

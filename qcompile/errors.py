@@ -1,8 +1,9 @@
 """Errors that reach the user.
 
 Every error raised on bad input is a QcompileError whose message is one paragraph naming the
-problem and what to do about it. The CLI prints that paragraph and exits with code 2, without a
-traceback; anything else escaping is a bug in qcompile.
+problem and what to do about it. The CLI prints that paragraph and exits with its `exit_code`
+(2: the input; 1: a failure inside TVM that qcompile caught), without a traceback; anything else
+escaping is a bug in qcompile.
 """
 
 
@@ -15,6 +16,8 @@ def last_line(message: str, default: str = "?") -> str:
 
 class QcompileError(Exception):
     """Base class for errors caused by the user's input or environment."""
+
+    exit_code = 2
 
 
 class ModelError(QcompileError):
@@ -47,3 +50,10 @@ class DeviceError(QcompileError):
 
 class TuneInterrupted(QcompileError):
     """A tune stopped by Ctrl-C or SIGTERM after its current batch; the log keeps every record."""
+
+
+class TuneFailed(QcompileError):
+    """A tune failed inside TVM for a reason that is not the input's; the log keeps what was
+    measured and the traceback."""
+
+    exit_code = 1

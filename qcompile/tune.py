@@ -24,16 +24,19 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TextIO
 
-from .errors import InputError, TuneInterrupted
+from . import metaschedule_logging
+from .errors import InputError, QcompileError, TuneFailed, TuneInterrupted, last_line
 from .frontend import FloatModel
 from .measure import Devices, builder, progress_callback, time_kernels
 from .targets import Target
 from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, STAND_IN_KEY, TaskSummary,
                          TuningLog, identity, incompatibility, mean_seconds, open_database,
-                         pruned_trials, read_info, repair, workload_key, write_info)
+                         RECORDS_FILE, pruned_trials, read_info, repair, workload_key,
+                         write_info)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ TRIALS_PER_BATCH = 16
 SEARCH = {"population_size": 256, "init_min_unmeasured": 32, "genetic_num_iters": 2,
           "max_fail_count": 2}
 COST_MODEL_WARMUP = 32  # random candidates before the cost model ranks them (MetaSchedule: 100)
+FAILURE_FILE = "qcompile-failure.txt"  # in the log: the traceback of the last tune that failed
 
 
 def fused_module(mod, target: Target, packed_layout: bool | None = None):
@@ -324,13 +328,43 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     `pocl`: a GPU target's candidates are measured on pocl (an OpenCL implementation for this
     CPU: the whole flow without a phone, with timings that are not the phone's).
     """
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.analysis import estimate_tir_flops
-
     out = out or sys.stderr
     log_dir = Path(log_dir)
     check_log_dir(log_dir, target)
     devices = Devices(target, rpc, pocl)  # before anything is written: no device, no new log
+    try:
+        return _tune(model, target, log_dir, trials, devices, out, reuse)
+    except QcompileError:
+        raise
+    except Exception as exc:  # a failure inside TVM: said in one paragraph, traceback kept
+        raise _failure(exc, log_dir) from exc
+
+
+def _failure(exc: Exception, log_dir: Path) -> TuneFailed:
+    """The error for a tune that failed for an internal reason: what failed, what the log
+    kept, and where the traceback was written."""
+    where = "its traceback could not be written"
+    path = log_dir / FAILURE_FILE
+    try:
+        path.write_text("".join(traceback.format_exception(exc)))
+        where = f"its traceback is in {path}"
+    except OSError:
+        pass
+    records = log_dir / RECORDS_FILE
+    kept = (sum(1 for line in records.open() if line.strip()) if records.is_file() else 0)
+    return TuneFailed(
+        f"Tuning failed inside TVM, not because of the model or the target "
+        f"({type(exc).__name__}: {last_line(str(exc))}); {where}. The log {log_dir} keeps the "
+        f"{kept} record(s) measured before it: run the same command again to continue, and "
+        "if it fails the same way, report it with that file.")
+
+
+def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices: Devices,
+          out: TextIO, reuse: TuningLog | None) -> TuningLog:
+    """tune()'s work, once its arguments are checked."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
     created = not log_dir.exists()
     log_dir.mkdir(parents=True, exist_ok=True)
     if read_info(log_dir) is None:
@@ -412,6 +446,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
         updated["tuning_seconds"] = round(updated.get("tuning_seconds", 0.0) + total, 1)
         updated["models"] = sorted(set(updated.get("models", [])) | {Path(model.source).name})
         write_info(log_dir, updated)
+    (log_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure's: this run got past it
     summaries = []
     for context, weight in zip(contexts, weights):
         records = _records(database, context.mod)
@@ -442,9 +477,10 @@ def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[flo
     for task in tasks:
         search = gpu_search if target.is_gpu else cpu_search
         space = search.space(task.dispatched[0], task.target)
-        context, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [task], work_dir=str(log_dir), space=space, num_threads=os.cpu_count() or 1,
-            strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
+        with metaschedule_logging.configuring():
+            context, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task], work_dir=str(log_dir), space=space, num_threads=os.cpu_count() or 1,
+                strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
         contexts += context
         weights += weight
     return contexts, weights

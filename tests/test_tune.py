@@ -312,6 +312,57 @@ def test_a_model_with_nothing_to_tune_is_refused_without_leaving_a_log(save_mode
     assert "has no kernel to tune" in capsys.readouterr().err
 
 
+def test_tunes_work_whatever_handlers_are_on_metaschedules_logger(save_model, tmp_path):
+    """Handlers the application attached to MetaSchedule's logger, one unnamed (pytest's log
+    capture attaches such a one to every logger that does not propagate) and one named: two
+    tunes in a row both work, and the handlers are still attached and hear the tune."""
+    import io
+    import logging
+
+    from models import conv_relu
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed, named = logging.StreamHandler(io.StringIO()), logging.StreamHandler(io.StringIO())
+    named.set_name("application")
+    logger.addHandler(unnamed)
+    logger.addHandler(named)
+    try:
+        path = save_model(conv_relu())
+        for directory in ("first", "second"):
+            assert qcompile.tune(path, "host", tmp_path / directory, trials=1).tasks
+            assert unnamed in logger.handlers and named in logger.handlers
+    finally:
+        logger.removeHandler(unnamed)
+        logger.removeHandler(named)
+
+
+def test_a_tune_failing_inside_tvm_says_so_in_one_paragraph(save_model, tmp_path, capsys):
+    """MetaSchedule cannot make its logs/ folder (a file is in the way): the tune fails with
+    qcompile's error, exit code 1 (not the input's fault), naming the log and the file that
+    keeps the traceback; no traceback is printed."""
+    from models import conv_relu
+
+    from qcompile.errors import TuneFailed
+    from qcompile.tune import FAILURE_FILE
+
+    path = save_model(conv_relu())
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "logs").write_text("not a folder")
+    with pytest.raises(TuneFailed, match=r"Tuning failed inside TVM.*FileExistsError.*keeps "
+                                         r"the 0 record\(s\)"):
+        qcompile.tune(path, "host", log_dir, trials=1)
+    assert "FileExistsError" in (log_dir / FAILURE_FILE).read_text()
+    assert main(["tune", str(path), "--target", "host", "--log", str(log_dir),
+                 "--trials", "1"]) == 1
+    err = capsys.readouterr().err
+    assert str(log_dir / FAILURE_FILE) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    (log_dir / "logs").unlink()  # out of the way: the next run tunes, and the note goes
+    assert qcompile.tune(path, "host", log_dir, trials=1).tasks
+    assert not (log_dir / FAILURE_FILE).exists()
+
+
 @pytest.mark.slow
 def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_model, tmp_path):
     """The only device under the key dies after the first batch: the next batch fails to run,
