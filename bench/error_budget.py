@@ -2,8 +2,8 @@
 
     python bench/error_budget.py [--json bench/results/error-budget.json]
 
-Issue 5 asks for 99% top-1 agreement with fp32 while at least 95% of the MACs are int8. This
-measures, on the bundled photos (32 to calibrate, the other 277 to evaluate), with the
+How close can post-training int8 get to 99% top-1 agreement with fp32 with at least 95% of
+the MACs in int8? This measures, on the bundled photos (32 to calibrate, the other 277 to evaluate), with the
 precision search's simulator (`qcompile/quantize/simulate.py`, the same scales, codes and bias
 correction as the compiled model):
 

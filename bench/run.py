@@ -10,7 +10,7 @@ of a process that loads and runs the model, compile (or quantization) time and t
 peak RSS. Each configuration is prepared (compiled or quantized) in one fresh subprocess and run
 in another, so that each RSS is its own; the running RSS is taken after timing, before the
 held-out data is loaded for the accuracy. Each model's data is made once and shared by the
-subprocesses. Prints a Markdown table and writes JSON. No asserts: goals are read off the
+subprocesses. Prints a Markdown table and writes JSON. No asserts: the figures are read off the
 table.
 
 Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8

@@ -179,7 +179,7 @@ def _quantize_args(p, auto: bool) -> None:
                         "(calibration, weights, activations, symmetric), chosen by op type, "
                         "node-name pattern or first/last N layers, e.g. [[rule]] "
                         "name = \"blocks.1*\" precision = \"fp16\"; for each setting the "
-                        "first matching rule wins (README: precision rules). Layer names: "
+                        "first matching rule wins (docs/guide/precision.md). Layer names: "
                         "`qcompile inspect MODEL.onnx`. --quantize auto writes such a file")
     q.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                    help="do not correct the mean output shift that rounding the weights to "

@@ -88,10 +88,9 @@ def _agreement(onnx_path, directory, held_out) -> int:
 @pytest.mark.slow
 def test_int8_agrees_with_fp32_on_held_out_photos(onnx_path, fp32_artifact, tmp_path):
     """Static int8 calibrated on 32 photos, evaluated on the others (at least 60; about 277
-    with opencv-doc and gcompris-qt-data, which tests/run installs). The issue's goal is 97%
-    top-1 agreement; this asserts the level reached by plain int8 (95.7% measured;
-    onnxruntime's quantize_static gets 89.2% on the same split) so that it cannot regress, and
-    the size (0.28x of fp32 measured; the goal is 0.30x)."""
+    with opencv-doc and gcompris-qt-data, which tests/run installs). This asserts the level
+    reached by plain int8 (95.7% measured; onnxruntime's quantize_static gets 89.2% on the same
+    split) so that it cannot regress, and the size (0.28x of fp32 measured)."""
     calibration, held_out = _photo_split()
     artifact = qcompile.compile(onnx_path, "host", tmp_path / "int8", quantize="int8",
                                 calibration=[{"images": x} for x in calibration])
@@ -113,9 +112,10 @@ RESIDUAL_STREAM_16BIT = {"rule": [{"name": ["*expand_conv", "conv_head"],
 
 @pytest.mark.slow
 def test_16bit_residual_stream_reaches_97_percent(onnx_path, fp32_artifact, tmp_path):
-    """The README's rule: the expand convs and conv_head (the layers that read the residual
-    stream) take 16-bit inputs, so the stream is 16-bit through its adds. Measured: 269/277 =
-    97.1% (plain int8: 95.7%), 0.28x the fp32 size (the issue's goals: 97%, 0.30x)."""
+    """The rule of docs/studies/2026-11-23-16bit-residual-stream.md: the expand convs and
+    conv_head (the layers that read the residual stream) take 16-bit inputs, so the stream is
+    16-bit through its adds. Measured: 269/277 = 97.1% (plain int8: 95.7%), 0.28x the fp32
+    size."""
     from qcompile.quantize import QuantConfig
     from qcompile.quantize.rules import PrecisionRules
 

@@ -416,7 +416,7 @@ def minilm_auto(tmp_path, **options) -> tuple[dict, list[float]]:
 
 @pytest.mark.slow
 def test_auto_on_minilm_keeps_int8_where_the_cosine_budget_allows(tmp_path):
-    """Issue 5 on a real transformer: a cosine budget of 0.99."""
+    """The precision search on a real transformer: a cosine budget of 0.99."""
     search, cosines = minilm_auto(tmp_path, accuracy_budget=0.99, latency=False)
     # every weighted layer (18 MatMul/Gemm; the attention's two matmuls of activations stay
     # float) is int8: all-int8 already meets the budget once the residual adds feeding
