@@ -10,8 +10,7 @@
     qcompile.compile("model.onnx", "arm64-dotprod", "out", tuning_log=log.directory)
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .artifact import Artifact, Manifest  # noqa: E402
 from .errors import QcompileError  # noqa: E402
 from .pipeline import compile, tune  # noqa: E402  pylint: disable=redefined-builtin

@@ -48,6 +48,11 @@ class InputError(QcompileError):
     """Run-time inputs do not match the compiled model's manifest."""
 
 
+class CodegenError(QcompileError):
+    """The code TVM generated for the target has a known defect (it would compute wrong
+    results); another schedule or precision avoids it."""
+
+
 class DeviceError(QcompileError):
     """An RPC tracker or device could not be reached or failed during a session."""
 

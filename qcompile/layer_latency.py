@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import lower
+from .tuning_log import MODULE_EQUALITY
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -111,9 +113,7 @@ def _anchor_kernel(mod, target: Target, packed_layout: bool):
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from .tune import MODULE_EQUALITY, tuning_module
-
-    fused = tuning_module(mod, target, packed_layout)  # as compile and tune fuse it
+    fused = lower.kernels(mod, target, packed_layout)  # as compile and tune fuse it
     tasks = ms.relax_integration.extract_tasks(fused, target.to_tvm(),
                                                module_equality=MODULE_EQUALITY)
     best = max(tasks, key=lambda t: estimate_tir_flops(t.dispatched[0]))
@@ -134,9 +134,9 @@ def _kernels(onnx_path: Path, target: Target, fallback: str, activations: str,
     config = QuantConfig(activations=activations, float_stem=False, bias_correction=False,
                          weight_rounding="nearest")
     int8 = quantize(model, feeds, config, target)
-    lower = to_fp16(model) if fallback == "fp16" else model
+    other = to_fp16(model) if fallback == "fp16" else model
     return (_anchor_kernel(int8.mod, target, packed_layout),
-            _anchor_kernel(lower.mod, target, packed_layout))
+            _anchor_kernel(other.mod, target, packed_layout))
 
 
 def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32",
@@ -152,14 +152,11 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     tracker)."""
     from .measure import Devices, builder, time_kernels
     from .quantize.simulate import value_shapes
-    from .schedules import intrinsics
-    from .tune import default_schedule
 
     devices = Devices(target, rpc, pocl)
-    intrinsics.register()  # the default int8 schedules tensorize with ours
     tvm_target = target.to_tvm()
     # in an int8 model on a dot-product target every conv is NHWC, the float ones too
-    packed_layout = intrinsics.dot_product_for(tvm_target) is not None
+    packed_layout = lower.dot_product(target) is not None
     start = time.perf_counter()
     groups: dict = {}  # signature -> [layer names]
     models = {}
@@ -185,7 +182,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
                 with _quiet("qcompile.quantize", "qcompile.frontend"):
                     kernels = _kernels(path, target, fallback, activations, packed_layout)
                 for kernel in kernels:
-                    sch = default_schedule(kernel, tvm_target)
+                    sch = lower.default_schedule(kernel, target)
                     schedules.append((signature, sch.mod if sch is not None else kernel))
             except Exception as exc:  # noqa: BLE001 - one layer's failure is data
                 errors[signature] = f"{type(exc).__name__}: {exc}".splitlines()[0]

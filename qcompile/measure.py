@@ -44,7 +44,7 @@ def _build_gpu_candidate(mod, target, params, cc: str | None) -> str:
     from tvm.s_tir.meta_schedule.builder import local_builder
 
     from . import pocl
-    from .schedules.gpu_default import codegen_defect
+    from .schedules.opencl.default import codegen_defect
 
     runtime_module = local_builder.default_build(mod, target, params)
     source = runtime_module.imports[0].inspect_source()

@@ -60,6 +60,11 @@ class Target:
         return self.kind != "llvm"
 
     @property
+    def cpu(self) -> dict[str, Any]:
+        """The CPU's TVM target: the target itself, or a GPU's host."""
+        return self.host if self.is_gpu and self.host is not None else self.target
+
+    @property
     def is_cross(self) -> bool:
         return self.compiler is not None
 

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
-from . import metaschedule_logging
+from . import lower, metaschedule_logging
 from .errors import InputError, QcompileError, TuneFailed, TuneInterrupted, last_line
 from .frontend import FloatModel
 from .measure import Devices, builder, progress_callback, time_kernels
@@ -47,54 +47,6 @@ SEARCH = {"population_size": 256, "init_min_unmeasured": 32, "genetic_num_iters"
           "max_fail_count": 2}
 COST_MODEL_WARMUP = 32  # random candidates before the cost model ranks them (MetaSchedule: 100)
 FAILURE_FILE = "qcompile-failure.txt"  # in the log: the traceback of the last tune that failed
-
-
-def fused_module(mod, target: Target, packed_layout: bool | None = None):
-    """The model legalized to TIR and fused: the kernels that are tuned and then built.
-
-    Tuning and building must see the same fused kernels, or the records do not match. On a
-    target with an integer dot-product instruction, the int8 graph is converted to NHWC and its
-    conv2d/matmul put on packed weights (schedules/packed_int8.py). `packed_layout`: convert
-    to NHWC even without an int8 conv (True), or never (False); None: when `mod` has one.
-    """
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import library_dispatch_passes
-
-    from .schedules import intrinsics, packed_int8
-
-    tvm_target = target.to_tvm()
-    dot = intrinsics.dot_product_for(tvm_target)
-    with tvm_target:
-        passes = [relax.transform.FoldConstant()]
-        if dot is not None and (_has_int8_conv(mod) if packed_layout is None
-                                else packed_layout):
-            passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
-                       relax.transform.FoldConstant()]
-        passes += library_dispatch_passes(tvm_target)
-        passes += [relax.transform.LegalizeOps(
-                       packed_int8.legalize_map(dot) if dot is not None else None),
-                   relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FoldConstant(),
-                   relax.transform.FuseOps(),
-                   relax.transform.FuseTIR()]
-        return tvm.transform.Sequential(passes)(mod)
-
-
-def _has_int8_conv(mod) -> bool:
-    from tvm import relax
-
-    found = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d" \
-                and expr.args[1].ty.dtype == "int8":
-            found.append(expr)
-
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return bool(found)
 
 
 def _blocks(mod):
@@ -119,24 +71,6 @@ def _has_reduction(mod) -> bool:
                for block in _blocks(mod) for iv in block.iter_vars)
 
 
-def default_schedule(mod, tvm_target):
-    """Our default schedule of the kernel `mod` (what compile gives it without a record):
-    a Schedule, or None when it has none worth measuring (no conv/matmul block). On a GPU:
-    the dlight rule that compile would choose (schedules/gpu_default.py)."""
-    from .schedules import float_default, gpu_default, int8_default, intrinsics
-
-    func = mod["main"]
-    if tvm_target.kind.name != "llvm":
-        return gpu_default.schedule(func, tvm_target)
-    dot = intrinsics.dot_product_for(tvm_target)
-    if dot is not None:
-        sch = int8_default.schedule(func, dot)
-        if sch is not None:
-            return sch
-    found = float_default.schedule(func)
-    return found[0] if found is not None and found[1] == "float" else None
-
-
 def _defaults_unmeasured(database, contexts, foreign, log_dir: Path) -> set[str]:
     """The kernels (task names) that may have a default schedule worth measuring (they
     reduce) and whose default the log has not measured (qcompile-log.json lists those)."""
@@ -153,14 +87,15 @@ def _note_default(database, mod, log_dir: Path, seconds: float | None) -> None:
     write_info(log_dir, info)
 
 
-def _measure_default(context, database, build, runner, log_dir: Path) -> float | None:
+def _measure_default(context, target: Target, database, build, runner,
+                     log_dir: Path) -> float | None:
     """Measure our default schedule of the kernel like a searched candidate and add it to
     the database: the search then keeps it unless it finds a faster one (a short search
     often does not). Its mean time in seconds, or None (no such schedule, or it failed)."""
     from tvm.s_tir import meta_schedule as ms
 
     try:
-        sch = default_schedule(context.mod, context.target)
+        sch = lower.default_schedule(context.mod, target)
     except Exception as exc:  # noqa: BLE001 - the search goes on without it
         log.info("%s: no default schedule to measure (%s)", context.task_name, exc)
         _note_default(database, context.mod, log_dir, None)
@@ -303,17 +238,6 @@ def check_log_dir(directory: Path, target: Target) -> None:
                          f"Tune '{target.name}' into another directory (--log DIR).")
 
 
-def tuning_module(mod, target: Target, packed_layout: bool | None = None):
-    """The fused kernels of `mod` that tune() searches and build() schedules: on a GPU target,
-    those of TVM's pipeline for it (build.gpu_kernels); on a CPU, fused_module's (with
-    `packed_layout` as it takes it)."""
-    if target.is_gpu:
-        from .build import gpu_kernels
-
-        return gpu_kernels(mod, target)[0]
-    return fused_module(mod, target, packed_layout=packed_layout)
-
-
 def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 32,
          rpc: tuple[tuple[str, int], str] | None = None,
          out: TextIO | None = None, reuse: TuningLog | None = None,
@@ -374,7 +298,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     repair(log_dir)
     database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
     tvm_target = target.to_tvm()
-    mod = tuning_module(model.mod, target)
+    mod = lower.kernels(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
     # MetaSchedule's per-batch messages go to log_dir/logs/*.log, not to the console
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
@@ -434,7 +358,8 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
         with _stop_on_signals(stop):
             _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
                        unmeasured, defaults, out, build=build, runner=runner,
-                       cost_model=cost_model, callbacks=callbacks, log_dir=log_dir)
+                       cost_model=cost_model, callbacks=callbacks, log_dir=log_dir,
+                       target=target)
     except TuneInterrupted:
         kept = sum(len(_records(database, c.mod)) for c in contexts)
         raise TuneInterrupted(
@@ -464,19 +389,16 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
 
 
 def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:
-    """MetaSchedule's TuneContext and weight of each task. A GPU kernel is searched in the
-    space schedules/gpu_search.py gives it (its int8 fetches are not vectorized); a CPU kernel
-    in the one schedules/cpu_search.py gives it (MetaSchedule's default for the target; for
-    an int8 kernel on packed weights, with the loop around the tensorized block kept serial so
-    that every candidate builds, and smmla tensorization where it is packed for smmla)."""
+    """MetaSchedule's TuneContext and weight of each task, each kernel searched in the space
+    its target kind's schedules give it (lower.search_space: for int8 CPU kernels on packed
+    weights the loop around the tensorized block stays serial, so that every candidate
+    builds, and smmla kernels are tiled onto our intrinsic; OpenCL int8 kernels fetch
+    unvectorized)."""
     from tvm.s_tir import meta_schedule as ms
-
-    from .schedules import cpu_search, gpu_search
 
     contexts, weights = [], []
     for task in tasks:
-        search = gpu_search if target.is_gpu else cpu_search
-        space = search.space(task.dispatched[0], task.target)
+        space = lower.search_space(task.dispatched[0], target)
         with metaschedule_logging.configuring():
             context, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [task], work_dir=str(log_dir), space=space, num_threads=os.cpu_count() or 1,
@@ -511,7 +433,7 @@ def _stop_on_signals(stop: threading.Event):
 
 def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seconds,
                unmeasured, defaults, out, *, build, runner, cost_model, callbacks,
-               log_dir) -> None:
+               log_dir, target: Target) -> None:
     """Tune the kernels one after the other, each up to its budget; `seconds` gets the time
     spent on each, `defaults` the time of our default schedule of each kernel in
     `unmeasured` (those whose default the log has not measured: measured first, as one of
@@ -523,7 +445,8 @@ def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seco
         name = context.task_name
         budget = budgets[name] - before[name]
         if name in unmeasured:
-            measured = _measure_default(context, database, build, runner, log_dir)
+            measured = _measure_default(context, target, database, build, runner,
+                                        log_dir)
             if measured is not None:
                 defaults[name] = measured
                 budget -= 1

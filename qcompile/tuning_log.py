@@ -38,10 +38,10 @@ def identity(target: Target) -> dict[str, Any]:
     """What a log's records depend on: the TVM version and the code-generation target."""
     import tvm
 
-    from .schedules.intrinsics import dot_product_for
+    from .schedules.cpu.intrinsics import dot_product_for
 
-    cpu = target.host if target.is_gpu else target.target
-    dot = dot_product_for(target.to_tvm()) if not target.is_gpu else None
+    cpu = target.cpu
+    dot = dot_product_for(target.to_tvm())
     return {
         "format": FORMAT,
         "module_equality": MODULE_EQUALITY,
@@ -146,7 +146,7 @@ def open_database(directory: Path, create: bool = False):
     qcompile keys records."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import intrinsics
+    from .schedules.cpu import intrinsics
 
     intrinsics.register()  # records name the tensor intrinsics their schedules use
     return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=create,

@@ -1,5 +1,5 @@
-"""Helpers for the tests of the spaces MetaSchedule searches (schedules/cpu_search.py,
-schedules/gpu_search.py): a small int8 model's kernels, and candidates sampled like a search's
+"""Helpers for the tests of the spaces MetaSchedule searches (schedules/cpu/search_space.py,
+schedules/opencl/search_space.py): a small int8 model's kernels, and candidates sampled like a search's
 first trials."""
 
 import tvm

@@ -1,4 +1,4 @@
-"""The space MetaSchedule searches int8 CPU kernels in (schedules/cpu_search.py).
+"""The space MetaSchedule searches int8 CPU kernels in (schedules/cpu/search_space.py).
 
 TVM's default spaces for x86 (VNNI) and ARM (sdot) give int8 kernels candidates that fail to
 build (TVM's vectorizer cannot widen a tensorized block's intrinsic); ours keeps the loop around
@@ -10,9 +10,10 @@ import pytest
 import tvm
 
 from spaces import int8_packed_convnet, sampled_schedules
-from qcompile.schedules import cpu_search, intrinsics
+from qcompile import lower
+from qcompile.schedules.cpu import intrinsics, search_space as cpu_search
 from qcompile.targets import load_target
-from qcompile.tune import MODULE_EQUALITY, tuning_module
+from qcompile.tuning_log import MODULE_EQUALITY
 
 SEEDS = range(1, 5)
 
@@ -24,7 +25,7 @@ def _packed_kernels(save_model, target):
 
     intrinsics.register()
     mod = int8_packed_convnet(save_model, target)
-    tasks = ms.relax_integration.extract_tasks(tuning_module(mod, target), target.to_tvm(),
+    tasks = ms.relax_integration.extract_tasks(lower.kernels(mod, target), target.to_tvm(),
                                                module_equality=MODULE_EQUALITY)
     kernels = {}
     for task in tasks:

@@ -1,5 +1,5 @@
 """Default schedules for the kernels without a tuning record or a packed int8 schedule
-(schedules/float_default.py): every conv/matmul kernel of a model gets one, and the outputs
+(schedules/cpu/float_default.py): every conv/matmul kernel of a model gets one, and the outputs
 are those of TVM's unscheduled code."""
 
 import logging
@@ -10,7 +10,7 @@ import pytest
 import qcompile
 from models import (assert_close, conv_relu, depthwise_grouped, gemm_matmul, onnxruntime_outputs,
                     packed_convnet, random_inputs)
-from qcompile.schedules import float_default, loop_tiles
+from qcompile.schedules.cpu import float_default, tiles as loop_tiles
 
 UNSCHEDULED = "keeps the unscheduled code"
 

@@ -96,7 +96,7 @@ def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
     from tvm.support import cc
 
     from test_int8_kernels import instruction_counts
-    from qcompile.build import optimize
+    from qcompile.lower import lower
     from qcompile.targets import load_target
 
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
             out = bb.emit_output(relax.Tuple([mm, conv]))
         bb.emit_func_output(out)
     target = load_target("arm64-i8mm").with_compiler()
-    executable = tvm.compile(optimize(bb.get(), target), target.to_tvm(), relax_pipeline=None)
+    executable = tvm.compile(lower(bb.get(), target), target.to_tvm(), relax_pipeline=None)
     library = tmp_path / "smmla.so"
     executable.export_library(str(library), fcompile=cc.cross_compiler(target.cc))
     assert instruction_counts(library, "aarch64-linux-gnu-objdump")["smmla"] > 0
@@ -207,7 +207,7 @@ def test_tune_over_rpc_then_compile_applies_the_log(arm64_device, save_model, tm
 def test_int8_kernels_tuned_over_rpc_build_and_match(arm64_device, save_model, tmp_path, target,
                                                      instruction):
     """An int8 model tuned over RPC on the emulated phone: every searched candidate of its
-    packed kernels builds and runs (schedules/cpu_search.py; TVM's default space gave many
+    packed kernels builds and runs (schedules/cpu/search_space.py; TVM's default space gave many
     that fail to build), and arm64-i8mm's smmla kernel is searched too (MetaSchedule had no
     rule that emits smmla). Built with only the searched records (our default schedules'
     records dropped), the model uses the instruction and gives exactly the integers of the

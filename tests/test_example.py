@@ -9,7 +9,7 @@ import qcompile
 from models import assert_close, onnxruntime_outputs
 from qcompile.examples import efficientnet_lite0 as effnet
 from qcompile.examples.photos import photos
-from qcompile.schedules.intrinsics import dot_product_for
+from qcompile.schedules.cpu.intrinsics import dot_product_for
 from qcompile.targets import load_target
 
 

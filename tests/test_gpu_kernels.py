@@ -1,7 +1,7 @@
 """GPU (OpenCL) builds compute what the CPU computes: every kernel of a Mali or Adreno build
 of the test models, in int8, fp16 and fp32, runs on pocl (an OpenCL implementation for CPUs,
 tests/opencl.py) and matches the same kernel compiled for the CPU. This found a dlight rule
-that computes wrong results, and one that does on Adreno (schedules/gpu_default.py): the
+that computes wrong results, and one that does on Adreno (schedules/opencl/default.py): the
 grouped conv of depthwise_grouped and the convs of packed_convnet are where they showed."""
 
 import pytest
@@ -11,7 +11,7 @@ import qcompile
 from models import (depthwise_grouped, gemm_matmul, packed_convnet, random_inputs,
                     residual_pool_concat)
 from opencl import check_kernel
-from qcompile.build import gpu_kernels
+from qcompile import lower
 from qcompile.frontend import import_onnx
 from qcompile.quantize import QuantConfig, quantize, to_fp16
 from qcompile.targets import load_target
@@ -44,7 +44,8 @@ def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precis
     onnx_model = model()
     target = load_target(target_name)
     graph = _model(save_model(onnx_model), onnx_model, precision, target)
-    fused, scheduled = gpu_kernels(graph.mod, target)
+    fused = lower.kernels(graph.mod, target)
+    scheduled = lower.schedule(fused, target)
     device = target.to_tvm().attrs["device"]
     checks = []
     for gvar, func in scheduled.functions.items():

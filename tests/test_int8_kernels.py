@@ -9,7 +9,7 @@ import pytest
 
 import qcompile
 from models import gemm_matmul, packed_convnet, padded_channels, random_inputs
-from qcompile.schedules import intrinsics
+from qcompile.schedules.cpu import intrinsics
 from qcompile.targets import load_target
 
 INSTRUCTIONS = ("vpdpbusd", "sdot", "udot", "smmla", "ummla")
@@ -33,7 +33,7 @@ def host_has_vnni() -> bool:
 
 
 def test_packing_blocks():
-    from qcompile.schedules.packed_int8 import pack_conv_weight, pack_matmul_weight
+    from qcompile.schedules.cpu.packed_int8 import pack_conv_weight, pack_matmul_weight
 
     w = np.arange(32 * 3 * 3 * 8).reshape(32, 3, 3, 8)  # OHWI
     packed = pack_conv_weight(w, lanes=16, reduce=4)

@@ -207,3 +207,20 @@ def legalize_map(dot: DotProduct) -> dict:
                                len(call.args[0].ty.shape) - 1)
 
     return {"relax.nn.conv2d": conv2d, "relax.matmul": matmul}
+
+
+def has_int8_conv(mod) -> bool:
+    """Whether `mod` has a conv2d on int8 weights (then the graph goes NHWC, packed)."""
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d" \
+                and expr.args[1].ty.dtype == "int8":
+            found.append(expr)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 
-from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
+from .. import SCHEDULE_ATTR
+from .tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_ATTR = "qcompile.default_schedule"  # the same attribute as int8_default's
+KINDS = ("float", "parallel")  # SCHEDULE_ATTR's values on the kernels scheduled here
 VECTOR = 8    # output elements per vector tile (one AVX2 / two NEON fp32 registers)
 ROWS = 8      # rows of the register tile
 # (EfficientNet-Lite0 fp32 here: 8 x 8 35 ms, 4 x 8 38 ms, 4 x 16 45 ms, 8 x 16 47 ms)

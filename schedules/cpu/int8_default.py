@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 
 from .intrinsics import DotProduct, register
-from .loop_tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
+from .. import SCHEDULE_ATTR
+from .tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
 from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
-SCHEDULE_ATTR = "qcompile.default_schedule"
+PACKED = "packed-int8"  # SCHEDULE_ATTR's value on the kernels scheduled here
 TILE_PIXELS = 8
 TILE_ROWS = 8
 
@@ -122,7 +123,7 @@ def schedule(func, dot: DotProduct):
 def schedule_kernel(func, dot: DotProduct):
     """`func` scheduled, or None when it has no packed int8 block."""
     sch = schedule(func, dot)
-    return None if sch is None else sch.mod["main"].with_attr(SCHEDULE_ATTR, "packed-int8")
+    return None if sch is None else sch.mod["main"].with_attr(SCHEDULE_ATTR, PACKED)
 
 
 def apply(mod, dot: DotProduct):

@@ -55,8 +55,8 @@ def apply(mod, tvm_target):
     properly inlined"); a kernel that no rule schedules is an error naming it."""
     import tvm
 
-    from ..relax_main import module_copy
-    from .int8_default import SCHEDULE_ATTR
+    from ...relax_main import module_copy
+    from .. import SCHEDULE_ATTR
 
     scheduled = module_copy(mod)
     for gvar, func in mod.functions.items():
@@ -83,7 +83,7 @@ def schedule(func, tvm_target, name: str = "main"):
     """The tir Schedule of the kernel `func` by the first dlight rule that applies (what
     compile gives a GPU kernel without a tuning record; the tuner measures it as the kernel's
     first candidate). RuntimeError naming the kernel when no rule applies."""
-    from ..errors import last_line
+    from ...errors import last_line
 
     failures = []
     for rule in rules(tvm_target):

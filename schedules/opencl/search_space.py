@@ -6,7 +6,7 @@ change: the shared-memory fetches that multi-level tiling adds are not vectorize
 
 Why: a vectorized fetch of int8 data is often a gather (the padded input of a conv, the weights
 of a grouped conv), and TVM 0.27's OpenCL code generator packs a gathered char vector into one
-int, which computes wrong values (gpu_default.codegen_defect; the builder rejects such
+int, which computes wrong values (default.codegen_defect; the builder rejects such
 candidates). Measured on packed_convnet's three int8 convs for Mali, 24 sampled candidates each:
 with the default rules 39 of the 72 had the defect (65 built), with fetches of 1 or 4 lanes 28
 (65 built), with 1 lane none (67 built). A rejected candidate costs a build and a trial of the

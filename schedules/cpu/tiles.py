@@ -1,9 +1,11 @@
-"""Schedule steps that our default schedules share (int8_default.py, float_default.py)."""
+"""Schedule steps that our default CPU schedules share (int8_default.py, float_default.py)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Callable
+
+from .. import SCHEDULE_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ def schedule_each(mod, schedule_kernel: Callable, level: int = logging.INFO):
     the failure is logged at `level`: one kernel's failure is not the build's."""
     import tvm
 
-    from .int8_default import SCHEDULE_ATTR
 
     updates = {}
     for gvar, func in mod.functions.items():

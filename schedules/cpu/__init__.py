@@ -1,0 +1,93 @@
+"""CPU kernels (TVM's llvm target): x86 with AVX-512 VNNI, ARM with dot product and i8mm.
+
+On a target with an integer dot-product instruction, the int8 graph is converted to NHWC and
+its conv2d/matmul legalized onto weights packed for that instruction (packed_int8.py), so that
+the innermost loop is the instruction. Default schedules tensorize those (int8_default.py) and
+register-tile every other conv/matmul (float_default.py); MetaSchedule searches the int8 ones
+in a space where every candidate builds (search_space.py).
+"""
+
+from __future__ import annotations
+
+from . import float_default, int8_default, search_space
+from .intrinsics import DotProduct, dot_product_for, register
+
+
+def fuse(mod, tvm_target, packed_layout: bool | None = None):
+    """The model legalized to TIR and fused: the kernels that are tuned and then built.
+    `packed_layout`: convert to NHWC even without an int8 conv (True), or never (False); None:
+    when `mod` has an int8 conv and the target a dot-product instruction."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import library_dispatch_passes
+
+    from .packed_int8 import has_int8_conv, legalize_map
+
+    dot = dot_product_for(tvm_target)
+    with tvm_target:
+        passes = [relax.transform.FoldConstant()]
+        if dot is not None and (has_int8_conv(mod) if packed_layout is None
+                                else packed_layout):
+            passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                       relax.transform.FoldConstant()]
+        passes += library_dispatch_passes(tvm_target)
+        passes += [relax.transform.LegalizeOps(legalize_map(dot) if dot is not None else None),
+                   relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(),
+                   relax.transform.FuseOps(),
+                   relax.transform.FuseTIR()]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def apply(mod, tvm_target):
+    """Our default schedule for every kernel without one: the packed int8 kernels, then the
+    rest. (Call inside `with tvm_target:`.)"""
+    dot = dot_product_for(tvm_target)
+    if dot is not None:
+        mod = int8_default.apply(mod, dot)
+    return float_default.apply(mod)
+
+
+def default(kernel, tvm_target):
+    """The Schedule `apply` gives the kernel (an IRModule with "main"), or None when it has
+    none worth measuring (no conv/matmul block to tile)."""
+    func = kernel["main"]
+    dot = dot_product_for(tvm_target)
+    if dot is not None:
+        register()  # the int8 default tensorizes with our intrinsics
+        sch = int8_default.schedule(func, dot)
+        if sch is not None:
+            return sch
+    found = float_default.schedule(func)
+    return found[0] if found is not None and found[1] == "float" else None
+
+
+def space(kernel, tvm_target):
+    return search_space.space(kernel, tvm_target)
+
+
+def finalize(mod, tvm_target):
+    import tvm
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+
+    with tvm_target:
+        return tvm.transform.Sequential(dataflow_lower_passes(tvm_target)
+                                        + finalize_passes(tvm_target))(mod)
+
+
+def check(executable) -> None:
+    """No known code-generation defect to refuse on the CPU."""
+
+
+def schedule_counts(attrs) -> dict[str, int]:
+    """How many kernels (their attrs) have our default schedules, by kind."""
+    from .. import SCHEDULE_ATTR
+
+    return {"int8_default_schedules": sum(1 for a in attrs
+                                          if a.get(SCHEDULE_ATTR) == int8_default.PACKED),
+            "float_default_schedules": sum(1 for a in attrs if a.get(SCHEDULE_ATTR) in
+                                           float_default.KINDS)}
+
+
+__all__ = ["DotProduct", "apply", "check", "default", "dot_product_for", "finalize", "fuse",
+           "schedule_counts", "space"]
