@@ -20,22 +20,21 @@ import numpy as np
 
 from ..errors import InputError
 from ..frontend import FloatModel, Layer
+from .calibrate import LayerInput, calibrate
 from .calibration_data import load_calibration
 from ..relax_main import rebuild_main
-from .graph import Graph, constant_value, read_graph
-from .observers import (ACTIVATION_DTYPES, METHODS, WIDE_DTYPES as WIDE_ACTIVATIONS, Observer,
-                        QParams, activation_qparams, choose_range)
-from .realize import (INTEGER_INPUT_KINDS, LayerResult, RealizeConfig, Realizer,
-                      graph_qparams)
+from .graph import Graph, constant_value, read_graph, relax_flow
+from .observers import (ACTIVATION_DTYPES, METHODS, WIDE_DTYPES as WIDE_ACTIVATIONS, QParams,
+                        activation_qparams, choose_range)
+from .flow import wide_tensors
+from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
 from .report import QuantReport, TensorError, layer_errors
-from .rounding import InputMoments, conv_shape
+from .rounding import conv_shape
 from .rules import LayerSettings, PrecisionRules
 
 log = logging.getLogger(__name__)
 
 MEASURE_SAMPLES = 16
-# integer ops whose inputs are 16-bit when their output is
-WIDE_THROUGH = INTEGER_INPUT_KINDS - {"conv2d", "matmul", "quantize"}
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
@@ -170,35 +169,23 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     log.info("calibrating: running the fp32 model on %d sample(s), observing %d tensors (%s)",
              len(feeds), len(observed), config.method)
     probe = _host_vm(observing_module(mod, graph, observed))
-    observers = [Observer() for _ in observed]
-    histogram = any(s.method != "minmax" for s in [base, *plan.values()])
-    # per-channel means of each int8 layer's input, for bias correction
-    mean_axes = {} if not config.bias_correction else {
-        weighted[var].args[0]: weighted[var].kind for var, s in settings_of.items()
-        if s.precision == "int8" and var in weighted}
-    sums = {var: 0.0 for var in mean_axes}
-    # each int8 layer's input second moments, for GPTQ rounding (keyed by the layer's input)
-    moments: dict = {}
-    if config.weight_rounding == "gptq":
-        for var, s in settings_of.items():
-            node = weighted.get(var)
-            if s.precision == "int8" and node is not None and \
-                    constant_value(node.args[1]) is not None:
-                moments.setdefault(node.args[0], {})[var] = InputMoments(conv_shape(node))
-    for i, feed in enumerate(feeds):
-        for var, obs, value in zip(observed, observers, _run(probe, feed, names)):
-            obs.update(value, histogram)
-            if var in sums:
-                sums[var] = sums[var] + _channel_mean(value, mean_axes[var])
-            for layer_moments in moments.get(var, {}).values():
-                layer_moments.update(value)
-        if (i + 1) % 10 == 0 or i + 1 == len(feeds):
-            log.info("calibrating: %d/%d samples", i + 1, len(feeds))
-    observer_of = dict(zip(observed, observers))
+    int8_layers = {var: weighted[var] for var, s in settings_of.items()
+                   if s.precision == "int8" and var in weighted}
+    layers = {var: LayerInput(node.args[0], node.kind, conv_shape(node),
+                              moments=config.weight_rounding == "gptq" and
+                              constant_value(node.args[1]) is not None)
+              for var, node in int8_layers.items()}
+    table = calibrate(lambda feed: dict(zip(observed, _run(probe, feed, names))), feeds,
+                      observed, layers, means=config.bias_correction,
+                      histogram=any(s.method != "minmax" for s in [base, *plan.values()]))
+    observer_of = dict(table.observers)
     qparams = {var: activation_qparams(choose_range(obs, config.method, config.percentile),
                                        activations, config.symmetric)
                for var, obs in observer_of.items()}
-    wide = wide_tensors(graph, {var: s for var, s in settings_of.items() if var in weighted})
+    # 16-bit inputs, and the integer ops before them (flow.py): {var: (dtype, symmetric)}
+    wide = wide_tensors(relax_flow(graph), {
+        var: (s.activations, s.symmetric) for var, s in settings_of.items()
+        if var in weighted and s.precision == "int8" and s.activations in WIDE_ACTIVATIONS})
     for var, (dtype, symmetric) in wide.items():
         if var in observer_of:  # 16 bits need no clipping: their ranges are min/max
             qparams[var] = activation_qparams(choose_range(observer_of[var], "minmax"), dtype,
@@ -224,8 +211,8 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
         per_channel=config.per_channel,
         **_precision_sets(settings_of, skip=stem.name if stem_fp32 else None),
         input_qparams=input_qparams,
-        input_means={var: total / len(feeds) for var, total in sums.items()},
-        input_moments={layer: m for by_layer in moments.values() for layer, m in by_layer.items()},
+        input_means=dict(table.means),
+        input_moments=dict(table.moments),
         stem=stem.name if stem_fp32 else None)
     realizer = Realizer(mod, graph, qparams, realize_config)
     quantized_mod = realizer.run()
@@ -314,29 +301,6 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
                           model.source, model.sha256)
 
 
-def wide_tensors(graph: Graph, settings_of: Mapping[str, LayerSettings]) -> dict:
-    """{var: (16-bit dtype, symmetric)}: the inputs of the int8 layers whose settings ask for
-    16-bit activations, and, backwards through integer ops (add, concat, pooling, clip,
-    reshapes), the tensors those inputs are computed from: a residual stream is 16-bit through
-    its adds, so that only the layers' requantization rounds it."""
-    wide: dict = {}
-    pending = []
-    for node in graph.nodes:
-        s = settings_of.get(node.name)
-        if node.kind in ("conv2d", "matmul") and s is not None and s.precision == "int8" and \
-                s.activations in WIDE_ACTIVATIONS:
-            pending.append((node.args[0], (s.activations, s.symmetric)))
-    while pending:
-        var, how = pending.pop()
-        if var in wide or constant_value(var) is not None:
-            continue
-        wide[var] = how
-        producer = graph.node_of(var)
-        if producer is not None and producer.kind in WIDE_THROUGH:
-            pending.extend((arg, how) for arg in producer.args)
-    return wide
-
-
 def _precision_sets(settings_of: dict[str, LayerSettings], skip: str | None = None) -> dict:
     """RealizeConfig's per-layer sets from {relax var: settings}; `skip` (the image stem) is
     kept float under its own reason instead."""
@@ -345,15 +309,6 @@ def _precision_sets(settings_of: dict[str, LayerSettings], skip: str | None = No
             "fp16_layers": frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
             "per_tensor_layers": frozenset(v for v, s in settings_of.items()
                                            if not s.per_channel)}
-
-
-def _channel_mean(value: np.ndarray, kind: str) -> np.ndarray:
-    """Mean over everything but the channel axis: 1 for a conv's NCHW input, the last for a
-    matmul's."""
-    value = np.asarray(value, dtype=np.float64)
-    if kind == "conv2d" and value.ndim == 4:
-        return value.mean(axis=(0, 2, 3))
-    return value.reshape(-1, value.shape[-1]).mean(axis=0)
 
 
 def _is_float_tensor(var) -> bool:

@@ -153,3 +153,18 @@ def read_graph(mod) -> Graph:
     else:
         output_list, returns_tuple = (result,), False
     return Graph(function, nodes, by_var, set(output_list), output_list, returns_tuple)
+
+
+def relax_flow(graph: Graph):
+    """The graph as a flow.Flow: tensors are Relax vars, layers named by their var."""
+    from tvm import relax
+
+    from .flow import LAYER_KINDS, Flow, FlowNode
+
+    nodes = []
+    for node in graph.nodes:
+        layer = node.name if node.kind in LAYER_KINDS and len(node.args) > 1 and \
+            constant_value(node.args[1]) is not None else None
+        inputs = tuple(a for a in node.args if isinstance(a, relax.Var))
+        nodes.append(FlowNode(node.kind, inputs, node.var, layer))
+    return Flow.of(nodes, graph.outputs)

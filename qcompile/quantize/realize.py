@@ -26,14 +26,12 @@ from typing import Any, Callable
 import numpy as np
 
 from ..relax_main import function_attrs, without_main
-from .graph import Graph, Node, constant_value
-from .observers import QParams, weight_scales
-from .rounding import fitted_scales, gptq_codes
+from .flow import LAYER_KINDS, SAME_PARAMS_KINDS, integer_tensors
+from .graph import Graph, Node, constant_value, relax_flow
+from .observers import QParams
+from .weights import quantize_weight, sqnr_db
 
-INTEGER_INPUT_KINDS = frozenset({"conv2d", "matmul", "add", "mean", "max_pool2d", "avg_pool2d",
-                                 "concat", "reshape", "permute_dims", "flatten", "squeeze",
-                                 "expand_dims", "max", "min", "relu", "clip", "quantize"})
-PASS_THROUGH = frozenset({"reshape", "permute_dims", "flatten", "squeeze", "expand_dims"})
+PASS_THROUGH = SAME_PARAMS_KINDS - {"max_pool2d"}  # reshape-likes: the integers themselves
 
 
 @dataclass
@@ -80,14 +78,6 @@ class RealizeConfig:
     input_moments: Any = None              # {layer var name: rounding.InputMoments} (GPTQ)
 
 
-def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    if noise == 0:
-        return float("inf")
-    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
-
-
 class Realizer:
     def __init__(self, mod, graph: Graph, qparams: dict[Any, QParams], config: RealizeConfig):
         from tvm import relax
@@ -102,7 +92,9 @@ class Realizer:
         self.quant_cache: dict[Any, QValue] = {}
         self.absorbed: set[int] = set()      # node indices folded into a layer's kernel
         self.layers: list[LayerResult] = []
-        self._wants: dict[Any, bool] = {}    # var -> wants_integers
+        int8 = [n.name for n in graph.nodes if n.kind in LAYER_KINDS and
+                not self._layer_stays_float(n)]
+        self.integer = integer_tensors(relax_flow(graph), int8)  # flow.py decides
 
     # -- value conversions -------------------------------------------------------------
     def _emit(self, expr):
@@ -186,25 +178,8 @@ class Realizer:
 
     # -- the walk ----------------------------------------------------------------------
     def wants_integers(self, node: Node) -> bool:
-        """Whether `node`'s value is worth keeping in integers: it is not an output of the
-        model, and every consumer takes integer input and uses it as such: an int8 layer, a
-        quantize, or an integer op (add, concat, pooling, reshape...) whose own value is
-        worth keeping in integers. An integer op whose result would only be dequantized runs
-        in float instead, and its producers dequantize their int32 accumulators straight to
-        float: in BERT, the FFN's output and the residual add feeding LayerNorm hold outliers
-        that one int8 scale cannot (requantizing them cost MiniLM's embeddings a cosine of
-        0.91)."""
-        if node.var not in self._wants:  # memoized: the walk asks again for each consumer
-            self._wants[node.var] = node.var not in self.graph.outputs and \
-                bool(node.consumers) and all(self._uses_integers(c) for c in node.consumers)
-        return self._wants[node.var]
-
-    def _uses_integers(self, consumer: Node) -> bool:
-        if consumer.kind not in INTEGER_INPUT_KINDS:
-            return False
-        if consumer.kind in ("conv2d", "matmul"):
-            return not self._layer_stays_float(consumer)
-        return consumer.kind == "quantize" or self.wants_integers(consumer)
+        """Whether `node`'s value is worth keeping in integers (flow.integer_tensors)."""
+        return node.var in self.integer
 
     def _layer_stays_float(self, node: Node) -> bool:
         return node.kind in ("conv2d", "matmul") and (
@@ -317,47 +292,25 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     if not r.has_qparams(x) and given_qp is None:
         return NotImplemented
     xq = r.quant_of(x, given_qp)
-    axis = channel_axis if r.config.per_channel and \
-        node.name not in r.config.per_tensor_layers else None
     given = r.config.weight_codes.find(weight) if r.config.weight_codes is not None else None
-    if given is not None and given[2] in (channel_axis, None):
-        axis = given[2]  # the model's own int8 codes and scales (a QDQ model)
-        s_w = np.asarray(given[1], dtype=np.float32)
-    elif r.config.weight_codes is not None:
-        return NotImplemented  # a QDQ model that keeps this layer's weights in float
-    else:
+    if given is not None and given[2] not in (channel_axis, None):
         given = None
-        s_w = weight_scales(weight, axis)
+    if given is None and r.config.weight_codes is not None:
+        return NotImplemented  # a QDQ model that keeps this layer's weights in float
     in_scale = np.float32(xq.qp.scale)
     wide = xq.qp.bits == 16  # the input runs as two bytes; the correction is added in float
-    floor = None
-    if bias is not None and given is None and not wide:
-        # The bias is an int32 in units of s_x * s_w: a (near) dead channel with a bias would
-        # overflow it, so its weight scale is raised until the bias fits in 2^30.
-        floor = (np.abs(bias) / (np.float64(in_scale) * 2.0 ** 30)).astype(np.float32)
-        s_w = np.maximum(s_w, floor if axis is not None else floor.max()).astype(np.float32)
-    shape = [1] * weight.ndim
-    if axis is not None:
-        shape[channel_axis] = channels
-    moments = (r.config.input_moments or {}).get(node.name)
-    if given is None and moments is not None and axis is not None:
-        s_w = fitted_scales(weight, s_w, moments, node.kind, floor)  # short rows only
-    if given is not None:
-        w_q, rounding = given[0].astype(np.int8), "model"
-    elif moments is not None:
-        w_q, rounding = gptq_codes(weight, s_w, moments, node.kind), "gptq"
-    else:
-        w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
-        rounding = "nearest"
+    means = r.config.input_means.get(x) if r.config.input_means is not None else None
+    qw = quantize_weight(
+        weight, node.kind,
+        per_channel=r.config.per_channel and node.name not in r.config.per_tensor_layers,
+        bias=bias, input_scale=None if wide else in_scale,
+        moments=(r.config.input_moments or {}).get(node.name), means=means, given=given)
+    w_q, s_w, bias = qw.codes, qw.scales, qw.bias
     s_w_c = np.broadcast_to(s_w, (channels,)).astype(np.float32)
     # int32 constant: bias / (s_x * s_w) - zp_x * sum(w_q) over each output's reduction
     acc_scale = (in_scale * s_w_c).astype(np.float32)
     zero_point = plane_zero_point(xq.qp, r.config.plane_dtype) if wide else xq.qp.zero_point
     correction = -np.int64(zero_point) * w_q.astype(np.int64).sum(axis=reduce_axes)
-    means = r.config.input_means.get(x) if r.config.input_means is not None else None
-    if means is not None and given is None:
-        shift = weight_error_shift(w_q * s_w.reshape(shape) - weight, means, node.kind)
-        bias = -shift if bias is None else bias - shift
     if bias is not None:
         correction = correction + np.round(bias / acc_scale).astype(np.int64)
     acc = emit_acc(xq, w_q)
@@ -373,8 +326,8 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
         accf = op.astype(acc, "float32")
     layer = LayerResult(node.name, node.kind, "int8-a16" if wide else "int8", input_qp=xq.qp,
                         weight_scales=[float(s) for s in s_w],
-                        weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
-                        rounding=rounding, fused=tuple(r.graph.nodes[i].name for i in absorbed),
+                        weight_sqnr_db=qw.sqnr_db,
+                        rounding=qw.rounding, fused=tuple(r.graph.nodes[i].name for i in absorbed),
                         output_var=last.var)
     r.absorbed.update(absorbed)
     if r.wants_integers(last) and last.var in r.qparams:
@@ -393,22 +346,6 @@ def _layer(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int, reduc
     r.layers.append(layer)
     r.env[last.var] = out
     return out
-
-
-def weight_error_shift(error: np.ndarray, means: np.ndarray, kind: str) -> np.ndarray:
-    """Bias correction: the mean shift of each output that rounding the weights causes,
-    error . E[x] (error = dequantized int8 weight - fp32 weight, E[x] the per-channel mean of
-    the layer's input over the calibration data). Subtracted from the bias, it removes the
-    systematic part of the weight error (Nagel et al., "Data-Free Quantization", 2019): on
-    EfficientNet-Lite0 logits go from 19.7 to 23.4 dB SQNR."""
-    means = np.asarray(means, dtype=np.float64)
-    if kind == "matmul":  # [K, N]
-        return (means @ error.astype(np.float64)).astype(np.float32)
-    out_channels, per_group = error.shape[0], error.shape[1]
-    groups = means.size // per_group
-    group_means = means.reshape(groups, per_group)
-    of_output = np.repeat(group_means, out_channels // groups, axis=0)  # [O, I/g]
-    return np.einsum("oikl,oi->o", error.astype(np.float64), of_output).astype(np.float32)
 
 
 def plane_offsets(qp: QParams, plane_dtype: str) -> tuple[int, int]:
@@ -548,7 +485,7 @@ def _fp16_layer(r: Realizer, node: Node, weight: np.ndarray):
     half = weight.astype(np.float16)
     x = r._emit(r.relax.op.astype(r.float_of(node.args[0]), "float16"))
     r.layers.append(LayerResult(node.name, node.kind, "fp16", "kept in fp16 by the rules",
-                                weight_sqnr_db=_sqnr_db(weight, half.astype(np.float32)),
+                                weight_sqnr_db=sqnr_db(weight, half.astype(np.float32)),
                                 output_var=node.var))
     return r._emit(_float_accumulating(r, node, x, r._const(half, "float16")))
 
@@ -569,23 +506,17 @@ def _weight_only(r: Realizer, node: Node, weight: np.ndarray, channel_axis: int)
     """Weight-only int8: weights stored as int8 with per-channel scales, activations and
     arithmetic in fp32; the per-channel scale multiplies the output (conv and matmul are
     linear in each output channel)."""
-    axis = channel_axis if r.config.per_channel else None
-    s_w = weight_scales(weight, axis)
-    shape = [1] * weight.ndim
-    if axis is not None:
-        shape[channel_axis] = weight.shape[channel_axis]
-    w_q = np.clip(np.round(weight / s_w.reshape(shape)), -127, 127).astype(np.int8)
+    qw = quantize_weight(weight, node.kind, per_channel=r.config.per_channel)
     out_rank = len(node.shape)
     scale_shape = [1] * out_rank
     scale_shape[1 if node.kind == "conv2d" else out_rank - 1] = weight.shape[channel_axis]
-    scales = np.broadcast_to(s_w, (weight.shape[channel_axis],)).reshape(scale_shape)
-    layer = _float_accumulating(r, node, r.float_of(node.args[0]), r._const(w_q, "int8"))
+    layer = _float_accumulating(r, node, r.float_of(node.args[0]), r._const(qw.codes, "int8"))
     out = r._emit(r.relax.op.multiply(r._emit(layer),
-                                      r._const(scales, "float32")))
+                                      r._const(qw.channel_scales().reshape(scale_shape),
+                                               "float32")))
     r.layers.append(LayerResult(node.name, node.kind, "int8-weights",
-                                weight_scales=[float(v) for v in np.atleast_1d(s_w)],
-                                weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(shape)),
-                                output_var=node.var))
+                                weight_scales=[float(v) for v in qw.scales],
+                                weight_sqnr_db=qw.sqnr_db, output_var=node.var))
     return out
 
 
@@ -606,9 +537,8 @@ def _dynamic_matmul(r: Realizer, node: Node, weight: np.ndarray):
                          qmin, qmax))
     xq = op.astype(r.clamp(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax),
                    r.config.activation_dtype)
-    axis = 1 if r.config.per_channel else None
-    s_w = np.broadcast_to(weight_scales(weight, axis), (weight.shape[1],)).astype(np.float32)
-    w_q = np.clip(np.round(weight / s_w.reshape(1, -1)), -127, 127).astype(np.int8)
+    qw = quantize_weight(weight, node.kind, per_channel=r.config.per_channel)
+    w_q, s_w = qw.codes, qw.channel_scales()
     acc = r._emit(op.matmul(r._emit(xq), r._const(w_q, "int8"), out_dtype="int32"))
     column_sums = w_q.astype(np.int32).sum(axis=0)
     acc = op.subtract(acc, op.multiply(op.astype(zp, "int32"),
@@ -616,8 +546,7 @@ def _dynamic_matmul(r: Realizer, node: Node, weight: np.ndarray):
     out = r._emit(op.multiply(op.astype(acc, f32), op.multiply(scale, r._const(s_w, f32))))
     r.layers.append(LayerResult(node.name, node.kind, "int8-dynamic",
                                 weight_scales=[float(v) for v in s_w],
-                                weight_sqnr_db=_sqnr_db(weight, w_q * s_w.reshape(1, -1)),
-                                output_var=node.var))
+                                weight_sqnr_db=qw.sqnr_db, output_var=node.var))
     return out
 
 

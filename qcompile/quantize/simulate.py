@@ -28,17 +28,38 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..frontend import LAYER_OPS, layer_name
-from .observers import (WIDE_DTYPES as WIDE, Observer, QParams, activation_qparams,
-                        choose_range, weight_scales)
-from .realize import weight_error_shift
-from .rounding import ConvShape, InputMoments, fitted_scales, gptq_codes
+from .observers import WIDE_DTYPES as WIDE, Observer, QParams, activation_qparams, choose_range
+from .calibrate import LayerInput, calibrate
+from .flow import (BOUND_KINDS, RESCALED_KINDS, SAME_PARAMS_KINDS, Flow, FlowNode,
+                   integer_tensors, wide_tensors)
+from .rounding import ConvShape
 from .rules import LayerSettings
+from .weights import quantize_weight
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = frozenset({"Relu", "Clip"})
-PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
-INTEGER_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool", "ReduceMean"})
+# ONNX op type -> the kind realize gives the op Relax imports it as (flow.py's vocabulary)
+ONNX_KINDS = {"Conv": "conv2d", "Gemm": "matmul", "MatMul": "matmul", "Add": "add",
+              "Concat": "concat", "GlobalAveragePool": "mean", "ReduceMean": "mean",
+              "AveragePool": "avg_pool2d", "MaxPool": "max_pool2d", "Relu": "relu",
+              "Clip": "clip", "Reshape": "reshape", "Flatten": "flatten",
+              "Transpose": "permute_dims", "Squeeze": "squeeze", "Unsqueeze": "expand_dims",
+              "QuantizeLinear": "quantize", "DequantizeLinear": "dequantize"}
+
+
+def kind(op_type: str) -> str:
+    return ONNX_KINDS.get(op_type, "other")
+
+
+def onnx_flow(model, layers: Sequence["SimLayer"]) -> Flow:
+    """The model as a flow.Flow: tensors by name, `layers` by their names."""
+    constants = {i.name for i in model.graph.initializer}
+    layer_of = {layer.node_index: layer.name for layer in layers}
+    nodes = [FlowNode(kind(node.op_type),
+                      tuple(t for t in node.input if t and t not in constants),
+                      node.output[0], layer_of.get(i))
+             for i, node in enumerate(model.graph.node)]
+    return Flow.of(nodes, [o.name for o in model.graph.output])
 
 
 @dataclass(frozen=True)
@@ -58,8 +79,6 @@ class SimLayer:
 def weighted_layers(model) -> list[SimLayer]:
     """The layers that can be quantized: Conv/Gemm/MatMul nodes with a constant weight, with
     their MACs (from ONNX shape inference)."""
-    from onnx import numpy_helper
-
     inits = {i.name: i for i in model.graph.initializer}
     shapes = value_shapes(model)
     layers = []
@@ -108,7 +127,6 @@ class Simulator:
     def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
                  threads: int = 0, bias_correction: bool = True,
                  base: LayerSettings = LayerSettings(), weight_rounding: str = "gptq"):
-        import onnx
         from onnx import numpy_helper
 
         self.model = model
@@ -119,15 +137,12 @@ class Simulator:
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
         self.output_names = [o.name for o in model.graph.output]
-        self.readers: dict[str, list[int]] = {}  # tensor -> indices of the nodes reading it
-        for i, node in enumerate(self.nodes):
-            for tensor in node.input:
-                self.readers.setdefault(tensor, []).append(i)
         self.layers = weighted_layers(model)
+        self.flow = onnx_flow(model, self.layers)
         # every float tensor that an int8 layer or an integer op may read
         consumed = {self.nodes[l.node_index].input[0] for l in self.layers}
         for node in self.nodes:
-            if node.op_type in INTEGER_OPS:
+            if kind(node.op_type) in RESCALED_KINDS:
                 consumed.update(i for i in node.input if i and i not in self.inits)
         self.observed = sorted(t for t in consumed if t and t not in self.inits)
         self.observers = self._observe(calibration)
@@ -138,6 +153,8 @@ class Simulator:
         return ort_session(model, self.threads)
 
     def _observe(self, feeds) -> dict[str, Observer]:
+        """Calibrate (calibrate.py) with onnxruntime: every observed tensor, and each
+        layer's input means and (GPTQ) moments."""
         import onnx
 
         probe = onnx.ModelProto()
@@ -148,57 +165,35 @@ class Simulator:
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
         session = self._session(probe)
         names = [o.name for o in probe.graph.output]
-        observers = {name: Observer() for name in self.observed}
-        inputs = {self.nodes[l.node_index].input[0]: l.op for l in self.layers}
-        sums: dict[str, np.ndarray] = {}
-        self.moments: dict[str, InputMoments] = {}  # layer name -> GPTQ input statistics
-        if self.weight_rounding == "gptq":
-            for layer in self.layers:
-                shape = _conv_shape(self.nodes[layer.node_index], layer.weight_shape)
-                if layer.op != "Conv" or shape is not None:
-                    self.moments[layer.name] = InputMoments(shape)
-        for feed in feeds:
-            values = dict(zip(names, session.run(None, dict(feed))))
-            for name in self.observed:
-                if not np.issubdtype(values[name].dtype, np.floating):
-                    observers.pop(name, None)  # an integer tensor (indices, shapes)
-                elif name in observers:
-                    observers[name].update(values[name])
-            for name, op in inputs.items():
-                if name not in observers:
-                    continue
-                v = values[name].astype(np.float64)
-                mean = v.mean(axis=(0, 2, 3)) if op == "Conv" and v.ndim == 4 else \
-                    v.reshape(-1, v.shape[-1]).mean(axis=0)
-                sums[name] = sums.get(name, 0.0) + mean
-            for layer in self.layers:
-                if layer.name in self.moments:
-                    self.moments[layer.name].update(values[self.nodes[layer.node_index].input[0]])
-        self.means = {name: total / max(len(feeds), 1) for name, total in sums.items()}
-        return observers
+        layers = {}
+        for layer in self.layers:
+            node = self.nodes[layer.node_index]
+            shape = _conv_shape(node, layer.weight_shape)
+            layers[layer.name] = LayerInput(
+                node.input[0], "conv2d" if layer.op == "Conv" else "matmul", shape,
+                moments=self.weight_rounding == "gptq" and (layer.op != "Conv" or
+                                                           shape is not None))
+        table = calibrate(lambda feed: dict(zip(names, session.run(None, dict(feed)))), feeds,
+                          self.observed, layers)
+        self.means = dict(table.means)
+        self.moments = dict(table.moments)  # layer name -> GPTQ input statistics
+        return dict(table.observers)
 
-    def _fitted_scales(self, layer: SimLayer, weight: np.ndarray,
-                       s_w: np.ndarray) -> np.ndarray:
-        """The per-channel scales realize gives `layer`'s weight (short rows fitted)."""
-        moments = self.moments.get(layer.name)
-        if moments is None:
-            return s_w
-        if layer.op == "Conv":
-            return fitted_scales(weight, s_w, moments, "conv2d")
-        if layer.axis == 0:  # Gemm transB: [N, K]
-            return fitted_scales(weight.T, s_w, moments, "matmul")
-        return fitted_scales(weight, s_w, moments, "matmul")
-
-    def _codes(self, layer: SimLayer, weight: np.ndarray, s_w: np.ndarray) -> np.ndarray:
-        """The int8 codes realize gives `layer`'s weight with scales `s_w` (broadcastable)."""
-        moments = self.moments.get(layer.name)
-        if moments is None:
-            return np.clip(np.round(weight / s_w), -127, 127)
-        if layer.op == "Conv":
-            return gptq_codes(weight, s_w.reshape(-1), moments, "conv2d")
-        if layer.axis == 0:  # Gemm transB: [N, K]
-            return gptq_codes(weight.T, s_w.reshape(-1), moments, "matmul").T
-        return gptq_codes(weight, s_w.reshape(-1), moments, "matmul")
+    def _quantized(self, layer: SimLayer, settings: LayerSettings, bias: np.ndarray | None,
+                   qp: QParams):
+        """(the weight realize builds for `layer`, dequantized, in the ONNX layout; its
+        bias-corrected float bias): weights.quantize_weight, as realize calls it."""
+        weight = self.inits[layer.weight]
+        transposed = layer.op == "Gemm" and layer.axis == 0  # transB: [N, K]
+        kind = "conv2d" if layer.op == "Conv" else "matmul"
+        source = self.nodes[layer.node_index].input[0]
+        qw = quantize_weight(
+            weight.T if transposed else weight, kind, per_channel=settings.per_channel,
+            bias=bias, input_scale=None if qp.bits == 16 else qp.scale,
+            moments=self.moments.get(layer.name),
+            means=self.means.get(source) if self.bias_correction else None)
+        fake = qw.dequantized()
+        return (fake.T if transposed else fake), qw
 
     def qparams(self, tensor: str, settings: LayerSettings) -> QParams:
         return activation_qparams(choose_range(self.observers[tensor], settings.method),
@@ -218,25 +213,34 @@ class Simulator:
                 if plan.get(l.name, LayerSettings("fp32")).precision == "int8"}
         fp16 = {l.node_index: l for l in self.layers
                 if plan.get(l.name, LayerSettings("fp32")).precision == "fp16"}
+        # the integer ops that run on integers: fed by an integer tensor (realize's handlers
+        # need every input's parameters), and whose result is worth keeping in integers
+        # (flow.integer_tensors: else realize runs them in float)
+        worth = integer_tensors(self.flow, [layer.name for layer, _ in int8.values()])
         integer, integer_ops = set(), {}
         for i, node in enumerate(self.nodes):
             tensors = [t for t in node.input if t and t not in self.inits]
+            op_kind = kind(node.op_type)
             if i in int8:
                 integer.add(node.output[0])
-            elif node.op_type in ACTIVATIONS | PASS_THROUGH and tensors and \
+            elif op_kind in BOUND_KINDS | SAME_PARAMS_KINDS and tensors and \
                     tensors[0] in integer:
                 integer.add(node.output[0])
-            elif node.op_type in INTEGER_OPS and any(t in integer for t in tensors) and \
+            elif op_kind in RESCALED_KINDS and any(t in integer for t in tensors) and \
                     len(tensors) == len([t for t in node.input if t]) and \
                     all(t in self.observers for t in tensors):
                 integer.add(node.output[0])
-                integer_ops[i] = node
-        for i in _dequantized_only(self.nodes, self.readers, integer_ops, int8,
-                                   self.output_names):
-            del integer_ops[i]  # realize runs it in float: its result would only be dequantized
+                if node.output[0] in worth:
+                    integer_ops[i] = node
         new_nodes, made = [], {}
 
-        wide = self.wide_tensors(int8)
+        wide = {tensor: activation_qparams(choose_range(self.observers[tensor], "minmax"),
+                                           *how)
+                for tensor, how in wide_tensors(
+                    self.flow, {layer.name: (settings.activations, settings.symmetric)
+                                for layer, settings in int8.values()
+                                if settings.activations in WIDE},
+                    keep=self.observers).items()}
 
         def qdq(tensor: str, qp: QParams) -> str:
             key = (tensor, qp)
@@ -267,28 +271,15 @@ class Simulator:
                 qp = wide[source] if source in wide and settings.activations in WIDE else \
                     self.qparams(source, settings)
                 node.input[0] = qdq(node.input[0], qp)
-                weight = self.inits[layer.weight]
-                axis = layer.axis if settings.per_channel else None
-                s_w = weight_scales(weight, axis)
-                if axis is not None:
-                    s_w = self._fitted_scales(layer, weight, s_w)
-                shape = [1] * weight.ndim
-                if axis is not None:
-                    shape[axis] = weight.shape[axis]
-                s_w = s_w.reshape(shape)
-                fake = (self._codes(layer, weight, s_w) * s_w).astype(np.float32)
+                out_channels = self.inits[layer.weight].shape[layer.axis]
+                has_bias = len(node.input) > 2 and node.input[2] in self.inits and \
+                    self.inits[node.input[2]].size in (1, out_channels)
+                fake, qw = self._quantized(layer, settings, np.broadcast_to(
+                    self.inits[node.input[2]].astype(np.float32).reshape(-1),
+                    (out_channels,)) if has_bias else None, qp)
                 inits[layer.weight].CopyFrom(numpy_helper.from_array(fake, layer.weight))
-                out_channels = weight.shape[layer.axis]
-                has_bias = len(node.input) > 2 and node.input[2] in self.inits
-                bias = self.inits[node.input[2]].astype(np.float32) if has_bias else \
-                    np.zeros(out_channels, np.float32)
-                if self.bias_correction and source in self.means:
-                    error = fake - weight
-                    if layer.op == "Gemm" and layer.axis == 0:  # transB: [N, K] -> [K, N]
-                        error = error.T
-                    bias = bias - weight_error_shift(
-                        error, self.means[source],
-                        "conv2d" if layer.op == "Conv" else "matmul")
+                bias = qw.bias if qw.bias is not None else np.zeros(out_channels, np.float32)
+                s_w = qw.scales
                 step = np.broadcast_to(np.float32(qp.scale) * s_w.reshape(-1),
                                        (out_channels,)).astype(np.float32)
                 fake_b = (np.round(bias / step) * step).astype(np.float32)
@@ -327,25 +318,6 @@ class Simulator:
                                        set(inits)))
         return model
 
-    def wide_tensors(self, int8: Mapping[int, tuple]) -> dict[str, QParams]:
-        """{tensor: its 16-bit QParams}: the inputs of the int8 layers with 16-bit
-        activations and, backwards through integer ops, what they are computed from (as
-        realize's wide_tensors)."""
-        producers = {out: node for node in self.nodes for out in node.output}
-        wide: dict[str, QParams] = {}
-        pending = [(self.nodes[i].input[0], settings) for i, (_, settings) in int8.items()
-                   if settings.activations in WIDE]
-        while pending:
-            tensor, settings = pending.pop()
-            if tensor in wide or tensor not in self.observers:
-                continue
-            wide[tensor] = activation_qparams(choose_range(self.observers[tensor], "minmax"),
-                                              settings.activations, settings.symmetric)
-            node = producers.get(tensor)
-            if node is not None and node.op_type in INTEGER_OPS | ACTIVATIONS | PASS_THROUGH:
-                pending.extend((t, settings) for t in node.input if t and t not in self.inits)
-        return wide
-
     def run(self, plan: Mapping[str, LayerSettings], feeds) -> list[list[np.ndarray]]:
         """The model's outputs on each feed, with `plan` simulated."""
         session = self._session(self.fake_quantized(plan))
@@ -374,25 +346,6 @@ def _float_qdq(graph, tensor: str, qp: QParams, base: str) -> list:
             helper.make_node("Clip", [base + "_a", base + "_lo", base + "_hi"], [base + "_c"]),
             helper.make_node("Sub", [base + "_c", base + "_z"], [base + "_u"]),
             helper.make_node("Mul", [base + "_u", base + "_s"], [base + "_dq"])]
-
-
-def _dequantized_only(nodes, readers: dict, integer_ops: dict, int8: dict,
-                      outputs) -> list[int]:
-    """The integer ops whose result no int8 layer or integer op reads (through activations
-    and reshapes): realize's wants_integers runs those in float."""
-    memo: dict[str, bool] = {}
-
-    def used_as_integers(tensor: str) -> bool:
-        if tensor not in memo:
-            memo[tensor] = tensor not in outputs and bool(readers.get(tensor)) and all(
-                (j in int8 and nodes[j].input[0] == tensor) or
-                (j in integer_ops and used_as_integers(nodes[j].output[0])) or
-                (nodes[j].op_type in ACTIVATIONS | PASS_THROUGH and
-                 used_as_integers(nodes[j].output[0]))
-                for j in readers[tensor])
-        return memo[tensor]
-
-    return [i for i, node in integer_ops.items() if not used_as_integers(node.output[0])]
 
 
 def ort_session(model, threads: int = 0):

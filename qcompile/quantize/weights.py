@@ -1,0 +1,135 @@
+"""One place that quantizes a layer's weight: scales, fitted scales, codes, the corrected bias.
+
+Realize emits the codes into integer kernels; the precision search's simulator multiplies them
+back by their scales. Both call `quantize_weight`, so the weights the search judges are the
+weights that are built.
+
+Weights come in the layout of their kind: a conv's OIHW (output channels on axis 0), a
+matmul's [K, N] (outputs on axis 1).
+
+- scales: symmetric int8 (codes in [-127, 127]), per output channel or one per tensor;
+- a (near) dead channel with a bias would overflow the int32 bias (it is stored in units of
+  input scale x weight scale): its weight scale is raised until the bias fits in 2^30;
+- short rows (a depthwise or 3-channel conv's outputs) get their scales fitted to the
+  calibration inputs, and every row is rounded by GPTQ, when the layer's input moments were
+  collected (rounding.py); else to nearest;
+- bias correction: the mean output shift that rounding causes (from the layer input's
+  per-channel means) is subtracted from the bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .observers import weight_scales
+from .rounding import InputMoments, fitted_scales, gptq_codes
+
+CHANNEL_AXIS = {"conv2d": 0, "matmul": 1}  # the output-channel axis of each kind's weight
+BIAS_LIMIT = 2.0 ** 30  # the largest |bias| in accumulator units: headroom left in int32
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A weight in int8: `codes * scales` (along `axis`, or one scale) approximates it."""
+
+    codes: np.ndarray            # int8, the weight's layout
+    scales: np.ndarray           # float32: one per output channel, or one
+    axis: int | None             # the weight's output-channel axis; None: per tensor
+    rounding: str                # gptq | nearest | model (a pre-quantized model's own codes)
+    bias: np.ndarray | None      # the float bias, bias-corrected (None: the layer has none)
+    sqnr_db: float               # the weight's own error
+
+    @property
+    def channels(self) -> int:
+        return int(self.codes.shape[CHANNEL_AXIS["conv2d" if self.codes.ndim == 4
+                                                 else "matmul"]])
+
+    def channel_scales(self) -> np.ndarray:
+        """The scale of each output channel (a per-tensor scale repeated)."""
+        return np.broadcast_to(self.scales, (self.channels,)).astype(np.float32)
+
+    def dequantized(self) -> np.ndarray:
+        shape = [1] * self.codes.ndim
+        if self.axis is not None:
+            shape[self.axis] = self.codes.shape[self.axis]
+        return (self.codes * self.scales.reshape(shape)).astype(np.float32)
+
+
+def quantize_weight(weight: np.ndarray, kind: str, *, per_channel: bool = True,
+                    bias: np.ndarray | None = None, input_scale: float | None = None,
+                    moments: InputMoments | None = None, means: np.ndarray | None = None,
+                    given: tuple | None = None) -> QuantWeight:
+    """The int8 form of `weight` (kind: conv2d or matmul).
+
+    bias: the layer's float bias (per output channel), bias-corrected here when `means` (the
+    per-channel means of the layer's input) are given. input_scale: the scale of the layer's
+    8-bit input, which the int32 bias is stored in units of (None: the bias stays in float,
+    e.g. a 16-bit input's). moments: the layer input's second moments (fitted scales and GPTQ
+    rounding). given: a pre-quantized model's (codes, scales, axis) for this weight."""
+    axis = CHANNEL_AXIS[kind]
+    if given is not None:
+        codes, scales, given_axis = given
+        scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+        return _result(weight, np.asarray(codes).astype(np.int8), scales, given_axis, "model",
+                       bias)
+    axis = axis if per_channel else None
+    scales = weight_scales(weight, axis)
+    floor = None
+    if bias is not None and input_scale is not None:
+        floor = (np.abs(bias) / (np.float64(input_scale) * BIAS_LIMIT)).astype(np.float32)
+        scales = np.maximum(scales, floor if axis is not None else floor.max()).astype(
+            np.float32)
+    if moments is not None and axis is not None:
+        scales = fitted_scales(weight, scales, moments, kind, floor)  # short rows only
+    if moments is not None:
+        codes, rounding = gptq_codes(weight, scales, moments, kind), "gptq"
+    else:
+        codes = np.clip(np.round(weight / _along(scales, weight.ndim, axis)), -127, 127)
+        codes, rounding = codes.astype(np.int8), "nearest"
+    if means is not None:
+        error = codes * _along(scales, weight.ndim, axis) - weight
+        shift = weight_error_shift(error, means, kind)
+        bias = -shift if bias is None else bias - shift
+    return _result(weight, codes, scales, axis, rounding, bias)
+
+
+def _along(scales: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    shape = [1] * ndim
+    if axis is not None:
+        shape[axis] = -1
+    return np.asarray(scales, np.float32).reshape(shape)
+
+
+def _result(weight, codes, scales, axis, rounding, bias) -> QuantWeight:
+    approx = codes * _along(scales, weight.ndim, axis)
+    return QuantWeight(codes, np.asarray(scales, np.float32), axis, rounding,
+                       None if bias is None else np.asarray(bias, np.float32),
+                       sqnr_db(weight, approx))
+
+
+def weight_error_shift(error: np.ndarray, means: np.ndarray, kind: str) -> np.ndarray:
+    """Bias correction: the mean shift of each output that rounding the weights causes,
+    error . E[x] (error = dequantized int8 weight - fp32 weight, E[x] the per-channel mean of
+    the layer's input over the calibration data). Subtracted from the bias, it removes the
+    systematic part of the weight error (Nagel et al., "Data-Free Quantization", 2019)."""
+    means = np.asarray(means, dtype=np.float64)
+    if kind == "matmul":  # [K, N]
+        return (means @ error.astype(np.float64)).astype(np.float32)
+    out_channels, per_group = error.shape[0], error.shape[1]
+    groups = means.size // per_group
+    group_means = means.reshape(groups, per_group)
+    of_output = np.repeat(group_means, out_channels // groups, axis=0)  # [O, I/g]
+    return np.einsum("oikl,oi->o", error.astype(np.float64), of_output).astype(np.float32)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+__all__ = ["CHANNEL_AXIS", "QuantWeight", "quantize_weight", "sqnr_db", "weight_error_shift"]
