@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..frontend import FloatModel, Layer
+from ..frontend import FloatModel, Layer, weight_key
 from .calibrate import LayerInput, calibrate
 from .calibration_data import load_calibration
 from ..relax_main import rebuild_main
@@ -27,7 +27,10 @@ from .graph import Graph, constant_value, read_graph, relax_flow
 from .observers import (ACTIVATION_DTYPES, METHODS, WIDE_DTYPES as WIDE_ACTIVATIONS, QParams,
                         activation_qparams, choose_range)
 from .flow import wide_tensors
-from .realize import LayerResult, RealizeConfig, Realizer, graph_qparams
+from .ops.qdq import graph_qparams
+from .realize import Realizer, verify
+from .schemes import Fp32, Scheme, scheme_for
+from .values import LayerResult, RealizeConfig
 from .report import QuantReport, TensorError, layer_errors
 from .rounding import conv_shape
 from .rules import LayerSettings, PrecisionRules
@@ -205,17 +208,12 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
                 choose_range(observer_of[x], s.method, config.percentile),
                 s.activations if s.activations not in WIDE_ACTIVATIONS else activations,
                 s.symmetric)
-    stem_fp32 = stem is not None and settings_of.get(stem.name, base).precision == "fp32"
     realize_config = RealizeConfig(
-        activation_dtype=activations, plane_dtype=activation_dtype_for(target),
-        per_channel=config.per_channel,
-        **_precision_sets(settings_of, skip=stem.name if stem_fp32 else None),
-        input_qparams=input_qparams,
-        input_means=dict(table.means),
-        input_moments=dict(table.moments),
-        stem=stem.name if stem_fp32 else None)
+        plan=_schemes(settings_of, stem=stem.name if stem is not None else None),
+        plane_dtype=activation_dtype_for(target), input_qparams=input_qparams,
+        input_means=dict(table.means), input_moments=dict(table.moments))
     realizer = Realizer(mod, graph, qparams, realize_config)
-    quantized_mod = realizer.run()
+    quantized_mod = _verified(realizer, realize_config, graph)
     layers = _layers(model, graph, realizer.layers)
 
     # measure: per-layer outputs of the int8 model against fp32, on some calibration samples
@@ -253,10 +251,9 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
     plan, _ = layer_plan(model, dataclasses.replace(config, float_stem=False), activations)
     base = config.base_settings(activations)
     settings_of = {var: plan.get(onnx_name, base) for var, onnx_name in names_of.items()}
-    realizer = Realizer(mod, graph, {}, RealizeConfig(
-        mode=mode, activation_dtype=activations, per_channel=config.per_channel,
-        **_precision_sets(settings_of)))
-    quantized_mod = realizer.run()
+    realize_config = RealizeConfig(plan=_schemes(settings_of, mode=mode))
+    realizer = Realizer(mod, graph, {}, realize_config)
+    quantized_mod = _verified(realizer, realize_config, graph)
     report = QuantReport.build(model, realizer.layers, names_of, ([], []),
                                dataclasses.replace(config, method=f"none ({mode})"),
                                activations if mode == "dynamic" else "fp32", 0)
@@ -288,7 +285,7 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     qparams = graph_qparams(graph)
     config = RealizeConfig(weight_codes=model.weight_codes)
     realizer = Realizer(mod, graph, qparams, config)
-    quantized_mod = realizer.run()
+    quantized_mod = _verified(realizer, config, graph)
     int8 = sum(1 for r in realizer.layers if r.precision == "int8")
     log.info("pre-quantized model: %d of %d layers run as integer kernels with the model's "
              "own scales (%d quantized tensors, %d int8 weights)", int8, len(realizer.layers),
@@ -301,14 +298,22 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
                           model.source, model.sha256)
 
 
-def _precision_sets(settings_of: dict[str, LayerSettings], skip: str | None = None) -> dict:
-    """RealizeConfig's per-layer sets from {relax var: settings}; `skip` (the image stem) is
-    kept float under its own reason instead."""
-    return {"float_layers": frozenset(v for v, s in settings_of.items()
-                                      if s.precision == "fp32" and v != skip),
-            "fp16_layers": frozenset(v for v, s in settings_of.items() if s.precision == "fp16"),
-            "per_tensor_layers": frozenset(v for v, s in settings_of.items()
-                                           if not s.per_channel)}
+def _schemes(settings_of: Mapping[str, LayerSettings], mode: str = "static",
+             stem: str | None = None) -> dict[str, Scheme]:
+    """The precision plan {relax var: scheme} of {relax var: settings}; `stem` (the image
+    stem conv), when the plan keeps it in fp32, says why."""
+    plan = {var: scheme_for(settings, mode) for var, settings in settings_of.items()}
+    if stem is not None and isinstance(plan.get(stem), Fp32):
+        plan[stem] = Fp32(STEM_REASON)
+    return plan
+
+
+def _verified(realizer: Realizer, config: RealizeConfig, graph: Graph):
+    """The realized module, after `verify` (each problem is a warning naming the layer)."""
+    mod = realizer.run()
+    for problem in verify(mod, config, graph, realizer.layers):
+        log.warning("%s", problem)
+    return mod
 
 
 def _is_float_tensor(var) -> bool:
@@ -317,6 +322,10 @@ def _is_float_tensor(var) -> bool:
     ty = var.ty
     return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32" and \
         ty.shape is not None
+
+
+STEM_REASON = ("first conv on the image: little compute, most sensitive (--int8-stem to "
+               "quantize)")
 
 
 def _stem(graph: Graph):
@@ -334,12 +343,29 @@ def _stem(graph: Graph):
 
 
 def _layer_names(model: FloatModel, graph: Graph) -> dict[str, str]:
-    """{relax var name: ONNX node name}: the k-th conv/matmul of the Relax graph is the k-th
-    weighted ONNX node (the importer keeps their order); Relax names when counts differ."""
-    weighted = [n for n in graph.nodes if n.kind in ("conv2d", "matmul")]
-    if len(weighted) != len(model.layers):
-        return {n.name: n.name for n in weighted}
-    return {n.name: layer.name for n, layer in zip(weighted, model.layers)}
+    """{relax var name: ONNX node name} of every conv/matmul of the Relax graph. A layer is
+    found by its weight's values (frontend.weight_key: the importer may transpose a weight, and
+    fuse or reorder ops), then the layers left (no constant weight, or a weight the importer
+    changed) by their order; a Relax layer with no ONNX counterpart keeps its own name."""
+    relax_layers = [n for n in graph.nodes if n.kind in ("conv2d", "matmul")]
+    unmatched = {}
+    for layer in model.layers:
+        if layer.weight and layer.op != "ConvTranspose":
+            unmatched.setdefault(layer.weight, []).append(layer)
+    names: dict[str, str] = {}
+    for node in relax_layers:
+        weight = constant_value(node.args[1])
+        candidates = unmatched.get(weight_key(weight)) if weight is not None else None
+        if candidates:
+            names[node.name] = candidates.pop(0).name
+    taken = set(names.values())
+    rest_relax = [n for n in relax_layers if n.name not in names]
+    rest_onnx = [l for l in model.layers if l.name not in taken and l.op != "ConvTranspose"]
+    if len(rest_relax) == len(rest_onnx):
+        names.update((n.name, layer.name) for n, layer in zip(rest_relax, rest_onnx))
+    else:
+        names.update((n.name, n.name) for n in rest_relax)
+    return names
 
 
 def _layers(model: FloatModel, graph: Graph, results: list[LayerResult]) -> tuple[Layer, ...]:

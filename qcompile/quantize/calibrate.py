@@ -81,9 +81,9 @@ class CalibrationTable:
                 means[key] = value
             elif kind == "moments":
                 conv = data.get(f"moments_conv/{key}")
-                shape = None if conv is None else ConvShape(
-                    tuple(conv[0:2]), tuple(conv[2:4]), tuple(conv[4:8]), tuple(conv[8:10]),
-                    int(conv[10]))
+                c = None if conv is None else [int(v) for v in conv]
+                shape = None if c is None else ConvShape(
+                    tuple(c[0:2]), tuple(c[2:4]), tuple(c[4:8]), tuple(c[8:10]), c[10])
                 m = InputMoments(shape)
                 m.h, m.count = value, int(data[f"moments_count/{key}"])
                 moments[key] = m

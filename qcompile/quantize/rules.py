@@ -38,10 +38,11 @@ from typing import Mapping, Sequence
 
 from ..errors import InputError
 from .observers import ACTIVATION_DTYPES, METHODS
+from .schemes import RULE_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp16", "fp32")
+PRECISIONS = RULE_PRECISIONS  # int8, fp16, fp32: every scheme a rule may name
 # what --quantize auto keeps a sensitive layer in: int8-a16 is int8 with 16-bit inputs
 FALLBACKS = ("fp32", "fp16", "int8-a16")
 SELECTORS = ("name", "op", "first", "last")

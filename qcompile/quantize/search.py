@@ -34,8 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .metrics import Metric
-from .observers import WIDE_DTYPES
 from .rules import FALLBACKS, LayerSettings, rules_toml
+from .schemes import Int8A16, scheme_for
 from .simulate import Simulator
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # costs a dequantize and a quantize that its own kernel's time does not show, and two timings
 # of the same kernel differ by a few percent
 LATENCY_MARGIN = 0.10
-WIDE_OF = {"uint8": "uint16", "int8": "int16"}  # the 16-bit input type of an 8-bit one
+WIDE_OF = Int8A16.WIDE_OF  # the 16-bit input type of an 8-bit one
 
 
 def fallback_settings(base: LayerSettings, fallback: str) -> LayerSettings:
@@ -62,9 +62,7 @@ def fallback_settings(base: LayerSettings, fallback: str) -> LayerSettings:
 
 def precision_label(settings: LayerSettings) -> str:
     """int8, int8-a16 (16-bit inputs), fp16 or fp32: as the report and the manifest say."""
-    if settings.precision == "int8" and settings.activations in WIDE_DTYPES:
-        return "int8-a16"
-    return settings.precision
+    return scheme_for(settings).label
 
 
 @dataclass
@@ -363,11 +361,12 @@ def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int],
                   weights_only: bool = False) -> float:
     """The fraction of the MACs that multiply int8 by int8 (a layer with 16-bit inputs does
     not count: it runs twice the int8 MACs, one pass per byte of its input); `weights_only`:
-    the fraction whose weights are int8, 16-bit inputs or not."""
+    the fraction whose weights are int8, 16-bit inputs or not (each scheme counts its own)."""
     total = sum(macs.values())
-    int8 = sum(m for name, m in macs.items()
-               if plan.get(name, LayerSettings("fp32")).precision == "int8" and
-               (weights_only or plan[name].activations not in WIDE_DTYPES))
+    int8 = 0
+    for name, m in macs.items():
+        scheme = scheme_for(plan.get(name, LayerSettings("fp32")))
+        int8 += scheme.int8_weight_macs(m) if weights_only else scheme.int8_macs(m)
     return int8 / total if total else 0.0
 
 

@@ -2,21 +2,18 @@
 
 Compiling a plan with TVM takes a minute or more; the search evaluates dozens of plans. So the
 search runs fake-quantized copies of the (simplified) ONNX model in onnxruntime instead, with
-the same calibration statistics, the same scale and zero-point arithmetic and the same choice of
-which tensors are integers as `realize`:
+every decision taken by the same code as the build (calibrate.py, flow.py, weights.py): each
+layer's scheme fakes itself (schemes/: an int8 layer sees its input through a
+QuantizeLinear -> DequantizeLinear pair with the parameters realize gives that tensor, its
+weight as its int8 codes times their scales and its bias on the int32 grid; an fp16 layer its
+input and weight rounded to fp16), and the integer ops between int8 layers see their inputs
+through such pairs where realize keeps them in integers.
 
-- an int8 layer (Conv/Gemm/MatMul with a constant weight) sees its input through a
-  QuantizeLinear -> DequantizeLinear pair with the parameters realize gives that tensor, its
-  weight rounded to int8 (symmetric, per channel or per tensor; by GPTQ with the same input
-  statistics, or to nearest) and its bias to int32;
-- integer ops (Add of two tensors, Concat, pooling, ReduceMean) on an integer-produced input
-  see every input through such a pair, when their result goes on into an int8 layer (else
-  realize runs them in float, and so does this);
-- an fp16 layer sees its input and weight rounded to fp16 (fp32 accumulation, like the build);
-- fp32 layers, and everything else, stay as they are.
-
-The estimate is close, not exact (realize rounds the requantization once where this rounds
-twice); the search checks its final choice with the real compiled model.
+What differs is the arithmetic: float convolutions on dequantized values here, exact int32 ones
+in the build. On the test models the outputs agree to float rounding; on a deep network the two
+round a few requantizations differently and the differences grow from block to block, while
+the error against fp32 stays the same (docs/studies/2026-12-04-simulator-parity.md). The search
+checks its final choice with the compiled model.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ from .flow import (BOUND_KINDS, RESCALED_KINDS, SAME_PARAMS_KINDS, Flow, FlowNod
                    integer_tensors, wide_tensors)
 from .rounding import ConvShape
 from .rules import LayerSettings
-from .weights import quantize_weight
+from .schemes import scheme_for
 
 log = logging.getLogger(__name__)
 
@@ -179,45 +176,28 @@ class Simulator:
         self.moments = dict(table.moments)  # layer name -> GPTQ input statistics
         return dict(table.observers)
 
-    def _quantized(self, layer: SimLayer, settings: LayerSettings, bias: np.ndarray | None,
-                   qp: QParams):
-        """(the weight realize builds for `layer`, dequantized, in the ONNX layout; its
-        bias-corrected float bias): weights.quantize_weight, as realize calls it."""
-        weight = self.inits[layer.weight]
-        transposed = layer.op == "Gemm" and layer.axis == 0  # transB: [N, K]
-        kind = "conv2d" if layer.op == "Conv" else "matmul"
-        source = self.nodes[layer.node_index].input[0]
-        qw = quantize_weight(
-            weight.T if transposed else weight, kind, per_channel=settings.per_channel,
-            bias=bias, input_scale=None if qp.bits == 16 else qp.scale,
-            moments=self.moments.get(layer.name),
-            means=self.means.get(source) if self.bias_correction else None)
-        fake = qw.dequantized()
-        return (fake.T if transposed else fake), qw
-
-    def qparams(self, tensor: str, settings: LayerSettings) -> QParams:
+    def qparams(self, tensor: str, settings) -> QParams:
+        """The parameters realize gives `tensor` as the input of a layer with `settings` (a
+        LayerSettings or an int8 scheme: method, activations, symmetric)."""
         return activation_qparams(choose_range(self.observers[tensor], settings.method),
                                   settings.activations, settings.symmetric)
 
     # -- a plan ---------------------------------------------------------------------------
     def fake_quantized(self, plan: Mapping[str, LayerSettings]):
-        """The model with `plan` simulated: {layer name: settings}; missing layers fp32."""
+        """The model with `plan` simulated: {layer name: settings}; missing layers fp32.
+        Each layer's scheme (schemes/) fakes itself (`Scheme.fake`); the integer ops
+        between int8 layers see their inputs through Q/DQ pairs where realize keeps them in
+        integers (flow.py)."""
         import onnx
-        from onnx import TensorProto, helper, numpy_helper
 
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        graph = model.graph
-        inits = {i.name: i for i in graph.initializer}
-        int8 = {l.node_index: (l, plan[l.name]) for l in self.layers
-                if plan.get(l.name, LayerSettings("fp32")).precision == "int8"}
-        fp16 = {l.node_index: l for l in self.layers
-                if plan.get(l.name, LayerSettings("fp32")).precision == "fp16"}
+        schemes = {l.node_index: (l, scheme_for(plan[l.name])) for l in self.layers
+                   if l.name in plan}
+        int8 = {i: (l, s) for i, (l, s) in schemes.items() if s.takes_integers}
         # the integer ops that run on integers: fed by an integer tensor (realize's handlers
         # need every input's parameters), and whose result is worth keeping in integers
         # (flow.integer_tensors: else realize runs them in float)
         worth = integer_tensors(self.flow, [layer.name for layer, _ in int8.values()])
-        integer, integer_ops = set(), {}
+        integer, integer_ops = set(), set()
         for i, node in enumerate(self.nodes):
             tensors = [t for t in node.input if t and t not in self.inits]
             op_kind = kind(node.op_type)
@@ -231,92 +211,31 @@ class Simulator:
                     all(t in self.observers for t in tensors):
                 integer.add(node.output[0])
                 if node.output[0] in worth:
-                    integer_ops[i] = node
-        new_nodes, made = [], {}
-
+                    integer_ops.add(i)
         wide = {tensor: activation_qparams(choose_range(self.observers[tensor], "minmax"),
                                            *how)
                 for tensor, how in wide_tensors(
-                    self.flow, {layer.name: (settings.activations, settings.symmetric)
-                                for layer, settings in int8.values()
-                                if settings.activations in WIDE},
+                    self.flow, {layer.name: (scheme.activations, scheme.symmetric)
+                                for layer, scheme in int8.values()
+                                if scheme.activations in WIDE},
                     keep=self.observers).items()}
 
-        def qdq(tensor: str, qp: QParams) -> str:
-            key = (tensor, qp)
-            if key not in made:
-                base = f"{tensor}__{len(made)}"
-                if qp.bits == 16:
-                    new_nodes.extend(_float_qdq(graph, tensor, qp, base))
-                    made[key] = base + "_dq"
-                    return made[key]
-                scale = numpy_helper.from_array(np.array(qp.scale, np.float32), base + "_s")
-                zp = numpy_helper.from_array(np.array(qp.zero_point, qp.dtype), base + "_z")
-                graph.initializer.extend([scale, zp])
-                new_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale.name, zp.name],
-                                                  [base + "_q"]))
-                new_nodes.append(helper.make_node("DequantizeLinear",
-                                                  [base + "_q", scale.name, zp.name],
-                                                  [base + "_dq"]))
-                made[key] = base + "_dq"
-            return made[key]
-
-        after: list = []  # nodes to insert after the current one
-        for i, original in enumerate(graph.node):
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        rewrite = _Rewrite(model.graph)
+        for i, original in enumerate(model.graph.node):
             node = onnx.NodeProto()  # a copy: the graph's nodes are replaced below
             node.CopyFrom(original)
-            if i in int8 and node.input[0] in self.observers:
-                layer, settings = int8[i]
-                source = node.input[0]
-                qp = wide[source] if source in wide and settings.activations in WIDE else \
-                    self.qparams(source, settings)
-                node.input[0] = qdq(node.input[0], qp)
-                out_channels = self.inits[layer.weight].shape[layer.axis]
-                has_bias = len(node.input) > 2 and node.input[2] in self.inits and \
-                    self.inits[node.input[2]].size in (1, out_channels)
-                fake, qw = self._quantized(layer, settings, np.broadcast_to(
-                    self.inits[node.input[2]].astype(np.float32).reshape(-1),
-                    (out_channels,)) if has_bias else None, qp)
-                inits[layer.weight].CopyFrom(numpy_helper.from_array(fake, layer.weight))
-                bias = qw.bias if qw.bias is not None else np.zeros(out_channels, np.float32)
-                s_w = qw.scales
-                step = np.broadcast_to(np.float32(qp.scale) * s_w.reshape(-1),
-                                       (out_channels,)).astype(np.float32)
-                fake_b = (np.round(bias / step) * step).astype(np.float32)
-                if has_bias:
-                    inits[node.input[2]].CopyFrom(numpy_helper.from_array(fake_b, node.input[2]))
-                elif np.any(fake_b):
-                    shape = (-1, 1, 1) if layer.op == "Conv" else (-1,)
-                    b_name = f"{layer.weight}__bias"
-                    graph.initializer.append(numpy_helper.from_array(
-                        fake_b.reshape(shape), b_name))
-                    pre = f"{node.output[0]}__nobias"
-                    after.append(helper.make_node("Add", [pre, b_name], [node.output[0]]))
-                    node.output[0] = pre
-            elif i in fp16:
-                layer = fp16[i]
-                half = f"{node.input[0]}__fp16"
-                if half not in made:
-                    new_nodes.append(helper.make_node("Cast", [node.input[0]], [half + "_h"],
-                                                      to=TensorProto.FLOAT16))
-                    new_nodes.append(helper.make_node("Cast", [half + "_h"], [half],
-                                                      to=TensorProto.FLOAT))
-                    made[half] = half
-                node.input[0] = half
-                weight = self.inits[layer.weight].astype(np.float16).astype(np.float32)
-                inits[layer.weight].CopyFrom(numpy_helper.from_array(weight, layer.weight))
+            if i in schemes and (i not in int8 or node.input[0] in self.observers):
+                layer, scheme = schemes[i]
+                scheme.fake(FakeLayer(self, rewrite, layer, node, wide))
             elif i in integer_ops:
                 for k, tensor in enumerate(node.input):
                     if tensor and tensor not in self.inits:
-                        node.input[k] = qdq(tensor, wide.get(tensor) or
-                                            self.qparams(tensor, self.base))
-            new_nodes.append(node)
-            new_nodes.extend(after)
-            after.clear()
-        del graph.node[:]
-        graph.node.extend(_topological(new_nodes, {i.name for i in graph.input} |
-                                       set(inits)))
-        return model
+                        node.input[k] = rewrite.qdq(tensor, wide.get(tensor) or
+                                                    self.qparams(tensor, self.base))
+            rewrite.add(node)
+        return rewrite.finish(model)
 
     def run(self, plan: Mapping[str, LayerSettings], feeds) -> list[list[np.ndarray]]:
         """The model's outputs on each feed, with `plan` simulated."""
@@ -329,6 +248,116 @@ class Simulator:
         if key not in self._references:  # keeps `feeds` alive, so its id stays its own
             self._references[key] = (feeds, onnxruntime_outputs(self.model, feeds))
         return self._references[key][1]
+
+
+class _Rewrite:
+    """The nodes of a fake-quantized copy of a graph, as they are rewritten one by one."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.nodes: list = []
+        self.made: dict = {}
+        self.after: list = []  # nodes to insert after the current one
+
+    def qdq(self, tensor: str, qp: QParams) -> str:
+        """`tensor` through a QuantizeLinear -> DequantizeLinear pair with `qp` (a 16-bit one
+        in float arithmetic); the pair's output name. Made once per tensor and parameters."""
+        from onnx import helper, numpy_helper
+
+        key = (tensor, qp)
+        if key not in self.made:
+            base = f"{tensor}__{len(self.made)}"
+            if qp.bits == 16:
+                self.nodes.extend(_float_qdq(self.graph, tensor, qp, base))
+            else:
+                scale = numpy_helper.from_array(np.array(qp.scale, np.float32), base + "_s")
+                zp = numpy_helper.from_array(np.array(qp.zero_point, qp.dtype), base + "_z")
+                self.graph.initializer.extend([scale, zp])
+                self.nodes.append(helper.make_node("QuantizeLinear",
+                                                   [tensor, scale.name, zp.name], [base + "_q"]))
+                self.nodes.append(helper.make_node("DequantizeLinear",
+                                                   [base + "_q", scale.name, zp.name],
+                                                   [base + "_dq"]))
+            self.made[key] = base + "_dq"
+        return self.made[key]
+
+    def half(self, tensor: str) -> str:
+        """`tensor` rounded to fp16 and back (two Casts), made once."""
+        from onnx import TensorProto, helper
+
+        name = f"{tensor}__fp16"
+        if name not in self.made:
+            self.nodes.append(helper.make_node("Cast", [tensor], [name + "_h"],
+                                               to=TensorProto.FLOAT16))
+            self.nodes.append(helper.make_node("Cast", [name + "_h"], [name],
+                                               to=TensorProto.FLOAT))
+            self.made[name] = name
+        return name
+
+    def add(self, node) -> None:
+        self.nodes.append(node)
+        self.nodes.extend(self.after)
+        self.after.clear()
+
+    def finish(self, model):
+        del self.graph.node[:]
+        self.graph.node.extend(_topological(self.nodes, {i.name for i in self.graph.input} |
+                                            {i.name for i in self.graph.initializer}))
+        return model
+
+
+class FakeLayer:
+    """One weighted ONNX node of a fake-quantized copy, as schemes see it (SimLayerOp)."""
+
+    def __init__(self, sim: Simulator, rewrite: _Rewrite, layer: SimLayer, node, wide):
+        self.sim, self.rewrite, self.layer, self.node, self.wide = sim, rewrite, layer, node, wide
+        self.kind = "conv2d" if layer.op == "Conv" else "matmul"
+        self.transposed = layer.op == "Gemm" and layer.axis == 0  # transB: [N, K]
+        weight = sim.inits[layer.weight]
+        self.weight = weight.T if self.transposed else weight
+        channels = weight.shape[layer.axis]
+        self.has_bias = len(node.input) > 2 and node.input[2] in sim.inits and \
+            sim.inits[node.input[2]].size in (1, channels)
+        self.bias = np.broadcast_to(sim.inits[node.input[2]].astype(np.float32).reshape(-1),
+                                    (channels,)) if self.has_bias else None
+        self.source = node.input[0]
+        self.moments = sim.moments.get(layer.name)
+        self.means = sim.means.get(self.source) if sim.bias_correction else None
+
+    def input_qparams(self, scheme) -> QParams:
+        if self.source in self.wide and scheme.activations in WIDE:
+            return self.wide[self.source]
+        return self.sim.qparams(self.source, scheme)
+
+    def round_input(self, qp: QParams) -> None:
+        self.node.input[0] = self.rewrite.qdq(self.source, qp)
+
+    def half_input(self) -> None:
+        self.node.input[0] = self.rewrite.half(self.source)
+
+    def set_weight(self, weight: np.ndarray) -> None:
+        from onnx import numpy_helper
+
+        weight = weight.T if self.transposed else weight
+        self.rewrite.inits[self.layer.weight].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(weight, np.float32), self.layer.weight))
+
+    def set_bias(self, bias: np.ndarray) -> None:
+        from onnx import helper, numpy_helper
+
+        if self.has_bias:
+            name = self.node.input[2]
+            self.rewrite.inits[name].CopyFrom(numpy_helper.from_array(bias, name))
+        elif np.any(bias):
+            name = f"{self.layer.weight}__bias"
+            shape = (-1, 1, 1) if self.layer.op == "Conv" else (-1,)
+            self.rewrite.graph.initializer.append(numpy_helper.from_array(bias.reshape(shape),
+                                                                          name))
+            pre = f"{self.node.output[0]}__nobias"
+            self.rewrite.after.append(helper.make_node("Add", [pre, name],
+                                                       [self.node.output[0]]))
+            self.node.output[0] = pre
 
 
 def _float_qdq(graph, tensor: str, qp: QParams, base: str) -> list:

@@ -1,0 +1,55 @@
+"""Quantization schemes: how one weighted layer (conv2d, matmul) is computed.
+
+A precision plan maps each layer to a scheme object. Each scheme is a small frozen dataclass
+in its own file that knows how to emit its layer into the Relax graph (`emit`, called by the
+realizer's linear-op handler), how to fake itself in the precision search's ONNX simulator
+(`fake`), and how many of its MACs count as int8. Adding a scheme is one file here and one
+line in SCHEMES.
+
+    int8          static int8: int8 x (u)int8 -> int32 kernels, requantization fused
+    int8-a16      int8 weights, 16-bit inputs taken as two bytes through the int8 kernel
+    fp16          fp16 input and weight, fp32 accumulation
+    fp32          float, with the reason it stayed so
+    int8-weights  weight-only int8: int8 weights widened in fp32 kernels
+    int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
+"""
+
+from __future__ import annotations
+
+from .base import Scheme, SimLayerOp
+from .dynamic import Dynamic
+from .fp16 import Fp16
+from .fp32 import Fp32
+from .int8 import Int8
+from .int8_a16 import Int8A16
+from .weight_only import WeightOnly
+
+SCHEMES: dict[str, type[Scheme]] = {
+    "int8": Int8,
+    "int8-a16": Int8A16,
+    "fp16": Fp16,
+    "fp32": Fp32,
+    "int8-weights": WeightOnly,
+    "int8-dynamic": Dynamic,
+}
+# what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
+RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
+
+
+def scheme_for(settings, mode: str = "static") -> Scheme:
+    """The scheme of a layer's rules.LayerSettings. mode: the model's int8 flavour for its
+    int8 layers: static (calibrated), weight-only or dynamic."""
+    precision = settings.precision
+    if precision == "int8" and mode == "weight-only":
+        return WeightOnly(per_channel=settings.per_channel)
+    if precision == "int8" and mode == "dynamic":
+        return Dynamic(per_channel=settings.per_channel, activations=settings.activations)
+    if precision == "int8":
+        cls = Int8A16 if settings.activations in Int8A16.ACTIVATIONS else Int8
+        return cls(method=settings.method, per_channel=settings.per_channel,
+                   activations=settings.activations, symmetric=settings.symmetric)
+    return SCHEMES[precision].from_settings(settings)
+
+
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES", "Scheme",
+           "SimLayerOp", "WeightOnly", "scheme_for"]

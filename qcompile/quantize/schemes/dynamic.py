@@ -1,0 +1,67 @@
+"""Dynamic int8, for MatMul/Gemm (transformers, whose activation ranges change per input):
+int8 weights (per output column), the input quantized at run time with a per-tensor scale and
+zero point from its own min and max (onnxruntime's DynamicQuantizeLinear), an int8 x int8 ->
+int32 matmul, and the zero point's correction and both scales applied to the accumulator.
+Convolutions stay fp32. No calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..weights import quantize_weight
+from .base import Scheme, SimLayerOp, stays_float
+
+if TYPE_CHECKING:
+    from ..ops.linear import LayerOp
+    from ..realize import Realizer
+
+
+@dataclass(frozen=True)
+class Dynamic(Scheme):
+    name = "int8-dynamic"
+    int8_kernel = True
+    int8_weights = True
+
+    per_channel: bool = True
+    activations: str = "uint8"  # the run-time input type: uint8 (x86 VNNI) or int8 (ARM)
+
+    def emit(self, r: Realizer, layer: LayerOp):
+        if layer.unsupported is not None:
+            return stays_float(r, layer, layer.unsupported)
+        if layer.kind != "matmul":
+            return stays_float(r, layer, "dynamic quantization covers MatMul/Gemm; "
+                                         "convolutions need static int8 (--quantize int8 "
+                                         "with calibration)")
+        op = r.relax.op
+        dtype = "uint8" if self.activations not in ("uint8", "int8") else self.activations
+        qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+        x = r.float_of(layer.node.args[0])
+        f32 = "float32"
+        lo = op.minimum(op.min(x), r._const(0.0, f32))
+        hi = op.maximum(op.max(x), r._const(0.0, f32))
+        scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
+                                   r._const(np.finfo(np.float32).tiny, f32)))
+        zp = r._emit(r.clamp(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
+                             qmin, qmax))
+        xq = op.astype(r.clamp(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax), dtype)
+        qw = quantize_weight(layer.weight, "matmul", per_channel=self.per_channel)
+        w_q, s_w = qw.codes, qw.channel_scales()
+        acc = r._emit(op.matmul(r._emit(xq), r._const(w_q, "int8"), out_dtype="int32"))
+        column_sums = w_q.astype(np.int32).sum(axis=0)
+        acc = op.subtract(acc, op.multiply(op.astype(zp, "int32"),
+                                           r._const(column_sums, "int32")))
+        out = r._emit(op.multiply(op.astype(acc, f32), op.multiply(scale, r._const(s_w, f32))))
+        r.layers.append(layer.result("int8-dynamic", weight_scales=tuple(float(v) for v in s_w),
+                                     weight_sqnr_db=qw.sqnr_db, output_var=layer.node.var))
+        return out
+
+    def fake(self, sim: SimLayerOp) -> None:
+        """The int8 weights only: the run-time input rounding is not simulated."""
+        sim.set_weight(quantize_weight(sim.weight, sim.kind,
+                                       per_channel=self.per_channel).dequantized())
+
+
+__all__ = ["Dynamic"]

@@ -1,0 +1,50 @@
+"""The values realize passes around: an integer tensor (QValue), what became of a layer
+(LayerResult), and how to realize a model (RealizeConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .observers import QParams
+
+
+@dataclass(frozen=True)
+class QValue:
+    """An integer tensor and what its integers mean."""
+
+    expr: Any
+    qp: QParams
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What happened to one weighted layer (conv2d/matmul)."""
+
+    var: str
+    op: str
+    precision: str                  # the scheme's label: int8 | int8-a16 | fp16 | fp32 | ...
+    reason: str = ""                # why it stayed in float
+    input_qp: QParams | None = None
+    output_qp: QParams | None = None  # None: the layer's output is float
+    weight_scales: tuple[float, ...] = ()
+    weight_sqnr_db: float | None = None
+    rounding: str = ""              # how the int8 weights were rounded: gptq | nearest | model
+    fused: tuple[str, ...] = ()     # bias / activation nodes folded into the kernel
+    output_var: Any = None          # the relax var whose value the layer produces
+
+
+@dataclass(frozen=True)
+class RealizeConfig:
+    """plan: {layer (relax var name): scheme}; `default` for the layers it does not name."""
+
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    default: Any = None                    # None: static int8 (schemes.Int8())
+    plane_dtype: str = "uint8"             # the 8-bit planes of a 16-bit input: the target's
+    input_qparams: Mapping[str, QParams] = field(default_factory=dict)  # {layer: its input's}
+    weight_codes: Any = None               # frontend.WeightCodes of a pre-quantized model
+    input_means: Mapping = field(default_factory=dict)    # {layer input var: channel means}
+    input_moments: Mapping = field(default_factory=dict)  # {layer: rounding.InputMoments}
+
+
+__all__ = ["LayerResult", "QValue", "RealizeConfig"]
