@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # where each package's source lives (schedules/ is installed as qcompile.schedules)
 SOURCES = {"qcompile": ROOT / "qcompile", "qcompile.schedules": ROOT / "schedules"}
 
