@@ -29,11 +29,14 @@ LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger
 
 @dataclass(frozen=True)
 class Layer:
-    """A weighted op of the model (conv, matmul, gemm) and the precision it runs in."""
+    """A weighted op of the model (conv, matmul, gemm) and the precision it runs in. `weight`:
+    a key of its constant weight's values (weight_key), by which the layer is found again in
+    the imported Relax graph whatever order or layout that has; "" without a constant weight."""
 
     name: str
     op: str
     precision: str = "fp32"
+    weight: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "op": self.op, "precision": self.precision}
@@ -268,11 +271,29 @@ def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def weight_key(weight) -> str:
+    """A key of a weight's values that layout does not change (a transpose, a reshape): the
+    hash of its sorted values."""
+    import numpy as np
+
+    values = np.sort(np.asarray(weight, dtype=np.float32).ravel())
+    return hashlib.sha1(values.tobytes()).hexdigest()[:16]
+
+
 def layer_name(node, index: int) -> str:
     """The name a layer goes by in reports and rules: its ONNX node name, or op_index."""
     return node.name or f"{node.op_type}_{index}"
 
 
 def _layers(model) -> tuple[Layer, ...]:
-    return tuple(Layer(name=layer_name(node, i), op=node.op_type)
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+
+    def key(node) -> str:
+        if len(node.input) < 2 or node.input[1] not in weights:
+            return ""
+        return weight_key(numpy_helper.to_array(weights[node.input[1]]))
+
+    return tuple(Layer(name=layer_name(node, i), op=node.op_type, weight=key(node))
                  for i, node in enumerate(model.graph.node) if node.op_type in LAYER_OPS)
