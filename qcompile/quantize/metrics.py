@@ -85,8 +85,11 @@ BUILTIN = {"top1": Metric("top1", top1), "cosine": Metric("cosine", cosine),
            "mse": Metric("mse", mse, higher_is_better=False)}
 
 
-def load_metric(spec: str) -> Metric:
-    """A metric by name, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION."""
+def load_metric(spec: "str | Metric") -> Metric:
+    """A metric by name, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (a Metric is
+    returned as it is)."""
+    if isinstance(spec, Metric):
+        return spec
     if spec in BUILTIN:
         return BUILTIN[spec]
     if not spec.startswith("python:") or spec.count(":") < 2:
