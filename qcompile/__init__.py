@@ -12,11 +12,18 @@
 
 from .version import __version__  # noqa: E402
 from .artifact import Artifact, Manifest  # noqa: E402
+from .build import build  # noqa: E402
+from .frontend import FloatModel, import_onnx  # noqa: E402
+from .modes import (AutoPrecision, DynamicInt8, Float16, Float32, StaticInt8,  # noqa: E402
+                    WeightOnlyInt8)
+from .quantize import QuantConfig, QuantizedModel  # noqa: E402
 from .errors import QcompileError  # noqa: E402
 from .pipeline import compile, tune  # noqa: E402  pylint: disable=redefined-builtin
 from .runtime import LoadedModel, load  # noqa: E402
 from .targets import Target, list_targets, load_target  # noqa: E402
 from .tuning_log import TuningLog  # noqa: E402
 
-__all__ = ["Artifact", "LoadedModel", "Manifest", "QcompileError", "Target", "TuningLog",
-           "__version__", "compile", "list_targets", "load", "load_target", "tune"]
+__all__ = ["Artifact", "AutoPrecision", "DynamicInt8", "Float16", "Float32", "FloatModel",
+           "LoadedModel", "Manifest", "QcompileError", "QuantConfig", "QuantizedModel",
+           "StaticInt8", "Target", "TuningLog", "WeightOnlyInt8", "__version__", "build",
+           "compile", "import_onnx", "list_targets", "load", "load_target", "tune"]

@@ -40,7 +40,7 @@ def _warm_worker() -> None:
 def _build_gpu_candidate(mod, target, params, cc: str | None) -> str:
     """Build a GPU candidate like MetaSchedule does, into a .so (which an RPC device runs) with
     its OpenCL C and launch sizes beside it (which pocl runs: pocl.runner). A candidate whose
-    OpenCL C has a known code-generation defect fails to build (gpu_default.codegen_defect)."""
+    OpenCL C has a known code-generation defect fails to build (schedules.opencl.default.codegen_defect)."""
     from tvm.s_tir.meta_schedule.builder import local_builder
 
     from . import pocl
