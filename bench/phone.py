@@ -26,10 +26,10 @@ def phone_rows(onnx_path: Path, work: Path, calibration: list[dict], held_out: l
                reference: np.ndarray) -> list[dict]:
     """One row per ARM64 target: instruction counts and top-1 agreement on the device."""
     import qcompile
-    from qcompile import emulator
+    from qcompile.devices import emulator
     from test_int8_kernels import instruction_counts  # tests/ is on sys.path (bench/run.py)
-    from qcompile.processes import stop_process_group
-    from qcompile.remote import start_tracker
+    from qcompile.devices.processes import stop_process_group
+    from qcompile.devices.tracker import start_tracker
 
     with socket.socket() as probe:  # a free port on loopback
         probe.bind(("127.0.0.1", 0))

@@ -497,7 +497,7 @@ def _cmd_targets(_args) -> int:
 def _tracker_address(text: str | None) -> tuple[str, int]:
     import os
 
-    from .remote import TRACKER_ENV, parse_tracker
+    from .devices.tracker import TRACKER_ENV, parse_tracker
 
     if text is None and not all(os.environ.get(name) for name in TRACKER_ENV):
         text = TRACKER_DEFAULT
@@ -505,8 +505,8 @@ def _tracker_address(text: str | None) -> tuple[str, int]:
 
 
 def _cmd_tracker(args) -> int:
-    from .processes import stop_process_group
-    from .remote import start_tracker
+    from .devices.processes import stop_process_group
+    from .devices.tracker import start_tracker
 
     process = start_tracker(args.host, args.port, quiet=True)
     shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
@@ -524,17 +524,17 @@ def _cmd_tracker(args) -> int:
 
 
 def _cmd_devices(args) -> int:
-    from .remote import tracker_status
+    from .devices.tracker import tracker_status
 
     print(tracker_status(_tracker_address(args.rpc_tracker)).describe())
     return 0
 
 
 def _cmd_device(args) -> int:
-    from . import emulator
+    from .devices import emulator
     from .errors import DeviceError
-    from .processes import stop_process_group
-    from .remote import start_tracker
+    from .devices.processes import stop_process_group
+    from .devices.tracker import start_tracker
 
     if args.count < 1:
         raise InputError("--count must be at least 1.")

@@ -150,10 +150,12 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     without a phone; the times are not the GPU's). Raises DeviceError before any work when the
     target cannot be measured (a cross or GPU target without a tracker, no device at the
     tracker)."""
-    from .measure import Devices, builder, time_kernels
+    from .devices import device_for
+    from .devices.builder import builder_for
+    from .devices.timing import time_kernels
     from .quantize.simulate import value_shapes
 
-    devices = Devices(target, rpc, pocl)
+    devices = device_for(target, rpc, pocl)
     tvm_target = target.to_tvm()
     # in an int8 model on a dot-product target every conv is NHWC, the float ones too
     packed_layout = lower.dot_product(target) is not None
@@ -192,7 +194,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     times = time_kernels([mod for _, mod in schedules], tvm_target,
-                         builder(target.cc, gpu=target.is_gpu),
+                         builder_for(target),
                          devices.runner())
     seconds: dict = {}  # signature -> [int8 seconds, fallback seconds]
     for (signature, _), timed in zip(schedules, times):

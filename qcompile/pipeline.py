@@ -16,7 +16,7 @@ from .errors import InputError
 from .frontend import FloatModel, import_onnx
 from .modes import AutoPrecision, Mode, apply as apply_mode, mode_from
 from .quantize import QuantConfig, QuantizedModel
-from .remote import parse_tracker
+from .devices.tracker import parse_tracker
 from .targets import Target, load_target
 from .tune import tune as tune_model
 from .tuning_log import TuningLog, open_log, shipped_log

@@ -224,7 +224,7 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
     import tvm
     from tvm import relax
 
-    from .remote import device_info, parse_tracker, request_session
+    from .devices.tracker import device_info, parse_tracker, request_session
 
     artifact = Artifact.open(out_dir)
     target = artifact.manifest.target

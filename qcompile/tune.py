@@ -31,7 +31,10 @@ from typing import TextIO
 from . import lower, metaschedule_logging
 from .errors import InputError, QcompileError, TuneFailed, TuneInterrupted, last_line
 from .frontend import FloatModel
-from .measure import Devices, builder, progress_callback, time_kernels
+from .devices import Device, device_for
+from .devices.builder import builder_for
+from .devices.timing import time_kernels
+from .progress import progress_callback
 from .targets import Target
 from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, STAND_IN_KEY, TaskSummary,
                          TuningLog, identity, incompatibility, mean_seconds, open_database,
@@ -255,7 +258,7 @@ def tune(model: FloatModel, target: Target, log_dir: str | Path, trials: int = 3
     out = out or sys.stderr
     log_dir = Path(log_dir)
     check_log_dir(log_dir, target)
-    devices = Devices(target, rpc, pocl)  # before anything is written: no device, no new log
+    devices = device_for(target, rpc, pocl)  # before anything is written: no new log
     try:
         return _tune(model, target, log_dir, trials, devices, out, reuse)
     except QcompileError:
@@ -283,7 +286,7 @@ def _failure(exc: Exception, log_dir: Path) -> TuneFailed:
         "if it fails the same way, report it with that file.")
 
 
-def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices: Devices,
+def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices: Device,
           out: TextIO, reuse: TuningLog | None) -> TuningLog:
     """tune()'s work, once its arguments are checked."""
     from tvm.s_tir import meta_schedule as ms
@@ -293,7 +296,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     log_dir.mkdir(parents=True, exist_ok=True)
     if read_info(log_dir) is None:
         write_info(log_dir, identity(target))
-    if devices.pocl:
+    if devices.stand_in:
         write_info(log_dir, {**read_info(log_dir), STAND_IN_KEY: devices.where})
     repair(log_dir)
     database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
@@ -339,7 +342,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
              devices.where,
              " (EMULATED: timings rank candidates but are not the phone's)"
              if devices.emulated else "")
-    build = builder(target.cc, gpu=target.is_gpu)
+    build = builder_for(target)
     runner = devices.runner()
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1,
                                         num_warmup_samples=COST_MODEL_WARMUP)

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from qcompile.processes import stop_process_group
+from qcompile.devices.processes import stop_process_group
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,7 +52,7 @@ def start_process(args: list[str], **kwargs) -> subprocess.Popen:
 def wait_for_key(tracker: str, key: str, timeout: float = 60.0) -> None:
     """Wait until the tracker has a free device under `key`."""
     from qcompile.errors import DeviceError
-    from qcompile.remote import parse_tracker, tracker_status
+    from qcompile.devices.tracker import parse_tracker, tracker_status
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -69,7 +69,7 @@ def wait_for_key(tracker: str, key: str, timeout: float = 60.0) -> None:
 @pytest.fixture(scope="session")
 def tracker():
     """A real TVM RPC tracker on loopback: its address as HOST:PORT."""
-    from qcompile.remote import start_tracker
+    from qcompile.devices.tracker import start_tracker
 
     port = free_port()
     process = start_tracker("127.0.0.1", port)
@@ -99,11 +99,24 @@ def arm64_device(tracker):
 
     The first use on a machine builds the Debian userland (about 30 s; cached afterwards).
     """
-    from qcompile import emulator
-    from qcompile.remote import parse_tracker
+    from qcompile.devices import emulator
+    from qcompile.devices.tracker import parse_tracker
 
     device = emulator.start(parse_tracker(tracker), "arm64-emu")
     try:
         yield {"tracker": tracker, "key": "arm64-emu", "device": device}
     finally:
         device.stop()
+
+
+EMULATED_FIXTURES = {"arm64_device"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark by what a test needs: `emulated` (the emulated ARM64 device), `gpu` (OpenCL
+    kernels run on pocl); `-m "not emulated"` leaves those out."""
+    for item in items:
+        if EMULATED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.emulated)
+        if item.module.__name__ in ("test_gpu_kernels", "test_gpu_tune"):
+            item.add_marker(pytest.mark.gpu)

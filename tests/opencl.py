@@ -1,4 +1,4 @@
-"""Check the OpenCL kernels of a GPU build on this machine's CPU, through pocl (qcompile.pocl:
+"""Check the OpenCL kernels of a GPU build on this machine's CPU, through pocl (qcompile.devices.pocl:
 the TVM wheel has no OpenCL runtime, and this machine has no GPU). Each kernel of a GPU build is
 checked on its own: the scheduled kernel (thread bindings, shared and local memory, unrolling:
 what a schedule can get wrong) runs on pocl, and the same kernel before scheduling, compiled
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompile.pocl import SIGNATURE, Program, describe, random_arrays
+from qcompile.devices.pocl import SIGNATURE, Program, describe, random_arrays
 
 
 @dataclass

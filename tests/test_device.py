@@ -19,8 +19,8 @@ from models import (NUMERIC_MODELS, assert_close, conv_relu, gemm_matmul, onnxru
                     packed_convnet, random_inputs)
 from qcompile.cli import main
 from qcompile.errors import DeviceError
-from qcompile.processes import stop_process_group
-from qcompile.remote import parse_tracker, request_session, tracker_status
+from qcompile.devices.processes import stop_process_group
+from qcompile.devices.tracker import parse_tracker, request_session, tracker_status
 
 CASES = [(name, "arm64-dotprod") for name in sorted(NUMERIC_MODELS)] + [
     ("residual_pool_concat", "arm64"), ("depthwise_grouped", "arm64-i8mm")]

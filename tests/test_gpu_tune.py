@@ -1,5 +1,5 @@
 """Tuning GPU (OpenCL) kernels: MetaSchedule's GPU search, candidates built as OpenCL, measured
-on pocl (an OpenCL implementation for this CPU: qcompile.pocl) instead of a phone, the tuning
+on pocl (an OpenCL implementation for this CPU: qcompile.devices.pocl) instead of a phone, the tuning
 log applied by compile, and every tuned kernel checked against the CPU. The first run of this
 found MetaSchedule candidates that compute wrong int8 results (TVM's OpenCL code generator
 packs gathered int8 vectors into an int): the builder now rejects them."""
@@ -176,7 +176,7 @@ def test_cli_pocl_that_cannot_build_says_why_and_what_to_install(save_model, tmp
     """--pocl where no OpenCL device builds a kernel (as PyPI's pocl on a CPU its LLVM does not
     know; here: a probe that does not compile) is refused before any log is written, with each
     device's compiler error and the package that helps."""
-    from qcompile import pocl
+    from qcompile.devices import pocl
 
     monkeypatch.setattr(pocl, "PROBE", "__kernel void probe(__global float* a) { a[0] = ; }")
     monkeypatch.setattr(pocl, "_PROBED", {})

@@ -375,7 +375,7 @@ def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_mode
     from conftest import free_port, start_process, wait_for_key
     from models import conv_relu
     from qcompile.errors import DeviceError
-    from qcompile.processes import stop_process_group
+    from qcompile.devices.processes import stop_process_group
 
     key = "dying-host"
     port = free_port()

@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .errors import DeviceError
+from ..errors import DeviceError
 from .processes import stop_process_group
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ def start(tracker: tuple[str, int], key: str = "arm64-emu", arch: str = "arm64",
           cpu: str | None = None, port: int = 9090, port_end: int | None = None,
           host: str | None = None, timeout: float = 300.0) -> EmulatedDevice:
     """Start an emulated device and wait until the tracker lists it as free under `key`."""
-    from .remote import connect_tracker
+    from .tracker import connect_tracker
 
     userland = prepare(arch)
     cpu = cpu or userland.arch.default_cpu
@@ -423,7 +423,7 @@ def start(tracker: tuple[str, int], key: str = "arm64-emu", arch: str = "arm64",
 
 
 def _servers(tracker: tuple[str, int], key: str) -> set[str]:
-    from .remote import tracker_status
+    from .tracker import tracker_status
 
     return {addr for addr, k in tracker_status(tracker).servers if k == key}
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DeviceError
+from ..errors import DeviceError
+from .base import Device
 
 SIGNATURE = re.compile(r"__kernel void (\w+)\(([^)]*)\)\s*\{")
 POINTER = re.compile(r"__global (?:\w+ )*?(\w+)\* restrict (\w+)_ptr$")
@@ -310,3 +311,25 @@ def runner(number: int = 3, repeat: int = 1):
 
     return PoclRunner()
 
+
+
+class PoclDevice(Device):
+    """pocl on this machine's CPU, standing in for a phone's GPU: OpenCL kernels measured
+    (timings that rank schedules for a CPU, not the GPU's); it runs kernels, not models."""
+
+    where = "pocl (OpenCL on this CPU)"
+    emulated = True
+    stand_in = True
+
+    def __init__(self) -> None:
+        why = available()
+        if why is not None:
+            raise DeviceError(why)
+
+    def runner(self):
+        evaluator = self.evaluator()
+        return runner(number=evaluator.number, repeat=evaluator.repeat)
+
+    def load(self, directory):
+        raise DeviceError("pocl measures single OpenCL kernels; it cannot run a whole model. "
+                          "Run the model on a device with OpenCL through --rpc-tracker.")

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT")
 

@@ -1,0 +1,23 @@
+"""This machine: candidates measured by MetaSchedule's local runner, models run in-process."""
+
+from __future__ import annotations
+
+from .base import RUN_TIMEOUT_S, Device
+
+
+class LocalDevice(Device):
+    where = "this machine"
+
+    def runner(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.runner.LocalRunner(evaluator_config=self.evaluator(),
+                                     timeout_sec=RUN_TIMEOUT_S)
+
+    def load(self, directory):
+        from ..runtime import load
+
+        return load(directory)
+
+
+__all__ = ["LocalDevice"]
