@@ -141,7 +141,7 @@ def _layer_latencies(float_model, target: Target, fallback: str, activations: st
     fails is an error: the user asked for it)."""
     from . import layer_latency
     from .errors import DeviceError
-    from .quantize.simulate import weighted_layers
+    from .quantize.onnx_view import weighted_layers
 
     layers = [l for l in weighted_layers(float_model.onnx) if l.name not in fixed]
     try:

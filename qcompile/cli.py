@@ -1,4 +1,7 @@
-"""The `qcompile` command: a thin layer over the Python API (no logic of its own)."""
+"""The `qcompile` command: a thin layer over the Python API (no logic of its own).
+
+Longer than 400 lines because most of it is each verb's help text (`qcompile VERB --help`),
+which is the command line's documentation and belongs next to the options it describes."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def inspect_path(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | N
 def inspect_model(path: Path, input_shapes=None) -> str:
     """Each weighted layer of an ONNX model: the names precision rules use."""
     from .frontend import load_onnx, resolve_input_shapes, simplify
-    from .quantize.simulate import weighted_layers
+    from .quantize.onnx_view import weighted_layers
 
     model = load_onnx(path)
     model = simplify(model, resolve_input_shapes(model, input_shapes))

@@ -56,7 +56,7 @@ def one_layer_model(model, node_index: int, shapes: dict | None = None):
     import onnx
     from onnx import helper
 
-    from .quantize.simulate import value_shapes
+    from .quantize.onnx_view import value_shapes
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -153,7 +153,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
     from .devices import device_for
     from .devices.builder import builder_for
     from .devices.timing import time_kernels
-    from .quantize.simulate import value_shapes
+    from .quantize.onnx_view import value_shapes
 
     devices = device_for(target, rpc, pocl)
     tvm_target = target.to_tvm()

@@ -28,17 +28,15 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
-from . import lower, metaschedule_logging
+from . import lower, metaschedule_logging, tune_defaults, tune_records
 from .errors import InputError, QcompileError, TuneFailed, TuneInterrupted, last_line
-from .frontend import FloatModel
 from .devices import Device, device_for
 from .devices.builder import builder_for
-from .devices.timing import time_kernels
+from .frontend import FloatModel
 from .progress import progress_callback
 from .targets import Target
-from .tuning_log import (DEFAULTS_KEY, MODULE_EQUALITY, PRUNED_KEY, STAND_IN_KEY, TaskSummary,
-                         TuningLog, identity, incompatibility, mean_seconds, open_database,
-                         RECORDS_FILE, pruned_trials, read_info, repair, workload_key,
+from .tuning_log import (MODULE_EQUALITY, RECORDS_FILE, STAND_IN_KEY, TaskSummary, TuningLog,
+                         identity, incompatibility, open_database, read_info, repair,
                          write_info)
 
 log = logging.getLogger(__name__)
@@ -50,181 +48,6 @@ SEARCH = {"population_size": 256, "init_min_unmeasured": 32, "genetic_num_iters"
           "max_fail_count": 2}
 COST_MODEL_WARMUP = 32  # random candidates before the cost model ranks them (MetaSchedule: 100)
 FAILURE_FILE = "qcompile-failure.txt"  # in the log: the traceback of the last tune that failed
-
-
-def _blocks(mod):
-    """The top-level blocks of every kernel in `mod`."""
-    import tvm
-    from tvm.s_tir import Schedule
-
-    sch = Schedule(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc):
-            sch.work_on(gvar.name_hint)
-            yield from (sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _has_reduction(mod) -> bool:
-    """Whether a kernel reduces (conv, matmul, pooling): those are worth searching. An
-    elementwise kernel's schedule space holds one schedule (parallel + vectorize), measured
-    once: MetaSchedule would spend five empty search rounds finding nothing new."""
-    from tvm.tirx import IterVar
-
-    return any(int(iv.iter_type) == IterVar.CommReduce
-               for block in _blocks(mod) for iv in block.iter_vars)
-
-
-def _defaults_unmeasured(database, contexts, foreign, log_dir: Path) -> set[str]:
-    """The kernels (task names) that may have a default schedule worth measuring (they
-    reduce) and whose default the log has not measured (qcompile-log.json lists those)."""
-    measured = (read_info(log_dir) or {}).get(DEFAULTS_KEY) or {}
-    return {c.task_name for c in contexts if c.task_name not in foreign
-            and _has_reduction(c.mod)
-            and workload_key(database.commit_workload(c.mod).mod) not in measured}
-
-
-def _note_default(database, mod, log_dir: Path, seconds: float | None) -> None:
-    info = read_info(log_dir) or {}
-    info.setdefault(DEFAULTS_KEY, {})[workload_key(database.commit_workload(mod).mod)] = \
-        round(seconds * 1e6, 2) if seconds is not None else None
-    write_info(log_dir, info)
-
-
-def _measure_default(context, target: Target, database, build, runner,
-                     log_dir: Path) -> float | None:
-    """Measure our default schedule of the kernel like a searched candidate and add it to
-    the database: the search then keeps it unless it finds a faster one (a short search
-    often does not). Its mean time in seconds, or None (no such schedule, or it failed)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        sch = lower.default_schedule(context.mod, target)
-    except Exception as exc:  # noqa: BLE001 - the search goes on without it
-        log.info("%s: no default schedule to measure (%s)", context.task_name, exc)
-        _note_default(database, context.mod, log_dir, None)
-        return None
-    if sch is None:
-        _note_default(database, context.mod, log_dir, None)
-        return None
-    timed = time_kernels([sch.mod], context.target, build, runner)[0]
-    if timed.build_error:
-        log.info("%s: qcompile's default schedule did not build: %s", context.task_name,
-                 timed.build_error)
-        _note_default(database, context.mod, log_dir, None)
-        return None
-    seconds = timed.seconds
-    if seconds is None:
-        log.info("%s: qcompile's default schedule did not run: %s", context.task_name,
-                 timed.run_error or "no time")
-        return None  # measured again by the next run (the device may have failed)
-    database.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, database.commit_workload(context.mod), timed.run_secs, context.target,
-        timed.args))
-    _note_default(database, context.mod, log_dir, seconds)
-    log.info("%s: qcompile's default schedule: %.1f us", context.task_name, seconds * 1e6)
-    return seconds
-
-
-def _records(database, mod) -> list:
-    if not database.has_workload(mod):
-        return []
-    return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
-
-
-def _replays(trace, mod) -> bool:
-    """Whether a schedule trace applies to the kernel `mod`."""
-    from tvm.s_tir import Schedule
-
-    try:
-        trace.apply_to_schedule(Schedule(mod), remove_postproc=False)
-    except Exception:  # noqa: BLE001 - TVM raises various errors for a trace that does not fit
-        return False
-    return True
-
-
-def _trace_for(record, context):
-    """The record's schedule as a trace of this kernel: its own trace when it replays, else
-    its anchor (conv/matmul) steps applied to this kernel as compile does (MetaSchedule's
-    schedule_using_anchor_trace) and the resulting trace, if that replays; None otherwise.
-    The record keeps its measured time, taken with the other epilogue."""
-    from tvm.s_tir import Schedule
-    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
-
-    if _replays(record.trace, context.mod):
-        return record.trace
-    try:
-        sch = Schedule(context.mod)
-        schedule_using_anchor_trace(sch, record.trace, context.target)
-    except Exception:  # noqa: BLE001 - TVM raises various errors for a trace that does not fit
-        return None
-    return sch.trace if _replays(sch.trace, context.mod) else None
-
-
-def _replays_here(database, mod) -> bool:
-    records = _records(database, mod)
-    return not records or _replays(records[0].trace, mod)
-
-
-def _adopt(database, contexts, other: TuningLog, log_dir: Path) -> dict[str, int]:
-    """Copy into `database` the records of `other` that replay on this model's kernels,
-    under this model's kernels (and count the candidates `other` had pruned). Kernels the
-    database already has records for are left alone. {kernel: records copied}."""
-    from tvm.s_tir.meta_schedule.database import TuningRecord
-
-    source = other.database()
-    adopted, pruned = {}, {}
-    for context in contexts:
-        if database.has_workload(context.mod):
-            continue
-        traces = [(r, _trace_for(r, context)) for r in _records(source, context.mod)
-                  if mean_seconds(r.run_secs)]
-        traces = [(r, trace) for r, trace in traces if trace is not None]
-        if not traces:
-            continue
-        workload = database.commit_workload(context.mod)
-        for r, trace in traces:
-            database.commit_tuning_record(TuningRecord(trace, workload, r.run_secs,
-                                                       r.target, r.args_info))
-        adopted[context.task_name] = len(traces)
-        dropped = pruned_trials(other.info, traces[0][0].workload.mod)
-        if dropped:
-            pruned[workload_key(workload.mod)] = dropped
-    if pruned:
-        info = read_info(log_dir) or {}
-        info[PRUNED_KEY] = {**info.get(PRUNED_KEY, {}), **pruned}
-        write_info(log_dir, info)
-    return adopted
-
-
-def _measured(database, mod, info) -> int:
-    """Candidates measured for this kernel: its records, and those prune() dropped."""
-    records = _records(database, mod)
-    if not records:
-        return 0
-    return len(records) + pruned_trials(info, records[0].workload.mod)
-
-
-def _best_seconds(records) -> float | None:
-    """The fastest valid run among `records` (None: none ran)."""
-    return min((t for t in (mean_seconds(r.run_secs) for r in records) if t is not None),
-               default=None)
-
-
-def _warm_start(cost_model, contexts, database) -> int:
-    """Train the cost model on the records the log already holds for these kernels."""
-    from tvm.s_tir import meta_schedule as ms
-
-    trained = 0
-    for context in contexts:
-        records = [r for r in _records(database, context.mod) if r.run_secs]
-        if not records:
-            continue
-        candidates = [r.as_measure_candidate() for r in records]
-        results = [ms.runner.RunnerResult(run_secs=[float(t) for t in r.run_secs],
-                                          error_msg=None) for r in records]
-        cost_model.update(context, candidates, results)
-        trained += len(records)
-    return trained
 
 
 def check_log_dir(directory: Path, target: Target) -> None:
@@ -312,26 +135,26 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
                          "nothing in it runs as a compiled kernel. Compile it directly.")
     contexts, weights = _tune_contexts(tasks, target, log_dir)
     if reuse is not None:
-        adopted = _adopt(database, contexts, reuse, log_dir)
+        adopted = tune_records.adopt(database, contexts, reuse, log_dir)
         if adopted:
             log.info("reused %d record(s) of %s for %d kernel(s)", sum(adopted.values()),
                      reuse.directory, len(adopted))
     # Records are keyed by anchor block (the conv/matmul), so a log can hold records of a
     # differently fused kernel with the same anchor: they do not replay here, and MetaSchedule
     # would store this kernel's records under that workload, where they break the log's loading.
-    foreign = {c.task_name for c in contexts if not _replays_here(database, c.mod)}
+    foreign = {c.task_name for c in contexts if not tune_records.replays_here(database, c.mod)}
     for name in sorted(foreign):
         log.warning("kernel %s is not tuned: the log's records for its anchor operation were "
                     "measured on a differently fused kernel, and MetaSchedule keys records by "
                     "anchor. Tune into a new --log with --reuse-log %s to tune it.", name,
                     log_dir)
     info = read_info(log_dir)
-    before = {c.task_name: _measured(database, c.mod, info) for c in contexts}
-    budgets = {c.task_name: trials if _has_reduction(c.mod) else 1 for c in contexts}
+    before = {c.task_name: tune_records.measured(database, c.mod, info) for c in contexts}
+    budgets = {c.task_name: trials if tune_defaults.has_reduction(c.mod) else 1 for c in contexts}
     flops = {c.task_name: estimate_tir_flops(c.mod) for c in contexts}
     weight_of = {c.task_name: w for c, w in zip(contexts, weights)}
     # the kernels that cost the most first: an interrupted tune has spent its time best
-    unmeasured = _defaults_unmeasured(database, contexts, foreign, log_dir)
+    unmeasured = tune_defaults.unmeasured(database, contexts, foreign, log_dir)
     todo = sorted((c for c in contexts if c.task_name not in foreign and (
                        before[c.task_name] < budgets[c.task_name]
                        or c.task_name in unmeasured)),
@@ -346,7 +169,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     runner = devices.runner()
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=os.cpu_count() or 1,
                                         num_warmup_samples=COST_MODEL_WARMUP)
-    warm = _warm_start(cost_model, contexts, database)
+    warm = tune_records.warm_start(cost_model, contexts, database)
     if warm:
         log.info("cost model trained on %d record(s) already in the log", warm)
     stop = threading.Event()
@@ -364,7 +187,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
                        cost_model=cost_model, callbacks=callbacks, log_dir=log_dir,
                        target=target)
     except TuneInterrupted:
-        kept = sum(len(_records(database, c.mod)) for c in contexts)
+        kept = sum(len(tune_records.records(database, c.mod)) for c in contexts)
         raise TuneInterrupted(
             f"Tuning stopped: the log {log_dir} keeps all {kept} record(s) of this model's "
             "kernels. Run the same command again to continue where it stopped.") from None
@@ -377,14 +200,14 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     (log_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure's: this run got past it
     summaries = []
     for context, weight in zip(contexts, weights):
-        records = _records(database, context.mod)
-        best = _best_seconds(records)
+        records = tune_records.records(database, context.mod)
+        best = tune_records.best_seconds(records)
         ops = flops[context.task_name]
         summaries.append(TaskSummary(
             context.task_name, int(weight), len(records),
             best * 1e6 if best is not None else None,
             ops / best / 1e9 if best and ops else None,
-            _measured(database, context.mod, info) - before[context.task_name],
+            tune_records.measured(database, context.mod, info) - before[context.task_name],
             seconds.get(context.task_name, 0.0),
             defaults[context.task_name] * 1e6 if context.task_name in defaults else None))
     return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
@@ -448,7 +271,7 @@ def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seco
         name = context.task_name
         budget = budgets[name] - before[name]
         if name in unmeasured:
-            measured = _measure_default(context, target, database, build, runner,
+            measured = tune_defaults.measure(context, target, database, build, runner,
                                         log_dir)
             if measured is not None:
                 defaults[name] = measured
@@ -456,7 +279,7 @@ def _tune_each(todo, budgets, before, flops, weight_of, database, progress, seco
         if budget <= 0:
             continue
         progress.start(f"[{number}/{len(todo)}] {name}", flops[name], budget,
-                       _best_seconds(_records(database, context.mod)))
+                       tune_records.best_seconds(tune_records.records(database, context.mod)))
         task_start = time.perf_counter()
         try:
             ms.tune.tune_tasks(tasks=[context], task_weights=[weight_of[name]],

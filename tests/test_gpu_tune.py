@@ -197,7 +197,7 @@ def test_layer_latency_times_gpu_kernels(save_model):
     timed, here on pocl; without a tracker (or pocl) it says why it cannot measure."""
     from qcompile import layer_latency
     from qcompile.errors import DeviceError
-    from qcompile.quantize.simulate import weighted_layers
+    from qcompile.quantize.onnx_view import weighted_layers
 
     model = packed_convnet()
     layers = weighted_layers(model)

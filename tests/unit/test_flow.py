@@ -47,7 +47,7 @@ def _both(model):
 
     from qcompile.frontend import import_onnx
     from qcompile.quantize.graph import read_graph, relax_flow
-    from qcompile.quantize.simulate import onnx_flow, weighted_layers
+    from qcompile.quantize.onnx_view import onnx_flow, weighted_layers
 
     import tempfile
     from pathlib import Path
