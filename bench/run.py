@@ -7,7 +7,9 @@ For each model (MODELS) and each engine configuration it measures, with the same
 latency (median and p90 over repeats, after warm-up), model file size, accuracy against
 onnxruntime fp32 on held-out real data (top-1 agreement and output cosine), peak memory (RSS)
 of a process that loads and runs the model, compile (or quantization) time and the compile's
-peak RSS. Each configuration is prepared (compiled or quantized) in one fresh subprocess and run
+peak RSS. qcompile's run RSS is its native runner's (bench/README.md: `qcompile package`, no
+Python), its Python runtime's beside it; onnxruntime's is its Python process's. Each
+configuration is prepared (compiled or quantized, and packaged) in one fresh subprocess and run
 in another, so that each RSS is its own; the running RSS is taken after timing, before the
 held-out data is loaded for the accuracy. Each model's data is made once and shared by the
 subprocesses. Prints a Markdown table and writes JSON. No asserts: the figures are read off the
@@ -212,6 +214,9 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
                            tuning_log=None if config.endswith("tuned") else False)
         del held_out
         artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
+        from qcompile.deploy import package
+
+        package(artifact.directory, directory / f"{config}-bundle")  # the native runner's
         kernels = artifact.manifest.kernels
         extra["tuned_kernels"] = f"{kernels['tuned']}/{kernels['total']}"
         if kernels["tuning_log"] and kernels["tuned"]:
@@ -258,12 +263,32 @@ def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: in
         size = model.manifest.library_bytes
     times = _time(lambda: infer(sample), repeat)
     peak_rss = _peak_rss_mb()
+    native = _native_run(directory, config, sample, threads, repeat) \
+        if config.startswith("qcompile") else {}
     _, held_out = _load_data(directory)
     outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
     np.save(directory / f"{config}.npy", outputs)
     return {"config": config, "median_ms": float(np.median(times)),
             "p90_ms": float(np.percentile(times, 90)), "size_bytes": size,
-            "peak_rss_mb": peak_rss}
+            "peak_rss_mb": native.get("peak_rss_mb", peak_rss), "python_rss_mb": peak_rss,
+            **{k: v for k, v in native.items() if k != "peak_rss_mb"}}
+
+
+def _native_run(directory: Path, config: str, sample: dict, threads: int, repeat: int) -> dict:
+    """The configuration's bundle run by its native runner (no Python) on the sample: its peak
+    resident memory and median latency, as qcompile-run prints them."""
+    import re
+
+    np.savez(directory / "sample.npz", **sample)
+    bundle = directory / f"{config}-bundle"
+    done = subprocess.run([str(bundle / "bin" / "qcompile-run"), str(bundle), "--inputs",
+                           str(directory / "sample.npz"), "--repeat", str(repeat),
+                           "--threads", str(threads)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: the native runner failed on {config}: {done.stderr.strip()}")
+    rss = re.search(r"peak resident memory: ([0-9.]+) MB", done.stdout)
+    median = re.search(r"median ([0-9.]+) ms", done.stdout)
+    return {"peak_rss_mb": float(rss.group(1)), "native_median_ms": float(median.group(1))}
 
 
 def _agreement(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -389,9 +414,8 @@ def main() -> int:
                "cores": os.cpu_count(), "threads": args.threads,
                "python": platform.python_version(), "total_s": total_s}
     header = ("| model | config | median ms | p90 ms | x ort fp32 | x ort int8 | size MB | "
-              "x size | top-1 agree | cosine | run RSS MB | compile s | compile RSS MB | "
-              "tuned kernels | "
-              "tuning s |")
+              "x size | top-1 agree | cosine | run RSS MB | Python RSS MB | native ms | "
+              "compile s | compile RSS MB | tuned kernels | tuning s |")
     print(f"\nMachine: {machine['processor']}, {machine['cores']} cores, {args.threads} "
           f"threads; accuracy against onnxruntime fp32 on held-out data; the whole run took "
           f"{total_s / 60:.1f} min\n")
@@ -408,7 +432,8 @@ def main() -> int:
         print(f"| {r['model']} | {r['config']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
               f"{r['latency_vs_ort_fp32']:.2f} | {r['latency_vs_ort_int8']:.2f} | "
               f"{r['size_bytes'] / 1e6:.1f} | {r['size_vs_ort_fp32']:.2f} | {top1} | {cosine} | "
-              f"{r['peak_rss_mb']:.0f} | {compile_s} | {r['compile_rss_mb']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['python_rss_mb']:.0f} | "
+              f"{r.get('native_median_ms', '')} | {compile_s} | {r['compile_rss_mb']:.0f} | "
               f"{r.get('tuned_kernels', '')} | "
               f"{r.get('tuning_s') or ''} |")
     print("\n* on the half of the held-out data that the precision search did not validate on")

@@ -28,6 +28,8 @@ Typical use:
   qcompile compile model.onnx --target arm64-dotprod --tuning-log tuning_logs/arm64-dotprod
   qcompile example                                   # EfficientNet-Lite0 on real photos
   qcompile inspect model.onnx                        # its layers: names, ops, shapes, MACs
+  qcompile package out/ -o bundle/                   # runs on the device without Python:
+  bundle/bin/qcompile-run bundle/ --inputs x.npz     #   the C API and a native runner
 
 Quantize (int8 needs sample inputs to calibrate on):
   qcompile compile model.onnx --quantize int8 --calibration calib.npz -o out/
@@ -299,6 +301,46 @@ def _add_targets(sub) -> None:
     p.set_defaults(func=_cmd_targets)
 
 
+PACKAGE_HELP = """\
+Make a bundle that runs OUT_DIR's model on the device without Python: model.so and its
+manifest, TVM's runtime libraries for the device's architecture (from the PyPI wheel of the TVM
+that compiled it; downloaded once and cached for another architecture), lib/libqcompile.so
+(the C API of include/qcompile.h), and bin/qcompile-run, built with the target's compiler:
+
+  BUNDLE/bin/qcompile-run BUNDLE [--inputs X.npz|X.npy] [--output Y.npz] [--repeat N]
+                                 [--threads T]
+
+prints the latency (mean, median, p90) and the peak resident memory, like `qcompile run`.
+share/example.c embeds the API. Copy the whole directory to the device (it needs its libc and
+libstdc++, nothing else). For Android, link with the NDK (--cc, or $TVM_NDK_CC at compile) and
+pass TVM's runtime built for Android with --runtime-dir (PyPI has none).
+"""
+
+
+def _add_package(sub) -> None:
+    p = sub.add_parser("package", help="make a bundle that runs the model without Python",
+                       description=PACKAGE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a directory written by compile")
+    p.add_argument("-o", "--out", dest="bundle", required=True, metavar="BUNDLE",
+                   help="the bundle directory to write (replaced whole)")
+    p.add_argument("--cc", help="the device's C++ compiler (default: the one that linked "
+                                "model.so, else g++)")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="a directory with the device's libtvm_runtime.so and libtvm_ffi.so "
+                        "(default: from the TVM wheel for its architecture)")
+    p.set_defaults(func=_cmd_package)
+
+
+def _cmd_package(args) -> int:
+    from .deploy import package
+
+    bundle = package(args.out_dir, args.bundle, cc=args.cc, runtime_dir=args.runtime_dir)
+    print(bundle.describe())
+    print(f"run it: {bundle.runner} {bundle.directory}")
+    return 0
+
+
 def _add_example(sub) -> None:
     p = sub.add_parser(
         "example", help="compile and run EfficientNet-Lite0 (ImageNet) on real photos",
@@ -373,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_inspect(sub)
     _add_run(sub)
+    _add_package(sub)
     _add_tune(sub)
     _add_targets(sub)
     _add_tracker(sub)
