@@ -213,3 +213,23 @@ def test_the_c_example_cross_compiles_and_runs_under_qemu(tmp_path):
                    check=True)
     done = _run(example, bundle, prefix=(QEMU, "-L", ARM_SYSROOT))
     assert done.returncode == 0 and done.stdout.startswith("y:"), done.stderr
+
+
+@pytest.mark.slow
+def test_efficientnet_int8_runs_natively_with_the_same_outputs(tmp_path):
+    """EfficientNet-Lite0 in int8 (the example's model), packaged for this machine: the native
+    runner's logits are exactly the Python runtime's."""
+    from qcompile.examples import efficientnet_lite0 as effnet
+    from qcompile.examples.photos import photos
+
+    path = effnet.export(tmp_path / "efficientnet-lite0.onnx")
+    images = [{"images": effnet.preprocess(image)} for image in photos().values()]
+    artifact = qcompile.compile(path, "host", tmp_path / "out", quantize="int8",
+                                calibration=images)
+    bundle = package(artifact.directory, tmp_path / "bundle")
+    np.savez(tmp_path / "x.npz", **images[0])
+    done = _run(bundle.runner, bundle.directory, "--inputs", tmp_path / "x.npz", "--output",
+                tmp_path / "y.npz", "--repeat", 5)
+    assert done.returncode == 0, done.stderr
+    with qcompile.load(artifact.directory) as model, np.load(tmp_path / "y.npz") as native:
+        np.testing.assert_array_equal(native["logits"], model.run(images[0])["logits"])
