@@ -85,6 +85,10 @@ def package(out_dir: str | Path, bundle_dir: str | Path, cc: str | None = None,
     artifact = Artifact.open(out_dir)  # the manifest, and model.so checked against it
     target = artifact.manifest.target
     arch = arch_of(target)
+    if target.get("target", {}).get("kind") == "opencl" and runtime_dir is None:
+        raise DeviceError("The model is an OpenCL (GPU) build, and PyPI's TVM runtime has no "
+                          "OpenCL. Build TVM's runtime with USE_OPENCL=ON for the device and "
+                          "pass its directory with --runtime-dir.")
     if target.get("os") == "android" and runtime_dir is None:
         raise DeviceError("The model was linked for Android, and PyPI has no TVM runtime for "
                           "it. " + RUNTIME_DIR_ADVICE)

@@ -198,6 +198,17 @@ void CheckDevice(const ffi::json::Object& manifest) {
 #endif
 }
 
+bool IsOpenCL(const ffi::json::Object& manifest) {
+  auto target = Get(manifest, "target", "model.json").try_cast<ffi::json::Object>();
+  if (!target.has_value()) return false;
+  auto inner = target->Get(ffi::String("target"));
+  auto object = inner.has_value() ? inner->try_cast<ffi::json::Object>() : std::nullopt;
+  if (!object.has_value()) return false;
+  auto kind = object->Get(ffi::String("kind"));
+  return kind.has_value() && kind->try_cast<ffi::String>().has_value() &&
+         std::string(kind->cast<ffi::String>()) == "opencl";
+}
+
 // The directory this library was loaded from (where the bundle's other libraries are).
 std::string OwnDirectory() {
   Dl_info info;
@@ -337,7 +348,11 @@ qc_status qc_load(const char* dir, int num_threads, qc_model** out) {
     model->library = ffi::Module::LoadFromFile(file);
     ffi::Module vm = Method(model->library.value(), "vm_load_executable")().cast<ffi::Module>();
     const int kPooledAllocator = 2;
-    Method(vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    if (IsOpenCL(*manifest))  // the GPU, and the CPU that drives it
+      Method(vm, "vm_initialization")(static_cast<int>(kDLOpenCL), 0, kPooledAllocator,
+                                      static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    else
+      Method(vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, kPooledAllocator);
     model->vm = vm;
     model->set_input = Method(vm, "set_input");
     model->invoke = Method(vm, "invoke_stateful");
