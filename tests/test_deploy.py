@@ -142,7 +142,7 @@ def test_a_model_for_another_architecture_says_which(host_bundle, tmp_path):
 
 def test_package_errors_say_what_to_do(host_bundle, tmp_path, capsys):
     assert main(["package", str(tmp_path / "nothing"), "-o", str(tmp_path / "b")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "is not a compiled model" in capsys.readouterr().err
     assert main(["package", str(host_bundle["artifact"].directory), "-o", str(tmp_path / "b"),
                  "--cc", "no-such-compiler"]) == 2
     assert "no-such-compiler" in capsys.readouterr().err
