@@ -8,7 +8,6 @@ returned by a remote call is an opaque handle).
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import numpy as np
 from .artifact import LIBRARY_FILE, Artifact
 from .errors import DeviceError, InputError, QcompileError
 from .specs import TensorSpec, name_mismatch
+from .targets import host_arch, manifest_arch, manifest_kind
 
 log = logging.getLogger(__name__)
 
-_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -165,26 +164,18 @@ class LoadedModel:
                        number=number, device=self.where, emulated=self.emulated)
 
 
-def _target_arch(target: dict[str, Any]) -> str | None:
-    cpu = target.get("host") or target["target"]
-    triple = cpu.get("mtriple")
-    if not triple:
-        return None  # built for the machine that compiled it
-    return _HOST_ARCH.get(triple.split("-")[0], triple.split("-")[0])
-
-
 def _check_runs_here(artifact: Artifact) -> None:
     target = artifact.manifest.target
     name = target.get("name", "?")
-    here = _HOST_ARCH.get(platform.machine().lower(), platform.machine().lower())
+    here = host_arch()
     advice = (f"Run it on the device through an RPC tracker: qcompile run {artifact.directory} "
               f"--rpc-tracker HOST:PORT --rpc-key {target.get('rpc_key', name)}.")
-    if target["target"].get("kind") != "llvm":
+    if manifest_kind(target) != "llvm":
         raise DeviceError(f"'{artifact.directory}' was built for the {name} GPU "
                           f"({target['target'].get('kind')}), which this machine does not have. "
                           + advice)
-    arch = _target_arch(target)
-    if arch is not None and arch != here:
+    arch = manifest_arch(target)
+    if arch != here:
         raise DeviceError(f"'{artifact.directory}' was built for target '{name}' ({arch}); this "
                           f"machine is {here}. " + advice)
 
@@ -193,7 +184,7 @@ def _device_for(target: dict[str, Any], session=None):
     import tvm
 
     devices = session if session is not None else tvm  # both have cpu() and cl()
-    return devices.cl(0) if target["target"].get("kind") == "opencl" else devices.cpu(0)
+    return devices.cl(0) if manifest_kind(target) == "opencl" else devices.cpu(0)
 
 
 def _load_here(artifact: Artifact):

@@ -26,6 +26,8 @@ NDK_CC_ENV = "TVM_NDK_CC"
 _KNOWN_KINDS = ("llvm", "opencl")
 _TOP_LEVEL_FIELDS = {"description", "rpc_key", "target", "host", "compiler", "android"}
 _COMPILER_FIELDS = {"cc", "debian_package"}
+# platform.machine() and triple prefixes -> one architecture name
+_ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -223,3 +225,29 @@ def _resolve_native(target: dict[str, Any]) -> dict[str, Any]:
     if resolved.get("num-cores") == "native":
         resolved["num-cores"] = os.cpu_count() or 1
     return resolved
+
+
+def host_arch() -> str:
+    """This machine's architecture: x86_64, aarch64, ..."""
+    import platform
+
+    machine = platform.machine().lower()
+    return _ARCH_NAMES.get(machine, machine)
+
+
+def manifest_arch(target: dict[str, Any]) -> str:
+    """The CPU architecture a manifest's target (Target.to_json) runs on: its triple's, or this
+    machine's when it was built for the machine that compiled it."""
+    cpu = target.get("host") or target.get("target") or {}
+    triple = str(cpu.get("mtriple") or "")
+    if not triple:
+        return host_arch()
+    arch = triple.split("-")[0]
+    if arch in _ARCH_NAMES:
+        return _ARCH_NAMES[arch]
+    return "arm" if arch.startswith("arm") else arch
+
+
+def manifest_kind(target: dict[str, Any]) -> str:
+    """The TVM target kind a manifest's target was built for: llvm (a CPU) or opencl."""
+    return str((target.get("target") or {}).get("kind", "llvm"))

@@ -69,7 +69,7 @@ def test_the_native_runner_gives_qcompile_runs_outputs(host_bundle):
 
 
 def test_an_npy_input_random_inputs_and_two_inputs(host_bundle, tmp_path):
-    work, bundle = host_bundle["work"], host_bundle["bundle"]
+    bundle = host_bundle["bundle"]
     np.save(tmp_path / "x.npy", host_bundle["feeds"]["x"])
     assert _run(bundle.runner, bundle.directory, "--inputs", tmp_path / "x.npy",
                 "--repeat", 2).returncode == 0

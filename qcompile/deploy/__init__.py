@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,8 +29,8 @@ from pathlib import Path
 
 from ..artifact import LIBRARY_FILE, MANIFEST_FILE, Artifact
 from ..errors import DeviceError, ToolchainError
-from .runtime_libs import (ARCH_OF_MACHINE, RUNTIME_DIR_ADVICE, RUNTIME_LIBRARIES, arch_of,
-                           runtime_libraries)
+from ..targets import manifest_arch, manifest_kind
+from .runtime_libs import RUNTIME_DIR_ADVICE, RUNTIME_LIBRARIES, runtime_libraries
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,8 @@ def package(out_dir: str | Path, bundle_dir: str | Path, cc: str | None = None,
     TVM wheel for its architecture)."""
     artifact = Artifact.open(out_dir)  # the manifest, and model.so checked against it
     target = artifact.manifest.target
-    arch = arch_of(target)
-    if target.get("target", {}).get("kind") == "opencl" and runtime_dir is None:
+    arch = manifest_arch(target)
+    if manifest_kind(target) == "opencl" and runtime_dir is None:
         raise DeviceError("The model is an OpenCL (GPU) build, and PyPI's TVM runtime has no "
                           "OpenCL. Build TVM's runtime with USE_OPENCL=ON for the device and "
                           "pass its directory with --runtime-dir.")
@@ -135,9 +134,4 @@ def package(out_dir: str | Path, bundle_dir: str | Path, cc: str | None = None,
     return bundle
 
 
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return ARCH_OF_MACHINE.get(machine, machine)
-
-
-__all__ = ["BUNDLE_FILE", "Bundle", "host_arch", "native_sources", "package"]
+__all__ = ["BUNDLE_FILE", "Bundle", "native_sources", "package"]

@@ -7,42 +7,24 @@ and cached (~/.cache/qcompile/runtime, as the emulator's userland). PyPI has no 
 
 from __future__ import annotations
 
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from ..errors import DeviceError, ToolchainError
+from ..targets import host_arch
 
 RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
 # wheel member of each library
 MEMBERS = {"libtvm_runtime.so": "tvm/lib/libtvm_runtime.so",
            "libtvm_ffi.so": "tvm_ffi/lib/libtvm_ffi.so"}
-ARCH_OF_MACHINE = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64",
-                   "arm64": "aarch64"}
 WHEEL_PLATFORMS = {"aarch64": "manylinux_2_28_aarch64", "x86_64": "manylinux_2_28_x86_64"}
 RUNTIME_DIR_ADVICE = ("Build TVM's runtime for it (cmake with the device's compiler: "
                       "docs/guide/devices.md) and pass the directory holding "
                       "libtvm_runtime.so and libtvm_ffi.so with --runtime-dir.")
-
-
-def arch_of(target: dict[str, Any]) -> str:
-    """The architecture a manifest's target is for: its CPU triple's, or this machine's."""
-    cpu = target.get("host") or target.get("target") or {}
-    triple = str(cpu.get("mtriple") or "")
-    if not triple:
-        machine = platform.machine().lower()
-        return ARCH_OF_MACHINE.get(machine, machine)
-    arch = triple.split("-")[0]
-    if arch == "arm64":
-        return "aarch64"
-    if arch.startswith("arm"):
-        return "arm"
-    return arch
 
 
 def _installed() -> list[Path]:
@@ -128,7 +110,7 @@ def runtime_libraries(arch: str, versions: dict[str, str],
         raise DeviceError(f"The model was compiled by TVM {versions.get('tvm')}, and this "
                           f"machine has TVM {tvm.__version__}: compile it again here, or pass "
                           "the runtime of its TVM version with --runtime-dir.")
-    machine = ARCH_OF_MACHINE.get(platform.machine().lower(), platform.machine().lower())
+    machine = host_arch()
     if arch == machine:
         return _installed()
     if arch not in WHEEL_PLATFORMS:
@@ -136,4 +118,4 @@ def runtime_libraries(arch: str, versions: dict[str, str],
     return _downloaded(arch, versions)
 
 
-__all__ = ["ARCH_OF_MACHINE", "RUNTIME_LIBRARIES", "arch_of", "runtime_libraries"]
+__all__ = ["RUNTIME_LIBRARIES", "runtime_libraries"]
