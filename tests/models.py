@@ -197,6 +197,45 @@ def two_inputs_two_outputs() -> onnx.ModelProto:
         [("y", [2, 3]), ("s", [])])
 
 
+def conv_upsample() -> onnx.ModelProto:
+    """An int8 conv followed by a ConvTranspose (a segmentation or detection head's
+    upsampling), which stays float and keeps its layout when the int8 graph goes NHWC."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["d"], name="conv2", pads=[1, 1, 1, 1]),
+         helper.make_node("ConvTranspose", ["d", "wt", "bt"], ["y"], name="up",
+                          strides=[2, 2])],
+        [("x", [1, 8, 12, 12])], [("y", [1, 4, 24, 24])],
+        [_w("w", (16, 8, 3, 3), 30), _w("w2", (16, 16, 3, 3), 31), _w("wt", (16, 4, 2, 2), 32),
+         _w("bt", (4,), 33)])
+
+
+def lstm_cell() -> onnx.ModelProto:
+    """An LSTM cell written out as exporters of recurrent audio models write it: one Gemm on
+    [x, h] whose output is split into the four gates (a tuple-valued op between int8 layers),
+    two inputs of state, two outputs of state."""
+    split = numpy_helper.from_array(np.array([32, 32, 32, 32], np.int64), "split")
+    return make_model(
+        [helper.make_node("Concat", ["x", "h"], ["xh"], name="concat", axis=1),
+         helper.make_node("Gemm", ["xh", "w", "b"], ["gates"], name="gates"),
+         helper.make_node("Split", ["gates", "split"], ["i", "f", "g", "o"], name="split",
+                          axis=1),
+         helper.make_node("Sigmoid", ["i"], ["si"], name="sig_i"),
+         helper.make_node("Sigmoid", ["f"], ["sf"], name="sig_f"),
+         helper.make_node("Tanh", ["g"], ["tg"], name="tanh_g"),
+         helper.make_node("Sigmoid", ["o"], ["so"], name="sig_o"),
+         helper.make_node("Mul", ["sf", "c"], ["fc"], name="mul_f"),
+         helper.make_node("Mul", ["si", "tg"], ["ig"], name="mul_i"),
+         helper.make_node("Add", ["fc", "ig"], ["c_next"], name="cell"),
+         helper.make_node("Tanh", ["c_next"], ["tc"], name="tanh_c"),
+         helper.make_node("Mul", ["so", "tc"], ["h_mid"], name="mul_o"),
+         helper.make_node("MatMul", ["h_mid", "proj"], ["h_next"], name="proj")],
+        [("x", [1, 16]), ("h", [1, 32]), ("c", [1, 32])],
+        [("h_next", [1, 32]), ("c_next", [1, 32])],
+        [_w("w", (48, 128), 20), _w("b", (128,), 21), split, _w("proj", (32, 32), 22)])
+
+
 def dynamic_batch() -> onnx.ModelProto:
     """A Gemm whose input has a dynamic batch dimension."""
     return make_model(

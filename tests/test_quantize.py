@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import qcompile
-from models import (conv_relu, depthwise_grouped, gemm_matmul, onnxruntime_outputs,
-                    packed_convnet, random_inputs, residual_pool_concat)
+from models import (conv_relu, conv_upsample, depthwise_grouped, gemm_matmul, lstm_cell,
+                    onnxruntime_outputs, packed_convnet, random_inputs, residual_pool_concat)
 from qcompile.cli import main
 from qcompile.errors import InputError
 from qcompile.quantize import QuantConfig
@@ -181,6 +181,33 @@ def test_gemm_relu_matmul_matches_the_reference(save_model, tmp_path):
     expected = e / e.sum(axis=-1, keepdims=True)
     actual = loaded.run({"x": x})["y"]
     np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-3)
+
+
+def test_a_gate_split_between_int8_layers_is_realized(save_model, tmp_path):
+    """An LSTM cell as exporters write it: the gates' Gemm is split into four (a tuple-valued
+    op) whose fields feed float ops and the next int8 layer; the state outputs stay close to
+    fp32."""
+    model = lstm_cell()
+    loaded, rows, report = compile_int8(model, save_model, tmp_path / "out")
+    assert rows["gates"]["precision"] == "int8" and rows["proj"]["precision"] == "int8"
+    for seed in (3, 4):
+        feeds = random_inputs(model, seed=seed)
+        expected = onnxruntime_outputs(model, feeds)
+        actual = loaded.run(feeds)
+        for name in ("h_next", "c_next"):
+            a, e = actual[name].ravel(), expected[name].ravel()
+            assert float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e))) > 0.99, name
+
+
+def test_a_conv_transpose_after_int8_convs_stays_float_in_its_layout(save_model, tmp_path):
+    """The packed int8 graph is NHWC; a ConvTranspose after it (which TVM lowers only in NCHW)
+    runs in float in NCHW, and the model stays close to fp32."""
+    model = conv_upsample()
+    loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out")
+    assert rows["conv2"]["precision"] == "int8"
+    feeds = random_inputs(model, seed=3)
+    a, e = loaded.run(feeds)["y"].ravel(), onnxruntime_outputs(model, feeds)["y"].ravel()
+    assert float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e))) > 0.99
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])

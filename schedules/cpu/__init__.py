@@ -13,6 +13,13 @@ from . import float_default, int8_default, search_space
 from .intrinsics import DotProduct, dot_product_for, register
 
 
+# The layouts of the packed int8 graph. ConvertLayout carries NHWC on to every op that takes
+# it; TVM 0.27 lowers a conv2d_transpose only in NCHW, so it keeps NCHW (with a transpose on
+# each side) rather than reach the VM unlowered.
+PACKED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"],
+                  "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+
+
 def fuse(mod, tvm_target, packed_layout: bool | None = None):
     """The model legalized to TIR and fused: the kernels that are tuned and then built.
     `packed_layout`: convert to NHWC even without an int8 conv (True), or never (False); None:
@@ -28,8 +35,7 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         passes = [relax.transform.FoldConstant()]
         if dot is not None and (has_int8_conv(mod) if packed_layout is None
                                 else packed_layout):
-            passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
-                       relax.transform.FoldConstant()]
+            passes += [relax.transform.ConvertLayout(PACKED_LAYOUTS), relax.transform.FoldConstant()]
         passes += library_dispatch_passes(tvm_target)
         passes += [relax.transform.LegalizeOps(legalize_map(dot) if dot is not None else None),
                    relax.transform.AnnotateTIROpPattern(),

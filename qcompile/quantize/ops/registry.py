@@ -37,6 +37,8 @@ def handle_float(r: Realizer, node: Node):
             return r.float_of(expr)
         if isinstance(expr, relax.Tuple):
             return relax.Tuple([subst(f) for f in expr.fields])
+        if isinstance(expr, relax.TupleGetItem):  # a field of a tuple (split's outputs)
+            return relax.TupleGetItem(subst(expr.tuple_value), expr.index)
         return expr
 
     if node.kind == "dequantize" and isinstance(r.lookup(node.args[0]), QValue):
