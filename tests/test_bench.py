@@ -1,6 +1,6 @@
-"""The benchmarks' command lines (bench/run.py, bench/error_budget.py): what they measure is
-read off their tables, but a wrong model name must fail at once with the names it knows,
-before any work."""
+"""The benchmarks' command lines (bench/run.py, bench/error_budget.py, bench/corpus.py): what
+they measure is read off their tables, but a wrong model name must fail at once with the names
+it knows, before any work."""
 
 import subprocess
 import sys
@@ -31,3 +31,12 @@ def test_error_budget_help_says_what_it_measures():
                           text=True, timeout=120)
     assert proc.returncode == 0
     assert "EfficientNet-Lite0" in proc.stdout and "--json" in proc.stdout
+
+
+def test_the_corpus_bench_refuses_an_unknown_model_before_any_work():
+    corpus = BENCH.parent / "corpus.py"
+    proc = subprocess.run([sys.executable, str(corpus), "--models", "ppocr-det,resnet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no corpus model resnet" in proc.stderr and "silero-vad" in proc.stderr
+    assert " / onnxruntime-fp32 ..." not in proc.stderr  # nothing was built

@@ -1,0 +1,204 @@
+"""The real-model corpus (tests/corpus_models.py) timed against onnxruntime, side by side in one run.
+
+    python bench/corpus.py [--models ppocr-det,silero-vad] [--threads 2] [--repeat 30]
+                           [--out bench/results/corpus.json]
+
+For each model: onnxruntime fp32 and int8 (quantize_static: QDQ, per-channel int8 weights,
+uint8 activations, minmax; the same calibration samples as qcompile), qcompile fp32 and int8
+(host, the shipped tuning log where it has records). Each configuration is built in this
+process and timed in a fresh subprocess (TVM's and onnxruntime's thread pools never share a
+process). Reports the median latency over `repeat` runs after warm-up, its ratio to
+onnxruntime fp32 and int8, the file size, and each int8 build's task measure against fp32
+(the corpus' own: text-map IoU, CTC agreement, VAD decisions, score cosines) on held-out data.
+Prints a Markdown table and writes JSON. No asserts: the figures are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the corpus lives with the tests
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8")
+CALIBRATION_SEEDS = range(100, 108)
+HELD_OUT_SEEDS = range(200, 204)
+
+
+def _runner(config: str, artifact: Path, threads: int):
+    """A function running one sample -> the outputs in the model's order."""
+    if config.startswith("onnxruntime"):
+        from run import _ort_session
+
+        session = _ort_session(artifact, threads)
+        return lambda feed: session.run(None, feed)
+    import qcompile
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    loaded = qcompile.load(artifact)
+    names = [spec.name for spec in loaded.outputs]
+    return lambda feed: [loaded.run(feed)[name] for name in names]
+
+
+def _held_out(model, run) -> list:
+    if model.sequence is not None:
+        return [model.sequence(run, seed) for seed in HELD_OUT_SEEDS[:2]]
+    return [run(model.samples(seed)) for seed in HELD_OUT_SEEDS]
+
+
+def _calibration(model, source: Path) -> list[dict]:
+    import onnxruntime as ort
+
+    from corpus_models import vad_calibration
+
+    if model.sequence is None:
+        return [model.samples(seed) for seed in CALIBRATION_SEEDS]
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    return vad_calibration(lambda feed: session.run(None, feed), CALIBRATION_SEEDS[0])
+
+
+def build(model, config: str, work: Path) -> tuple[Path, float]:
+    """One configuration's model file or compiled directory, and its size in MB."""
+    from run import _ort_quantize
+
+    source = model.prepared(work)
+    if config == "onnxruntime-fp32":
+        return source, source.stat().st_size / 1e6
+    if config == "onnxruntime-int8":
+        out = _ort_quantize(source, work / f"{model.name}-ort-int8.onnx",
+                            _calibration(model, source))
+        return out, out.stat().st_size / 1e6
+    import qcompile
+
+    options = {"quantize": "int8", "calibration": _calibration(model, source)} \
+        if config == "qcompile-int8" else {}
+    artifact = qcompile.compile(source, "host", work / config, input_shapes=model.shapes,
+                                **options)
+    return artifact.directory, artifact.manifest.library_bytes / 1e6
+
+
+def time_one(name: str, config: str, artifact: Path, threads: int, repeat: int,
+             out: Path) -> None:
+    """(In a subprocess.) The median latency (out.json) and the held-out outputs (out.npz:
+    array "i_j" is output j of sample i) of one build."""
+    from corpus_models import BY_NAME
+
+    model = BY_NAME[name]
+    run = _runner(config, artifact, threads)
+    feed = model.samples(HELD_OUT_SEEDS[0]) if model.sequence is None else {
+        "input": np.zeros((1, 576), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+    for _ in range(3):
+        run(feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    outputs = [[o] if model.sequence else o for o in _held_out(model, run)]
+    np.savez(out.with_suffix(".npz"), **{f"{i}_{j}": np.asarray(v) for i, sample in
+                                         enumerate(outputs) for j, v in enumerate(sample)})
+    out.with_suffix(".json").write_text(json.dumps({"median_ms": statistics.median(times)}))
+
+
+def _read(out: Path, sequence: bool) -> dict:
+    median = json.loads(out.with_suffix(".json").read_text())["median_ms"]
+    with np.load(out.with_suffix(".npz")) as saved:
+        samples: dict[int, dict[int, np.ndarray]] = {}
+        for key in saved.files:
+            i, j = map(int, key.split("_"))
+            samples.setdefault(i, {})[j] = saved[key]
+    outputs = [[sample[j] for j in sorted(sample)] for _, sample in sorted(samples.items())]
+    return {"median_ms": median, "outputs": [o[0] for o in outputs] if sequence else outputs}
+
+
+def main() -> int:
+    from corpus_models import BY_NAME, CORPUS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(m.name for m in CORPUS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "corpus.json"))
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # NAME CONFIG BUILD OUT
+    args = parser.parse_args()
+    if args.one:
+        name, config, artifact, out = args.one
+        time_one(name, config, Path(artifact), args.threads, args.repeat, Path(out))
+        return 0
+    unknown = set(args.models.split(",")) - set(BY_NAME)
+    if unknown:
+        print(f"bench/corpus.py: no corpus model {', '.join(sorted(unknown))}; the corpus: "
+              f"{', '.join(BY_NAME)}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.models.split(","):
+        model = BY_NAME[name]
+        work = Path(tempfile.mkdtemp(prefix=f"corpus-{name}-"))
+        results = {}
+        for config in CONFIGS:
+            print(f"corpus: {name} / {config} ...", file=sys.stderr, flush=True)
+            row = {"model": name, "config": config}
+            try:
+                artifact, size = build(model, config, work)
+                out = work / f"{config}-timed"
+                done = subprocess.run(
+                    [sys.executable, __file__, "--one", name, config, str(artifact), str(out),
+                     "--threads", str(args.threads), "--repeat", str(args.repeat)],
+                    capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr.strip() or f"exit code {done.returncode}")
+                result = _read(out, model.sequence is not None)
+                results[config] = result
+                row.update(size_mb=size, median_ms=result["median_ms"])
+            except Exception as exc:  # a configuration that fails is a row saying so
+                row["failed"] = str(exc).strip().splitlines()[-1][:160] if str(exc) else \
+                    type(exc).__name__
+            rows.append(row)
+        base = {c: results.get(c, {}).get("median_ms") for c in CONFIGS}
+        reference = results.get("onnxruntime-fp32", {}).get("outputs")
+        for row in rows[-len(CONFIGS):]:
+            if "median_ms" not in row:
+                continue
+            for peer in ("onnxruntime-fp32", "onnxruntime-int8"):
+                if base[peer]:
+                    row[f"x_{peer}"] = row["median_ms"] / base[peer]
+            if reference is not None:
+                row["task"] = model.score(reference, results[row["config"]]["outputs"])
+        print(f"corpus: {name} done", file=sys.stderr, flush=True)
+    _print(rows, args, BY_NAME)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _print(rows, args, by_name) -> None:
+    print(f"\n{args.threads} threads, median of {args.repeat} runs; task measure of each build "
+          "against onnxruntime fp32 on held-out data\n")
+    print("| model | config | median ms | x ort fp32 | x ort int8 | size MB | task measure |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "failed" in row:
+            print(f"| {row['model']} | {row['config']} | failed: {row['failed']} | | | | |")
+            continue
+        ratio = lambda key: f"{row[key]:.2f}" if key in row else ""  # noqa: E731
+        task = f"{row['task']:.3f} ({by_name[row['model']].measure})" if "task" in row else ""
+        print(f"| {row['model']} | {row['config']} | {row['median_ms']:.2f} | "
+              f"{ratio('x_onnxruntime-fp32')} | {ratio('x_onnxruntime-int8')} | "
+              f"{row['size_mb']:.1f} | {task} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
