@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, last_line
 from ..frontend import FloatModel, Layer, weight_key
 from .calibrate import LayerInput, calibrate
 from .calibration_data import load_calibration
@@ -221,8 +221,13 @@ def quantize(model: FloatModel, calibration: str | Path | Iterable[Mapping[str, 
     measure_mod = Realizer(mod, graph, qparams, realize_config).run(
         extra_outputs=tuple(l.output_var for l in measured))
     output_vars = list(graph.output_list)
-    errors = layer_errors(probe, _host_vm(measure_mod), feeds[:MEASURE_SAMPLES], names,
-                          observed, [l.output_var for l in measured], output_vars, _run)
+    try:
+        errors = layer_errors(probe, _host_vm(measure_mod), feeds[:MEASURE_SAMPLES], names,
+                              observed, [l.output_var for l in measured], output_vars, _run)
+    except Exception as exc:  # noqa: BLE001 - the report measures the model; it is not the model
+        log.warning("the quantization report could not measure the layers' errors (%s); the "
+                    "model is built without them", last_line(str(exc)))
+        errors = ([], [None] * len(output_vars))
     report = QuantReport.build(model, realizer.layers, _layer_names(model, graph), errors,
                                config, activations, len(feeds))
     log.info("%s", report.summary())
