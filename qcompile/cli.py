@@ -501,12 +501,12 @@ def _load_inputs(path: str | None, model) -> dict:
     if not Path(path).is_file():
         raise InputError(f"Inputs file '{path}' does not exist. Pass an .npz with one array "
                          f"per input: {'; '.join(s.describe() for s in model.inputs)}.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputError(f"'{path}' is not an .npz file ({exc}). Save the inputs with "
-                         "numpy.savez(path, input_name=array, ...).") from None
+    from .npz import read_npz
+    from .specs import check_shape
+
+    specs = {s.name: s for s in model.inputs}
+    return read_npz(path, "numpy.savez(path, input_name=array, ...)",
+                    lambda name, shape, _dtype: name in specs and check_shape(specs[name], shape))
 
 
 def _cmd_run(args) -> int:
