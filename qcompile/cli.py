@@ -297,7 +297,10 @@ def _add_run(sub) -> None:
 def _add_targets(sub) -> None:
     p = sub.add_parser("targets", help="list the device classes qcompile compiles for",
                        description="List the shipped targets (targets/*.toml). A target file "
-                                   "of your own can be passed to --target by path.")
+                                   "of your own can be passed to --target by path. Its "
+                                   "[compiler] cc is run as a program to link the library "
+                                   "(like --cc and $TVM_NDK_CC), so a target file is as "
+                                   "trusted as code: use only target files you trust.")
     p.set_defaults(func=_cmd_targets)
 
 
