@@ -168,7 +168,8 @@ def simplify(model, shapes: Mapping[str, tuple]):
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
+        with quiet():  # onnxsim notes every node it cannot fold
+            simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
         if ok:
             return simplified
         log.warning("onnxsim could not verify the simplified model; importing the original")

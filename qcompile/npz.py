@@ -68,7 +68,7 @@ def _header(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path,
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         except ValueError as exc:
-            raise InputError(f"Array '{member.filename}' in '{path}' is not a numpy array "
+            raise InputError(f"Array '{member.filename[:-4]}' in '{path}' is not a numpy array "
                              f"({exc}). {damaged}") from None
         offset = f.tell()
     if dtype.hasobject:

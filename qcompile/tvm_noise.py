@@ -1,9 +1,10 @@
-"""TVM's C++ code writes some warnings straight to the process's stderr that mean nothing to a
-user of qcompile, such as one line per Gather: "Fast mode segfaults when there are
-out-of-bounds indices" (the ONNX importer's take ops; TVM has no switch for them), or one
-about the importer's builder when an import failed (qcompile reports the failure). `quiet()`
-drops the lines that match NOISE while a TVM step runs, and passes every other line on as it
-comes, so real errors and qcompile's own messages are not hidden or delayed.
+"""TVM's C++ code (and onnxsim's) writes some warnings straight to the process's stderr that
+mean nothing to a user of qcompile: one line per Gather, "Fast mode segfaults when there are
+out-of-bounds indices" (the ONNX importer's take ops; TVM has no switch for them); one about the
+importer's builder after an import failed (qcompile reports the failure); onnxsim's note on
+each node it leaves for TVM to fold. `quiet()` drops the lines that match NOISE while such a
+step runs, and passes every other line on as it comes, so real errors and qcompile's own
+messages are not hidden or delayed.
 
 Wrap only steps that start no process that outlives them: such a process would keep writing
 into the filter.
@@ -20,6 +21,8 @@ import threading
 NOISE = (
     re.compile(rb"Fast mode segfaults when there are out-of-bounds indices"),
     re.compile(rb"BlockBuilder destroyed with remaining blocks"),  # after an import failed
+    # onnxsim, on a node it leaves for TVM to compute (not a failure of the model)
+    re.compile(rb'^WARNING: failed to run ".*" op \(name is ".*"\), skip\.\.\.'),
 )
 
 

@@ -52,7 +52,7 @@ def damaged_npz(path, kind):
 
 DAMAGED = {
     "cut in half": ["is not an .npz file, or it is damaged"],
-    "member not an npy": ["'x.npy'", "is not a numpy array"],
+    "member not an npy": ["Array 'x'", "is not a numpy array", "magic string"],
     "member of another name": ["'x.txt'", "not a numpy array (.npy)"],
     "header claims 10^12 floats": ["'x'", "claims shape [1000000000000]", "4.0 TB",
                                    "the file is damaged"],
