@@ -71,6 +71,7 @@ def _check_opset(model, path: Path) -> None:
 def _check_inputs(model, path: Path) -> None:
     import onnx
 
+    kinds = onnx.TensorProto
     initializers = {i.name for i in model.graph.initializer}
     for inp in model.graph.input:
         if inp.name in initializers:
@@ -80,18 +81,14 @@ def _check_inputs(model, path: Path) -> None:
                              f"{inp.type.WhichOneof('value') or 'value of no type'}); qcompile "
                              "compiles models whose inputs are tensors. " + _REEXPORT)
         elem = inp.type.tensor_type.elem_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        if elem == onnx.TensorProto.STRING:
+        if elem == kinds.STRING:
             raise ModelError(f"Input '{inp.name}' of '{path.name}' is a string tensor; qcompile "
                              "compiles models whose inputs are numbers. Do the text processing "
                              "(e.g. tokenizing) before the model, and export the model from "
                              "its numeric inputs (e.g. token ids).")
-        if dtype is None or dtype.kind not in "biuf":
-            name = onnx.TensorProto.DataType.Name(elem) if elem in \
-                onnx.TensorProto.DataType.values() else str(elem)
+        if elem in (kinds.UNDEFINED, kinds.COMPLEX64, kinds.COMPLEX128) or \
+                elem not in kinds.DataType.values():
+            name = kinds.DataType.Name(elem) if elem in kinds.DataType.values() else str(elem)
             raise ModelError(f"Input '{inp.name}' of '{path.name}' has element type {name}, "
                              "which qcompile cannot compile; inputs must be integer, float or "
                              "bool tensors. " + _REEXPORT)
