@@ -32,33 +32,60 @@ def out_of_memory(exc: BaseException) -> bool:
 def check_constant_sizes(model, shapes, path: Path) -> None:
     """Refuse a node computed from constants alone whose output would take more than the
     model's largest weight and CONSTANT_LIMIT: constant folding (onnxsim, TVM) would allocate
-    it. Shapes come from ONNX shape inference on a copy without the large weights' values."""
+    it. Shapes come from ONNX shape inference on a copy without the large weights' values;
+    small constants that inference cannot see through (a shape computed by Abs, say) are
+    computed (onnx's reference evaluator) and inference runs again, a few rounds at most."""
+    skeleton, largest = _skeleton(model, shapes)
+    limit = max(CONSTANT_LIMIT, largest)
+    for _ in range(8):
+        infos = _infer(skeleton)
+        if infos is None:
+            return
+        _check(model, infos, limit, path)
+        if not _compute_small_constants(skeleton, infos):
+            return
+
+
+def _infer(skeleton) -> dict | None:
+    """{tensor name: inferred TypeProto.Tensor}, or None when inference fails."""
     import onnx
 
-    skeleton, largest = _skeleton(model, shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is a help here, never a requirement
         log.debug("shape inference failed (%s); constant sizes not checked", exc)
-        return
+        return None
     infos = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
     infos.update((v.name, v.type.tensor_type) for v in inferred.graph.output)
-    limit = max(CONSTANT_LIMIT, largest)
+    return infos
+
+
+def _dims(infos: dict, name: str) -> list | None:
+    tensor = infos.get(name)
+    if tensor is None or not tensor.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    return None if None in dims else dims
+
+
+def _has_subgraph(node) -> bool:
+    import onnx
+
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
+def _check(model, infos: dict, limit: int, path: Path) -> None:
     constant = {i.name for i in model.graph.initializer} | {""}
     for index, node in enumerate(model.graph.node):
-        if not all(name in constant for name in node.input) or \
-                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                    for a in node.attribute):
+        if not all(name in constant for name in node.input) or _has_subgraph(node):
             continue
         constant.update(node.output)
         for out in node.output:
-            tensor = infos.get(out)
-            dims = [d.dim_value if d.HasField("dim_value") else None
-                    for d in tensor.shape.dim] if tensor is not None else [None]
-            if None in dims:
+            dims = _dims(infos, out)
+            if dims is None:
                 continue
-            itemsize = _itemsize(tensor.elem_type)
-            size = int(np.prod(dims, dtype=np.float64)) * itemsize
+            size = int(np.prod(dims, dtype=np.float64)) * _itemsize(infos[out].elem_type)
             if size > limit:
                 who = f"node '{node.name}'" if node.name else f"node #{index}"
                 raise ModelError(
@@ -67,6 +94,43 @@ def check_constant_sizes(model, shapes, path: Path) -> None:
                     "alone; qcompile folds constants at compile time and refuses one larger "
                     f"than the model's largest weight and {CONSTANT_LIMIT / 1e9:.1f} GB. "
                     + _ADVICE)
+
+
+def _compute_small_constants(skeleton, infos: dict) -> bool:
+    """Replace each node of `skeleton` whose inputs are all known values and whose outputs
+    have at most _SMALL elements by initializers holding its outputs; whether any was."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = skeleton.graph
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    opsets = {o.domain or "": o.version for o in skeleton.opset_import}
+    kept, computed = [], []
+    for node in graph.node:
+        dims = [_dims(infos, out) for out in node.output]
+        if _has_subgraph(node) or node.domain not in ("", "ai.onnx") or \
+                not all(name in known or not name for name in node.input) or \
+                any(d is None or np.prod(d) > _SMALL for d in dims):
+            kept.append(node)
+            continue
+        try:
+            values = ReferenceEvaluator(node, opsets=opsets).run(
+                None, {name: known[name] for name in node.input if name})
+        except Exception:  # noqa: BLE001 - left for shape inference to judge as it is
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            known[name] = np.asarray(value)
+            computed.append(numpy_helper.from_array(np.asarray(value), name))
+    if not computed:
+        return False
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(computed)
+    return True
+
+
+_SMALL = 64  # elements: a shape, an axis list, a scalar
 
 
 def _itemsize(elem_type: int) -> int:
@@ -79,8 +143,9 @@ def _itemsize(elem_type: int) -> int:
 
 
 def _skeleton(model, shapes):
-    """(a copy of `model` with static input shapes, whose initializers of more than 64 values
-    are inputs of the same type and shape, without their values; the largest weight's bytes)"""
+    """(a copy of `model` with static input shapes, whose initializers of more than _SMALL
+    values are inputs of the same type and shape, without their values; the largest weight's
+    bytes)"""
     import onnx
     from onnx import helper
 
@@ -108,7 +173,7 @@ def _skeleton(model, shapes):
     for init in graph.initializer:
         count = int(np.prod(init.dims, dtype=np.float64))
         largest = max(largest, count * _itemsize(init.data_type))
-        if count <= 64:
+        if count <= _SMALL:
             g.initializer.append(init)
         else:
             g.input.append(helper.make_tensor_value_info(init.name, init.data_type,

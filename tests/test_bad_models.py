@@ -69,15 +69,19 @@ def cycle():
                  [("x", [1, 4])], [("y", [1, 4])])
 
 
-def bomb(side=100_000):
-    """A few hundred bytes whose constant folding would allocate side*side floats."""
+def bomb(side=100_000, behind_abs=False):
+    """A few hundred bytes whose constant folding would allocate side*side floats; with
+    behind_abs, the shape is computed by an op ONNX's shape inference does not evaluate."""
     fill = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
-    return graph([helper.make_node("ConstantOfShape", ["shape"], ["big"], name="fill",
-                                   value=fill),
-                  helper.make_node("ReduceSum", ["big"], ["s"], name="sum", keepdims=0),
-                  helper.make_node("Add", ["x", "s"], ["y"], name="add")],
-                 [("x", [1, 4])], [("y", [1, 4])],
-                 [numpy_helper.from_array(np.array([side, side], np.int64), "shape")])
+    shape = np.array([side, side], np.int64)
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="fill", value=fill),
+             helper.make_node("ReduceSum", ["big"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Add", ["x", "s"], ["y"], name="add")]
+    if behind_abs:
+        nodes.insert(0, helper.make_node("Abs", ["negative"], ["shape"], name="abs"))
+    return graph(nodes, [("x", [1, 4])], [("y", [1, 4])],
+                 [numpy_helper.from_array(-shape if behind_abs else shape,
+                                          "negative" if behind_abs else "shape")])
 
 
 BAD_MODELS = {
@@ -102,6 +106,8 @@ BAD_MODELS = {
     "external data missing": (external_data_missing, ["'weights.bin'", "beside the model"]),
     "ConstantOfShape bomb": (bomb, ["Node 'fill' (ConstantOfShape)", "[100000, 100000]",
                                     "40.0 GB"]),
+    "bomb whose shape is computed": (lambda: bomb(behind_abs=True),
+                                     ["Node 'fill' (ConstantOfShape)", "40.0 GB"]),
 }
 
 
