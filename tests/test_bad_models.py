@@ -231,3 +231,18 @@ def test_gather_compiles_without_tvms_take_warning(tmp_path, capfd):
     assert main(["compile", str(path), "--target", str(tmp_path / "cpu.toml"), "-o",
                  str(tmp_path / "out"), "--no-tuning-log"]) == 0
     assert "Fast mode" not in capfd.readouterr().err
+
+
+def test_relax_constants_are_bounded_before_fold_constant(tmp_path):
+    """The same bound on the imported Relax module, for shapes only TVM works out: the bomb
+    imported without qcompile's ONNX check is refused before FoldConstant runs."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from qcompile.constant_sizes import check_relax_constants
+    from qcompile.errors import ModelError
+
+    mod = from_onnx(bomb(), shape_dict={"x": [1, 4]}, keep_params_in_input=False)
+    with pytest.raises(ModelError, match=r"shape \[100000, 100000\] float32 \(40.0 GB\)"):
+        check_relax_constants(mod, tmp_path / "bomb.onnx")
+    check_relax_constants(from_onnx(bomb(side=1000), shape_dict={"x": [1, 4]},
+                                    keep_params_in_input=False), tmp_path / "small.onnx")
