@@ -3,7 +3,9 @@
 Real exported models often compute shapes at run time (a Pad whose pads come from the graph,
 a Reshape fed by Shape/Gather/Concat) that TVM's importer rejects. The input shapes are fixed
 first and the constant subgraphs folded (onnxsim), and every op is checked against TVM's importer
-before importing, so that an unsupported op is reported by name and node.
+before importing, so that an unsupported op is reported by name and node. The graph is checked
+as it is loaded (onnx_checks.py: structure, inputs, weights, node names), and the constants that
+folding computes are bounded first (constant_sizes.py).
 """
 
 from __future__ import annotations
@@ -251,7 +253,6 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
         except tvm.error.OpNotImplemented as exc:
             failure = UnsupportedOpError(f"TVM cannot import the model: {exc}")
         except Exception as exc:
-            log.debug("%s", printed.getvalue().strip())
             why = last_line(str(exc), type(exc).__name__)
             failure = UnsupportedOpError(import_failure(model, path, why, printed.getvalue(),
                                                         inputs, dynamic=bool(input_shapes)))
@@ -259,6 +260,8 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
             gc.collect()  # the importer's half-built module: TVM warns as it is freed
     if failure is not None:
         raise failure from None
+    if printed.getvalue().strip():
+        log.debug("TVM's ONNX importer printed: %s", printed.getvalue().strip())
     mod = relax.transform.DecomposeOpsForInference()(mod)
     check_relax_constants(mod, path)
     try:

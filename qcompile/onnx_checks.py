@@ -42,7 +42,8 @@ def check_model(model, path: Path) -> None:
 
 
 def _node(node, index: int) -> str:
-    return f"node '{node.name}' ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
+    who = f"'{node.name}'" if node.name else f"#{index}"
+    return f"node {who} ({node.op_type})"
 
 
 def _upper(text: str) -> str:

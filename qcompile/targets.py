@@ -125,9 +125,10 @@ class Target:
                     "NDK's clang++ for the target, e.g. "
                     "$NDK/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android28-clang++.")
         package = self.compiler.debian_package if self.compiler else ""
+        where = self.source or "the target file"
         install = (f"On Debian/Ubuntu: `apt-get install {package}`." if package else
-                   f"Install it, or name an installed compiler in {self.source or 'the target file'}"
-                   " ([compiler] cc) or with --cc.")
+                   f"Install it, or name an installed compiler in {where} ([compiler] cc) or "
+                   "with --cc.")
         return (f"Target '{self.name}' links with the cross compiler '{chosen}', which is not "
                 f"installed. {install} For Android, set ${NDK_CC_ENV} (or pass --cc) to the "
                 "NDK's clang++ for this CPU.")

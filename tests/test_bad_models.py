@@ -177,6 +177,9 @@ def test_unsorted_nodes_are_sorted(tmp_path, capsys):
                   [numpy_helper.from_array(conv_weight(), "w")])
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
+    from qcompile.frontend import load_onnx
+
+    assert [node.name for node in load_onnx(path).graph.node] == ["first", "second"]
     assert main(["inspect", str(path)]) == 0
     assert "first" in capsys.readouterr().out
 
