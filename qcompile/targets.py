@@ -254,10 +254,11 @@ def _unknown_cpu(cpu: dict[str, Any]) -> str | None:
     if not known or mcpu in known:
         return None
     close = difflib.get_close_matches(mcpu, known, n=3)
+    llc = f"llc -mtriple={triple} -mcpu=help" if triple else "llc -mcpu=help"
     return (f"is {mcpu!r}, a CPU that LLVM does not know for {triple or 'this machine'}"
             + (f" (close: {', '.join(close)})" if close else "") +
-            f". The {len(known)} it knows: `llc -mtriple={triple or '...'} -mcpu=help`, or in "
-            "Python tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target(...))")
+            f". The {len(known)} it knows: `{llc}`, or in Python "
+            "tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target(...))")
 
 
 def _resolve_native(target: dict[str, Any]) -> dict[str, Any]:
