@@ -297,7 +297,10 @@ def _add_run(sub) -> None:
 def _add_targets(sub) -> None:
     p = sub.add_parser("targets", help="list the device classes qcompile compiles for",
                        description="List the shipped targets (targets/*.toml). A target file "
-                                   "of your own can be passed to --target by path.")
+                                   "of your own can be passed to --target by path. Its "
+                                   "[compiler] cc is run as a program to link the library "
+                                   "(like --cc and $TVM_NDK_CC), so a target file is as "
+                                   "trusted as code: use only target files you trust.")
     p.set_defaults(func=_cmd_targets)
 
 
@@ -501,12 +504,12 @@ def _load_inputs(path: str | None, model) -> dict:
     if not Path(path).is_file():
         raise InputError(f"Inputs file '{path}' does not exist. Pass an .npz with one array "
                          f"per input: {'; '.join(s.describe() for s in model.inputs)}.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputError(f"'{path}' is not an .npz file ({exc}). Save the inputs with "
-                         "numpy.savez(path, input_name=array, ...).") from None
+    from .npz import read_npz
+    from .specs import check_shape
+
+    specs = {s.name: s for s in model.inputs}
+    return read_npz(path, "numpy.savez(path, input_name=array, ...)",
+                    lambda name, shape, _dtype: name in specs and check_shape(specs[name], shape))
 
 
 def _cmd_run(args) -> int:

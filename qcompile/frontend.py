@@ -3,12 +3,17 @@
 Real exported models often compute shapes at run time (a Pad whose pads come from the graph,
 a Reshape fed by Shape/Gather/Concat) that TVM's importer rejects. The input shapes are fixed
 first and the constant subgraphs folded (onnxsim), and every op is checked against TVM's importer
-before importing, so that an unsupported op is reported by name and node.
+before importing, so that an unsupported op is reported by name and node. The graph is checked
+as it is loaded (onnx_checks.py: structure, inputs, weights, node names), and the constants that
+folding computes are bounded first (constant_sizes.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import io
 import logging
 import re
 import warnings
@@ -17,8 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ModelError, ShapeError, UnsupportedOpError, last_line
+from .constant_sizes import check_constant_sizes, check_relax_constants, out_of_memory
+from .onnx_checks import check_model, import_failure
 from .relax_main import rebuild_main
 from .specs import TensorSpec
+from .tvm_noise import quiet
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +69,45 @@ class FloatModel:
 
 
 def load_onnx(path: str | Path):
-    """Read an ONNX file, with an error that says what is wrong with it."""
+    """Read an ONNX file, with an error that says what is wrong with it; checked
+    (onnx_checks.check_model): its nodes sorted and uniquely named."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Model file '{path}' does not exist. Pass the path of an .onnx file.")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises several others
         raise ModelError(f"'{path}' is not an ONNX model ({type(exc).__name__}: {exc}). qcompile "
                          "reads ONNX files; export the model to ONNX first (e.g. "
                          "torch.onnx.export or tf2onnx).") from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no ONNX graph (no nodes). Is it really an .onnx file?")
+    _load_external_data(model, path)
+    check_model(model, path)
     return model
+
+
+def _load_external_data(model, path: Path) -> None:
+    """The weights kept in files beside the model; onnx refuses locations outside its folder."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and not Path(location).is_absolute() and ".." not in Path(location).parts \
+                and not (path.parent / location).exists():
+            raise ModelError(f"'{path}' keeps weight '{tensor.name}' in the file '{location}', "
+                             f"which is not in {path.parent.resolve()}: put '{location}' (written "
+                             "by the export next to the .onnx) beside the model.")
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # onnx raises ValueError, OSError and its ValidationError
+        raise ModelError(f"'{path}' keeps weights in external data that cannot be read "
+                         f"({type(exc).__name__}: {exc}). Keep the data files in the model's "
+                         "folder, under the names the model gives.") from None
 
 
 def graph_inputs(model) -> list:
@@ -104,6 +136,14 @@ def resolve_input_shapes(model, given: Mapping[str, Sequence[int]] | None) -> di
     for inp in inputs:
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in inp.type.tensor_type.shape.dim]
+        empty = [axis for axis, d in enumerate(inp.type.tensor_type.shape.dim)
+                 if d.HasField("dim_value") and d.dim_value == 0]
+        if empty and inp.name not in given:
+            example = ",".join(str(d) if d is not None else "1" for d in dims)
+            raise ShapeError(f"Input '{inp.name}' has size 0 on axis {empty[0]} in the model "
+                             "(an empty tensor), which cannot be compiled. If the exporter "
+                             "meant a size unknown until run time there, give the size with "
+                             f"--input-shape {inp.name}:{example}.")
         if inp.name in given:
             shape = tuple(int(d) for d in given[inp.name])
             if len(shape) != len(dims):
@@ -130,11 +170,18 @@ def simplify(model, shapes: Mapping[str, tuple]):
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
+        with quiet():  # onnxsim notes every node it cannot fold
+            simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
         if ok:
             return simplified
         log.warning("onnxsim could not verify the simplified model; importing the original")
     except Exception as exc:  # onnxsim raises whatever onnxruntime or onnx raise
+        if out_of_memory(exc):
+            raise ModelError(f"Folding the constants of the model ran out of memory "
+                             f"({last_line(str(exc), type(exc).__name__)}): a node makes a "
+                             "tensor larger than this machine holds. Check the shapes the "
+                             "model computes (`qcompile inspect MODEL`), and re-export it.") \
+                from None
         log.warning("onnxsim failed (%s); importing the model without simplification", exc)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -190,27 +237,42 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     if is_qdq(original):  # arrives quantized: keep the weights' int8 codes
         original, weight_codes = fold_constant_dequantize(original)
     shapes = resolve_input_shapes(original, input_shapes)
+    check_constant_sizes(original, shapes, path)
     model = simplify(original, shapes)
     check_ops(model)
     inputs = tuple(TensorSpec(i.name, shapes[i.name], _onnx_dtype(i))
                    for i in graph_inputs(model))
-    with warnings.catch_warnings():
+    printed = io.StringIO()  # the importer prints the operator it failed on: in the paragraph
+    failure = None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed), quiet():
         warnings.simplefilter("ignore")  # the ONNX checker's warnings are not ours to show
         try:
             mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
                             dtype_dict={s.name: s.dtype for s in inputs},
                             keep_params_in_input=False)
         except tvm.error.OpNotImplemented as exc:
-            raise UnsupportedOpError(f"TVM cannot import the model: {exc}") from None
+            failure = UnsupportedOpError(f"TVM cannot import the model: {exc}")
         except Exception as exc:
             why = last_line(str(exc), type(exc).__name__)
-            raise UnsupportedOpError(
-                f"TVM's ONNX importer failed on '{path.name}': {why}. This usually "
-                "means an op uses a form TVM does not support (for example a shape computed at "
-                "run time); fix the input shapes with --input-shape, or simplify the model.",
-            ) from None
+            failure = UnsupportedOpError(import_failure(model, path, why, printed.getvalue(),
+                                                        inputs, dynamic=bool(input_shapes)))
+        if failure is not None:
+            gc.collect()  # the importer's half-built module: TVM warns as it is freed
+    if failure is not None:
+        raise failure from None
+    if printed.getvalue().strip():
+        log.debug("TVM's ONNX importer printed: %s", printed.getvalue().strip())
     mod = relax.transform.DecomposeOpsForInference()(mod)
-    mod = clip_calls_to_ops(relax.transform.FoldConstant()(mod))
+    check_relax_constants(mod, path)
+    try:
+        with quiet():  # folding a constant Gather prints TVM's take warning
+            mod = clip_calls_to_ops(relax.transform.FoldConstant()(mod))
+    except Exception as exc:  # TVM raises its InternalError for a C++ std::bad_alloc
+        if not out_of_memory(exc):
+            raise
+        raise ModelError(f"Folding the constants of '{path.name}' ran out of memory: a node "
+                         "makes a tensor larger than this machine holds. Check the shapes the "
+                         "model computes, and re-export it.") from None
     outputs = _output_specs(mod, [o.name for o in model.graph.output])
     return FloatModel(mod=mod, inputs=inputs, outputs=outputs, layers=_layers(model),
                       onnx=model, source=str(path),

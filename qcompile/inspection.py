@@ -22,11 +22,14 @@ def inspect_path(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | N
 
 def inspect_model(path: Path, input_shapes=None) -> str:
     """Each weighted layer of an ONNX model: the names precision rules use."""
+    from .constant_sizes import check_constant_sizes
     from .frontend import load_onnx, resolve_input_shapes, simplify
     from .quantize.onnx_view import weighted_layers
 
     model = load_onnx(path)
-    model = simplify(model, resolve_input_shapes(model, input_shapes))
+    shapes = resolve_input_shapes(model, input_shapes)
+    check_constant_sizes(model, shapes, path)
+    model = simplify(model, shapes)
     layers = weighted_layers(model)
     total = sum(l.macs for l in layers) or 1
     lines = [f"{path.name}: {len(layers)} weighted layers, {total / 1e6:.1f} M MACs",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .errors import last_line
 from .relax_main import module_copy
 from .targets import Target
+from .tvm_noise import quiet
 
 if TYPE_CHECKING:
     from .tuning_log import TuningLog
@@ -42,7 +43,8 @@ def kernels(mod, target: Target, packed_layout: bool | None = None):
     """The model legalized to TIR and fused, unscheduled: the kernels tuned and then built.
     `packed_layout` (CPU): convert to NHWC for packed int8 even without an int8 conv (True),
     or never (False); None: when the model has one."""
-    return schedules_of(target).fuse(mod, target.to_tvm(), packed_layout)
+    with quiet():  # legalizing prints TVM's take warning for every Gather
+        return schedules_of(target).fuse(mod, target.to_tvm(), packed_layout)
 
 
 def schedule(fused, target: Target, tuning_log: TuningLog | None = None):

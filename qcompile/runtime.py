@@ -18,7 +18,7 @@ import numpy as np
 
 from .artifact import LIBRARY_FILE, Artifact
 from .errors import DeviceError, InputError, QcompileError
-from .specs import TensorSpec, name_mismatch
+from .specs import TensorSpec, check_shape, name_mismatch
 from .targets import host_arch, manifest_arch, manifest_kind
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,7 @@ class LoadedModel:
         arrays = []
         for spec in self.inputs:
             value = np.asarray(inputs[spec.name])
-            if tuple(value.shape) != spec.shape:
-                raise InputError(f"Input '{spec.name}' has shape {list(value.shape)}, but the "
-                                 f"model was compiled for {list(spec.shape)}. Reshape the data, "
-                                 "or compile again with --input-shape.")
+            check_shape(spec, value.shape)
             if str(value.dtype) != spec.dtype:
                 raise InputError(f"Input '{spec.name}' has dtype {value.dtype}, but the model "
                                  f"takes {spec.dtype}. Convert it, e.g. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ShapeError
+from .errors import InputError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class TensorSpec:
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+def check_shape(spec: TensorSpec, shape) -> None:
+    """An InputError when an input array's `shape` is not the compiled model's."""
+    if tuple(shape) != tuple(spec.shape):
+        raise InputError(f"Input '{spec.name}' has shape {list(shape)}, but the model was "
+                         f"compiled for {list(spec.shape)}. Reshape the data, or compile again "
+                         "with --input-shape.")
 
 
 def name_mismatch(specs, names) -> str | None:

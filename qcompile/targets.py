@@ -125,9 +125,13 @@ class Target:
                     "NDK's clang++ for the target, e.g. "
                     "$NDK/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android28-clang++.")
         package = self.compiler.debian_package if self.compiler else ""
+        where = self.source or "the target file"
+        install = (f"On Debian/Ubuntu: `apt-get install {package}`." if package else
+                   f"Install it, or name an installed compiler in {where} ([compiler] cc) or "
+                   "with --cc.")
         return (f"Target '{self.name}' links with the cross compiler '{chosen}', which is not "
-                f"installed. On Debian/Ubuntu: `apt-get install {package}`. For Android, set "
-                f"${NDK_CC_ENV} (or pass --cc) to the NDK's clang++ for this CPU.")
+                f"installed. {install} For Android, set ${NDK_CC_ENV} (or pass --cc) to the "
+                "NDK's clang++ for this CPU.")
 
 
 def _targets_dir() -> Path:
@@ -153,6 +157,9 @@ def load_target(name_or_path: str | os.PathLike | Target) -> Target:
     text = str(name_or_path)
     path = Path(text)
     if text.endswith(".toml") or os.sep in text:
+        if path.is_dir():
+            raise TargetError(f"Target file '{text}' is a directory. Pass the path of a .toml "
+                              "target file, like targets/arm64.toml.")
         if not path.is_file():
             raise TargetError(f"Target file '{text}' does not exist. Pass one of the known "
                               f"targets ({', '.join(target_names())}) or a path to a .toml file.")
@@ -163,7 +170,13 @@ def load_target(name_or_path: str | os.PathLike | Target) -> Target:
                               f"{', '.join(target_names())}; or pass a path to your own .toml "
                               "target file (see `qcompile targets`).")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TargetError(f"Target file '{path}' is not a text file (byte {exc.start} is not "
+                          "UTF-8). Write it as TOML in UTF-8, like targets/arm64.toml.") from None
+    except OSError as exc:
+        raise TargetError(f"Target file '{path}' cannot be read ({exc.strerror or exc}). Pass "
+                          "the path of a .toml file.") from None
     except tomllib.TOMLDecodeError as exc:
         raise TargetError(f"Target file '{path}' is not valid TOML: {exc}.") from None
     return _parse(path, data)
@@ -205,14 +218,47 @@ def _parse(path: Path, data: dict[str, Any]) -> Target:
     if android is not None and not isinstance(android, dict):
         raise bad("android", "must be a table of CPU target overrides, e.g. "
                   "mtriple = \"aarch64-linux-android\"")
+    target = _resolve_native(target)
+    for key, cpu in (("target", target), ("host", host)):
+        problem = _unknown_cpu(cpu) if cpu is not None else None
+        if problem:
+            raise bad(f"{key}.mcpu", problem)
     result = Target(name=path.stem, description=data["description"],
-                    target=_resolve_native(target), rpc_key=data["rpc_key"], host=host,
+                    target=target, rpc_key=data["rpc_key"], host=host,
                     compiler=compiler, android=android, source=str(path))
     try:
         result.to_tvm()
     except Exception as exc:  # TVM raises several error types for bad attributes
         raise bad("target", f"is not accepted by TVM ({str(exc).strip().splitlines()[-1]})")
     return result
+
+
+def _unknown_cpu(cpu: dict[str, Any]) -> str | None:
+    """Why LLVM does not know the CPU target's mcpu for its triple (None if it does): LLVM
+    would fall back to a generic CPU with a warning, and the code would not use the CPU's
+    features."""
+    mcpu = cpu.get("mcpu")
+    if cpu.get("kind") != "llvm" or not isinstance(mcpu, str):
+        return None
+    import difflib
+
+    import tvm
+    from tvm.target import codegen
+
+    triple = cpu.get("mtriple")
+    try:
+        known = list(codegen.llvm_get_cpu_archlist(
+            tvm.target.Target({"kind": "llvm", **({"mtriple": triple} if triple else {})})))
+    except Exception:  # noqa: BLE001 - a triple TVM refuses is reported with the target
+        return None
+    if not known or mcpu in known:
+        return None
+    close = difflib.get_close_matches(mcpu, known, n=3)
+    llc = f"llc -mtriple={triple} -mcpu=help" if triple else "llc -mcpu=help"
+    return (f"is {mcpu!r}, a CPU that LLVM does not know for {triple or 'this machine'}"
+            + (f" (close: {', '.join(close)})" if close else "") +
+            f". The {len(known)} it knows: `{llc}`, or in Python "
+            "tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target(...))")
 
 
 def _resolve_native(target: dict[str, Any]) -> dict[str, Any]:

@@ -49,13 +49,13 @@ class _Unpickler(pickle.Unpickler):
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """{parameter name: array} from a legacy torch checkpoint holding a state dict."""
-    with open(path, "rb") as f:
-        if pickle.load(f) != _MAGIC:
+    with open(path, "rb") as f:  # every pickle through _Unpickler: no global but a tensor's
+        if _Unpickler(f).load() != _MAGIC:
             raise ValueError(f"{path} is not a legacy PyTorch checkpoint")
-        pickle.load(f)  # protocol version
-        pickle.load(f)  # system info
+        _Unpickler(f).load()  # protocol version
+        _Unpickler(f).load()  # system info
         state = _Unpickler(f).load()
-        keys = pickle.load(f)
+        keys = _Unpickler(f).load()
         dtypes = {ref.storage_key: np.dtype(_STORAGE_DTYPES[ref.storage_type])
                   for ref in state.values() if isinstance(ref, _TensorRef)}
         storages = {}

@@ -14,23 +14,31 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..npz import read_npz
 from ..specs import TensorSpec, name_mismatch
 
 MIN_SAMPLES = {"minmax": 1, "percentile": 8, "entropy": 8, "mse": 8}
 
 
+def _check_layout(name: str, shape: tuple, spec: TensorSpec, origin: str) -> bool:
+    """Whether an array of `shape` stacks samples with a new first axis (else the input's own
+    rank, for a batch of 1); an InputError if it does neither."""
+    expected = tuple(spec.shape)
+    if tuple(shape[1:]) == expected:
+        return True
+    if len(expected) >= 1 and expected[0] == 1 and len(shape) == len(expected) and \
+            tuple(shape[1:]) == expected[1:]:
+        return False
+    raise InputError(f"Calibration array '{name}' in {origin} has shape {list(shape)}; "
+                     f"input '{name}' is {list(expected)}, so write "
+                     f"[S, {', '.join(map(str, expected))}] (S samples stacked along a new "
+                     "first axis).")
+
+
 def _samples_of(name: str, array: np.ndarray, spec: TensorSpec, origin: str) -> list[np.ndarray]:
-    shape = tuple(spec.shape)
-    if array.shape[1:] == shape:
-        samples = list(array)
-    elif len(shape) >= 1 and shape[0] == 1 and array.ndim == len(shape) and \
-            array.shape[1:] == shape[1:]:
-        samples = [a[None] for a in array]
-    else:
-        raise InputError(f"Calibration array '{name}' in {origin} has shape {list(array.shape)}; "
-                         f"input '{name}' is {list(shape)}, so write [S, {', '.join(map(str, shape))}]"
-                         f" (S samples stacked along a new first axis).")
-    return samples
+    if _check_layout(name, array.shape, spec, origin):
+        return list(array)
+    return [a[None] for a in array]
 
 
 def load_calibration(source: str | Path | Iterable[Mapping[str, Any]],
@@ -82,12 +90,13 @@ def _read_npz(path: Path, inputs: Sequence[TensorSpec]) -> list[dict[str, np.nda
     if not path.is_file():
         raise InputError(f"Calibration file '{path}' does not exist. Pass an .npz with one array "
                          "per model input, samples stacked along the first axis.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputError(f"'{path}' is not an .npz file ({exc}). Save calibration data with "
-                         "numpy.savez(path, input_name=samples, ...).") from None
+    specs = {s.name: s for s in inputs}
+
+    def check(name: str, shape: tuple, _dtype) -> None:
+        if name in specs:
+            _check_layout(name, shape, specs[name], str(path))
+
+    arrays = read_npz(path, "numpy.savez(path, input_name=samples, ...)", check)
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise InputError(f"Calibration file '{path}' has no array for input(s) "

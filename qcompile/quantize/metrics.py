@@ -108,6 +108,14 @@ def load_metric(spec: "str | Metric") -> Metric:
             module = importlib.import_module(where)
     except (ImportError, FileNotFoundError) as exc:
         raise InputError(f"Metric '{spec}': cannot import {where} ({exc}).") from None
+    except SyntaxError as exc:
+        raise InputError(f"Metric '{spec}': {exc.filename or where}, line {exc.lineno}: "
+                         f"{exc.msg}. Fix the file (python -m py_compile FILE shows it).") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while it was imported
+        raise InputError(f"Metric '{spec}': importing {where} raised {type(exc).__name__}: "
+                         f"{exc}. Fix the module so that importing it only defines the "
+                         "function.") from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise InputError(f"Metric '{spec}': {where} has no function '{function}'.")

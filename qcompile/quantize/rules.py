@@ -114,9 +114,16 @@ class PrecisionRules:
 
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"Precision rules file {path} does not exist.") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"Precision rules file {path} is not a text file (byte "
+                             f"{exc.start} is not UTF-8). Write the rules as TOML in UTF-8 "
+                             "(docs/guide/precision.md).") from None
+        except OSError as exc:
+            raise InputError(f"Precision rules file {path} cannot be read ({exc.strerror or exc})"
+                             ". Pass the path of a .toml file.") from None
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"Precision rules file {path} is not valid TOML: {exc}.") from None
         return cls.from_dict(data, str(path))
@@ -127,11 +134,16 @@ class PrecisionRules:
         if unknown:
             raise InputError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; a rules "
                              "file has [defaults] and [[rule]] entries.")
-        defaults = _settings(dict(data.get("defaults", {})), f"{source} [defaults]")
+        defaults = data.get("defaults", {})
+        if not isinstance(defaults, Mapping):
+            raise InputError(f"{source}: 'defaults' must be a table of settings, e.g. "
+                             f"[defaults] precision = \"fp32\"; not {defaults!r}.")
+        defaults = _settings(dict(defaults), f"{source} [defaults]")
         rules = []
         entries = data.get("rule", [])
-        if not isinstance(entries, list):
-            raise InputError(f"{source}: write rules as [[rule]] (an array of tables).")
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+            raise InputError(f"{source}: write rules as [[rule]] tables (an array of tables "
+                             "with selectors and settings), not 'rule = ...'.")
         for i, entry in enumerate(entries, start=1):
             where = f"{source} rule {i}"
             entry = dict(entry)
@@ -180,10 +192,18 @@ def _strings(value, where: str, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise InputError(f"{where}: '{key}' must be a string or a list of strings.")
+        value = [value]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise InputError(f"{where}: '{key}' must be a string or a list of strings.")
+    for pattern in value:
+        if key == "name" and pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise InputError(f"{where}: name {pattern!r} is not a valid regular expression "
+                                 f"({exc}). Fix it, or write a glob without 're:' (e.g. "
+                                 "\"blocks.1*\").") from None
+    return tuple(value)
 
 
 def _count(value, where: str, key: str) -> int | None:
