@@ -598,7 +598,7 @@ def _tracker_address(text: str | None) -> tuple[str, int]:
 
 def _cmd_tracker(args) -> int:
     from .devices.processes import stop_process_group
-    from .devices.tracker import start_tracker
+    from .devices.tracker import is_loopback, start_tracker
 
     process = start_tracker(args.host, args.port, quiet=True)
     shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
@@ -607,6 +607,9 @@ def _cmd_tracker(args) -> int:
           "--key KEY\n"
           f"  or an emulated one: qcompile device emulate --rpc-tracker {shown}:{args.port}\n"
           f"  list devices:       qcompile devices --rpc-tracker {shown}:{args.port}", flush=True)
+    if not is_loopback(args.host):
+        print(f"  warning: whoever reaches {args.host}:{args.port} can use every device "
+              "registered here and run code on it (no authentication)", flush=True)
     try:
         code = process.wait()
     finally:

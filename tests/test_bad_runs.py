@@ -42,6 +42,8 @@ def work(tmp_path_factory):
     onnx.save(conv_relu(), str(work / "model.onnx"))
     (work / "generic.toml").write_text(GENERIC)
     qcompile.compile(work / "model.onnx", work / "generic.toml", work / "out")
+    np.savez(work / "calib.npz", x=np.stack([random_inputs(conv_relu(), seed=i)["x"]
+                                             for i in range(4)]))
     return work
 
 
@@ -214,11 +216,14 @@ def _qcompile(args: list[str], timeout: float = 120) -> tuple[int, str, float]:
     return result.returncode, result.stderr, time.monotonic() - start
 
 
-@pytest.mark.parametrize("verb", ["devices", "run", "tune", "emulate"])
+@pytest.mark.parametrize("verb", ["devices", "run", "tune", "auto", "emulate"])
 def test_a_peer_that_is_not_a_tracker_is_an_error_not_a_hang(work, silent_peer, verb):
     args = {"devices": ["devices", "--rpc-tracker", silent_peer],
             "run": ["run", str(work / "out"), "--rpc-tracker", silent_peer, "--rpc-key", "k"],
             "tune": ["tune", str(work / "model.onnx"), "--log", str(work / "never"),
+                     "--rpc-tracker", silent_peer, "--rpc-key", "k"],
+            "auto": [*_compile_args(work, work / "never"), "--quantize", "auto",
+                     "--calibration", str(work / "calib.npz"), "--accuracy-budget", "0.9",
                      "--rpc-tracker", silent_peer, "--rpc-key", "k"],
             "emulate": ["device", "emulate", "--rpc-tracker", silent_peer]}[verb]
     code, err, seconds = _qcompile(args)

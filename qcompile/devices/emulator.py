@@ -392,13 +392,17 @@ def start(tracker: tuple[str, int], key: str = "arm64-emu", arch: str = "arm64",
 
     Its RPC server listens on `host`, 127.0.0.1 by default: anyone who reaches it can run
     code on this machine (see the module's docstring)."""
-    from .tracker import connect_tracker
+    from .tracker import connect_tracker, is_loopback
 
     userland = prepare(arch)
     cpu = cpu or userland.arch.default_cpu
     connect_tracker(tracker)  # fail now, naming the address, if it is not reachable
     tracker_host, tracker_port = tracker
     bind = host or "127.0.0.1"
+    if not is_loopback(bind):
+        log.warning("the emulated device listens on %s: whoever reaches it there can run code "
+                    "on this machine (TVM RPC has no authentication, and qemu user mode is not "
+                    "a sandbox)", bind)
     args = [str(userland.python), "-m", "tvm.exec.rpc_server", "--host", bind,
             "--port", str(port), "--port-end", str(port_end or port + 100),
             "--tracker", f"{tracker_host}:{tracker_port}", "--key", key,

@@ -43,6 +43,11 @@ def parse_tracker(text: str | None) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def address_text(address: tuple[str, int]) -> str:
     """(host, port) as HOST:PORT, an IPv6 host in brackets."""
     host, port = address
