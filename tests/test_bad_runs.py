@@ -85,16 +85,35 @@ def test_a_reused_output_directory_keeps_no_report_of_the_earlier_build(work, tm
     assert not list(tmp_path.glob(".qcompile-*"))  # nothing staged is left behind
 
 
-def test_staging_left_by_a_killed_build_is_removed_by_the_next_one(work, tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".qcompile-{gone}-abcd1234"
-    stale.mkdir()
-    (stale / "model.so").write_bytes(b"half a library")
-    running = tmp_path / ".qcompile-1-efgh5678"  # pid 1 is alive: a build that runs now
-    running.mkdir()
-    assert main(_compile_args(work, tmp_path / "out")) == 0
-    assert not stale.exists() and running.is_dir()
+def test_a_build_killed_while_linking_leaves_the_earlier_build_whole(work, tmp_path):
+    """SIGKILL to compile (and its linker) mid-link: OUT_DIR keeps the earlier build byte for
+    byte; the staging directory left behind goes with the next build."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    shutil.copytree(work / "out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    linker = tmp_path / "slow-g++"
+    linker.write_text('#!/bin/sh\nsleep 60\nexec g++ "$@"\n')
+    linker.chmod(0o755)
+    process = subprocess.Popen([sys.executable, "-m", "qcompile", *_compile_args(work, out),
+                                "--cc", str(linker)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(f".qcompile-{process.pid}-*")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)  # the linker runs
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    left = list(tmp_path.glob(f".qcompile-{process.pid}-*"))
+    assert len(left) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(_compile_args(work, out)) == 0
+    assert not left[0].exists()
 
 
 def _edited(work, tmp_path, edit) -> str:
