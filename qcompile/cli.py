@@ -608,8 +608,10 @@ def _cmd_tracker(args) -> int:
           f"  or an emulated one: qcompile device emulate --rpc-tracker {shown}:{args.port}\n"
           f"  list devices:       qcompile devices --rpc-tracker {shown}:{args.port}", flush=True)
     if not is_loopback(args.host):
-        print(f"  warning: whoever reaches {args.host}:{args.port} can use every device "
-              "registered here and run code on it (no authentication)", flush=True)
+        where = (f"port {args.port} on any address of this machine"
+                 if args.host in ("0.0.0.0", "::") else f"{args.host}:{args.port}")
+        print(f"  warning: whoever reaches {where} can use every device registered here and "
+              "run code on it (no authentication)", flush=True)
     try:
         code = process.wait()
     finally:
