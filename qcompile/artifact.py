@@ -18,6 +18,11 @@ from .specs import TensorSpec
 
 LIBRARY_FILE = "model.so"
 MANIFEST_FILE = "model.json"
+# Every file a build writes into OUT_DIR (the reports: quantize/report.py's REPORT_FILE, and
+# auto.py's RULES_FILE and SEARCH_FILE): one of an earlier build that the new build does not
+# write is removed when the new one is published, so that no report outlives its library.
+OWN_FILES = (LIBRARY_FILE, MANIFEST_FILE, "quantization.json", "precision-rules.toml",
+             "search.json")
 MANIFEST_FORMAT = 1
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from .artifact import Artifact
-from .build import build
+from .build import build, publish
 from .frontend import FloatModel
 from .modes import AutoPrecision
 from .quantize import activation_dtype_for, layer_plan, load_calibration, quantize
@@ -86,8 +85,14 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
                                    dataclasses.replace(config, rules=rules), target)
         directory = out_dir if not runs_here else \
             out_dir.parent / f".{out_dir.name}.round{round_}"
-        artifact = build(quantized, target, directory, tuning_log=tuning_log)
-        quantized.report.save(artifact.directory)
+        report, choice = quantized.report, None if runs_here else result
+
+        def extras(staging: Path, report=report, choice=choice) -> None:
+            report.save(staging)
+            if choice is not None:  # known now: no compiled check follows
+                _save_choice(staging, choice)
+
+        artifact = build(quantized, target, directory, tuning_log=tuning_log, extras=extras)
         if not runs_here:
             log.info("the %s library cannot run here: the budget was checked in simulation "
                      "only (%s %.4f)", target.name, metric.name, result.estimate)
@@ -121,17 +126,20 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
                         "layer(s) in %s; more layers in higher precision did not help (round "
                         "%d kept)", metric.name, result.verified, metric.describe(budget),
                         len(result.kept), fallback, chosen_round)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for path in directory.iterdir():
-            os.replace(path, out_dir / path.name)
+        _save_choice(directory, result)
+        publish(directory, out_dir)
         for round_dir in out_dir.parent.glob(f".{out_dir.name}.round*"):
             shutil.rmtree(round_dir, ignore_errors=True)
         artifact = Artifact.open(out_dir)
-    (artifact.directory / RULES_FILE).write_text(result.rules_text())
-    (artifact.directory / SEARCH_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     log.info("precision mix written to %s (reuse it with --quantize int8 --precision-rules)",
              artifact.directory / RULES_FILE)
     return artifact
+
+
+def _save_choice(directory: Path, result) -> None:
+    """The precision mix chosen (reusable rules) and the search's record, into `directory`."""
+    (directory / RULES_FILE).write_text(result.rules_text())
+    (directory / SEARCH_FILE).write_text(json.dumps(result.to_json(), indent=1) + "\n")
 
 
 def _layer_latencies(float_model, target: Target, fallback: str, activations: str,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 from . import lower
-from .artifact import LIBRARY_FILE, Artifact, Manifest, sha256_of
-from .errors import CodegenError, ToolchainError
+from .artifact import LIBRARY_FILE, MANIFEST_FILE, OWN_FILES, Artifact, Manifest, sha256_of
+from .errors import CodegenError, InputError, ToolchainError
+from .paths import new_staging, remove_stale_staging
 from .frontend import FloatModel
 from .targets import Target
 from .tuning_log import TuningLog
@@ -54,11 +55,14 @@ def link(executable, path: Path, target: Target) -> None:
 
 
 def build(model: FloatModel, target: Target, out_dir: str | Path,
-          tuning_log: TuningLog | None = None) -> Artifact:
+          tuning_log: TuningLog | None = None,
+          extras: Callable[[Path], object] | None = None) -> Artifact:
     """Compile `model` for `target` into OUT_DIR/model.so + model.json.
 
-    `target` must have its compiler resolved (Target.with_compiler). The directory is written
-    whole or not at all: a failed build leaves an existing OUT_DIR untouched.
+    `target` must have its compiler resolved (Target.with_compiler). `extras(directory)`
+    writes more files beside them (reports) before they are published. The directory is
+    written whole or not at all: a failed build leaves an existing OUT_DIR untouched, and an
+    earlier build's reports that this one does not write are removed (publish).
     """
     import tvm
 
@@ -88,8 +92,12 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
                            "Compile without --tuning-log if one was given, or in another "
                            "precision (--quantize fp16).")
     log.info("linking %s with %s", LIBRARY_FILE, target.cc or "the host compiler")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".qcompile-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out_dir.parent)
+        staging = new_staging(out_dir.parent)
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from None
     try:
         library = staging / LIBRARY_FILE
         link(executable, library, target)
@@ -100,10 +108,13 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
             versions=versions(), source={"model": model.source, "sha256": model.sha256},
             kernels={**counts.to_json(),
                      "tuning_log": str(tuning_log.directory) if tuning_log else None})
-        Artifact(staging, manifest).save()
-        out_dir.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out_dir / item.name)
+        try:
+            Artifact(staging, manifest).save()
+            if extras is not None:
+                extras(staging)
+            publish(staging, out_dir)
+        except OSError as exc:
+            raise _unwritable(out_dir, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("built %s (%.1f MB) in %.1f s", out_dir / LIBRARY_FILE,
@@ -111,3 +122,20 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
     return Artifact(out_dir, manifest)
 
 
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move a finished build from `staging` into `out_dir`: qcompile's own files of an earlier
+    build that this one does not have (a quantization report after an fp32 build) are removed
+    first, the manifest is replaced last. Other files in `out_dir` are kept."""
+    out_dir.mkdir(exist_ok=True)
+    produced = {item.name for item in staging.iterdir()}
+    for name in OWN_FILES:
+        if name not in produced:
+            (out_dir / name).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda item: item.name == MANIFEST_FILE):
+        os.replace(item, out_dir / item.name)
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> InputError:
+    return InputError(f"Cannot write the build to '{out_dir}': {exc.strerror or exc} "
+                      f"({exc.filename or out_dir}). Pass -o a directory you can write to, "
+                      "on a disk with room for the library.")

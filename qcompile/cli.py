@@ -9,6 +9,7 @@ import argparse
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -47,10 +48,16 @@ No phone at hand? Emulate one (ARM64 under qemu, with a real TVM RPC server):
 
 TRACKER_DEFAULT = "127.0.0.1:9190"
 
+EXPOSURE = """Exposure: TVM RPC has no authentication. Whoever reaches the tracker can use every
+device registered with it, and `qcompile run` and `tune` upload native code that the device
+executes; an emulated device executes it on this machine under qemu user mode, which is not a
+sandbox. Hence 127.0.0.1 by default: pass --host an address only on a network you trust."""
+
 TRACKER_HELP = """Run a TVM RPC tracker in the foreground until Ctrl-C. Devices (phones running
 `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`, or `qcompile device emulate`)
 register with it under a key; `qcompile run` and tuning ask it for a free device by key.
-"""
+
+""" + EXPOSURE
 
 DEVICES_HELP = """List the devices registered at a TVM RPC tracker: per key, how many are registered, free and
 busy, and how many requests wait; then every server's address.
@@ -65,7 +72,8 @@ access to the Debian mirror and PyPI) and cached in ~/.cache/qcompile. Runs unti
 The default CPU (`max`) executes NEON, dot-product (sdot/udot) and i8mm instructions, so
 arm64, arm64-dotprod and arm64-i8mm builds all run; `--cpu cortex-a53` has neither extension.
 Outputs are real; timings are emulated and say nothing about a phone's speed.
-"""
+
+""" + EXPOSURE
 
 
 COMPILE_HELP = """\
@@ -216,12 +224,15 @@ without a phone (the schedules it picks are chosen for this CPU, not for the GPU
 model in the precision you will compile it in: pass the same --quantize, --calibration and
 other quantization options as to `qcompile compile`.
 
-Every measured candidate is appended to the tuning log (a MetaSchedule JSON database, default
-tuning_logs/TARGET) as soon as it is measured. Each kernel is tuned until the log holds
+Measured candidates are appended to the tuning log (a MetaSchedule JSON database, default
+tuning_logs/TARGET) after each batch of up to 16. Each kernel is tuned until the log holds
 --trials candidates for it, so running the same command again resumes an interrupted tune, and
-kernels that another model already tuned in the same log cost nothing. Apply the log with
-`qcompile compile ... --tuning-log DIR`. A log measured for another target or TVM version is
-refused.
+kernels that another model already tuned in the same log cost nothing. Ctrl-C or `kill` stops
+after the batch being measured and keeps it; a SIGKILL (or a crash) loses that batch, never
+what the log held. Apply the log with `qcompile compile ... --tuning-log DIR`. A log measured
+for another target or TVM version is refused, and so is a damaged one (a line that is not a
+record, a record of a workload the log lacks, a run time that is not positive), before any
+work, naming the file and line.
 """
 
 
@@ -285,9 +296,10 @@ def _add_run(sub) -> None:
     p.add_argument("--inputs", metavar="X.npz",
                    help="inputs as an .npz with one array per model input, by name "
                         "(default: random data of the right shapes)")
-    p.add_argument("--output", metavar="Y.npz", help="save the outputs to this .npz")
+    p.add_argument("--output", metavar="Y.npz",
+                   help="save the outputs to this file (an .npz, whatever its name)")
     _device_args(p, "TVM RPC tracker through which to reach the device")
-    p.add_argument("--repeat", type=int, default=20,
+    p.add_argument("--repeat", type=_positive, default=20,
                    help="timing repeats for the latency statistics (default: 20)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a free device at the tracker (default: 60)")
@@ -369,9 +381,10 @@ def _add_tracker(sub) -> None:
     p = sub.add_parser("tracker", help="run a TVM RPC tracker (devices register with it)",
                        description=TRACKER_HELP)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; "
-                        "0.0.0.0 lets phones on the network register)")
-    p.add_argument("--port", type=int, default=9190, help="port to listen on (default: 9190)")
+                   help="address to listen on (default: 127.0.0.1, this machine only; an "
+                        "address on the network lets phones register, and lets anyone there "
+                        "run code on the devices: see Exposure below)")
+    p.add_argument("--port", type=_port, default=9190, help="port to listen on (default: 9190)")
     p.set_defaults(func=_cmd_tracker)
 
 
@@ -401,11 +414,33 @@ def _add_device(sub) -> None:
     e.add_argument("--with-tracker", action="store_true",
                    help="also start a tracker at the --rpc-tracker address, for a self-contained "
                         "setup in one command")
-    e.add_argument("--port", type=int, default=9090,
+    e.add_argument("--port", type=_port, default=9090,
                    help="first port the device's RPC server tries (default: 9090)")
+    e.add_argument("--host", default=None,
+                   help="address the device's RPC server listens on (default: 127.0.0.1, "
+                        "reachable from this machine only; see Exposure below)")
     e.add_argument("--rebuild", action="store_true",
                    help="rebuild the cached userland first (e.g. after it was damaged)")
     p.set_defaults(func=_cmd_device)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: ports are 1 to 65535")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,8 +534,15 @@ def _load_inputs(path: str | None, model) -> dict:
     if path is None:
         rng = np.random.default_rng(0)
         logging.getLogger("qcompile").info("no --inputs given: running on random data")
-        return {s.name: (rng.standard_normal(s.shape) if "float" in s.dtype
-                         else rng.integers(0, 2, s.shape)).astype(s.dtype) for s in model.inputs}
+        try:
+            return {s.name: (rng.standard_normal(s.shape) if "float" in s.dtype
+                             else rng.integers(0, 2, s.shape)).astype(s.dtype)
+                    for s in model.inputs}
+        except MemoryError:
+            raise InputError("The model's inputs do not fit in memory ("
+                             f"{'; '.join(s.describe() for s in model.inputs)}): random data "
+                             "cannot be made for them. Compile for smaller shapes "
+                             "(--input-shape).") from None
     if not Path(path).is_file():
         raise InputError(f"Inputs file '{path}' does not exist. Pass an .npz with one array "
                          f"per input: {'; '.join(s.describe() for s in model.inputs)}.")
@@ -513,10 +555,11 @@ def _load_inputs(path: str | None, model) -> dict:
 
 
 def _cmd_run(args) -> int:
-    import numpy as np
-
+    from .paths import check_output_file, save_outputs
     from .runtime import load
 
+    if args.output:
+        check_output_file(args.output)
     with load(args.out_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
               timeout=args.timeout) as model:
         inputs = _load_inputs(args.inputs, model)
@@ -525,8 +568,7 @@ def _cmd_run(args) -> int:
             print(f"output {name}: {value.dtype}{list(value.shape)} "
                   f"min {value.min():.6g} max {value.max():.6g} mean {value.mean():.6g}")
         if args.output:
-            np.savez(args.output, **outputs)
-            print(f"saved outputs to {args.output}")
+            print(f"saved outputs to {save_outputs(args.output, outputs)}")
         print(model.benchmark(inputs, repeat=args.repeat).describe())
     return 0
 
@@ -555,7 +597,7 @@ def _tracker_address(text: str | None) -> tuple[str, int]:
 
 def _cmd_tracker(args) -> int:
     from .devices.processes import stop_process_group
-    from .devices.tracker import start_tracker
+    from .devices.tracker import is_loopback, start_tracker
 
     process = start_tracker(args.host, args.port, quiet=True)
     shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
@@ -564,6 +606,11 @@ def _cmd_tracker(args) -> int:
           "--key KEY\n"
           f"  or an emulated one: qcompile device emulate --rpc-tracker {shown}:{args.port}\n"
           f"  list devices:       qcompile devices --rpc-tracker {shown}:{args.port}", flush=True)
+    if not is_loopback(args.host):
+        where = (f"port {args.port} on any address of this machine"
+                 if args.host in ("0.0.0.0", "::") else f"{args.host}:{args.port}")
+        print(f"  warning: whoever reaches {where} can use every device registered here and "
+              "run code on it (no authentication)", flush=True)
     try:
         code = process.wait()
     finally:
@@ -583,12 +630,14 @@ def _cmd_device(args) -> int:
     from .devices import emulator
     from .errors import DeviceError
     from .devices.processes import stop_process_group
-    from .devices.tracker import start_tracker
+    from .devices.tracker import connect_tracker, start_tracker
 
     if args.count < 1:
         raise InputError("--count must be at least 1.")
     address = _tracker_address(args.rpc_tracker)
     host, port = address
+    if not args.with_tracker:  # before the userland is prepared (about 30 s the first time)
+        connect_tracker(address).close()
     emulator.prepare("arm64", rebuild=args.rebuild)
     tracker = start_tracker(host, port) if args.with_tracker else None
 
@@ -602,7 +651,7 @@ def _cmd_device(args) -> int:
 
     try:
         emulator.serve(address, args.rpc_key, count=args.count, cpu=args.cpu, port=args.port,
-                       ready=ready, alive=(lambda: tracker.poll() is None) if tracker else None)
+                       host=args.host, ready=ready, alive=(lambda: tracker.poll() is None) if tracker else None)
     finally:
         if tracker is not None:
             stop_process_group(tracker)
@@ -642,3 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in qcompile: one line to report, the traceback with -v
+        from .errors import last_line
+
+        if args.verbose:
+            traceback.print_exc()
+        print(f"qcompile: internal error in qcompile: {type(exc).__name__}: "
+              f"{last_line(str(exc), '(no message)')}; please report it with the command"
+              + ("" if args.verbose else " (-v shows the traceback)"), file=sys.stderr)
+        return 1

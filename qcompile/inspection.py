@@ -42,6 +42,19 @@ def inspect_model(path: Path, input_shapes=None) -> str:
     return "\n".join(lines)
 
 
+def _read_json(path: Path, fix: str) -> dict:
+    """A JSON object file written by compile, or an InputError naming it (cut short, edited)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise InputError(f"'{path}' is not valid JSON ({exc}): it was cut short or damaged. "
+                         f"{fix}.") from None
+    if not isinstance(value, dict):
+        raise InputError(f"'{path}' is not what `qcompile compile` writes (a JSON object). "
+                         f"{fix}.")
+    return value
+
+
 def _us(value) -> str:
     return f"{value:8.1f}" if isinstance(value, (int, float)) else f"{'-':>8}"
 
@@ -53,11 +66,21 @@ def _dims(shape) -> str:
 def inspect_build(directory: Path) -> str:
     """Per layer of a compiled model: precision, error against fp32, why not int8; and the
     precision search's table when --quantize auto chose the mix."""
+    try:
+        return _inspect_build(directory)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # valid JSON, other fields
+        raise InputError(f"{directory} holds a model.json, quantization.json or search.json "
+                         f"that qcompile cannot read ({type(exc).__name__}: {exc}): edited, or "
+                         "written by another version. Compile again into this "
+                         "directory.") from None
+
+
+def _inspect_build(directory: Path) -> str:
     manifest = directory / "model.json"
     if not manifest.is_file():
         raise InputError(f"{directory} has no model.json: is it a `qcompile compile -o` "
                          "directory?")
-    meta = json.loads(manifest.read_text())
+    meta = _read_json(manifest, "Compile again into this directory")
     source = meta.get("source")
     source = source.get("model", source) if isinstance(source, dict) else source
     target = meta.get("target")
@@ -68,7 +91,7 @@ def inspect_build(directory: Path) -> str:
     if report_path.is_file():
         from .quantize.report import layer_table
 
-        report = json.loads(report_path.read_text())
+        report = _read_json(report_path, "Compile again into this directory, or delete it")
         lines.append(f"quantization: {report['method']} calibration, {report['activations']} "
                      f"activations, {report['weights']} weights, "
                      f"{report['calibration_samples']} samples")
@@ -81,7 +104,7 @@ def inspect_build(directory: Path) -> str:
     if search_path.is_file():
         from .quantize.search import weights_note
 
-        search = json.loads(search_path.read_text())
+        search = _read_json(search_path, "Compile again into this directory, or delete it")
         kept = {k["layer"]: k["precision"] for k in search["kept_in_higher_precision"]}
         slow = {k["layer"]: f"{k['precision']} (int8 not faster)"
                 for k in search.get("kept_because_int8_is_not_faster", [])}

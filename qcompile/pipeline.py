@@ -17,8 +17,10 @@ from .frontend import FloatModel, import_onnx
 from .modes import AutoPrecision, Mode, apply as apply_mode, mode_from
 from .quantize import QuantConfig, QuantizedModel
 from .devices.tracker import parse_tracker
+from .paths import check_out_dir
+from .quantize.report import REPORT_FILE
 from .targets import Target, load_target
-from .tune import tune as tune_model
+from .tune import check_log_dir, tune as tune_model
 from .tuning_log import TuningLog, open_log, shipped_log
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def compile(  # noqa: A001 - the verb users know
     rpc_tracker, rpc_key: auto's per-layer timing on a device instead of this machine.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
+    check_out_dir(out_dir)
     log_ = _tuning_log(tuning_log, resolved)
     rpc = _rpc(rpc_tracker, rpc_key, resolved)
     mode = quantize if isinstance(quantize, Mode) else mode_from(
@@ -76,9 +79,11 @@ def compile(  # noqa: A001 - the verb users know
 
         return compile_auto(graph, resolved, Path(out_dir), mode, log_, rpc)
     built = apply_mode(mode, graph, resolved)
-    artifact = build(built, resolved, out_dir, tuning_log=log_)
-    if isinstance(built, QuantizedModel):
-        log.info("quantization report: %s", built.report.save(artifact.directory))
+    report = built.report if isinstance(built, QuantizedModel) else None
+    artifact = build(built, resolved, out_dir, tuning_log=log_,
+                     extras=report.save if report is not None else None)
+    if report is not None:
+        log.info("quantization report: %s", artifact.directory / REPORT_FILE)
     return artifact
 
 
@@ -123,8 +128,9 @@ def tune(
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize, calibration,
                                                                   quant_config)
     rpc = _rpc(rpc_tracker, rpc_key, resolved)
-    graph = apply_mode(mode, _import(model, input_shapes), resolved)
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
+    check_log_dir(directory, resolved)  # a file, another target's log or a damaged one: now
+    graph = apply_mode(mode, _import(model, input_shapes), resolved)
     return tune_model(graph, resolved, directory, trials=trials, rpc=rpc, reuse=reuse,
                       pocl=pocl)
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .artifact import LIBRARY_FILE, Artifact
-from .errors import DeviceError, InputError, QcompileError
+from .artifact import LIBRARY_FILE, MANIFEST_FILE, Artifact
+from .errors import DeviceError, InputError, ModelError, QcompileError, last_line
 from .specs import TensorSpec, check_shape, name_mismatch
 from .targets import host_arch, manifest_arch, manifest_kind
 
@@ -109,7 +109,16 @@ class LoadedModel:
     def _device_errors(self):
         """Remote failures become a DeviceError that says what happened to the device."""
         if self._session is None:
-            yield
+            try:
+                yield
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # TVM's checks
+                where = self.artifact.directory
+                raise ModelError(
+                    f"The model in {where} failed when run on this machine "
+                    f"({last_line(str(exc), type(exc).__name__)}): its {MANIFEST_FILE} does "
+                    f"not describe the inputs and outputs {LIBRARY_FILE} takes (edited by "
+                    f"hand, or copied from another build), or the library is damaged. "
+                    f"Compile again into {where}.") from None
             return
         try:
             yield
@@ -147,6 +156,9 @@ class LoadedModel:
 
         number=0 picks the runs per repeat so that each repeat lasts at least 50 ms.
         """
+        if repeat < 1 or number < 0:
+            raise InputError(f"repeat must be at least 1 (not {repeat}) and number at least 0 "
+                             f"(not {number}).")
         self.check_inputs(inputs)
         with self._device_errors():
             self._set_inputs(inputs)

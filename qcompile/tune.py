@@ -51,7 +51,19 @@ FAILURE_FILE = "qcompile-failure.txt"  # in the log: the traceback of the last t
 
 
 def check_log_dir(directory: Path, target: Target) -> None:
-    """Refuse to add records for `target` to a log measured for another target or TVM."""
+    """Refuse, before any work, a --log that is a file (or under one), or a log measured for
+    another target or TVM, or a damaged one; drop a torn last line (a killed tune's)."""
+    directory = Path(directory)
+    ancestor = directory
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        where = "is a file" if ancestor == directory else f"is under the file '{ancestor}'"
+        raise InputError(f"The tuning log '{directory}' (--log) {where}: a tuning log is a "
+                         "directory. Pass --log a directory (it is created if missing).")
+    if not directory.is_dir():
+        return
+    repair(directory)
     info = read_info(directory)
     if info is None:
         if any(directory.glob("database_*.json")):
@@ -121,7 +133,6 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
         write_info(log_dir, identity(target))
     if devices.stand_in:
         write_info(log_dir, {**read_info(log_dir), STAND_IN_KEY: devices.where})
-    repair(log_dir)
     database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
     tvm_target = target.to_tvm()
     mod = lower.kernels(model.mod, target)

@@ -6,8 +6,13 @@ may generate different code from the same schedule, and another instruction set 
 weights differently (its workloads never match). `open_log` refuses such a log with the reason;
 `shipped_log` picks the one shipped in tuning_logs/<target> when it fits, and says why not.
 
-MetaSchedule appends each record to database_tuning_record.json as it is measured, so a killed
-tune loses at most the line being written; `repair` drops such a torn last line.
+MetaSchedule appends a batch's records (up to 16 candidates) to database_tuning_record.json
+once the whole batch is measured, so a tune killed by SIGKILL loses the batch being measured
+(Ctrl-C and SIGTERM let it finish), and one killed while appending leaves a torn last line.
+Opening a log checks every line first (tuning_log_check.py): a torn last line is dropped (in
+memory by `open_log`, which never writes the user's log; in the file by `repair`, before a tune
+appends to it), any other damage is refused naming the file and line. Every rewrite of a log's
+file goes through a temporary file and os.replace.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .paths import write_atomically
 from .targets import Target
+from .tuning_log_check import RECORDS_FILE, WORKLOADS_FILE, check_files
 
 log = logging.getLogger(__name__)
 
 INFO_FILE = "qcompile-log.json"
-WORKLOADS_FILE = "database_workload.json"
-RECORDS_FILE = "database_tuning_record.json"
 FORMAT = 1
 # Records are keyed by a kernel's anchor block (its conv/matmul), not by the whole fused kernel:
 # quantized kernels differ in their epilogue's literals (zero points, clip bounds), which change
@@ -110,9 +115,24 @@ class TuningLog:
     seconds: float = 0.0
     device: str = "this machine"
     emulated: bool = False
+    # {file name: text} to load instead of the files, when open_log dropped torn lines
+    repaired: dict[str, str] | None = None
 
     def database(self):
-        return open_database(self.directory)
+        if not self.repaired:
+            return open_database(self.directory)
+        import shutil
+        import tempfile
+
+        # MetaSchedule reads a JSON database whole when it opens it: a copy of the repaired
+        # files is only needed for that moment
+        copy = Path(tempfile.mkdtemp(prefix="qcompile-log-"))
+        try:
+            for name, text in self.repaired.items():
+                (copy / name).write_text(text)
+            return open_database(copy)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def describe(self) -> str:
         reused = sum(1 for t in self.tasks if t.new_trials == 0 and t.records)
@@ -165,35 +185,28 @@ def read_info(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"'{path}' is not valid JSON ({exc}): it should describe the target "
-                         "the tuning log was measured for. Delete it only if you know the "
-                         "records are for this target.") from None
+        info = json.loads(path.read_bytes())
+    except ValueError as exc:  # also UnicodeDecodeError
+        info = exc
+    if not isinstance(info, dict):
+        why = f"not valid JSON ({info})" if isinstance(info, Exception) else "not a JSON object"
+        raise InputError(f"'{path}' is {why}: it should describe the target the tuning log "
+                         "was measured for. Delete it only if you know the records are for "
+                         "this target.")
+    return info
 
 
 def write_info(directory: Path, info: dict[str, Any]) -> None:
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    write_atomically(directory / INFO_FILE, json.dumps(info, indent=1) + "\n")
 
 
 def repair(directory: Path) -> int:
-    """Drop a torn last line (a tune killed while writing it); returns the lines dropped."""
-    dropped = 0
-    for name in (WORKLOADS_FILE, RECORDS_FILE):
-        path = directory / name
-        if not path.is_file():
-            continue
-        lines = path.read_text().splitlines(keepends=True)
-        keep = list(lines)
-        while keep:
-            try:
-                json.loads(keep[-1])
-                break
-            except json.JSONDecodeError:
-                keep.pop()
-        if len(keep) != len(lines):
-            dropped += len(lines) - len(keep)
-            path.write_text("".join(keep))
+    """Check the log's lines (an InputError names a damaged one) and drop a torn last line (a
+    tune killed while writing it) from the file itself; returns the lines dropped."""
+    checked = check_files(directory)
+    for name in checked.torn:
+        write_atomically(directory / name, checked.texts[name])
+    dropped = sum(checked.torn.values())
     if dropped:
         log.warning("tuning log %s: dropped %d torn line(s) left by an interrupted tune",
                     directory, dropped)
@@ -207,7 +220,12 @@ def open_log(directory: str | Path, target: Target | None = None) -> TuningLog:
     if not all((directory / name).is_file() for name in (WORKLOADS_FILE, RECORDS_FILE)):
         raise InputError(f"'{directory}' is not a tuning log: it should hold {WORKLOADS_FILE} "
                          f"and {RECORDS_FILE}, as written by `qcompile tune --log {directory}`.")
-    repair(directory)
+    checked = check_files(directory)
+    if checked.torn:
+        log.warning("tuning log %s: ignoring %d torn line(s) at the end of %s, left by an "
+                    "interrupted tune (the files are left as they are; the next tune into "
+                    "this log drops them)", directory, sum(checked.torn.values()),
+                    " and ".join(checked.torn))
     info = read_info(directory)
     if target is not None and info is not None:
         why = incompatibility(info, target)
@@ -227,7 +245,7 @@ def open_log(directory: str | Path, target: Target | None = None) -> TuningLog:
     elif target is not None:
         log.warning("tuning log %s does not say what it was measured for (no %s): applying "
                     "it as it is", directory, INFO_FILE)
-    return TuningLog(directory, info)
+    return TuningLog(directory, info, repaired=checked.texts if checked.torn else None)
 
 
 def shipped_dir() -> Path:

@@ -1,7 +1,8 @@
 """Tuning on this machine (the host target): a quantized model's kernels tuned with MetaSchedule
 into a log that says what it was measured for; a second run resumes from it; compile applies it
-(explicitly, or the shipped one) with unchanged numerics; logs for another target or TVM, or
-torn by a killed tune, are handled. Tuning over RPC on the emulated phone is in test_device.py."""
+(explicitly, or the shipped one) with unchanged numerics; logs for another target or TVM are
+refused (damaged ones: test_bad_logs.py). Tuning over RPC on the emulated phone is in
+test_device.py."""
 
 import json
 import shutil
@@ -13,7 +14,7 @@ import qcompile
 from models import packed_convnet, random_inputs
 from qcompile.cli import main
 from qcompile.errors import InputError
-from qcompile.tuning_log import INFO_FILE, RECORDS_FILE, open_log
+from qcompile.tuning_log import INFO_FILE, RECORDS_FILE
 
 TRIALS = 4
 
@@ -233,18 +234,6 @@ def test_cli_tune_refuses_a_reuse_log_of_another_tvm_or_not_a_log(tuned, tmp_pat
     assert main([*base, "--reuse-log", str(tmp_path / "missing")]) == 2
     assert "is not a tuning log" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # refused before any work
-
-
-def test_a_torn_last_record_is_dropped(tuned, tmp_path, caplog):
-    """A tune killed while appending a record leaves half a line: the log still opens."""
-    log = tmp_path / "log"
-    shutil.copytree(tuned["log"], log)
-    lines = (log / RECORDS_FILE).read_text().splitlines(keepends=True)
-    (log / RECORDS_FILE).write_text("".join(lines) + lines[-1][: len(lines[-1]) // 2])
-    with caplog.at_level("WARNING", logger="qcompile"):
-        open_log(log)
-    assert "torn" in caplog.text
-    assert (log / RECORDS_FILE).read_text() == "".join(lines)
 
 
 def test_cli_tune_refuses_auto_and_explains(tuned, capsys):

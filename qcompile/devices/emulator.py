@@ -15,6 +15,11 @@ tracker keys, uploads, remote timing, tuning measurements). The device is made o
 
 Timings measured on this device are emulated: they say nothing about a phone's speed.
 
+Exposure: TVM RPC has no authentication, and the device runs whatever native code a client
+uploads, under qemu user mode, which is not a sandbox (the guest's system calls are this
+machine's, as the user who started it). The server therefore listens on 127.0.0.1 unless a
+host is given explicitly.
+
 One concern in one file (building the userland, starting servers, serving), a little over 400
 lines with the small module it writes into the guest.
 """
@@ -362,8 +367,10 @@ class EmulatedDevice:
         return self.alive() and self.address in _servers(self.tracker, self.key)
 
     def stop(self) -> None:
-        """Stop the server and every worker it re-executed (its whole process group)."""
+        """Stop the server and every worker it re-executed (its whole process group), and
+        remove its log."""
         stop_process_group(self.process)
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "EmulatedDevice":
         return self
@@ -381,14 +388,21 @@ class EmulatedDevice:
 def start(tracker: tuple[str, int], key: str = "arm64-emu", arch: str = "arm64",
           cpu: str | None = None, port: int = 9090, port_end: int | None = None,
           host: str | None = None, timeout: float = 300.0) -> EmulatedDevice:
-    """Start an emulated device and wait until the tracker lists it as free under `key`."""
-    from .tracker import connect_tracker
+    """Start an emulated device and wait until the tracker lists it as free under `key`.
+
+    Its RPC server listens on `host`, 127.0.0.1 by default: anyone who reaches it can run
+    code on this machine (see the module's docstring)."""
+    from .tracker import connect_tracker, is_loopback
 
     userland = prepare(arch)
     cpu = cpu or userland.arch.default_cpu
     connect_tracker(tracker)  # fail now, naming the address, if it is not reachable
     tracker_host, tracker_port = tracker
-    bind = host or ("127.0.0.1" if tracker_host in ("127.0.0.1", "localhost") else "0.0.0.0")
+    bind = host or "127.0.0.1"
+    if not is_loopback(bind):
+        log.warning("the emulated device listens on %s: whoever reaches it there can run code "
+                    "on this machine (TVM RPC has no authentication, and qemu user mode is not "
+                    "a sandbox)", bind)
     args = [str(userland.python), "-m", "tvm.exec.rpc_server", "--host", bind,
             "--port", str(port), "--port-end", str(port_end or port + 100),
             "--tracker", f"{tracker_host}:{tracker_port}", "--key", key,
@@ -432,7 +446,7 @@ def _servers(tracker: tuple[str, int], key: str) -> set[str]:
 
 
 def serve(tracker: tuple[str, int], key: str = "arm64-emu", count: int = 1,
-          cpu: str | None = None, port: int = 9090,
+          cpu: str | None = None, port: int = 9090, host: str | None = None,
           ready: Callable[[list[EmulatedDevice]], None] | None = None,
           alive: Callable[[], bool] | None = None, poll: float = 2.0) -> None:
     """Start `count` devices under `key` and keep them serving until interrupted or until
@@ -441,7 +455,7 @@ def serve(tracker: tuple[str, int], key: str = "arm64-emu", count: int = 1,
     slots: list[EmulatedDevice | None] = []
     try:
         for _ in range(count):
-            slots.append(start(tracker, key, cpu=cpu, port=port))
+            slots.append(start(tracker, key, cpu=cpu, port=port, host=host))
         if ready is not None:
             ready([device for device in slots if device is not None])
         missed = [0] * count
@@ -457,7 +471,7 @@ def serve(tracker: tuple[str, int], key: str = "arm64-emu", count: int = 1,
                     device.stop()
                 missed[i] = 0
                 try:
-                    slots[i] = start(tracker, key, cpu=cpu, port=port)
+                    slots[i] = start(tracker, key, cpu=cpu, port=port, host=host)
                 except DeviceError as exc:  # e.g. a client crashed it at once: try again
                     slots[i] = None
                     log.warning("emulated device did not come back (%s); trying again", exc)

@@ -22,7 +22,8 @@ TRACKER_ENV = ("TVM_TRACKER_HOST", "TVM_TRACKER_PORT")
 
 
 def parse_tracker(text: str | None) -> tuple[str, int]:
-    """'HOST:PORT' (or $TVM_TRACKER_HOST/$TVM_TRACKER_PORT when None) -> (host, port)."""
+    """'HOST:PORT' or '[IPV6]:PORT' (or $TVM_TRACKER_HOST/$TVM_TRACKER_PORT when None)
+    -> (host, port)."""
     if text is None:
         host, port = (os.environ.get(name) for name in TRACKER_ENV)
         if not host or not port:
@@ -30,32 +31,105 @@ def parse_tracker(text: str | None) -> tuple[str, int]:
                               "TVM_TRACKER_HOST and TVM_TRACKER_PORT.")
         text = f"{host}:{port}"
     host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal: [::1]:9190
+        host = host[1:-1]
     if not sep or not host or not port.isdigit():
         raise DeviceError(f"RPC tracker address '{text}' is malformed: write HOST:PORT, "
-                          "e.g. --rpc-tracker 127.0.0.1:9190.")
+                          "e.g. --rpc-tracker 127.0.0.1:9190 (an IPv6 address in brackets: "
+                          "[::1]:9190).")
+    if not 0 < int(port) < 65536:
+        raise DeviceError(f"RPC tracker address '{text}' has port {port}, which does not "
+                          "exist: a port is 1 to 65535 (a tracker's default is 9190).")
     return host, int(port)
 
 
-def connect_tracker(address: tuple[str, int], timeout: float = 5.0):
-    """A tvm.rpc.TrackerSession, or a DeviceError saying which address failed and why."""
-    from tvm import rpc
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
+
+def address_text(address: tuple[str, int]) -> str:
+    """(host, port) as HOST:PORT, an IPv6 host in brackets."""
     host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+HANDSHAKE_TIMEOUT_S = 5.0  # a tracker answers at once; this only bounds a silent peer
+
+
+def _not_a_tracker(address: tuple[str, int], what: str) -> DeviceError:
+    return DeviceError(
+        f"{address_text(address)} is not a TVM RPC tracker: {what}. Check the address and "
+        "port (`qcompile tracker` listens on 127.0.0.1:9190 by default): it may be a device's "
+        "RPC server or another service.")
+
+
+def _tracker_session_class():
+    """TVM's TrackerSession with a timeout on its socket, so that a peer that accepts the
+    connection and never answers (another service on that port) is an error, not a hang."""
+    import struct
+
+    from tvm.rpc import base
+    from tvm.rpc.client import TrackerSession
+
+    class TimedTrackerSession(TrackerSession):
+        def __init__(self, addr, timeout: float):
+            self._timeout = timeout
+            super().__init__(addr)
+
+        def _connect(self):
+            self._sock = socket.create_connection(self._addr, timeout=self._timeout)
+            try:
+                self._sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+                reply = base.recvall(self._sock, 4)
+            except OSError:
+                self.close()
+                raise _not_a_tracker(self._addr, "it accepted the connection but did not "
+                                     f"answer TVM's tracker handshake within {self._timeout:g} "
+                                     "s") from None
+            if struct.unpack("<i", reply)[0] != base.RPC_TRACKER_MAGIC:
+                self.close()
+                raise _not_a_tracker(self._addr, "it answered TVM's tracker handshake with "
+                                     f"something else ({reply!r})")
+
+    return TimedTrackerSession
+
+
+def connect_tracker(address: tuple[str, int], timeout: float = HANDSHAKE_TIMEOUT_S):
+    """A tvm.rpc.TrackerSession whose socket times out after `timeout` s, or a DeviceError
+    saying which address failed and why."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-        return rpc.connect_tracker(host, port)
+        return _tracker_session_class()(tuple(address), timeout)
+    except DeviceError:
+        raise
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, socket.timeout):
+            reason = f"no connection within {timeout:g} s"
         raise DeviceError(
-            f"Cannot reach the RPC tracker at {host}:{port} ({reason or type(exc).__name__}). "
-            "Check the address, and that a tracker runs there: "
-            f"`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`.") from None
+            f"Cannot reach the RPC tracker at {address_text(address)} "
+            f"({reason or type(exc).__name__}). Check the address, and that a tracker runs "
+            f"there (`qcompile tracker --port {address[1]}` on that machine).") from None
 
 
-def tracker_keys(tracker) -> dict[str, dict[str, int]]:
+def summary(tracker, address: tuple[str, int]) -> dict[str, Any]:
+    """The tracker's summary ({"queue_info": ..., "server_info": ...}), or a DeviceError when
+    the peer does not answer like a tracker, or not in time."""
+    try:
+        value = tracker.summary()
+        if not isinstance(value, dict) or not isinstance(value.get("queue_info"), dict):
+            raise ValueError(f"unexpected answer {str(value)[:80]!r}")
+        return value
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+        what = ("it did not answer a summary request in time"
+                if isinstance(exc, socket.timeout) else
+                f"its answer to a summary request is not a tracker's ({exc})")
+        raise _not_a_tracker(address, what) from None
+
+
+def tracker_keys(tracker, address: tuple[str, int]) -> dict[str, dict[str, int]]:
     """{key: {"free": n, "pending": n}} as the tracker reports them."""
-    return {key: dict(info) for key, info in tracker.summary()["queue_info"].items()}
+    return {key: dict(info) for key, info in summary(tracker, address)["queue_info"].items()}
 
 
 def device_info(session) -> dict[str, Any]:
@@ -109,19 +183,23 @@ class TrackerStatus:
 
 def tracker_status(address: tuple[str, int]) -> TrackerStatus:
     """Every key at the tracker with its total, free, busy and waiting counts."""
-    summary = connect_tracker(address).summary()
+    tracker = connect_tracker(address)
+    try:
+        info = summary(tracker, address)
+    finally:
+        tracker.close()
     servers = []
     totals: dict[str, int] = {}
-    for item in summary["server_info"]:
+    for item in info.get("server_info", ()):
         key = item["key"].split(":", 1)[-1]  # 'server:arm64-emu' -> 'arm64-emu'
         addr = ":".join(str(part) for part in item.get("addr", ("?", "?")))
         servers.append((addr, key))
         totals[key] = totals.get(key, 0) + 1
     keys = []
-    for key, info in sorted(summary["queue_info"].items()):
+    for key, queue in sorted(info["queue_info"].items()):
         total = totals.get(key, 0)
-        if total or info.get("pending", 0):
-            keys.append(KeyStatus(key, total, info.get("free", 0), info.get("pending", 0)))
+        if total or queue.get("pending", 0):
+            keys.append(KeyStatus(key, total, queue.get("free", 0), queue.get("pending", 0)))
     return TrackerStatus(address, tuple(servers), tuple(keys))
 
 
@@ -165,13 +243,14 @@ def request_session(address: tuple[str, int], key: str, timeout: float = 60.0,
     """An RPC session on a device registered under `key`, waiting at most `timeout` s."""
     tracker = connect_tracker(address)
     host, port = address
-    keys = tracker_keys(tracker)
+    keys = tracker_keys(tracker, address)
     if key not in keys:
         known = ", ".join(sorted(keys)) or "none"
         raise DeviceError(f"No device is registered under key '{key}' at the tracker "
                           f"{host}:{port}. Keys registered there: {known}. Start a device with "
                           f"`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`.")
     result: dict[str, Any] = {}
+    tracker._sock.settimeout(None)  # waiting for a busy device: bounded by the join below
 
     def ask() -> None:
         try:
