@@ -99,16 +99,21 @@ RULES = {
 }
 
 
+def _write(path, content):
+    """A file with `content` (text or bytes), or a directory of that name (None)."""
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
 @pytest.mark.parametrize("case", RULES)
 def test_bad_precision_rules(case, save_model, tmp_path, capsys):
     content, words = RULES[case]
-    rules = tmp_path / "rules.toml"
-    if content is None:
-        rules.mkdir()
-    elif isinstance(content, bytes):
-        rules.write_bytes(content)
-    else:
-        rules.write_text(content)
+    rules = _write(tmp_path / "rules.toml", content)
     np.savez(tmp_path / "calib.npz", x=np.ones((2, 4, 64), np.float32))
     refused(capsys, ["compile", str(save_model(gemm_matmul())), "-o", str(tmp_path / "out"),
                      "--quantize", "int8", "--calibration", str(tmp_path / "calib.npz"),
@@ -134,13 +139,7 @@ TARGETS = {
 @pytest.mark.parametrize("case", TARGETS)
 def test_bad_target_file(case, save_model, tmp_path, capsys):
     content, words = TARGETS[case]
-    target = tmp_path / "board.toml"
-    if content is None:
-        target.mkdir()
-    elif isinstance(content, bytes):
-        target.write_bytes(content)
-    else:
-        target.write_text(content)
+    target = _write(tmp_path / "board.toml", content)
     err = refused(capsys, ["compile", str(save_model(conv_relu())), "--target", str(target),
                            "-o", str(tmp_path / "out")], *words)
     assert "apt-get install `" not in err
