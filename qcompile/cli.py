@@ -636,6 +636,7 @@ def _cmd_device(args) -> int:
         raise InputError("--count must be at least 1.")
     address = _tracker_address(args.rpc_tracker)
     host, port = address
+    emulator.find_qemu(emulator.ARCHES["arm64"])  # this machine's own problem first
     if not args.with_tracker:  # before the userland is prepared (about 30 s the first time)
         connect_tracker(address).close()
     emulator.prepare("arm64", rebuild=args.rebuild)
