@@ -33,8 +33,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8")
-CALIBRATION_SEEDS = range(100, 108)
-HELD_OUT_SEEDS = range(200, 204)
 
 
 def _runner(config: str, artifact: Path, threads: int):
@@ -52,21 +50,14 @@ def _runner(config: str, artifact: Path, threads: int):
     return lambda feed: [loaded.run(feed)[name] for name in names]
 
 
-def _held_out(model, run) -> list:
-    if model.sequence is not None:
-        return [model.sequence(run, seed) for seed in HELD_OUT_SEEDS[:2]]
-    return [run(model.samples(seed)) for seed in HELD_OUT_SEEDS]
-
-
 def _calibration(model, source: Path) -> list[dict]:
     import onnxruntime as ort
 
-    from corpus_models import vad_calibration
+    from corpus_models import calibration_samples
 
-    if model.sequence is None:
-        return [model.samples(seed) for seed in CALIBRATION_SEEDS]
-    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    return vad_calibration(lambda feed: session.run(None, feed), CALIBRATION_SEEDS[0])
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]) \
+        if model.sequence is not None else None  # its fp32 states, for a stateful model
+    return calibration_samples(model, lambda feed: session.run(None, feed))
 
 
 def build(model, config: str, work: Path) -> tuple[Path, float]:
@@ -93,12 +84,12 @@ def time_one(name: str, config: str, artifact: Path, threads: int, repeat: int,
              out: Path) -> None:
     """(In a subprocess.) The median latency (out.json) and the held-out outputs (out.npz:
     array "i_j" is output j of sample i) of one build."""
-    from corpus_models import BY_NAME
+    from corpus_models import BY_NAME, HELD_OUT_SEEDS, held_out_outputs
 
     model = BY_NAME[name]
     run = _runner(config, artifact, threads)
-    feed = model.samples(HELD_OUT_SEEDS[0]) if model.sequence is None else {
-        "input": np.zeros((1, 576), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+    feed = model.samples(HELD_OUT_SEEDS[0]) if model.sequence is None else \
+        {input_name: np.zeros(shape, np.float32) for input_name, shape in model.shapes.items()}
     for _ in range(3):
         run(feed)
     times = []
@@ -106,7 +97,7 @@ def time_one(name: str, config: str, artifact: Path, threads: int, repeat: int,
         start = time.perf_counter()
         run(feed)
         times.append((time.perf_counter() - start) * 1e3)
-    outputs = [[o] if model.sequence else o for o in _held_out(model, run)]
+    outputs = [[o] if model.sequence else o for o in held_out_outputs(model, run)]
     np.savez(out.with_suffix(".npz"), **{f"{i}_{j}": np.asarray(v) for i, sample in
                                          enumerate(outputs) for j, v in enumerate(sample)})
     out.with_suffix(".json").write_text(json.dumps({"median_ms": statistics.median(times)}))

@@ -57,6 +57,13 @@ class Float16(Mode):
         return to_fp16(model)
 
 
+def _needs_calibration(mode) -> None:
+    if mode.calibration is None:
+        raise InputError(f"--quantize {mode.name} needs calibration data: pass --calibration "
+                         "CALIB.npz with one array per model input, samples stacked along the "
+                         "first axis.")
+
+
 @dataclass(frozen=True)
 class StaticInt8(Mode):
     name = "int8"
@@ -64,10 +71,7 @@ class StaticInt8(Mode):
     config: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
-        if self.calibration is None:
-            raise InputError("--quantize int8 needs calibration data: pass --calibration "
-                             "CALIB.npz with one array per model input, samples stacked along "
-                             "the first axis.")
+        _needs_calibration(self)
         self.config.check()
 
     def apply(self, model: FloatModel, target):
@@ -119,10 +123,7 @@ class AutoPrecision(Mode):
     def __post_init__(self):
         from .quantize.metrics import load_metric
 
-        if self.calibration is None:
-            raise InputError("--quantize auto needs calibration data: pass --calibration "
-                             "CALIB.npz with one array per model input, samples stacked along "
-                             "the first axis.")
+        _needs_calibration(self)
         if self.budget is None:
             raise InputError("--quantize auto needs --accuracy-budget: the lowest acceptable "
                              "value of --metric (e.g. 0.99 for top-1 agreement with fp32).")

@@ -24,7 +24,6 @@ from .targets import host_arch, manifest_arch, manifest_kind
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Latency:
     """Per-run latency in milliseconds over `repeat` measurements of `number` runs each."""

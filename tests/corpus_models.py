@@ -243,6 +243,26 @@ def vad_calibration(run: Callable[[dict], list], seed: int, every: int = 8) -> l
     return samples
 
 
+CALIBRATION_SEEDS = range(100, 108)  # the data calibration sees; never a held-out seed
+HELD_OUT_SEEDS = range(200, 204)
+
+
+def held_out_outputs(model: "CorpusModel", run: Callable[[dict], list]) -> list:
+    """What `run` gives on the held-out data: per sample, the outputs in order (a stateful
+    model: per clip, its sequence of speech probabilities)."""
+    if model.sequence is not None:
+        return [model.sequence(run, seed) for seed in HELD_OUT_SEEDS[:2]]
+    return [run(model.samples(seed)) for seed in HELD_OUT_SEEDS]
+
+
+def calibration_samples(model: "CorpusModel", reference: Callable[[dict], list]) -> list[dict]:
+    """The calibration samples; a stateful model's carry the states that `reference` (its fp32
+    run) reaches on a calibration clip."""
+    if model.sequence is not None:
+        return vad_calibration(reference, CALIBRATION_SEEDS[0])
+    return [model.samples(seed) for seed in CALIBRATION_SEEDS]
+
+
 def vad_agreement(reference: list, other: list) -> float:
     """Windows on the same side of silero's 0.5 speech threshold, over every clip."""
     return float(np.mean([np.mean((r > 0.5) == (o > 0.5)) for r, o in zip(reference, other)]))

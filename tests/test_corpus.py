@@ -17,11 +17,9 @@ import onnxruntime as ort
 import pytest
 
 import qcompile
-from corpus_models import BY_NAME, CORPUS, vad_calibration
+from corpus_models import BY_NAME, CORPUS, calibration_samples, held_out_outputs
 from qcompile.errors import UnsupportedOpError
 
-CALIBRATION_SEEDS = range(100, 108)
-HELD_OUT_SEEDS = range(200, 204)
 # the models whose int8 build once crashed (a float ConvTranspose in the NHWC int8 graph; a
 # split of an LSTM's gates): part of CI's slow tier
 IN_CI = {"ppocr-det", "silero-vad"}
@@ -31,13 +29,6 @@ def _runner(session_or_model, names):
     if isinstance(session_or_model, ort.InferenceSession):
         return lambda feed: session_or_model.run(None, feed)
     return lambda feed: [session_or_model.run(feed)[name] for name in names]
-
-
-def _outputs(model, run):
-    """Per held-out sample, the outputs in order (a stateful model: its task's sequence)."""
-    if model.sequence is not None:
-        return [model.sequence(run, seed) for seed in HELD_OUT_SEEDS[:2]]
-    return [run(model.samples(seed)) for seed in HELD_OUT_SEEDS]
 
 
 def _marks(name):
@@ -54,28 +45,25 @@ def test_a_real_model_compiles_in_fp32_and_int8(name, tmp_path):
         return
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    reference = _outputs(model, _runner(session, names))
+    reference = held_out_outputs(model, _runner(session, names))
 
     fp32 = qcompile.compile(path, "host", tmp_path / "fp32", input_shapes=model.shapes,
                             tuning_log=False)
     with qcompile.load(fp32.directory) as loaded:
-        compiled = _outputs(model, _runner(loaded, names))
+        compiled = held_out_outputs(model, _runner(loaded, names))
     for expected, actual in zip(reference, compiled):
         pairs = [(expected, actual)] if model.sequence else zip(expected, actual)
         for e, a in pairs:
             e, a = np.float64(e), np.float64(a)
             assert np.abs(a - e).max() <= 1e-3 * max(np.abs(e).max(), 1.0), name
 
-    if model.sequence is not None:
-        calibration = vad_calibration(_runner(session, names), CALIBRATION_SEEDS[0])
-    else:
-        calibration = [model.samples(seed) for seed in CALIBRATION_SEEDS]
+    calibration = calibration_samples(model, _runner(session, names))
     int8 = qcompile.compile(path, "host", tmp_path / "int8", quantize="int8",
                             input_shapes=model.shapes, calibration=calibration,
                             tuning_log=False)
     assert any(layer["precision"] == "int8" for layer in int8.manifest.layers), name
     with qcompile.load(int8.directory) as loaded:
-        quantized = _outputs(model, _runner(loaded, names))
+        quantized = held_out_outputs(model, _runner(loaded, names))
     score = model.score(reference, quantized)
     print(f"corpus: {name}: int8 {model.measure} {score:.3f}")  # the docs' table (pytest -s)
     assert score >= model.threshold, f"{name}: {model.measure} {score:.3f}"
@@ -93,13 +81,14 @@ def test_a_real_model_in_int8_on_the_emulated_phone(name, tmp_path, arm64_device
     path = model.prepared(tmp_path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    reference = _outputs(model, _runner(session, names))
+    reference = held_out_outputs(model, _runner(session, names))
     artifact = qcompile.compile(path, "arm64-dotprod", tmp_path / "arm", quantize="int8",
                                 input_shapes=model.shapes, tuning_log=False,
-                                calibration=[model.samples(s) for s in CALIBRATION_SEEDS])
+                                calibration=calibration_samples(model,
+                                                                _runner(session, names)))
     with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
                        rpc_key=arm64_device["key"]) as remote:
-        on_phone = _outputs(model, _runner(remote, names))
+        on_phone = held_out_outputs(model, _runner(remote, names))
     score = model.score(reference, on_phone)
     print(f"corpus: {name} on arm64-dotprod (emulated): int8 {model.measure} {score:.3f}")
     assert score >= model.threshold, f"{name} on arm64-dotprod: {model.measure} {score:.3f}"
