@@ -25,7 +25,8 @@ from .artifact import Artifact
 from .build import build, publish
 from .frontend import FloatModel
 from .modes import AutoPrecision
-from .quantize import activation_dtype_for, layer_plan, load_calibration, quantize
+from .quantize import (activation_dtype_for, calibrate, layer_plan, load_calibration, plan,
+                       realize)
 from .quantize.rules import PrecisionRules
 from .quantize.search import keep_more, search
 from .quantize.simulate import onnxruntime_outputs
@@ -63,9 +64,9 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
     activations = config.activations or activation_dtype_for(target)
     fixed = {}
     if config.rules is not None:
-        plan, explicit = layer_plan(float_model, dataclasses.replace(config, float_stem=False),
-                                    activations)
-        fixed = {name: plan[name] for name in explicit}
+        by_name, explicit = layer_plan(float_model,
+                                       dataclasses.replace(config, float_stem=False), activations)
+        fixed = {name: by_name[name] for name in explicit}
     timing = time.perf_counter()
     if latency and fallback == "int8-a16":
         log.info("layers not timed: int8-a16 runs a layer's int8 kernel on both bytes of its "
@@ -75,14 +76,18 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
                                         rpc) if latency else ({}, None)
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
                     metric, budget, fallback, fixed, config.bias_correction,
-                    config.weight_rounding, latencies, where, time.perf_counter() - timing)
+                    config.weight_rounding, latencies, where, time.perf_counter() - timing,
+                    config.table_precision)
     reference = onnxruntime_outputs(float_model.onnx, held_out)
     runs_here = target.name == "host"
     best = None  # (compiled metric, round, result, build directory)
+    table = None  # calibrated once, for every round's plan
     for round_ in range(1, (VERIFY_ROUNDS if runs_here else 1) + 1):
         rules = PrecisionRules.from_dict(tomllib.loads(result.rules_text()), RULES_FILE)
-        quantized = quantize(float_model, feeds,
-                                   dataclasses.replace(config, rules=rules), target)
+        round_plan = plan(float_model, dataclasses.replace(config, rules=rules), target)
+        if table is None:
+            table = calibrate(round_plan.with_int8_everywhere(), feeds)
+        quantized = realize(round_plan, table, measure_on=feeds)
         directory = out_dir if not runs_here else \
             out_dir.parent / f".{out_dir.name}.round{round_}"
         report, choice = quantized.report, None if runs_here else result

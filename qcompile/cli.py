@@ -201,6 +201,10 @@ def _quantize_args(p, auto: bool) -> None:
                    help="how int8 weights are rounded: gptq (default) chooses each weight's "
                         "rounding direction so that the layer's outputs on the calibration data "
                         "stay closest to fp32; nearest rounds each weight on its own")
+    q.add_argument("--tables", default="int8", choices=["int8", "fp32"],
+                   help="how constant lookup tables (an embedding read by Gather) are stored: "
+                        "int8 with one scale per row (default; a BERT-style model's word "
+                        "embedding is most of its bytes), or fp32")
 
 
 def _cc_arg(p) -> None:
@@ -500,7 +504,7 @@ def _quant_config(args):
                            float_layers=frozenset(args.float_layer),
                            float_stem=not args.int8_stem, rules=rules,
                            bias_correction=args.bias_correction,
-                           weight_rounding=args.weight_rounding)
+                           weight_rounding=args.weight_rounding, tables=args.tables)
     if args.calibration:
         raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
     if args.precision_rules:

@@ -236,6 +236,20 @@ def lstm_cell() -> onnx.ModelProto:
         [_w("w", (48, 128), 20), _w("b", (128,), 21), split, _w("proj", (32, 32), 22)])
 
 
+def embedding_matmul() -> onnx.ModelProto:
+    """Token ids -> a word-embedding lookup (Gather on a [256, 64] table) -> a linear layer;
+    the ids are made non-negative and spread over the table (|id| * 37)."""
+    return make_model(
+        [helper.make_node("Abs", ["ids"], ["a"], name="abs"),
+         helper.make_node("Mul", ["a", "step"], ["rows"], name="spread"),
+         helper.make_node("Gather", ["table", "rows"], ["e"], name="embedding", axis=0),
+         helper.make_node("MatMul", ["e", "w"], ["m"], name="proj"),
+         helper.make_node("Add", ["m", "b"], ["y"], name="proj_bias")],
+        [("ids", [2, 6], TensorProto.INT64)], [("y", [2, 6, 16])],
+        [_w("table", (256, 64), 30, scale=1.0), _w("w", (64, 16), 31), _w("b", (16,), 32),
+         numpy_helper.from_array(np.array(37, np.int64), "step")])
+
+
 def dynamic_batch() -> onnx.ModelProto:
     """A Gemm whose input has a dynamic batch dimension."""
     return make_model(

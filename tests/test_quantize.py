@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import qcompile
-from models import (conv_relu, conv_upsample, depthwise_grouped, gemm_matmul, lstm_cell,
-                    onnxruntime_outputs, random_inputs, residual_pool_concat)
+from onnx import TensorProto, helper
+
+from models import (conv_relu, conv_upsample, depthwise_grouped, embedding_matmul, gemm_matmul,
+                    lstm_cell, make_model, onnxruntime_outputs, random_inputs,
+                    residual_pool_concat)
 from qcompile.cli import main
 from qcompile.errors import InputError
 from qcompile.quantize import QuantConfig
@@ -345,7 +348,7 @@ def test_a_report_that_cannot_measure_does_not_break_the_build(save_model, tmp_p
                                                                monkeypatch, caplog):
     """The report's per-layer errors come from a second build with extra outputs; if that
     build fails, the model is still built, with a warning and a report without the errors."""
-    import qcompile.quantize as quantize
+    import qcompile.quantize.static as quantize
 
     def fails(*args, **kwargs):
         raise RuntimeError("InternalError: Check failed: Var lv52 is not defined")
@@ -361,3 +364,41 @@ def test_a_report_that_cannot_measure_does_not_break_the_build(save_model, tmp_p
     feeds = random_inputs(model, seed=2)
     a, e = loaded.run(feeds)["y"].ravel(), onnxruntime_outputs(model, feeds)["y"].ravel()
     assert float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e))) > 0.99
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8-weights"])
+def test_a_lookup_table_is_stored_in_int8_with_a_scale_per_row(quantize, save_model, tmp_path):
+    """A Gather on a constant table (a word embedding) reads int8 rows times their scale:
+    the compiled lookup equals the numpy reference of that storage, and the library shrinks
+    by about the table's 3 bytes per value; --tables fp32 keeps the table exact."""
+    model = embedding_matmul()
+    path = save_model(model)
+    table = initializers(model)["table"]
+    scales = np.abs(table).max(axis=1) / np.float32(127)
+    stored = np.clip(np.round(table / scales[:, None]), -127, 127) * scales[:, None]
+    feeds = random_inputs(model, seed=3)
+    rows = np.abs(feeds["ids"]) * 37
+
+    def build(out, **config):
+        probe = make_model([helper.make_node("Abs", ["ids"], ["a"]),
+                            helper.make_node("Mul", ["a", "step"], ["rows"]),
+                            helper.make_node("Gather", ["table", "rows"], ["e"], axis=0)],
+                           [("ids", [2, 6], TensorProto.INT64)], [("e", [2, 6, 64])],
+                           [i for i in model.graph.initializer if i.name in ("table", "step")])
+        qcompile.compile(save_model(probe), "host", out, quantize=quantize,
+                         calibration=calibration(probe, 2) if quantize == "int8" else None,
+                         quant_config=QuantConfig(**config))
+        return qcompile.load(out).run(feeds)["e"], (out / "model.so").stat().st_size
+
+    lookup, size = build(tmp_path / "int8")
+    np.testing.assert_allclose(lookup, stored[rows], rtol=1e-6, atol=0)
+    assert not np.array_equal(lookup, table[rows])
+    exact, fp32_size = build(tmp_path / "fp32", tables="fp32")
+    np.testing.assert_array_equal(exact, table[rows])
+    assert fp32_size - size > 0.6 * table.nbytes, (size, fp32_size)
+
+    qcompile.compile(path, "host", tmp_path / "whole", quantize=quantize,
+                     calibration=calibration(model) if quantize == "int8" else None)
+    report = json.loads((tmp_path / "whole" / "quantization.json").read_text())
+    assert [t["shape"] for t in report["tables"]] == [[256, 64]]
+    assert report["tables"][0]["precision"] == "int8" and report["tables"][0]["sqnr_db"] > 35

@@ -54,7 +54,7 @@ def test_arm_byte_planes_compute_the_same_integers(save_model):
     """On ARM the bytes are int8 (sdot multiplies s8 x s8), on x86 uint8 (vpdpbusd: u8 x s8):
     the same model quantized for each gives the same outputs (both run here, on the host)."""
     from qcompile.frontend import import_onnx
-    from qcompile.quantize import _host_vm
+    from qcompile.quantize.static import host_vm
 
     model = depthwise_grouped()
     float_model = import_onnx(save_model(model))
@@ -64,7 +64,7 @@ def test_arm_byte_planes_compute_the_same_integers(save_model):
     for target in ("host", "arm64-dotprod"):
         q = quantize(float_model, calibration(model), config, target=load_target(target))
         assert [r["precision"] for r in q.report.rows] == ["int8-a16", "int8-a16"]
-        vm = _host_vm(q.mod)
+        vm = host_vm(q.mod)
         x = random_inputs(model, seed=7)["x"]
         import tvm
 

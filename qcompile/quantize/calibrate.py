@@ -45,10 +45,12 @@ class CalibrationTable:
     means: Mapping[Hashable, np.ndarray] = field(default_factory=dict)  # layer input tensors
     moments: Mapping[Hashable, InputMoments] = field(default_factory=dict)  # by layer
     samples: int = 0
+    model: str = ""     # the sha256 of the ONNX file it was made from ("": not recorded)
 
     def save(self, path: str | Path) -> None:
         """One .npz (tensor and layer keys must be strings)."""
-        arrays: dict[str, np.ndarray] = {"samples": np.array(self.samples)}
+        arrays: dict[str, np.ndarray] = {"samples": np.array(self.samples),
+                                         "model": np.array(self.model)}
         for key, obs in self.observers.items():
             arrays[f"observer/{key}"] = np.concatenate(
                 [[obs.min, obs.max, obs.count, obs.radius], obs.hist])
@@ -71,6 +73,8 @@ class CalibrationTable:
         for name in data.files:
             kind, _, key = name.partition("/")
             value = data[name]
+            if kind in ("samples", "model"):
+                continue
             if kind == "observer":
                 obs = Observer()
                 obs.min, obs.max, obs.count, obs.radius = (float(v) for v in value[:4])
@@ -87,7 +91,8 @@ class CalibrationTable:
                 m = InputMoments(shape)
                 m.h, m.count = value, int(data[f"moments_count/{key}"])
                 moments[key] = m
-        return cls(observers, means, moments, int(data["samples"]))
+        model = str(data["model"]) if "model" in data.files else ""
+        return cls(observers, means, moments, int(data["samples"]), model)
 
 
 def channel_mean(value: np.ndarray, kind: str) -> np.ndarray:

@@ -59,6 +59,11 @@ class Rewrite:
             self.made[name] = name
         return name
 
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        from onnx import numpy_helper
+
+        self.inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
     def add(self, node) -> None:
         self.nodes.append(node)
         self.nodes.extend(self.after)

@@ -31,6 +31,7 @@ _OP_KINDS = {
     "relax.expand_dims": "expand_dims",
     "relax.quantize": "quantize",
     "relax.dequantize": "dequantize",
+    "relax.take": "take",
 }
 
 

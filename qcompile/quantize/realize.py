@@ -10,6 +10,7 @@ quantization parameters (values.QValue). A handler per node kind (ops/) emits it
   rescaled to the output's parameters inside the kernel, where the result goes on into integer
   ops (flow.integer_tensors);
 - reshape-like ops: on the integer tensor, parameters unchanged;
+- a Gather of a constant table (an embedding): the table in int8, one scale per row;
 - anything else: float, fed by a dequantize.
 
 Quantize/dequantize boundaries appear only where float and integer values meet. `verify`
@@ -29,7 +30,7 @@ from .observers import QParams
 from .ops import HANDLERS, handle_float
 from .ops.linear import layer_op
 from .schemes import Int8, Scheme
-from .values import LayerResult, QValue, RealizeConfig
+from .values import LayerResult, QValue, RealizeConfig, TableResult
 
 
 class Realizer:
@@ -46,6 +47,7 @@ class Realizer:
         self.quant_cache: dict[Any, QValue] = {}
         self.absorbed: set[int] = set()      # node indices folded into a layer's kernel
         self.layers: list[LayerResult] = []
+        self.tables: list[TableResult] = []  # lookup tables stored in int8 (ops/tables.py)
         int8 = [n.name for n in graph.nodes if n.kind in LAYER_KINDS and
                 self.scheme_of(n).takes_integers and constant_value(n.args[1]) is not None]
         self.integer = integer_tensors(relax_flow(graph), int8)  # flow.py decides

@@ -45,10 +45,10 @@ class TensorError:
         return float(self.dot / denom) if denom else 1.0
 
     def to_json(self) -> dict[str, float]:
-        return {"sqnr_db": _finite(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs}
+        return {"sqnr_db": finite(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs}
 
 
-def _finite(x: float) -> float | str:
+def finite(x: float) -> float | str:
     return x if np.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
@@ -81,12 +81,12 @@ class QuantReport:
     samples: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
-    weights_fp32_bytes: int = 0
-    weights_int8_bytes: int = 0
+    tables: list[dict[str, Any]] = field(default_factory=list)  # lookup tables (embeddings)
 
     @classmethod
-    def build(cls, model, results, layer_names, errors, config, activations, samples):
-        """layer_names: {relax var name: ONNX node name}."""
+    def build(cls, model, results, layer_names, errors, config, activations, samples,
+              tables=()):
+        """layer_names: {relax var name: ONNX node name}; tables: values.TableResult."""
         layer_errs, output_errs = errors
         measured = [r for r in results if r.output_var is not None]
         err_of = {r.var: e for r, e in zip(measured, layer_errs)}
@@ -101,7 +101,7 @@ class QuantReport:
                 "output": result.output_qp.to_json() if result.output_qp else "float",
                 "weight_scale_min": min(result.weight_scales) if result.weight_scales else None,
                 "weight_scale_max": max(result.weight_scales) if result.weight_scales else None,
-                "weight_sqnr_db": _finite(result.weight_sqnr_db)
+                "weight_sqnr_db": finite(result.weight_sqnr_db)
                 if result.weight_sqnr_db is not None else None,
                 "weight_rounding": result.rounding or None,
                 "fused": list(result.fused),
@@ -109,13 +109,14 @@ class QuantReport:
             })
         outputs = [{"name": spec.name, **err.to_json()}
                    for spec, err in zip(model.outputs, output_errs) if err is not None]
-        return cls(config.method, activations, config.per_channel, samples, rows, outputs)
+        return cls(config.method, activations, config.per_channel, samples, rows, outputs,
+                   [t.to_json() for t in tables])
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "activations": self.activations,
                 "weights": "per-channel" if self.per_channel else "per-tensor",
                 "calibration_samples": self.samples, "layers": self.rows,
-                "outputs": self.outputs}
+                "tables": self.tables, "outputs": self.outputs}
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / REPORT_FILE
@@ -140,7 +141,11 @@ class QuantReport:
         else:
             head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8 with "
                     "the model's own scales and weights")
-        return "\n".join([head, *layer_table(self.rows, self.outputs)])
+        tables = [f"lookup table {t['lookup']} {t['shape'][0]}x{t['shape'][1]}: "
+                  f"{t['precision']}" + (f" (SQNR {t['sqnr_db']:.1f} dB)"
+                                         if isinstance(t["sqnr_db"], float) else "")
+                  for t in self.tables]
+        return "\n".join([head, *tables, *layer_table(self.rows, self.outputs)])
 
 
 def layer_table(rows: list[dict], outputs: list[dict], width: int = 28) -> list[str]:

@@ -73,6 +73,13 @@ class Rule:
     first: int | None = None
     last: int | None = None
     settings: Mapping[str, object] = field(default_factory=dict)
+    origin: str = ""    # a rule made from an option (--float-layer), not read from a file
+
+    @classmethod
+    def for_layers(cls, names, settings: Mapping[str, object], origin: str) -> "Rule":
+        """A rule that matches exactly the layers `names` (no glob), made from an option."""
+        return cls(0, tuple(_glob_escape(n) for n in names), settings=dict(settings),
+                   origin=origin)
 
     def describe(self) -> str:
         parts = [f"name={list(self.names)}" if self.names else "",
@@ -184,7 +191,7 @@ class PrecisionRules:
                 explicit.add(name)
             plan[name] = replace(base, **chosen)
         warnings = [f"{self.source}: {rule.describe()} matches no layer of the model"
-                    for rule, hit in zip(self.rules, used) if not hit]
+                    for rule, hit in zip(self.rules, used) if not hit and not rule.origin]
         return plan, warnings, explicit
 
 

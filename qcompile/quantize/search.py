@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .metrics import Metric
+from .report import finite
 from .rules import FALLBACKS, LayerSettings, rules_toml
 from .schemes import Int8A16, scheme_for
 from .simulate import Simulator
@@ -77,8 +78,8 @@ class LayerSensitivity:
 
     def to_json(self) -> dict:
         return {"layer": self.name, "op": self.op, "macs": self.macs,
-                "alone_sqnr_db": _finite(self.alone_sqnr_db),
-                "fallback_sqnr_db": _finite(self.fallback_sqnr_db),
+                "alone_sqnr_db": finite(self.alone_sqnr_db),
+                "fallback_sqnr_db": finite(self.fallback_sqnr_db),
                 **({"int8_us": self.int8_us, "fallback_us": self.fallback_us}
                    if self.int8_us is not None or self.fallback_us is not None else {})}
 
@@ -130,7 +131,7 @@ class SearchResult:
         return {
             "metric": self.metric, "budget": self.budget,
             "higher_is_better": self.higher_is_better,
-            "all_int8_estimate": self.all_int8, "all_int8_sqnr_db": _finite(self.all_int8_sqnr_db),
+            "all_int8_estimate": self.all_int8, "all_int8_sqnr_db": finite(self.all_int8_sqnr_db),
             "chosen_estimate": self.estimate, "verified": self.verified,
             "kept_in_higher_precision": [
                 {"layer": name, "precision": precision_label(self.plan[name])}
@@ -201,8 +202,6 @@ def not_faster_in_int8(latencies: Mapping, names: Sequence[str],
     return slow
 
 
-def _finite(x: float) -> float | str:
-    return x if np.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 def output_sqnr_db(references, outputs) -> float:
@@ -227,7 +226,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
            fixed: Mapping[str, LayerSettings] | None = None,
            bias_correction: bool = True, weight_rounding: str = "gptq",
            latencies: Mapping | None = None, latency_where: str | None = None,
-           latency_seconds: float = 0.0) -> SearchResult:
+           latency_seconds: float = 0.0, tables: str | None = "int8") -> SearchResult:
     """Choose each layer's precision. `fixed` layers (set by the user's rules) keep their
     settings and are not searched. `latencies` ({layer: layer_latency.LayerLatency}, timed
     on `latency_where`): layers whose int8 kernel is not faster stay in `fallback`."""
@@ -237,7 +236,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
     log.info("precision search: observing %d calibration sample(s) in onnxruntime",
              len(calibration))
     sim = Simulator(onnx_model, calibration, bias_correction=bias_correction, base=base,
-                    weight_rounding=weight_rounding)
+                    weight_rounding=weight_rounding, tables=tables)
     searched = [l for l in sim.layers if l.name not in fixed]
     macs = {l.name: l.macs for l in sim.layers}
     latencies = dict(latencies or {})

@@ -30,6 +30,7 @@ from .observers import WIDE_DTYPES as WIDE, Observer, QParams, activation_qparam
 from .onnx_view import conv_shape, kind, onnx_flow, weighted_layers
 from .rules import LayerSettings
 from .schemes import scheme_for
+from .weights import is_table, quantize_table
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,15 @@ class Simulator:
 
     def __init__(self, model, calibration: Sequence[Mapping[str, np.ndarray]],
                  threads: int = 0, bias_correction: bool = True,
-                 base: LayerSettings = LayerSettings(), weight_rounding: str = "gptq"):
+                 base: LayerSettings = LayerSettings(), weight_rounding: str = "gptq",
+                 tables: str | None = "int8"):
         from onnx import numpy_helper
 
         self.model = model
         self.threads = threads
         self.bias_correction = bias_correction
         self.weight_rounding = weight_rounding
+        self.tables = tables  # constant lookup tables' precision, as RealizeConfig.tables
         self.base = base  # the settings of tensors no layer's rules choose (adds, pools)
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.nodes = list(model.graph.node)
@@ -145,6 +148,9 @@ class Simulator:
             if i in schemes and (i not in int8 or node.input[0] in self.observers):
                 layer, scheme = schemes[i]
                 scheme.fake(FakeLayer(self, rewrite, layer, node, wide))
+            elif self.tables == "int8" and _reads_table(node, self.inits):
+                rewrite.set_initializer(node.input[0],
+                                        quantize_table(self.inits[node.input[0]]).dequantized())
             elif i in integer_ops:
                 for k, tensor in enumerate(node.input):
                     if tensor and tensor not in self.inits:
@@ -164,6 +170,13 @@ class Simulator:
         if key not in self._references:  # keeps `feeds` alive, so its id stays its own
             self._references[key] = (feeds, onnxruntime_outputs(self.model, feeds))
         return self._references[key][1]
+
+
+def _reads_table(node, inits) -> bool:
+    """A Gather on axis 0 of a constant lookup table (weights.is_table), as realize takes."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return node.op_type == "Gather" and axis == 0 and len(node.input) > 1 and \
+        node.input[1] not in inits and is_table(inits.get(node.input[0]))
 
 
 def ort_session(model, threads: int = 0):

@@ -35,6 +35,24 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
+class TableResult:
+    """A constant lookup table (an embedding read by Gather) and how it is stored."""
+
+    var: str                        # the relax var of the lookup
+    rows: int
+    width: int
+    precision: str                  # int8 | fp32
+    sqnr_db: float | None = None    # the table's own error
+
+    def to_json(self) -> dict:
+        from .report import finite
+
+        return {"lookup": self.var, "shape": [self.rows, self.width],
+                "precision": self.precision,
+                "sqnr_db": None if self.sqnr_db is None else finite(self.sqnr_db)}
+
+
+@dataclass(frozen=True)
 class RealizeConfig:
     """plan: {layer (relax var name): scheme}; `default` for the layers it does not name."""
 
@@ -45,6 +63,7 @@ class RealizeConfig:
     weight_codes: Any = None               # frontend.WeightCodes of a pre-quantized model
     input_means: Mapping = field(default_factory=dict)    # {layer input var: channel means}
     input_moments: Mapping = field(default_factory=dict)  # {layer: rounding.InputMoments}
+    tables: str | None = None              # constant lookup tables' precision: int8 | None
 
 
-__all__ = ["LayerResult", "QValue", "RealizeConfig"]
+__all__ = ["LayerResult", "QValue", "RealizeConfig", "TableResult"]

@@ -95,6 +95,25 @@ def quantize_weight(weight: np.ndarray, kind: str, *, per_channel: bool = True,
     return _result(weight, codes, scales, axis, rounding, bias)
 
 
+TABLE_MIN_ELEMENTS = 4096  # smaller tables barely change the file; each rounding costs accuracy
+
+
+def is_table(value: np.ndarray | None) -> bool:
+    """Whether a constant read by a Gather (relax take) on axis 0 is a lookup table worth
+    storing in int8: a float matrix of at least TABLE_MIN_ELEMENTS values (an embedding)."""
+    return value is not None and value.ndim == 2 and value.dtype == np.float32 and \
+        value.size >= TABLE_MIN_ELEMENTS
+
+
+def quantize_table(table: np.ndarray) -> QuantWeight:
+    """A lookup table [rows, width] in int8, one symmetric scale per row (each row is read on
+    its own: a token's embedding), rounded to nearest: rows are values, not weights that a
+    layer sums, so there is no output error to minimize."""
+    scales = weight_scales(table, 0)
+    codes = np.clip(np.round(table / scales[:, None]), -127, 127).astype(np.int8)
+    return _result(table, codes, scales, 0, "nearest", None)
+
+
 def _along(scales: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     shape = [1] * ndim
     if axis is not None:
@@ -132,4 +151,5 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
-__all__ = ["CHANNEL_AXIS", "QuantWeight", "quantize_weight", "sqnr_db", "weight_error_shift"]
+__all__ = ["CHANNEL_AXIS", "QuantWeight", "is_table", "quantize_table", "quantize_weight",
+           "sqnr_db", "weight_error_shift"]

@@ -11,12 +11,12 @@ def _names(save_model, model):
     from tvm import relax
 
     from qcompile.frontend import import_onnx
-    from qcompile.quantize import _layer_names
+    from qcompile.quantize import layer_names
     from qcompile.quantize.graph import read_graph
 
     imported = import_onnx(save_model(model))
     graph = read_graph(relax.transform.FoldConstant()(imported.mod))
-    return sorted(_layer_names(imported, graph).values()), [l.name for l in imported.layers]
+    return sorted(layer_names(imported, graph).values()), [l.name for l in imported.layers]
 
 
 def test_layers_around_a_conv_transpose_keep_their_names(save_model):
