@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -206,3 +208,23 @@ def test_a_device_over_rpc_is_refused_with_the_reason(host_device, fp32_build):
     assert "cannot be profiled kernel by kernel" in str(err.value)
     assert "qcompile run" in str(err.value)
 
+
+def test_bench_saves_both_profiles_side_by_side(int8_build, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        from run import profile_pair
+    finally:
+        sys.path.pop(0)
+    onnx.save(packed_convnet(), str(tmp_path / "model.onnx"))
+    text = profile_pair("small", tmp_path / "model.onnx", int8_build,
+                        random_inputs(packed_convnet()), tmp_path / "profiles", threads=2,
+                        runs=3)
+    ort_trace = json.loads((tmp_path / "profiles" / "small-onnxruntime.json").read_text())
+    assert any(e.get("cat") == "Node" for e in ort_trace)
+    ours = json.loads((tmp_path / "profiles" / "small-qcompile.json").read_text())
+    assert len(ours["kernels"]) == 7
+    lines = text.splitlines()
+    assert "qcompile kernels" in lines[0] and "onnxruntime ops" in lines[0]
+    assert len(lines) == 6 and all(" | " in line for line in lines)
+    assert "Conv" in text and "fused_" in text
