@@ -1,7 +1,7 @@
 """Side-by-side benchmark: qcompile vs onnxruntime on the same machine, in one run.
 
     python bench/run.py [--threads 2] [--repeat 30] [--models efficientnet-lite0,minilm-l3]
-                        [--out bench/results/latest.json]
+                        [--out bench/results/latest.json] [--profile]
 
 For each model (MODELS) and each engine configuration it measures, with the same thread count:
 latency (median and p90 over repeats, after warm-up), model file size, accuracy against
@@ -25,6 +25,10 @@ untouched half). Every int8 configuration of a model is calibrated on the same s
 Models: EfficientNet-Lite0 on real photos (top-1), paraphrase-MiniLM-L3-v2 on real sentences
 (the sentence embedding's cosine), and a small conv net and a small Gemm/MatMul net that the
 tests build (random inputs).
+
+--profile adds each model's per-kernel profile (qcompile profile) beside onnxruntime's own
+per-op profile (SessionOptions.enable_profiling), both saved as JSON in profiles/ beside --out,
+the top 5 of each printed side by side.
 
 A separate section (bench/phone.py; --no-phone skips it) builds EfficientNet-Lite0 int8
 for arm64-dotprod and arm64-i8mm, counts sdot/udot/smmla/ummla in each library and runs it on
@@ -291,6 +295,57 @@ def _native_run(directory: Path, config: str, sample: dict, threads: int, repeat
     return {"peak_rss_mb": float(rss.group(1)), "native_median_ms": float(median.group(1))}
 
 
+def profile_pair(name: str, onnx_path: Path, build: Path, sample: dict, out: Path,
+                 threads: int, runs: int = 20) -> str:
+    """onnxruntime's own per-op profile of `onnx_path` (SessionOptions.enable_profiling, over
+    `runs` runs) and qcompile's per-kernel profile of the build `build`, on `sample`, written
+    as OUT/NAME-onnxruntime.json (onnxruntime's trace, as it writes it) and
+    OUT/NAME-qcompile.json; returns the top 5 of each, per run, side by side."""
+    import onnxruntime as ort
+
+    from qcompile.profile import profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out / f"{name}-onnxruntime")
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, sample)
+    trace = out / f"{name}-onnxruntime.json"
+    os.replace(session.end_profiling(), trace)
+    events = json.loads(trace.read_text())
+    ort_ops: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = f"{event['args'].get('op_name', '?')} {event['name'][:-len('_kernel_time')]}"
+            ort_ops[key] = ort_ops.get(key, 0.0) + event["dur"] / 1e3 / runs  # ms per run
+    ort_total = sum(ort_ops.values()) or 1.0
+    ours = profile(build, sample)
+    ours.save(out / f"{name}-qcompile.json")
+    left = [f"{k.total_us / 1e3:7.3f} ms {k.share:4.0%} {k.name[:38]}" for k in ours.kernels[:5]]
+    right = [f"{ms:7.3f} ms {ms / ort_total:4.0%} {op[:38]}"
+             for op, ms in sorted(ort_ops.items(), key=lambda item: -item[1])[:5]]
+    lines = [f"{name}: top 5 per run, qcompile kernels ({ours.kernels_ms:.3f} ms in all) | "
+             f"onnxruntime ops ({ort_total:.3f} ms in all)"]
+    for i in range(max(len(left), len(right))):
+        lines.append(f"  {left[i] if i < len(left) else '':<56} | "
+                     f"{right[i] if i < len(right) else ''}")
+    return "\n".join(lines)
+
+
+def _profile_model(bench: BenchModel, work: Path, args) -> str:
+    """profile_pair for the model's int8 configurations (fp32 where it has no int8 ones)."""
+    directory = work / bench.name
+    with open(directory / "sample.pkl", "rb") as f:
+        sample = pickle.load(f)
+    int8 = "qcompile-int8" in bench.configs and "onnxruntime-int8" in bench.configs
+    return profile_pair(bench.name, directory / ("ort-int8.onnx" if int8 else "model.onnx"),
+                        directory / ("qcompile-int8" if int8 else "qcompile-fp32"), sample,
+                        args.out.parent / "profiles", args.threads)
+
+
 def _agreement(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     top1 = float(np.mean(outputs.reshape(len(outputs), -1).argmax(1)
                          == reference.reshape(len(reference), -1).argmax(1)))
@@ -360,6 +415,11 @@ def main() -> int:
                         help="the emulated-phone section: EfficientNet-Lite0 built for ARM64 "
                              "and run under qemu (about 4 min; on by default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each model's int8 build per kernel (qcompile "
+                             "profile) and onnxruntime's per op (its enable_profiling), save "
+                             "both JSON files in profiles/ beside --out and print the top 5 of "
+                             "each side by side")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=("prepare", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -386,10 +446,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
     started = time.perf_counter()
-    rows = []
+    rows, side_by_side = [], []
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:
         for name in names:
             rows += _bench_model(MODELS[name], Path(tmp), args)
+            if args.profile:
+                side_by_side.append(_profile_model(MODELS[name], Path(tmp), args))
         phone = []
         if "efficientnet-lite0" in names and args.phone:
             from phone import phone_rows
@@ -437,6 +499,8 @@ def main() -> int:
               f"{r.get('tuned_kernels', '')} | "
               f"{r.get('tuning_s') or ''} |")
     print("\n* on the half of the held-out data that the precision search did not validate on")
+    for text in side_by_side:
+        print(f"\n{text}")
     if phone:
         from phone import print_rows
 

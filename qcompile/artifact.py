@@ -44,7 +44,9 @@ class Manifest:
     library_bytes: int
     versions: dict[str, str]
     source: dict[str, str]
-    kernels: dict[str, Any] = None  # {"total": n, "tuned": n, "tuning_log": dir or None}
+    # {"total": n, "tuned": n, ..., "tuning_log": dir or None, "functions": {kernel name:
+    # {"ops", "precision", "tuned"}} (kernel_facts.py; builds before it have none)}
+    kernels: dict[str, Any] = None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from . import lower
+from . import kernel_facts, lower
 from .artifact import LIBRARY_FILE, MANIFEST_FILE, OWN_FILES, Artifact, Manifest, sha256_of
 from .errors import CodegenError, InputError, ToolchainError
 from .paths import new_staging, remove_stale_staging
@@ -70,7 +70,8 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
     tvm_target = target.to_tvm()
     start = time.perf_counter()
     log.info("optimizing and generating code for %s (%s)", target.name, target.kind)
-    mod = lower.lower(model.mod, target, tuning_log)
+    fused = lower.kernels(model.mod, target)
+    mod = lower.finish(fused, target, tuning_log)
     counts = lower.kernel_counts(mod, target)
     if counts.int8_default:
         log.info("%d int8 kernel(s) on packed weights with qcompile's default schedules",
@@ -107,7 +108,8 @@ def build(model: FloatModel, target: Target, out_dir: str | Path,
             library_sha256=sha256_of(library), library_bytes=library.stat().st_size,
             versions=versions(), source={"model": model.source, "sha256": model.sha256},
             kernels={**counts.to_json(),
-                     "tuning_log": str(tuning_log.directory) if tuning_log else None})
+                     "tuning_log": str(tuning_log.directory) if tuning_log else None,
+                     "functions": kernel_facts.describe(fused, mod)})
         try:
             Artifact(staging, manifest).save()
             if extras is not None:

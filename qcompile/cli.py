@@ -24,6 +24,7 @@ Typical use:
   qcompile targets                                   # which devices can I compile for?
   qcompile compile model.onnx --target arm64-dotprod -o out/
   qcompile run out/ --inputs x.npz                   # here (host target) ...
+  qcompile profile out/ --inputs x.npz               # time per kernel, roofline
   qcompile run out/ --inputs x.npz --rpc-tracker 127.0.0.1:9190 --rpc-key arm64-dotprod
   qcompile tune model.onnx --target arm64-dotprod --rpc-tracker 127.0.0.1:9190 --rpc-key KEY
   qcompile compile model.onnx --target arm64-dotprod --tuning-log tuning_logs/arm64-dotprod
@@ -310,6 +311,51 @@ def _add_run(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+PROFILE_HELP = """\
+Time each kernel of OUT_DIR's model (TVM's fused kernels, as the Relax VM calls them) on the
+inputs, here, and print the longest first: calls, time per run and share, precision,
+operations (2 x MACs of its conv/matmul) and bytes per call, GOPS, GB/s, and the fraction of
+this machine's attainable peak it reaches (roofline; peaks given with --peak, else measured
+once with micro-kernels and cached). --json writes every kernel. TVM 0.27 cannot time single
+kernels on an RPC device: with --rpc-tracker the command says so.
+"""
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="time a compiled model kernel by kernel",
+                       description=PROFILE_HELP)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="what `qcompile compile -o` wrote")
+    p.add_argument("--inputs", metavar="X.npz",
+                   help="inputs as for `qcompile run` (default: random data of the right shapes)")
+    _device_args(p, "TVM RPC tracker of the device (refused: see above)")
+    p.add_argument("--repeat", type=_positive, default=10,
+                   help="timed repeats of each kernel call and of the whole model (default: 10)")
+    p.add_argument("--top", type=_positive, default=15,
+                   help="kernels shown, the rest summed in one line (default: 15)")
+    p.add_argument("--peak", action="append", default=[], metavar="NAME=VALUE",
+                   help="a peak for the roofline: int8, fp16 or fp32 in GOPS, memory in GB/s, "
+                        "e.g. --peak int8=1400 (repeat; default: measured here once, cached)")
+    p.add_argument("--json", metavar="FILE", help="write every kernel's row to FILE as JSON")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args) -> int:
+    from .artifact import Artifact
+    from .paths import check_output_file
+    from .profile import parse_peak, profile
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    peaks = dict(parse_peak(text) for text in args.peak)
+    inputs = _load_inputs(args.inputs, Artifact.open(args.out_dir).manifest)  # as run's
+    result = profile(args.out_dir, inputs, repeat=args.repeat, rpc_tracker=args.rpc_tracker,
+                     rpc_key=args.rpc_key, peaks=peaks)
+    print(result.table(args.top))
+    if args.json:
+        print(f"wrote {result.save(args.json)}")
+    return 0
+
+
 def _add_targets(sub) -> None:
     p = sub.add_parser("targets", help="list the device classes qcompile compiles for",
                        description="List the shipped targets (targets/*.toml). A target file "
@@ -457,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_inspect(sub)
     _add_run(sub)
+    _add_profile(sub)
     _add_package(sub)
     _add_tune(sub)
     _add_targets(sub)

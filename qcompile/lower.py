@@ -7,6 +7,7 @@ schedules/opencl) does each step; this module is the only one that picks it.
     kernels(mod, target)              the fused, unscheduled kernels: what tune searches
     schedule(kernels, target, log)    each kernel's best record in the log, else our default
     lower(mod, target, log)           all three steps: what build compiles
+    finish(kernels, target, log)      the last two, on kernels made already
 """
 
 from __future__ import annotations
@@ -49,16 +50,22 @@ def kernels(mod, target: Target, packed_layout: bool | None = None):
 
 def schedule(fused, target: Target, tuning_log: TuningLog | None = None):
     """The kernels of `fused` (from `kernels`) with each one's best record in `tuning_log`
-    and, for the others, our default schedules."""
+    and, for the others, our default schedules (`fused` itself is left as it was)."""
     tvm_target = target.to_tvm()
     with tvm_target:
-        tuned = apply_tuning_log(fused, tuning_log) if tuning_log is not None else fused
+        tuned = (apply_tuning_log(fused, tuning_log) if tuning_log is not None
+                 else module_copy(fused))
         return schedules_of(target).apply(tuned, tvm_target)
 
 
 def lower(mod, target: Target, tuning_log: TuningLog | None = None):
     """The Relax module ready for tvm.compile: fused, scheduled, finalized."""
-    scheduled = schedule(kernels(mod, target), target, tuning_log)
+    return finish(kernels(mod, target), target, tuning_log)
+
+
+def finish(fused, target: Target, tuning_log: TuningLog | None = None):
+    """`kernels`' output scheduled and finalized: ready for tvm.compile."""
+    scheduled = schedule(fused, target, tuning_log)
     return schedules_of(target).finalize(scheduled, target.to_tvm())
 
 
@@ -153,4 +160,4 @@ def kernel_counts(mod, target: Target) -> KernelCounts:
 
 
 __all__ = ["KernelCounts", "apply_tuning_log", "code_defect", "default_schedule", "dot_product",
-           "kernel_counts", "kernels", "lower", "schedule", "schedules_of", "search_space"]
+           "finish", "kernel_counts", "kernels", "lower", "schedule", "schedules_of", "search_space"]

@@ -56,7 +56,7 @@ class LoadedModel:
     """A compiled model loaded into a TVM VirtualMachine on some device."""
 
     def __init__(self, artifact: Artifact, vm, device, session=None, where: str = "local",
-                 device_info: Mapping[str, Any] | None = None):
+                 device_info: Mapping[str, Any] | None = None, library=None):
         self.artifact = artifact
         self.device_info = dict(device_info or {})
         self.emulated = bool(self.device_info.get("emulated"))
@@ -64,13 +64,14 @@ class LoadedModel:
         self._vm = vm
         self._device = device
         self._session = session
+        self._library = library
         self.where = where
 
     def close(self) -> None:
         """Release the VM and, for a device, end the RPC session (the device becomes free)."""
         import gc
 
-        self._vm = self._device = self._session = None
+        self._vm = self._device = self._session = self._library = None
         gc.collect()  # the remote session ends when its last handle is freed
 
     def __enter__(self) -> "LoadedModel":
@@ -78,6 +79,13 @@ class LoadedModel:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def new_vm(self):
+        """(another VirtualMachine of the library on the same device, the device): for a run
+        with an instrument hook, which a VM keeps once it is set."""
+        from tvm import relax
+
+        return relax.VirtualMachine(self._library, self._device), self._device
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -220,7 +228,6 @@ def _load_here(artifact: Artifact):
 def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | None = None,
          timeout: float = 60.0) -> LoadedModel:
     """Load a compiled model here, or on a device under `rpc_key` at the tracker."""
-    import tvm
     from tvm import relax
 
     from .devices.tracker import device_info, parse_tracker, request_session
@@ -232,7 +239,7 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
         library = _load_here(artifact)
         device = _device_for(target)
         return LoadedModel(artifact, relax.VirtualMachine(library, device), device,
-                           where="this machine")
+                           where="this machine", library=library)
     address = parse_tracker(rpc_tracker)
     key = rpc_key or target.get("rpc_key")
     session = request_session(address, key, timeout=timeout)
@@ -250,4 +257,4 @@ def load(out_dir: str | Path, rpc_tracker: str | None = None, rpc_key: str | Non
                           "fits the device's CPU.") from None
     host, port = address
     return LoadedModel(artifact, vm, device, session=session, where=f"{key}@{host}:{port}",
-                       device_info=info)
+                       device_info=info, library=library)
