@@ -18,7 +18,8 @@ table.
 Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8
 activations, minmax), qcompile fp32, int8 with default schedules (no tuning log), int8 with
 the tuning log shipped in tuning_logs/host (its tuning time is read from the log: how long the
-tune that wrote it took), and --quantize auto (the precision search against an accuracy
+tune that wrote it took), int4 (MiniLM: --weight-bits 4 --tables int4, 4-bit MatMul/Gemm
+weights and embedding), and --quantize auto (the precision search against an accuracy
 budget, validated on half of the held-out data; its accuracy is also given on the other,
 untouched half). Every int8 configuration of a model is calibrated on the same samples.
 
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the sentences and the small models live with the tests
 sys.path.insert(0, str(ROOT))  # this checkout's qcompile, installed or not
 ALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
-               "qcompile-int8-tuned", "qcompile-auto")
+               "qcompile-int8-tuned", "qcompile-int4", "qcompile-auto")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ MODELS = {m.name: m for m in (
     BenchModel("minilm-l3", _minilm_export, _sentences, output="461",
                input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)},
                configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
-                        "qcompile-int8", "qcompile-auto"), metric="cosine"),
+                        "qcompile-int8", "qcompile-int4", "qcompile-auto"), metric="cosine"),
     _tests_model("small-convnet", "packed_convnet"),
     _tests_model("small-matmul", "gemm_matmul"),
 )}
@@ -216,6 +217,11 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
         elif config.startswith("qcompile-int8"):
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
+        elif config == "qcompile-int4":  # 4-bit MatMul/Gemm weights and lookup tables
+            from qcompile.quantize import QuantConfig
+
+            options.update(quantize="int8", calibration=calibration, tuning_log=False,
+                           quant_config=QuantConfig(weight_bits=4, tables="int4"))
         del held_out
         artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
         from qcompile.deploy import package

@@ -202,10 +202,19 @@ def _quantize_args(p, auto: bool) -> None:
                    help="how int8 weights are rounded: gptq (default) chooses each weight's "
                         "rounding direction so that the layer's outputs on the calibration data "
                         "stay closest to fp32; nearest rounds each weight on its own")
-    q.add_argument("--tables", default="int8", choices=["int8", "fp32"],
+    q.add_argument("--weight-bits", type=int, default=8, choices=[8, 4],
+                   help="4: MatMul/Gemm weights in 4 bits with a scale per group of "
+                        "--group-size reduction elements, multiplied with the int8 input on the "
+                        "dot-product instructions (W4A8; --quantize int8); convolutions stay "
+                        "int8. A rule's precision = \"int4\" does the same per layer")
+    q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="4-bit weights: reduction elements per scale (default 32: 4.5 bits per "
+                        "weight with the fp16 scales)")
+    q.add_argument("--tables", default="int8", choices=["int8", "int4", "fp32"],
                    help="how constant lookup tables (an embedding read by Gather) are stored: "
                         "int8 with one scale per row (default; a BERT-style model's word "
-                        "embedding is most of its bytes), or fp32")
+                        "embedding is most of its bytes), int4 with a scale per 32 values, "
+                        "or fp32")
 
 
 def _cc_arg(p) -> None:
@@ -551,7 +560,8 @@ def _quant_config(args):
                            float_layers=frozenset(args.float_layer),
                            float_stem=not args.int8_stem, rules=rules,
                            bias_correction=args.bias_correction,
-                           weight_rounding=args.weight_rounding, tables=args.tables)
+                           weight_rounding=args.weight_rounding, tables=args.tables,
+                           weight_bits=args.weight_bits, group_size=args.group_size)
     if args.calibration:
         raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
     if args.precision_rules:

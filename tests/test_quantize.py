@@ -366,16 +366,28 @@ def test_a_report_that_cannot_measure_does_not_break_the_build(save_model, tmp_p
     assert float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e))) > 0.99
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int8-weights"])
-def test_a_lookup_table_is_stored_in_int8_with_a_scale_per_row(quantize, save_model, tmp_path):
-    """A Gather on a constant table (a word embedding) reads int8 rows times their scale:
-    the compiled lookup equals the numpy reference of that storage, and the library shrinks
-    by about the table's 3 bytes per value; --tables fp32 keeps the table exact."""
+def table_ref(table, bits):
+    """A table as stored: int8 with a symmetric scale per row, or 4 bits with an fp16 scale
+    per 32 values of a row (max |value| / 7, codes in [-8, 7])."""
+    if bits == 8:
+        scales = np.abs(table).max(axis=1) / np.float32(127)
+        return np.clip(np.round(table / scales[:, None]), -127, 127) * scales[:, None]
+    groups = table.reshape(table.shape[0], -1, 32)
+    scales = (np.abs(groups).max(axis=2, keepdims=True) / 7).astype(np.float16).astype(
+        np.float32)
+    return (np.clip(np.round(groups / scales), -8, 7) * scales).reshape(table.shape)
+
+
+@pytest.mark.parametrize("quantize, tables", [("int8", "int8"), ("int8-weights", "int8"),
+                                              ("int8", "int4")])
+def test_a_lookup_table_is_stored_in_int8_or_int4(quantize, tables, save_model, tmp_path):
+    """A Gather on a constant table (a word embedding) reads int8 rows times their scale, or
+    4-bit groups times theirs: the compiled lookup equals the numpy reference of that storage,
+    and the library shrinks by about the bytes saved; --tables fp32 keeps the table exact."""
     model = embedding_matmul()
     path = save_model(model)
     table = initializers(model)["table"]
-    scales = np.abs(table).max(axis=1) / np.float32(127)
-    stored = np.clip(np.round(table / scales[:, None]), -127, 127) * scales[:, None]
+    stored = table_ref(table, 8 if tables == "int8" else 4)
     feeds = random_inputs(model, seed=3)
     rows = np.abs(feeds["ids"]) * 37
 
@@ -390,15 +402,18 @@ def test_a_lookup_table_is_stored_in_int8_with_a_scale_per_row(quantize, save_mo
                          quant_config=QuantConfig(**config))
         return qcompile.load(out).run(feeds)["e"], (out / "model.so").stat().st_size
 
-    lookup, size = build(tmp_path / "int8")
+    lookup, size = build(tmp_path / tables, tables=tables)
     np.testing.assert_allclose(lookup, stored[rows], rtol=1e-6, atol=0)
     assert not np.array_equal(lookup, table[rows])
     exact, fp32_size = build(tmp_path / "fp32", tables="fp32")
     np.testing.assert_array_equal(exact, table[rows])
-    assert fp32_size - size > 0.6 * table.nbytes, (size, fp32_size)
+    saved = (0.6 if tables == "int8" else 0.7) * table.nbytes
+    assert fp32_size - size > saved, (size, fp32_size)
 
     qcompile.compile(path, "host", tmp_path / "whole", quantize=quantize,
-                     calibration=calibration(model) if quantize == "int8" else None)
+                     calibration=calibration(model) if quantize == "int8" else None,
+                     quant_config=QuantConfig(tables=tables))
     report = json.loads((tmp_path / "whole" / "quantization.json").read_text())
     assert [t["shape"] for t in report["tables"]] == [[256, 64]]
-    assert report["tables"][0]["precision"] == "int8" and report["tables"][0]["sqnr_db"] > 35
+    assert report["tables"][0]["precision"] == ("int8" if tables == "int8" else "int4-g32")
+    assert report["tables"][0]["sqnr_db"] > (35 if tables == "int8" else 15)

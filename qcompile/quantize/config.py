@@ -11,9 +11,10 @@ from ..frontend import FloatModel, Layer
 from .observers import ACTIVATION_DTYPES, METHODS
 from .report import QuantReport
 from .rules import LayerSettings, PrecisionRules
+from .weights import GROUP_SIZES, WEIGHT_BITS
 
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
-TABLE_PRECISIONS = ("int8", "fp32")
+TABLE_PRECISIONS = ("int8", "int4", "fp32")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class QuantConfig:
     rules: PrecisionRules | None = None  # per-layer precision and options (rules.py)
     bias_correction: bool = True      # remove the mean output shift that weight rounding causes
     weight_rounding: str = "gptq"     # gptq (minimize each layer's output error) | nearest
-    tables: str = "int8"              # constant lookup tables (embeddings): int8 | fp32
+    tables: str = "int8"              # constant lookup tables (embeddings): int8 | int4 | fp32
+    weight_bits: int = 8              # 4: MatMul/Gemm weights in 4 bits, in groups (W4A8)
+    group_size: int = 32              # 4-bit weights: reduction elements per scale
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -40,6 +43,13 @@ class QuantConfig:
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise InputError(f"Unknown weight rounding '{self.weight_rounding}': use one of "
                              f"{', '.join(WEIGHT_ROUNDINGS)}.")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise InputError(f"Weights are stored in {' or '.join(map(str, WEIGHT_BITS))} bits, "
+                             f"not {self.weight_bits}.")
+        if self.group_size not in GROUP_SIZES:
+            raise InputError(f"The group size of 4-bit weights is one of "
+                             f"{', '.join(map(str, GROUP_SIZES))} reduction elements, not "
+                             f"{self.group_size}.")
         if self.tables not in TABLE_PRECISIONS:
             raise InputError(f"Lookup tables are stored in {' or '.join(TABLE_PRECISIONS)}, "
                              f"not '{self.tables}'.")
@@ -53,7 +63,8 @@ class QuantConfig:
         return None if self.tables == "fp32" else self.tables
 
     def base_settings(self, activations: str) -> LayerSettings:
-        return LayerSettings("int8", self.method, self.per_channel, activations, self.symmetric)
+        return LayerSettings("int4" if self.weight_bits == 4 else "int8", self.method,
+                             self.per_channel, activations, self.symmetric, self.group_size)
 
 
 @dataclass(frozen=True)

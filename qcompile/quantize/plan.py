@@ -14,17 +14,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..errors import InputError
 from ..frontend import FloatModel, weight_key
 from .graph import Graph, constant_value, read_graph
 from .calibrate import LayerInput
 from .config import QuantConfig, activation_dtype_for
 from .rounding import conv_shape
 from .rules import LayerSettings, PrecisionRules, Rule
-from .schemes import Fp32, Scheme, scheme_for
+from .schemes import SCHEMES, Fp32, Scheme, scheme_for
 
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = ("conv2d", "matmul")
+# the precisions whose layers read a calibrated integer input (int8, int4)
+CALIBRATED = tuple(name for name, s in SCHEMES.items() if s.in_rules and s.takes_integers)
 STEM_REASON = ("first conv on the image: little compute, most sensitive (--int8-stem to "
                "quantize)")
 
@@ -78,7 +81,7 @@ class QuantPlan:
         return found
 
     def layer_inputs(self) -> dict[str, LayerInput]:
-        """{relax layer: what calibration collects for it} for every int8 layer."""
+        """{relax layer: what calibration collects for it} for every int8 or int4 layer."""
         gptq = self.config.weight_rounding == "gptq"
         names = {var: name for name, var in self.tensors().items()}
         weighted = self.weighted()
@@ -86,7 +89,7 @@ class QuantPlan:
                                 conv_shape(node),
                                 moments=gptq and constant_value(node.args[1]) is not None)
                 for var, node in weighted.items()
-                if self.settings.get(var, self.base).precision == "int8"}
+                if self.settings.get(var, self.base).precision in CALIBRATED}
 
     def needs_histograms(self) -> bool:
         return any(s.method != "minmax" for s in [self.base, *self.settings.values()])
@@ -109,13 +112,31 @@ def plan(model: FloatModel, config=None, target=None, *, mode: str = "static") -
         log.warning("no layer is named %s: check the names with `qcompile inspect MODEL`",
                     ", ".join(sorted(unknown)))
     stem = _stem(graph) if mode == "static" else None
-    by_onnx, _ = layer_plan(model, config if mode == "static" else
+    by_onnx, explicit = layer_plan(model, config if mode == "static" else
                             dataclasses.replace(config, float_stem=False), activations,
                             names.get(stem.name) if stem else None)
     base = config.base_settings(activations)
     settings = {var: by_onnx.get(onnx_name, base) for var, onnx_name in names.items()}
+    _check_int4(graph, names, settings, explicit, mode)
     return QuantPlan(model, config, activations, activation_dtype_for(target), mod, graph,
                      names, settings, stem.name if stem is not None else None)
+
+
+def _check_int4(graph: Graph, names, settings, explicit, mode: str) -> None:
+    """4-bit weights are W4A8 MatMul/Gemm kernels: they need calibrated int8 inputs, and a rule
+    may not ask for them on a convolution (the whole-model option leaves convolutions int8)."""
+    int4 = [var for var, s in settings.items() if s.precision == "int4"]
+    if int4 and mode != "static":
+        raise InputError(f"4-bit weights multiply int8 inputs whose ranges come from "
+                         f"calibration; --quantize {mode} has none. Use --quantize int8 with "
+                         "--calibration CALIB.npz.")
+    kinds = {n.name: n.kind for n in graph.nodes}
+    for var in int4:
+        if kinds.get(var) == "conv2d" and names[var] in explicit:
+            raise InputError(f"A precision rule sets layer '{names[var]}' (a convolution) to "
+                             "int4, but 4-bit weights have kernels for MatMul and Gemm only. "
+                             "Make the rule match those ops (op = [\"MatMul\", \"Gemm\"]) or "
+                             "keep the layer int8.")
 
 
 def layer_plan(model: FloatModel, config, activations: str,

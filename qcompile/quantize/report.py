@@ -133,8 +133,11 @@ class QuantReport:
                        if mode == "dynamic" else ", fp32 arithmetic"))
         elif self.samples:
             wide = sum(1 for r in self.rows if r["precision"] == "int8-a16")
-            head = (f"quantized {int8} of {len(self.rows)} layers to int8 "
-                    + (f"({wide} of them with 16-bit inputs) " if wide else "") +
+            four = sum(1 for r in self.rows if r["precision"].startswith("int4"))
+            notes = [f"{wide} of them with 16-bit inputs"] if wide else []
+            notes += [f"{four} of them with 4-bit weights"] if four else []
+            head = (f"quantized {int8 + four} of {len(self.rows)} layers to int8 "
+                    + (f"({', '.join(notes)}) " if notes else "") +
                     f"({self.method} "
                     f"calibration on {self.samples} samples, {self.activations} activations, "
                     f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)")

@@ -165,8 +165,23 @@ def _damped(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
-    """w [G, R, K] rows to round with scales s [G, R, 1], H [G, K, K] -> codes [G, R, K]."""
+def gptq_group_codes(weight: np.ndarray, scales: np.ndarray, moments: InputMoments,
+                     qmin: int, qmax: int) -> np.ndarray:
+    """Codes in [qmin, qmax] of a matmul weight [K, N] with a scale per weight (`scales`
+    [K, N]: each reduction group's scale repeated), rounded by GPTQ's error feedback."""
+    key = ("groups", np.asarray(scales, np.float32).tobytes(), qmin, qmax, weight.shape)
+    if key not in moments.codes:
+        rows = weight.T.astype(np.float64)[None]
+        s = np.asarray(scales, np.float64).T[None]
+        moments.codes[key] = _gptq(rows, s, moments.hessian(), qmax, qmin)[0].T
+    return moments.codes[key]
+
+
+def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int,
+          qmin: int | None = None) -> np.ndarray:
+    """w [G, R, K] rows to round with scales s [G, R, 1] (or [G, R, K]: one per weight),
+    H [G, K, K] -> codes [G, R, K] in [qmin, qmax] (qmin: -qmax when None)."""
+    qmin = -qmax if qmin is None else qmin
     w = w.copy()
     k = h.shape[-1]
     # An input that was zero on every calibration sample: its weights keep their nearest codes
@@ -181,16 +196,18 @@ def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
     # the direction of rounding is chosen. Unconstrained, GPTQ moved weights far along the
     # directions the calibration inputs never excite (a depthwise channel whose input was
     # constant), fitting the calibration set and costing held-out accuracy.
-    lower = np.clip(np.floor(w / s), -qmax, qmax)
-    upper = np.clip(np.ceil(w / s), -qmax, qmax)
+    lower = np.clip(np.floor(w / s), qmin, qmax)
+    upper = np.clip(np.ceil(w / s), qmin, qmax)
+    per_weight = s.shape[-1] > 1
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
         errors = np.empty(w.shape[:2] + (end - start,))
         for i in range(start, end):
             column = w[:, :, i]
-            q = np.clip(np.round(column / s[..., 0]), lower[:, :, i], upper[:, :, i])
+            step = s[..., i] if per_weight else s[..., 0]
+            q = np.clip(np.round(column / step), lower[:, :, i], upper[:, :, i])
             codes[:, :, i] = q
-            error = (column - q * s[..., 0]) / u[:, i, i][:, None]
+            error = (column - q * step) / u[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * u[:, i, None, i + 1:end]
             errors[:, :, i - start] = error
         # GPTQ's lazy batch: the columns after the block take the block's errors at once

@@ -1,4 +1,5 @@
-"""Precision rules: which layers run in int8, fp16 or fp32, and how each int8 layer is quantized.
+"""Precision rules: which layers run in int8, int4, fp16 or fp32, and how each integer layer
+is quantized.
 
 A rules file is TOML, read top to bottom:
 
@@ -38,6 +39,7 @@ from typing import Mapping, Sequence
 
 from ..errors import InputError
 from .observers import ACTIVATION_DTYPES, METHODS
+from .weights import GROUP_SIZES
 from .schemes import RULE_PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ PRECISIONS = RULE_PRECISIONS  # int8, fp16, fp32: every scheme a rule may name
 # what --quantize auto keeps a sensitive layer in: int8-a16 is int8 with 16-bit inputs
 FALLBACKS = ("fp32", "fp16", "int8-a16")
 SELECTORS = ("name", "op", "first", "last")
-SETTINGS = ("precision", "calibration", "weights", "activations", "symmetric")
+SETTINGS = ("precision", "calibration", "weights", "activations", "symmetric", "group_size")
 # the input type of an int8 layer; 16 bits: the input is split into two bytes, each multiplied
 # by the int8 weights (twice the int8 MACs), for inputs that one int8 scale cannot hold
 ACTIVATIONS = ACTIVATION_DTYPES
@@ -61,6 +63,7 @@ class LayerSettings:
     per_channel: bool = True          # weight scales per output channel
     activations: str = "uint8"        # the layer's input integer type: (u)int8 | (u)int16
     symmetric: bool = False
+    group_size: int = 32              # int4: reduction elements per weight scale
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,11 @@ def _settings(entry: dict, where: str) -> dict[str, object]:
         if not isinstance(entry["symmetric"], bool):
             raise InputError(f"{where}: symmetric must be true or false.")
         out["symmetric"] = entry["symmetric"]
+    if "group_size" in entry:
+        if entry["group_size"] not in GROUP_SIZES or isinstance(entry["group_size"], bool):
+            raise InputError(f"{where}: group_size must be one of "
+                             f"{', '.join(map(str, GROUP_SIZES))}, not {entry['group_size']!r}.")
+        out["group_size"] = entry["group_size"]
     return out
 
 
@@ -263,7 +271,7 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
         diff = []
         if settings.precision != base.precision:
             diff.append(("precision", settings.precision))
-        if settings.precision == "int8":
+        if settings.precision in ("int8", "int4"):
             if settings.method != base.method:
                 diff.append(("calibration", settings.method))
             if settings.per_channel != base.per_channel:
@@ -272,6 +280,8 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
                 diff.append(("activations", settings.activations))
             if settings.symmetric != base.symmetric:
                 diff.append(("symmetric", settings.symmetric))
+        if settings.precision == "int4" and settings.group_size != base.group_size:
+            diff.append(("group_size", settings.group_size))
         if diff:
             groups.setdefault(tuple(diff), []).append(name)
     lines = [f"# {line}" for line in header.splitlines()] if header else []
@@ -284,6 +294,7 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
         lines.append("name = [" + ", ".join(_toml_string(_glob_escape(n)) for n in names) + "]")
         for key, value in diff:
             lines.append(f"{key} = " + ("true" if value is True else "false" if value is False
+                                        else str(value) if isinstance(value, int)
                                         else _toml_string(value)))
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ from .observers import WIDE_DTYPES as WIDE, Observer, QParams, activation_qparam
 from .onnx_view import conv_shape, kind, onnx_flow, weighted_layers
 from .rules import LayerSettings
 from .schemes import scheme_for
-from .weights import is_table, quantize_table
+from .weights import is_table, stored_table
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ class Simulator:
             if i in schemes and (i not in int8 or node.input[0] in self.observers):
                 layer, scheme = schemes[i]
                 scheme.fake(FakeLayer(self, rewrite, layer, node, wide))
-            elif self.tables == "int8" and _reads_table(node, self.inits):
+            elif self.tables in ("int8", "int4") and _reads_table(node, self.inits):
                 rewrite.set_initializer(node.input[0],
-                                        quantize_table(self.inits[node.input[0]]).dequantized())
+                                        stored_table(self.inits[node.input[0]], self.tables))
             elif i in integer_ops:
                 for k, tensor in enumerate(node.input):
                     if tensor and tensor not in self.inits:

@@ -28,7 +28,7 @@ from .calibration_data import load_calibration
 from .flow import wide_tensors
 from .graph import Graph, relax_flow
 from .observers import WIDE_DTYPES, activation_qparams, choose_range
-from .plan import QuantPlan
+from .plan import CALIBRATED, QuantPlan
 from .config import QuantizedModel
 from .realize import Realizer, verify
 from .report import QuantReport, layer_errors
@@ -101,7 +101,7 @@ def _qparams(plan: QuantPlan, table: CalibrationTable):
                for var, obs in observer_of.items()}
     weighted = plan.weighted()
     int8 = {var: s for var, s in plan.settings.items()
-            if var in weighted and s.precision == "int8"}
+            if var in weighted and s.precision in CALIBRATED}
     # 16-bit inputs, and the integer ops before them (flow.py): {var: (dtype, symmetric)}
     wide = wide_tensors(relax_flow(plan.graph), {
         var: (s.activations, s.symmetric) for var, s in int8.items()

@@ -41,7 +41,7 @@ class TableResult:
     var: str                        # the relax var of the lookup
     rows: int
     width: int
-    precision: str                  # int8 | fp32
+    precision: str                  # int8 | int4-g32
     sqnr_db: float | None = None    # the table's own error
 
     def to_json(self) -> dict:
@@ -63,7 +63,7 @@ class RealizeConfig:
     weight_codes: Any = None               # frontend.WeightCodes of a pre-quantized model
     input_means: Mapping = field(default_factory=dict)    # {layer input var: channel means}
     input_moments: Mapping = field(default_factory=dict)  # {layer: rounding.InputMoments}
-    tables: str | None = None              # constant lookup tables' precision: int8 | None
+    tables: str | None = None              # constant lookup tables: int8 | int4 | None
 
 
 __all__ = ["LayerResult", "QValue", "RealizeConfig", "TableResult"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .observers import weight_scales
-from .rounding import InputMoments, fitted_scales, gptq_codes
+from .rounding import InputMoments, fitted_scales, gptq_codes, gptq_group_codes
 
 CHANNEL_AXIS = {"conv2d": 0, "matmul": 1}  # the output-channel axis of each kind's weight
 BIAS_LIMIT = 2.0 ** 30  # the largest |bias| in accumulator units: headroom left in int32
@@ -95,6 +95,73 @@ def quantize_weight(weight: np.ndarray, kind: str, *, per_channel: bool = True,
     return _result(weight, codes, scales, axis, rounding, bias)
 
 
+@dataclass(frozen=True)
+class GroupWeight:
+    """A matmul weight [K, N] in `bits`-bit codes with a scale per group of `group`
+    consecutive reduction elements: (codes - offset) * scales[k // group, n] approximates it.
+    K is padded with zero weights up to a whole number of groups."""
+
+    codes: np.ndarray            # uint8 [K_padded, N], in [0, 2^bits): offset binary
+    scales: np.ndarray           # [groups, N], in `scale_dtype`
+    group: int
+    bits: int
+    rounding: str                # gptq | nearest
+    sqnr_db: float
+
+    @property
+    def offset(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def values(self) -> np.ndarray:
+        """The signed codes [K_padded, N]."""
+        return self.codes.astype(np.int32) - self.offset
+
+    def dequantized(self, rows: int | None = None) -> np.ndarray:
+        """The approximated weight [rows, N] (rows: the unpadded K; None: all)."""
+        w = self.values() * np.repeat(self.scales.astype(np.float32), self.group, axis=0)
+        return w[:rows].astype(np.float32)
+
+    def group_sums(self) -> np.ndarray:
+        """[groups, N] int32: each group's sum of signed codes (the zero-point correction)."""
+        return self.values().reshape(-1, self.group, self.codes.shape[1]).sum(axis=1).astype(
+            np.int32)
+
+    def packed_pairs(self) -> np.ndarray:
+        """[N, K_padded/2] uint8: codes k = 2j (low nibble) and 2j + 1 (high) of each row."""
+        pairs = self.codes.T.reshape(self.codes.shape[1], -1, 2)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+
+
+GROUP_SIZES = (32, 64, 128)
+WEIGHT_BITS = (4, 8)
+
+
+def quantize_groups(weight: np.ndarray, group: int, *, bits: int = 4,
+                    moments: InputMoments | None = None,
+                    scale_dtype: str = "float16") -> GroupWeight:
+    """A matmul weight [K, N] in symmetric `bits`-bit codes, one scale per group of `group`
+    reduction elements (the group's largest magnitude maps to the largest code), rounded by
+    GPTQ when the layer input's moments are given, else to nearest."""
+    k, n = weight.shape
+    padded = -(-k // group) * group
+    w = np.zeros((padded, n), np.float32)
+    w[:k] = weight
+    qmax, qmin = (1 << (bits - 1)) - 1, -(1 << (bits - 1))
+    bound = np.abs(w.reshape(-1, group, n)).max(axis=1)
+    scales = np.where(bound > 0, bound / qmax, 1.0).astype(scale_dtype)
+    per_weight = np.repeat(scales.astype(np.float32), group, axis=0)
+    if moments is not None:
+        codes = gptq_group_codes(weight, per_weight[:k], moments, qmin, qmax)
+        codes = np.concatenate([codes, np.zeros((padded - k, n))]) if padded > k else codes
+        rounding = "gptq"
+    else:
+        codes, rounding = np.clip(np.round(w / per_weight), qmin, qmax), "nearest"
+    codes = (codes + (1 << (bits - 1))).astype(np.uint8)
+    result = GroupWeight(codes, scales, group, bits, rounding, 0.0)
+    return GroupWeight(codes, scales, group, bits, rounding,
+                       sqnr_db(weight, result.dequantized(k)))
+
+
 TABLE_MIN_ELEMENTS = 4096  # smaller tables barely change the file; each rounding costs accuracy
 
 
@@ -112,6 +179,16 @@ def quantize_table(table: np.ndarray) -> QuantWeight:
     scales = weight_scales(table, 0)
     codes = np.clip(np.round(table / scales[:, None]), -127, 127).astype(np.int8)
     return _result(table, codes, scales, 0, "nearest", None)
+
+
+TABLE_GROUP = 32  # 4-bit tables: values per scale along a row
+
+
+def stored_table(table: np.ndarray, precision: str) -> np.ndarray:
+    """The values a lookup table holds once stored in `precision` (int8 | int4)."""
+    if precision == "int4":
+        return quantize_groups(table.T, TABLE_GROUP).dequantized(table.shape[1]).T
+    return quantize_table(table).dequantized()
 
 
 def _along(scales: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -151,5 +228,6 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
-__all__ = ["CHANNEL_AXIS", "QuantWeight", "is_table", "quantize_table", "quantize_weight",
-           "sqnr_db", "weight_error_shift"]
+__all__ = ["CHANNEL_AXIS", "GROUP_SIZES", "GroupWeight", "QuantWeight", "WEIGHT_BITS",
+           "TABLE_GROUP", "is_table", "quantize_groups", "quantize_table", "quantize_weight",
+           "sqnr_db", "stored_table", "weight_error_shift"]

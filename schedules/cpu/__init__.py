@@ -28,6 +28,7 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import library_dispatch_passes
 
+    from .packed_int4 import repack
     from .packed_int8 import has_int8_conv, legalize_map
 
     dot = dot_product_for(tvm_target)
@@ -36,6 +37,9 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         if dot is not None and (has_int8_conv(mod) if packed_layout is None
                                 else packed_layout):
             passes += [relax.transform.ConvertLayout(PACKED_LAYOUTS), relax.transform.FoldConstant()]
+        if dot is not None:
+            passes.append(tvm.transform.module_pass(lambda m, _ctx: repack(m, dot),
+                                                    opt_level=0, name="PackInt4Weights"))
         passes += library_dispatch_passes(tvm_target)
         passes += [relax.transform.LegalizeOps(legalize_map(dot) if dot is not None else None),
                    relax.transform.AnnotateTIROpPattern(),

@@ -19,6 +19,7 @@ import logging
 from .intrinsics import DotProduct, register
 from .. import SCHEDULE_ATTR
 from .tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
+from . import packed_int4
 from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
 PACKED = "packed-int8"  # SCHEDULE_ATTR's value on the kernels scheduled here
@@ -114,10 +115,27 @@ def schedule(func, dot: DotProduct):
     sch = Schedule(func)
     block, is_conv, chosen = packed_block(sch, dot)
     if block is None:
-        return None
+        inline_epilogue_int4(sch)
+        return sch if packed_int4.schedule_kernel(sch, dot) else None
     inline_epilogue(sch, block)
     (schedule_conv if is_conv else schedule_matmul)(sch, block, chosen)
     return sch
+
+
+def inline_epilogue_int4(sch) -> None:
+    """A packed int4 kernel's elementwise epilogue (the blocks after its group sums) inlined
+    into its last block; the blocks before the sums (unpacking, padding) stay."""
+    from tvm.s_tir import ScheduleError
+
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if packed_int4.PACKED + "_groups" not in names:
+        return
+    for block in blocks[names.index(packed_int4.PACKED + "_groups") + 1:-1]:
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:
+            pass
 
 
 def schedule_kernel(func, dot: DotProduct):

@@ -4,14 +4,14 @@ LayerSettings mapped to schemes, and each scheme's count of int8 MACs."""
 import pytest
 
 from qcompile.quantize.rules import PRECISIONS, LayerSettings
-from qcompile.quantize.schemes import (SCHEMES, Dynamic, Fp16, Fp32, Int8, Int8A16, WeightOnly,
-                                       scheme_for)
+from qcompile.quantize.schemes import (SCHEMES, Dynamic, Fp16, Fp32, Int4, Int8, Int8A16,
+                                       WeightOnly, scheme_for)
 from qcompile.quantize.search import int8_fraction, precision_label
 
 
 def test_every_scheme_is_registered_under_its_name():
     assert all(cls.name == name for name, cls in SCHEMES.items())
-    assert set(PRECISIONS) == {"int8", "fp16", "fp32"}
+    assert set(PRECISIONS) == {"int8", "int4", "fp16", "fp32"}
 
 
 @pytest.mark.parametrize("settings, mode, expected", [
@@ -19,6 +19,7 @@ def test_every_scheme_is_registered_under_its_name():
      Int8("entropy", False, "int8", True)),
     (LayerSettings("int8", activations="uint16"), "static", Int8A16(activations="uint16")),
     (LayerSettings("fp16"), "static", Fp16()),
+    (LayerSettings("int4", "entropy", group_size=64), "static", Int4("entropy", group_size=64)),
     (LayerSettings("fp32"), "dynamic", Fp32()),
     (LayerSettings("int8", per_channel=False), "weight-only", WeightOnly(per_channel=False)),
     (LayerSettings("int8", activations="int8"), "dynamic", Dynamic(activations="int8")),

@@ -12,6 +12,7 @@ line in SCHEMES.
     fp32          float, with the reason it stayed so
     int8-weights  weight-only int8: int8 weights widened in fp32 kernels
     int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
+    int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .base import Scheme, SimLayerOp
 from .dynamic import Dynamic
 from .fp16 import Fp16
 from .fp32 import Fp32
+from .int4 import Int4
 from .int8 import Int8
 from .int8_a16 import Int8A16
 from .weight_only import WeightOnly
@@ -31,6 +33,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "fp32": Fp32,
     "int8-weights": WeightOnly,
     "int8-dynamic": Dynamic,
+    "int4": Int4,
 }
 # what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
@@ -51,5 +54,5 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES", "Scheme",
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES", "Scheme",
            "SimLayerOp", "WeightOnly", "scheme_for"]

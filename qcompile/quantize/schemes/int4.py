@@ -1,0 +1,132 @@
+"""W4A8: 4-bit weights in groups along the reduction axis, multiplied with the calibrated int8
+input on the int8 dot-product instructions.
+
+The weight is stored as symmetric 4-bit codes, two per byte, with one fp16 scale per group of
+`group_size` reduction elements (weights.quantize_groups: GPTQ with the calibration moments,
+else round to nearest): 4.5 bits per weight with groups of 32. The kernel (emitted here in its
+logical form, schedules/cpu/packed_int4.py; packed for the target's instruction when lowered)
+accumulates each group exactly in int32 and scales the groups' sums in float; the input's
+scale, the bias and the following ReLU/clip bounds are applied after it, and the output is
+float.
+
+MatMul/Gemm only: a convolution planned int4 by the whole-model option stays int8 (a warning
+names it; a rule asking for it is refused by the plan).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..ops.linear import fused_chain
+from ..weights import quantize_groups
+from .base import Scheme, SimLayerOp, stays_float
+from .int8 import Int8
+
+if TYPE_CHECKING:
+    from ..ops.linear import LayerOp
+    from ..realize import Realizer
+
+log = logging.getLogger(__name__)
+
+KERNEL = "int4_matmul"
+
+
+@dataclass(frozen=True)
+class Int4(Scheme):
+    name = "int4"
+    in_rules = True
+    takes_integers = True
+    int8_kernel = True   # its MACs are int8 x int8 on the dot-product instruction
+
+    method: str = "minmax"
+    per_channel: bool = True      # for the int8 fallback of a conv
+    activations: str = "uint8"
+    symmetric: bool = False
+    group_size: int = 32
+
+    @classmethod
+    def from_settings(cls, settings) -> "Int4":
+        return cls(settings.method, settings.per_channel, settings.activations,
+                   settings.symmetric, settings.group_size)
+
+    @property
+    def label(self) -> str:
+        return f"int4-g{self.group_size}"
+
+    def _int8(self) -> Int8:
+        return Int8(self.method, self.per_channel, self.activations, self.symmetric)
+
+    def emit(self, r: Realizer, layer: LayerOp):
+        if layer.unsupported is not None:
+            return stays_float(r, layer, layer.unsupported)
+        node = layer.node
+        x = node.args[0]
+        given_qp = r.config.input_qparams.get(node.name)
+        if layer.kind != "matmul" or (given_qp is not None and given_qp.bits == 16):
+            log.warning("layer %s: no 4-bit kernel for a %s; it stays int8", node.name,
+                        "16-bit input" if layer.kind == "matmul" else "convolution")
+            return self._int8().emit(r, layer)
+        if not r.has_qparams(x) and given_qp is None:
+            return stays_float(r, layer, "its input has no calibration")
+        xq = r.quant_of(x, given_qp)
+        if xq.qp.bits == 16:
+            return self._int8().emit(r, layer)
+        gw = quantize_groups(layer.weight, self.group_size,
+                             moments=r.config.input_moments.get(node.name))
+        out = _kernel(r, xq, gw, int(layer.weight.shape[0]))
+        last, bias, lo, hi, absorbed = fused_chain(r, node, layer.channels)
+        op = r.relax.op
+        # the input's zero point: zx * sum_g scale * (the group's sum of codes), per output
+        shift = np.float64(xq.qp.zero_point) * np.einsum(
+            "gn,gn->n", gw.scales.astype(np.float64), gw.group_sums().astype(np.float64))
+        real = op.multiply(op.subtract(out, r._const(shift.astype(np.float32), "float32")),
+                           r._const(np.float32(xq.qp.scale), "float32"))
+        if bias is not None:
+            real = op.add(real, r._const(bias, "float32"))
+        if lo is not None or hi is not None:
+            real = r.clamp(real, lo, hi)
+        result = r._emit(real)
+        r.absorbed.update(absorbed)
+        r.layers.append(layer.result(
+            self.label, input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
+            fused=tuple(r.graph.nodes[i].name for i in absorbed), output_var=last.var))
+        r.env[last.var] = result
+        return result
+
+    def fake(self, sim: SimLayerOp) -> None:
+        if sim.kind != "matmul":
+            return self._int8().fake(sim)
+        qp = sim.input_qparams(self)
+        if qp.bits == 16:
+            return self._int8().fake(sim)
+        sim.round_input(qp)
+        gw = quantize_groups(sim.weight, self.group_size, moments=sim.moments)
+        sim.set_weight(gw.dequantized(sim.weight.shape[0]))
+
+
+def _kernel(r: Realizer, xq, gw, k: int):
+    """The logical W4A8 kernel on the integer input (its reduction padded with the zero point
+    up to whole groups): float sums of each group's int32 dot product times its scale."""
+    from ...schedules.int4_logical import FUNC_ATTR, logical_te
+
+    op = r.relax.op
+    data = xq.expr
+    padded = gw.codes.shape[0]
+    if padded > k:
+        ndim = len(xq.expr.ty.shape)
+        data = r._emit(op.nn.pad(data, [0, 0] * (ndim - 1) + [0, padded - k],
+                                 pad_value=float(xq.qp.zero_point)))
+    call = r.bb.call_te(logical_te, data, r.relax.const(gw.packed_pairs(), "uint8"),
+                        r.relax.const(gw.scales, str(gw.scales.dtype)), gw.group,
+                        primfunc_name_hint=KERNEL)
+    gvar = call.args[0]
+    func = r.bb.get()[gvar]
+    r.bb.update_func(gvar, func.with_attr(FUNC_ATTR, gw.group))
+    return r._emit(call)
+
+
+__all__ = ["Int4"]

@@ -1,0 +1,204 @@
+"""Group-wise 4-bit weights on the int8 dot-product instructions (W4A8).
+
+A layer's weight arrives from realize as codes c in [0, 15] (the value is c - 8), two per byte
+in the logical layout [N, K/2] (byte j of row n: c[n, 2j] in the low nibble, c[n, 2j+1] in
+the high one), with one scale per group of `group` consecutive reduction elements:
+
+    y[m, n] = sum_g scale[g, n] * acc[m, g, n],  acc[m, g, n] = sum_{k in g} x[m, k] (c[n, k] - 8)
+
+with acc an exact int32 dot product per group (the input's zero point is folded into the bias
+by realize: schedules/int4_logical.py).
+
+`int4_logical.logical_te` is that computation, written plainly: realize emits it, so that a
+module is correct on any target before lowering. On a CPU with a dot-product instruction, `repack`
+rewrites each such kernel onto weights packed for the instruction, still two per byte:
+[N/lanes, K/(2 reduce), lanes, reduce], the low nibbles one block of `reduce` reduction
+elements and the high nibbles the next, so that one shift and one mask give the instruction's
+int8 weight block. The default schedule (`schedule`) unpacks each block into a 64-byte (VNNI)
+or 16-byte (sdot) buffer right before the instruction consumes it: the weights cross memory in
+4 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .intrinsics import DotProduct
+
+
+PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
+
+
+def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int):
+    """The same on weights packed for an instruction: packed [N/lanes, K/(2 reduce), lanes,
+    reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales
+    [N/lanes, K/group, lanes] (each column block's scales together)."""
+    from tvm import te
+
+    blocks = int(packed.shape[1])          # byte blocks: 2 * reduce reduction elements each
+    per_group = group // (2 * reduce)      # byte blocks per group
+    groups = int(scales.shape[1])
+    unpacked = te.compute(
+        (int(packed.shape[0]), blocks, 2, lanes, reduce),
+        lambda nb, b, h, lane, r: (
+            (packed[nb, b, lane, r] >> (h * 4).astype("uint8")) & 15).astype("int8")
+        - te.const(8, "int8"),
+        name="qcompile_int4_unpack")
+    kb = te.reduce_axis((0, per_group), "kb")
+    h = te.reduce_axis((0, 2), "h")
+    r = te.reduce_axis((0, reduce), "r")
+    rows = tuple(data.shape[:-1])
+
+    def k_of(g, b, hh, rr):
+        return ((g * per_group + b) * 2 + hh) * reduce + rr
+
+    acc = te.compute(
+        (*rows, groups, channels),
+        lambda *idx: te.sum(
+            data[(*idx[:-2], k_of(idx[-2], kb, h, r))].astype("int32")
+            * unpacked[idx[-1] // lanes, idx[-2] * per_group + kb, h, idx[-1] % lanes,
+                       r].astype("int32"),
+            axis=[kb, h, r]),
+        name=PACKED)
+    g = te.reduce_axis((0, groups), "g")
+    return te.compute(
+        (*rows, channels),
+        lambda *idx: te.sum(
+            acc[(*idx[:-1], g, idx[-1])].astype("float32")
+            * scales[idx[-1] // lanes, g, idx[-1] % lanes].astype("float32"), axis=[g]),
+        name=PACKED + "_groups")
+
+
+def pack_codes(codes: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+    """Codes [N, K] (0..15, N a multiple of `lanes`, K of 2 `reduce`) -> [N/lanes,
+    K/(2 reduce), lanes, reduce] uint8: low nibble block 2b, high nibble block 2b + 1."""
+    n, k = codes.shape
+    blocks = codes.reshape(n // lanes, lanes, k // (2 * reduce), 2, reduce)
+    low, high = blocks[:, :, :, 0, :], blocks[:, :, :, 1, :]
+    packed = (low.astype(np.uint8) | (high.astype(np.uint8) << 4))
+    return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+
+
+def unpack_logical(codes_logical: np.ndarray) -> np.ndarray:
+    """[N, K/2] bytes -> [N, K] codes (0..15)."""
+    low = codes_logical & 15
+    high = codes_logical >> 4
+    return np.stack([low, high], axis=-1).reshape(codes_logical.shape[0], -1)
+
+
+BLOCKS_PER_TILE = 1  # column blocks a thread interleaves (2 and 4 measured slower)
+
+
+def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
+    """Default schedule of a packed int4 kernel: parallel over tiles of up to 4 column blocks
+    (and row tiles); per tile and group, each block's `lanes` int32 accumulators per row are
+    filled by the instruction from a just-unpacked weight block, the blocks interleaved so that
+    their instructions do not wait on each other; then the tile's float sums over the groups,
+    while its accumulators are still in cache."""
+    from .tiles import largest_divisor
+
+    groups_block = sch.get_consumers(block)[0]
+    *batch, g, cols, kb, h, r = sch.get_loops(block)
+    rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+    extent = int(sch.get(rows).extent)
+    blocks = int(sch.get(cols).extent) // dot.lanes
+    mo, mi = sch.split(rows, [None, largest_divisor(extent, rows_tile)])
+    no, nj, ni = sch.split(cols, [None, largest_divisor(blocks, BLOCKS_PER_TILE), dot.lanes])
+    sch.reorder(mo, no, g, kb, h, nj, mi, ni, r)
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint == "qcompile_int4_unpack":
+            sch.compute_at(producer, nj, preserve_unit_loops=True)
+            inner = sch.get_loops(producer)
+            sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+    epilogue = sch.get_consumers(groups_block)
+    sch.reverse_compute_at(groups_block, no, preserve_unit_loops=True)
+    *_, lanes_loop, g_loop = sch.get_loops(groups_block)
+    sch.reorder(g_loop, lanes_loop)
+    for consumer in epilogue:  # the scale, bias and bounds after it, on the tile's outputs
+        sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(consumer)[-1])
+    sch.vectorize(lanes_loop)
+    sch.parallel(sch.fuse(mo, no))
+    init = sch.decompose_reduction(block, kb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, dot.intrin)
+
+
+def _constant(expr):
+    import tvm
+
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
+
+
+def _pad_columns(values: np.ndarray, multiple: int, fill) -> np.ndarray:
+    extra = -values.shape[-1] % multiple
+    if not extra:
+        return values
+    widths = [(0, 0)] * (values.ndim - 1) + [(0, extra)]
+    return np.pad(values, widths, constant_values=fill)
+
+
+def repack(mod, dot: DotProduct):
+    """`mod` with every logical W4A8 kernel call (int4_logical) on weights packed for `dot`
+    (sdot for an smmla target: the kernel multiplies one row at a time), where its input's type
+    is the instruction's; the others keep the logical kernel."""
+    import tvm
+    from tvm import relax, topi
+
+    from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR
+
+    chosen = dot if dot.rows == 1 else dot.fallback
+    logical = {gv: func for gv, func in mod.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+               and LOGICAL_ATTR in func.attrs}
+    if chosen is None or not logical:
+        return mod
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @relax.expr_functor.mutator
+    class Repack(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (call.op.same_as(call_tir) and call.args[0] in logical):
+                return call
+            data, codes, scales = call.args[1].fields
+            group = int(logical[call.args[0]].attrs[LOGICAL_ATTR])
+            pairs, scale = _constant(codes), _constant(scales)
+            if pairs is None or scale is None or \
+                    str(data.ty.dtype) != chosen.activation_dtype or \
+                    group % (2 * chosen.reduce):
+                return call
+            channels = pairs.shape[0]
+            codes_nk = unpack_logical(pairs)
+            codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
+                              constant_values=8)
+            packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce)
+            scale = _pad_columns(scale, chosen.lanes, 0)             # [groups, N padded]
+            blocks = scale.reshape(scale.shape[0], -1, chosen.lanes).transpose(1, 0, 2)
+            out = self.builder_.call_te(
+                packed_te, data, relax.const(packed, "uint8"),
+                relax.const(np.ascontiguousarray(blocks), str(scale.dtype)), group,
+                codes_nk.shape[0], chosen.lanes, chosen.reduce,
+                primfunc_name_hint="packed_int4_matmul")
+            if codes_nk.shape[0] == channels:
+                return out
+            axis = len(data.ty.shape) - 1
+            return self.builder_.call_te(topi.strided_slice, self.builder_.emit(out), [0],
+                                         [channels], [1], [axis],
+                                         primfunc_name_hint="packed_channels")
+
+    rewriter = Repack(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+def schedule_kernel(sch, dot: DotProduct) -> bool:
+    """Schedule the kernel's packed int4 block if it has one (whether it did)."""
+    chosen = dot if dot.rows == 1 else dot.fallback
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint == PACKED and chosen is not None:
+            schedule(sch, block, chosen)
+            return True
+    return False

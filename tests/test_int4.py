@@ -1,0 +1,195 @@
+"""4-bit weights in groups (W4A8): the codes and their packing, the compiled kernels against a
+numpy reference of the same integer arithmetic written here from the definitions, the
+dot-product instruction in the code, GPTQ against round-to-nearest, and the options' errors."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import qcompile
+from models import conv_relu, make_model, random_inputs
+from qcompile.cli import main
+from qcompile.quantize import QuantConfig
+from qcompile.quantize.weights import quantize_groups
+from qcompile.schedules.cpu.packed_int4 import pack_codes, unpack_logical
+from test_int8_kernels import host_has_vnni, instruction_counts
+
+RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def matmul_model(k: int, n: int, rows: int = 3, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+                       helper.make_node("Add", ["h", "b"], ["y"], name="fc_bias")],
+                      [("x", [rows, k])], [("y", [rows, n])],
+                      [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+
+
+def w4a8_ref(x, w, b, qp, group):
+    """y = s_x * sum_g s[g, n] * sum_{k in g} (q(x) - z_x) * c[k, n] + b, with symmetric
+    4-bit codes c = round(w / s), s = max |w| over the group / 7 (as fp16), K padded with
+    zero weights to whole groups; the int32 sums exact."""
+    k, n = w.shape
+    padded = -(-k // group) * group
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = w
+    bound = np.abs(wp.reshape(-1, group, n)).max(axis=1)
+    s = np.where(bound > 0, bound / 7, 1).astype(np.float16).astype(np.float32)
+    codes = np.clip(np.round(wp / np.repeat(s, group, axis=0)), -8, 7).astype(np.int64)
+    lo, hi = RANGES[qp["dtype"]]
+    xq = np.clip(np.round(x / np.float32(qp["scale"])) + qp["zero_point"], lo, hi)
+    xc = np.zeros((x.shape[0], padded), np.int64)
+    xc[:, :k] = xq.astype(np.int64) - qp["zero_point"]
+    acc = np.einsum("mgk,gkn->mgn", xc.reshape(x.shape[0], -1, group),
+                    codes.reshape(-1, group, n))
+    y = np.einsum("mgn,gn->mn", acc.astype(np.float64), s.astype(np.float64))
+    return (y * np.float32(qp["scale"]) + b).astype(np.float32)
+
+
+def test_codes_groups_and_packing():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((576, 24)).astype(np.float32)   # 576 = 4.5 groups of 128
+    gw = quantize_groups(w, 128)
+    assert gw.codes.shape == (640, 24) and gw.scales.shape == (5, 24)
+    assert gw.scales.dtype == np.float16 and gw.codes.max() <= 15
+    assert np.all(gw.values()[576:] == 0)                    # the padding weighs nothing
+    assert gw.sqnr_db > 18, gw.sqnr_db                         # 4 bits: about 20 dB
+    assert np.array_equal(unpack_logical(gw.packed_pairs()), gw.codes.T)
+    assert np.array_equal(gw.group_sums(), gw.values().reshape(5, 128, 24).sum(axis=1))
+    codes = np.arange(32 * 16).reshape(32, 16) % 16          # [N, K]
+    packed = pack_codes(codes, lanes=16, reduce=4)
+    assert packed.shape == (2, 2, 16, 4)
+    # byte (block 1 of row block 1, lane 5, r 3): k = 8 + 3 (low nibble), 8 + 4 + 3 (high)
+    assert packed[1, 1, 5, 3] == codes[21, 11] | (codes[21, 15] << 4)
+
+
+@pytest.mark.parametrize("k, n, group", [(100, 40, 32), (576, 64, 64), (256, 48, 128)])
+def test_w4a8_matches_the_integer_reference(k, n, group, save_model, tmp_path):
+    """Reduction lengths that are not whole groups (100, 576 with 128) and outputs that do not
+    fill the instruction's blocks (40, 48 with 16 lanes)."""
+    model = matmul_model(k, n)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                                calibration=calibration,
+                                quant_config=QuantConfig(weight_bits=4, group_size=group,
+                                                         weight_rounding="nearest",
+                                                         bias_correction=False))
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    row = report["layers"][0]
+    assert row["precision"] == f"int4-g{group}" and row["weight_rounding"] == "nearest"
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(3):
+            x = random_inputs(model, seed=seed)["x"]
+            got = loaded.run({"x": x})["y"]
+            expected = w4a8_ref(x, init["w"], init["b"], row["input"], group)
+            np.testing.assert_allclose(got, expected, rtol=2e-5,
+                                       atol=2e-5 * np.abs(expected).max())
+    if host_has_vnni():
+        assert instruction_counts(artifact.library)["vpdpbusd"] > 0
+        assert artifact.manifest.kernels["int8_default_schedules"] == 1
+
+
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
+def test_arm64_int4_uses_sdot(target, save_model, tmp_path):
+    """The 4-bit kernel multiplies one row at a time, so an i8mm CPU runs it on sdot too."""
+    model = matmul_model(256, 64)
+    calibration = [random_inputs(model, seed=10 + i) for i in range(4)]
+    artifact = qcompile.compile(save_model(model), target, tmp_path / "out", quantize="int8",
+                                calibration=calibration,
+                                quant_config=QuantConfig(weight_bits=4))
+    assert artifact.manifest.kernels["int8_default_schedules"] == 1
+    assert instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+
+
+def test_gptq_beats_round_to_nearest_at_4_bits(save_model, tmp_path):
+    """Correlated inputs (as a real layer's are): GPTQ's error feedback through the calibration
+    moments gives a smaller output error than rounding each weight on its own."""
+    k, n = 128, 32
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+    model = matmul_model(k, n, rows=8)
+    path = save_model(model)
+
+    def sample(seed):
+        z = np.random.default_rng(seed).standard_normal((8, k)).astype(np.float32)
+        return {"x": (z @ mix + 0.5 * z).astype(np.float32)}
+
+    calibration = [sample(100 + i) for i in range(32)]
+    held_out = [sample(200 + i) for i in range(8)]
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    errors = {}
+    for rounding in ("gptq", "nearest"):
+        out = tmp_path / rounding
+        qcompile.compile(path, "host", out, quantize="int8", calibration=calibration,
+                         quant_config=QuantConfig(weight_bits=4, weight_rounding=rounding,
+                                                  bias_correction=False))
+        with qcompile.load(out) as loaded:
+            noise = signal = 0.0
+            for feed in held_out:
+                ref = feed["x"] @ init["w"] + init["b"]
+                noise += float(np.sum((loaded.run(feed)["y"] - ref) ** 2))
+                signal += float(np.sum(ref ** 2))
+        errors[rounding] = 10 * np.log10(signal / noise)
+    assert errors["gptq"] > errors["nearest"] + 1.0, errors
+
+
+def test_bad_4bit_options(save_model, tmp_path, capsys):
+    model = matmul_model(64, 16)
+    path = save_model(model)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=np.stack([random_inputs(model, s)["x"] for s in range(4)]))
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nop = "MatMul"\nprecision = "int4"\ngroup_size = 48\n')
+    conv = save_model(conv_relu())
+    conv_calibration = tmp_path / "conv.npz"
+    np.savez(conv_calibration, x=np.stack([random_inputs(conv_relu(), s)["x"] for s in range(4)]))
+    conv_rules = tmp_path / "conv-rules.toml"
+    conv_rules.write_text('[[rule]]\nop = "Conv"\nprecision = "int4"\n')
+    int8 = ["--quantize", "int8", "--calibration", str(calibration)]
+    cases = [
+        (path, ["--quantize", "int8-weights", "--weight-bits", "4"], "come from calibration"),
+        (path, [*int8, "--precision-rules", str(rules)], "group_size must be one of 32, 64, 128"),
+        (path, [*int8, "--group-size", "48"], "invalid choice"),
+        (conv, ["--quantize", "int8", "--calibration", str(conv_calibration),
+                "--precision-rules", str(conv_rules)], "(a convolution) to int4"),
+    ]
+    for model_path, extra, message in cases:
+        try:
+            code = main(["compile", str(model_path), "-o", str(tmp_path / "out"), *extra])
+        except SystemExit as exit_info:  # argparse's own errors
+            code = exit_info.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
+def test_w4a8_on_the_device_matches_the_integer_reference(arm64_device, target, save_model,
+                                                          tmp_path):
+    """The sdot kernel (packed 4 x 4 weight blocks, two per byte) run on the emulated phone
+    (-cpu max) gives the reference's numbers, with int8 activations as ARM takes them."""
+    k, n, group = 200, 36, 32
+    model = matmul_model(k, n)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    artifact = qcompile.compile(save_model(model), target, tmp_path / "out", quantize="int8",
+                                calibration=calibration,
+                                quant_config=QuantConfig(weight_bits=4, group_size=group,
+                                                         weight_rounding="nearest",
+                                                         bias_correction=False))
+    assert instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["input"]["dtype"] == "int8"
+    x = random_inputs(model, seed=4)["x"]
+    with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
+                       rpc_key=arm64_device["key"]) as loaded:
+        got = loaded.run({"x": x})["y"]
+    expected = w4a8_ref(x, init["w"], init["b"], row["input"], group)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
