@@ -2,6 +2,7 @@
 
     python bench/int4.py [--threads 2] [--repeat 50] [--shapes 4096x4096,576x1536,...]
                          [--out bench/results/int4.json]
+    python bench/int4.py --minilm [--out bench/results/int4-minilm.json]
 
 For each matrix shape K x N, one-row MatMuls (a language model decoding one token) are built
 as ONNX with seeded weights: L independent layers of that shape on the same input, L chosen so
@@ -21,6 +22,11 @@ scales) are read at, and the ratios int4/int8 and int4/MatMulNBits(4). Writes JS
 the numbers as ratios within one run (bench/README.md). Default shapes: a 4096 x 4096 layer,
 and the decode-shaped layers of a 135M-parameter LLaMA-style model (hidden 576, FFN 1536,
 vocabulary 49152).
+
+--minilm instead builds paraphrase-MiniLM-L3-v2 (64 tokens) with int8 and 4-bit weights, the
+embedding table in fp32, int8 or 4 bits, and 4-bit weights rounded by GPTQ or to nearest,
+calibrated on 64 sentences, and prints each library's size and the cosine of its sentence
+embedding to onnxruntime fp32's on 96 held-out sentences (no timing).
 """
 
 from __future__ import annotations
@@ -114,13 +120,64 @@ def time_qcompile(path: Path, out: Path, bits: int, feed, calibration, repeat: i
     return result.median_ms / 1e3
 
 
+MINILM_CONFIGS = (  # (weight bits, tables, weight rounding)
+    (8, "fp32", "gptq"), (8, "int8", "gptq"), (8, "int4", "gptq"), (4, "int8", "gptq"),
+    (4, "int8", "nearest"), (4, "int4", "gptq"), (4, "int4", "nearest"))
+
+
+def minilm(out: Path) -> int:
+    import onnxruntime as ort
+
+    import qcompile
+    import sentences
+    from qcompile.quantize import QuantConfig
+
+    feeds = sentences.encode(sentences.fortunes(160), seq_len=64)
+    calibration, held_out = feeds[:64], feeds[64:]
+    path = sentences.minilm_onnx_path()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = np.stack([session.run(["461"], f)[0] for f in held_out]).reshape(96, -1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits, tables, rounding in MINILM_CONFIGS:
+            directory = Path(tmp) / f"{bits}-{tables}-{rounding}"
+            print(f"minilm: {bits}-bit weights, {tables} table, {rounding} ...", file=sys.stderr,
+                  flush=True)
+            qcompile.compile(str(path), "host", directory,
+                             input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)},
+                             quantize="int8", calibration=calibration,
+                             quant_config=QuantConfig(weight_bits=bits, tables=tables,
+                                                      weight_rounding=rounding))
+            with qcompile.load(directory) as model:
+                got = np.stack([model.run(f)["461"] for f in held_out]).reshape(96, -1)
+            cosine = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1)
+                                                   * np.linalg.norm(reference, axis=1))
+            rows.append({"weight_bits": bits, "tables": tables, "rounding": rounding,
+                         "size_mb": (directory / "model.so").stat().st_size / 1e6,
+                         "cosine": float(np.mean(cosine))})
+    print("| weights | embedding table | rounding | .so MB | cosine to fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'int8' if r['weight_bits'] == 8 else 'int4-g32'} | {r['tables']} | "
+              f"{r['rounding']} | {r['size_mb']:.1f} | {r['cosine']:.4f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minilm", action="store_true",
+                        help="MiniLM-L3's size and accuracy with 4-bit weights and tables")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "int4.json"))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.minilm:
+        return minilm(Path(args.out or ROOT / "bench" / "results" / "int4-minilm.json"))
+    args.out = args.out or str(ROOT / "bench" / "results" / "int4.json")
     os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
