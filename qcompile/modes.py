@@ -135,6 +135,10 @@ class AutoPrecision(Mode):
                              f"with 16-bit inputs, but --activations {self.config.activations} "
                              "gives every layer 16-bit inputs already: drop one of the two, "
                              "or fall back to fp16 or fp32.")
+        if self.config.weight_bits == 4:
+            raise InputError("--quantize auto searches int8 against a fallback precision; it "
+                             "does not choose 4-bit weights yet. Use --quantize int8 with "
+                             "--weight-bits 4, or precision = \"int4\" in --precision-rules.")
         self.config.check()
         object.__setattr__(self, "metric", load_metric(self.metric))  # a bad one fails now
 

@@ -112,9 +112,9 @@ def plan(model: FloatModel, config=None, target=None, *, mode: str = "static") -
         log.warning("no layer is named %s: check the names with `qcompile inspect MODEL`",
                     ", ".join(sorted(unknown)))
     stem = _stem(graph) if mode == "static" else None
-    by_onnx, explicit = layer_plan(model, config if mode == "static" else
-                            dataclasses.replace(config, float_stem=False), activations,
-                            names.get(stem.name) if stem else None)
+    by_onnx, explicit = layer_plan(
+        model, config if mode == "static" else dataclasses.replace(config, float_stem=False),
+        activations, names.get(stem.name) if stem else None)
     base = config.base_settings(activations)
     settings = {var: by_onnx.get(onnx_name, base) for var, onnx_name in names.items()}
     _check_int4(graph, names, settings, explicit, mode)
@@ -127,8 +127,9 @@ def _check_int4(graph: Graph, names, settings, explicit, mode: str) -> None:
     may not ask for them on a convolution (the whole-model option leaves convolutions int8)."""
     int4 = [var for var, s in settings.items() if s.precision == "int4"]
     if int4 and mode != "static":
+        option = {"weight-only": "int8-weights", "dynamic": "int8-dynamic"}.get(mode, mode)
         raise InputError(f"4-bit weights multiply int8 inputs whose ranges come from "
-                         f"calibration; --quantize {mode} has none. Use --quantize int8 with "
+                         f"calibration; --quantize {option} has none. Use --quantize int8 with "
                          "--calibration CALIB.npz.")
     kinds = {n.name: n.kind for n in graph.nodes}
     for var in int4:
