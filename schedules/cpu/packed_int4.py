@@ -10,8 +10,8 @@ with acc an exact int32 dot product per group (the input's zero point is folded 
 by realize: schedules/int4_logical.py).
 
 `int4_logical.logical_te` is that computation, written plainly: realize emits it, so that a
-module is correct on any target before lowering. On a CPU with a dot-product instruction, `repack`
-rewrites each such kernel onto weights packed for the instruction, still two per byte:
+module is correct on any target before lowering. On a CPU with a dot-product instruction,
+`repack` rewrites each such kernel onto weights packed for the instruction, still two per byte:
 [N/lanes, K/(2 reduce), lanes, reduce], the low nibbles one block of `reduce` reduction
 elements and the high nibbles the next, so that one shift and one mask give the instruction's
 int8 weight block. The default schedule (`schedule`) unpacks each block into a 64-byte (VNNI)
@@ -90,11 +90,11 @@ BLOCKS_PER_TILE = 1  # column blocks a thread interleaves (2 and 4 measured slow
 
 
 def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
-    """Default schedule of a packed int4 kernel: parallel over tiles of up to 4 column blocks
-    (and row tiles); per tile and group, each block's `lanes` int32 accumulators per row are
-    filled by the instruction from a just-unpacked weight block, the blocks interleaved so that
-    their instructions do not wait on each other; then the tile's float sums over the groups,
-    while its accumulators are still in cache."""
+    """Default schedule of a packed int4 kernel: parallel over tiles of BLOCKS_PER_TILE column
+    blocks (and row tiles); per tile and group, each block's `lanes` int32 accumulators per row
+    are filled by the instruction from a just-unpacked weight block (the tile's blocks
+    interleaved); then the tile's float sums over the groups, while its accumulators are still
+    in cache."""
     from .tiles import largest_divisor
 
     groups_block = sch.get_consumers(block)[0]
