@@ -54,5 +54,5 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES", "Scheme",
-           "SimLayerOp", "WeightOnly", "scheme_for"]
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
+           "Scheme", "SimLayerOp", "WeightOnly", "scheme_for"]
