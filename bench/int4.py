@@ -129,32 +129,30 @@ def minilm(out: Path) -> int:
     import onnxruntime as ort
 
     import qcompile
-    import sentences
     from qcompile.quantize import QuantConfig
+    from run import MODELS, _agreement  # bench/run.py's MiniLM: its data, shapes, output
 
-    feeds = sentences.encode(sentences.fortunes(160), seq_len=64)
-    calibration, held_out = feeds[:64], feeds[64:]
-    path = sentences.minilm_onnx_path()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    reference = np.stack([session.run(["461"], f)[0] for f in held_out]).reshape(96, -1)
+    bench = MODELS["minilm-l3"]
+    calibration, held_out = bench.data()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        bench.export(path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        reference = np.stack([session.run([bench.output], f)[0] for f in held_out])
         for bits, tables, rounding in MINILM_CONFIGS:
             directory = Path(tmp) / f"{bits}-{tables}-{rounding}"
             print(f"minilm: {bits}-bit weights, {tables} table, {rounding} ...", file=sys.stderr,
                   flush=True)
-            qcompile.compile(str(path), "host", directory,
-                             input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)},
+            qcompile.compile(str(path), "host", directory, input_shapes=bench.input_shapes,
                              quantize="int8", calibration=calibration,
                              quant_config=QuantConfig(weight_bits=bits, tables=tables,
                                                       weight_rounding=rounding))
             with qcompile.load(directory) as model:
-                got = np.stack([model.run(f)["461"] for f in held_out]).reshape(96, -1)
-            cosine = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1)
-                                                   * np.linalg.norm(reference, axis=1))
+                got = np.stack([model.run(f)[bench.output] for f in held_out])
             rows.append({"weight_bits": bits, "tables": tables, "rounding": rounding,
                          "size_mb": (directory / "model.so").stat().st_size / 1e6,
-                         "cosine": float(np.mean(cosine))})
+                         "cosine": _agreement(got, reference)[1]})
     print("| weights | embedding table | rounding | .so MB | cosine to fp32 |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .intrinsics import DotProduct
+from .packed_int8 import _constant, _pad_rows
 
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
@@ -124,20 +125,6 @@ def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
     sch.tensorize(ni, dot.intrin)
 
 
-def _constant(expr):
-    import tvm
-
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
-
-
-def _pad_columns(values: np.ndarray, multiple: int, fill) -> np.ndarray:
-    extra = -values.shape[-1] % multiple
-    if not extra:
-        return values
-    widths = [(0, 0)] * (values.ndim - 1) + [(0, extra)]
-    return np.pad(values, widths, constant_values=fill)
-
-
 def repack(mod, dot: DotProduct):
     """`mod` with every logical W4A8 kernel call (int4_logical) on weights packed for `dot`
     (sdot for an smmla target: the kernel multiplies one row at a time), where its input's type
@@ -173,7 +160,7 @@ def repack(mod, dot: DotProduct):
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
                               constant_values=8)
             packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce)
-            scale = _pad_columns(scale, chosen.lanes, 0)             # [groups, N padded]
+            scale = _pad_rows(scale, 1, chosen.lanes)                # [groups, N padded]
             blocks = scale.reshape(scale.shape[0], -1, chosen.lanes).transpose(1, 0, 2)
             out = self.builder_.call_te(
                 packed_te, data, relax.const(packed, "uint8"),
