@@ -51,8 +51,8 @@ class QuantConfig:
                              f"{', '.join(map(str, GROUP_SIZES))} reduction elements, not "
                              f"{self.group_size}.")
         if self.tables not in TABLE_PRECISIONS:
-            raise InputError(f"Lookup tables are stored in {' or '.join(TABLE_PRECISIONS)}, "
-                             f"not '{self.tables}'.")
+            raise InputError(f"Lookup tables are stored in {', '.join(TABLE_PRECISIONS[:-1])} "
+                             f"or {TABLE_PRECISIONS[-1]}, not '{self.tables}' (--tables).")
         if self.activations not in (None, *ACTIVATION_DTYPES):
             raise InputError(f"Activations must be uint8, int8, uint16 or int16, not "
                              f"'{self.activations}'.")

@@ -32,6 +32,11 @@ def test_loose_options_map_to_modes():
     (lambda: mode_from("int8", "c.npz", accuracy_budget=0.9), "belong to --quantize auto"),
     (lambda: mode_from("int8", "c.npz", tracker=True), "only with --quantize auto"),
     (lambda: mode_from(None, "c.npz"), "add --quantize int8"),
+    (lambda: StaticInt8("c.npz", QuantConfig(weight_bits=3)), "stored in 4 or 8 bits, not 3"),
+    (lambda: StaticInt8("c.npz", QuantConfig(weight_bits=4, group_size=48)),
+     "one of 32, 64, 128 reduction elements, not 48"),
+    (lambda: StaticInt8("c.npz", QuantConfig(tables="int2")),
+     "Lookup tables are stored in int8, int4 or fp32, not 'int2'"),
 ])
 def test_invalid_combinations_cannot_be_made(make, message):
     with pytest.raises(InputError, match=message):
