@@ -61,7 +61,7 @@ class FloatModel:
     onnx: Any = field(repr=False)  # the simplified onnx.ModelProto, static shapes
     source: str = ""
     sha256: str = ""
-    weight_codes: Any = None  # qdq.WeightCodes when the model arrived quantized (QDQ)
+    weight_codes: Any = None  # qdq.WeightCodes when the model arrived quantized (QDQ, 4-bit)
 
     @property
     def prequantized(self) -> bool:
@@ -221,8 +221,9 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
 
     import tvm
 
-    from .qdq import (fold_constant_dequantize, integer_ops_to_float, is_qdq, is_qoperator,
-                      qoperator_to_qdq)
+    from .nbits import fold_nbits, has_nbits
+    from .qdq import (WeightCodes, fold_constant_dequantize, integer_ops_to_float, is_qdq,
+                      is_qoperator, qoperator_to_qdq)
 
     path = Path(path)
     original = load_onnx(path)
@@ -234,8 +235,15 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     if count:
         log.info("rewrote %d ConvInteger node(s) as float Conv on zero-point-centered "
                  "integers", count)
-    if is_qdq(original):  # arrives quantized: keep the weights' int8 codes
+    if is_qdq(original):  # arrives quantized: keep the weights' int8 (or 4-bit) codes
         original, weight_codes = fold_constant_dequantize(original)
+    if has_nbits(original):  # MatMulNBits: a float MatMul, its 4-bit codes kept
+        weight_codes = WeightCodes() if weight_codes is None else weight_codes
+        original, count = fold_nbits(original, weight_codes)
+        log.info("read %d MatMulNBits node(s) as MatMul on their 4-bit weights", count)
+    if weight_codes is not None:
+        weight_codes.quantized_activations = any(node.op_type == "QuantizeLinear"
+                                                 for node in original.graph.node)
     shapes = resolve_input_shapes(original, input_shapes)
     check_constant_sizes(original, shapes, path)
     model = simplify(original, shapes)

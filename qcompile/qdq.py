@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .nbits import blocked_codes, blocked_values
+
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
@@ -26,9 +28,24 @@ def _key(values: np.ndarray) -> str:
 
 @dataclass
 class WeightCodes:
-    """Integer codes of dequantized constants: float values -> (codes, scales, axis)."""
+    """Integer codes of dequantized constants: float values -> (codes, scales, axis), and
+    for 4-bit weights float values -> nbits.GroupCodes."""
 
     entries: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    quantized_activations: bool = False  # the model has QuantizeLinear on activations
+
+    @property
+    def four_bit_only(self) -> bool:
+        """Only 4-bit weights arrived quantized: calibration may quantize the rest."""
+        return bool(self.groups) and not self.entries and not self.quantized_activations
+
+    def add_groups(self, values: np.ndarray, codes) -> None:
+        self.groups[_key(values)] = codes
+
+    def find_groups(self, values: np.ndarray):
+        """The nbits.GroupCodes of a [K, N] weight with these values, or None."""
+        return self.groups.get(_key(values))
 
     def add(self, values: np.ndarray, codes: np.ndarray, scales: np.ndarray, axis) -> None:
         self.entries[_key(values)] = (codes, scales, axis)
@@ -82,6 +99,17 @@ def fold_constant_dequantize(model) -> tuple[object, WeightCodes]:
         zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else \
             np.zeros_like(scale, dtype=q.dtype)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if block:  # opset 21's blocked form: 4-bit weights in groups
+            given_zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+            values = blocked_values(q, scale, given_zp, block, axis)
+            if q.dtype.name in ("int4", "uint4"):
+                group = blocked_codes(q, consts[node.input[1]], given_zp, block, axis,
+                                      signed=q.dtype.name == "int4")
+                if group is not None:
+                    codes.add_groups(values, group)
+            new_init.append(numpy_helper.from_array(values, node.output[0]))
+            continue
         if scale.size > 1:
             shape = [1] * q.ndim
             shape[axis] = -1

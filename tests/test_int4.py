@@ -153,8 +153,6 @@ def test_bad_4bit_options(save_model, tmp_path, capsys):
     conv_rules.write_text('[[rule]]\nop = "Conv"\nprecision = "int4"\n')
     int8 = ["--quantize", "int8", "--calibration", str(calibration)]
     cases = [
-        (path, ["--quantize", "int8-weights", "--weight-bits", "4"],
-         "--quantize int8-weights has none"),
         (path, ["--quantize", "auto", "--calibration", str(calibration), "--accuracy-budget",
                 "0.99", "--weight-bits", "4"], "does not choose 4-bit weights yet"),
         (path, [*int8, "--precision-rules", str(rules)], "group_size must be one of 32, 64, 128"),

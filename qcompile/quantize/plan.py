@@ -117,20 +117,38 @@ def plan(model: FloatModel, config=None, target=None, *, mode: str = "static") -
         activations, names.get(stem.name) if stem else None)
     base = config.base_settings(activations)
     settings = {var: by_onnx.get(onnx_name, base) for var, onnx_name in names.items()}
+    settings = _given_four_bits(graph, settings, model.weight_codes)
     _check_int4(graph, names, settings, explicit, mode)
     return QuantPlan(model, config, activations, activation_dtype_for(target), mod, graph,
                      names, settings, stem.name if stem is not None else None)
 
 
+def _given_four_bits(graph: Graph, settings, codes) -> dict:
+    """A layer whose weight arrived in 4 bits (MatMulNBits, blocked DequantizeLinear) keeps
+    its codes where its settings quantize it: int4 with the model's group size, not int8
+    rounded again from the 4-bit values."""
+    if codes is None or not codes.groups:
+        return settings
+    kept = dict(settings)
+    for node in graph.nodes:
+        weight = constant_value(node.args[1]) if node.kind == "matmul" else None
+        found = codes.find_groups(weight) if weight is not None and weight.ndim == 2 else None
+        if found is not None and node.name in settings and \
+                settings[node.name].precision in ("int8", "int4"):
+            kept[node.name] = dataclasses.replace(settings[node.name], precision="int4",
+                                                  group_size=found.group)
+    return kept
+
+
 def _check_int4(graph: Graph, names, settings, explicit, mode: str) -> None:
-    """4-bit weights are W4A8 MatMul/Gemm kernels: they need calibrated int8 inputs, and a rule
-    may not ask for them on a convolution (the whole-model option leaves convolutions int8)."""
+    """4-bit weights are MatMul/Gemm kernels: W4A8 with calibrated int8 inputs, or W4A16 in
+    weight-only mode; not with dynamic int8 inputs, and a rule may not ask for them on a
+    convolution (the whole-model option leaves convolutions int8)."""
     int4 = [var for var, s in settings.items() if s.precision == "int4"]
-    if int4 and mode != "static":
-        option = {"weight-only": "int8-weights", "dynamic": "int8-dynamic"}.get(mode, mode)
-        raise InputError(f"4-bit weights multiply int8 inputs whose ranges come from "
-                         f"calibration; --quantize {option} has none. Use --quantize int8 with "
-                         "--calibration CALIB.npz.")
+    if int4 and mode == "dynamic":
+        raise InputError("4-bit weights run with int8 inputs whose ranges come from calibration "
+                         "(--quantize int8 with --calibration CALIB.npz), or with float inputs "
+                         "(--quantize int8-weights); --quantize int8-dynamic has neither.")
     kinds = {n.name: n.kind for n in graph.nodes}
     for var in int4:
         if kinds.get(var) == "conv2d" and names[var] in explicit:

@@ -132,7 +132,8 @@ def _realize(plan: QuantPlan, table: CalibrationTable, feeds: list, probe):
     config = RealizeConfig(
         plan=plan.schemes(), plane_dtype=plan.plane_dtype, input_qparams=input_qparams,
         input_means={tensors[k]: v for k, v in table.means.items() if k in tensors},
-        input_moments=dict(table.moments), tables=plan.config.table_precision)
+        input_moments=dict(table.moments), tables=plan.config.table_precision,
+        group_codes=plan.model.weight_codes)
     realizer = Realizer(plan.mod, plan.graph, qparams, config)
     quantized_mod = verified_module(realizer, config, plan.graph)
     model = plan.model

@@ -1,5 +1,5 @@
-"""The modes that need no calibration data: weight-only and dynamic int8, fp16, and a model
-that arrives quantized (QDQ), realized with its own scales."""
+"""The modes that need no calibration data: weight-only (int8 or 4-bit) and dynamic int8, fp16,
+and a model that arrives quantized (QDQ, 4-bit weights), realized with its own scales."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import logging
 from ..errors import InputError
 from ..frontend import FloatModel
 from .config import QuantConfig, QuantizedModel
-from .graph import read_graph
+from .graph import constant_value, read_graph
 from .observers import WIDE_DTYPES
 from .ops.qdq import graph_qparams
 from .plan import layer_names, plan
 from .realize import Realizer
 from .report import QuantReport
+from .schemes import Int4Weights
 from .static import model_layers, verified_module
 from .values import RealizeConfig
 
@@ -34,7 +35,8 @@ def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantCo
                          f"--activations {config.activations} needs static int8 (--quantize "
                          f"int8 with --calibration).")
     p = plan(model, config, target, mode=mode)
-    realize_config = RealizeConfig(plan=p.schemes(mode), tables=config.table_precision)
+    realize_config = RealizeConfig(plan=p.schemes(mode), tables=config.table_precision,
+                                   group_codes=model.weight_codes)
     realizer = Realizer(p.mod, p.graph, {}, realize_config)
     quantized_mod = verified_module(realizer, realize_config, p.graph)
     report = QuantReport.build(model, realizer.layers, p.names, ([], []),
@@ -60,26 +62,40 @@ def to_fp16(model: FloatModel) -> FloatModel:
 
 
 def realize_prequantized(model: FloatModel) -> QuantizedModel:
-    """A QDQ model into integer kernels with its own scales and weight codes (no
-    calibration): each QuantizeLinear gives its tensor's parameters."""
+    """A model that arrives quantized, with its own scales and weight codes (no calibration):
+    each QuantizeLinear gives its tensor's parameters (QDQ: integer kernels), and each 4-bit
+    weight (MatMulNBits, blocked DequantizeLinear) keeps its codes in a W4A16 kernel."""
     from tvm import relax
 
     mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
     qparams = graph_qparams(graph)
-    config = RealizeConfig(weight_codes=model.weight_codes)
+    config = RealizeConfig(plan=_four_bit_layers(graph, model.weight_codes),
+                           weight_codes=model.weight_codes, group_codes=model.weight_codes)
     realizer = Realizer(mod, graph, qparams, config)
     quantized_mod = verified_module(realizer, config, graph)
     int8 = sum(1 for r in realizer.layers if r.precision == "int8")
-    log.info("pre-quantized model: %d of %d layers run as integer kernels with the model's "
-             "own scales (%d quantized tensors, %d int8 weights)", int8, len(realizer.layers),
-             len(qparams), len(model.weight_codes))
+    log.info("pre-quantized model: %d of %d layers run as integer kernels and %d with 4-bit "
+             "weights, with the model's own scales (%d quantized tensors, %d int8 and %d "
+             "4-bit weights)", int8, len(realizer.layers), len(config.plan), len(qparams),
+             len(model.weight_codes), len(model.weight_codes.groups))
     names = layer_names(model, graph)
     report = QuantReport.build(model, realizer.layers, names, ([], []),
-                               QuantConfig(method="from the model (QDQ)"), "from the model", 0)
+                               QuantConfig(method="from the model"), "from the model", 0)
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           model_layers(names, model, realizer.layers), report, model, model.source,
                           model.sha256)
+
+
+def _four_bit_layers(graph, codes) -> dict:
+    """{matmul node: Int4Weights} for each matmul whose weight arrived in 4 bits."""
+    plan = {}
+    for node in graph.nodes:
+        weight = constant_value(node.args[1]) if node.kind == "matmul" else None
+        found = codes.find_groups(weight) if weight is not None and weight.ndim == 2 else None
+        if found is not None:
+            plan[node.name] = Int4Weights(found.group)
+    return plan
 
 
 __all__ = ["quantize_weights", "realize_prequantized", "to_fp16"]

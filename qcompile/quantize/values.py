@@ -61,6 +61,7 @@ class RealizeConfig:
     plane_dtype: str = "uint8"             # the 8-bit planes of a 16-bit input: the target's
     input_qparams: Mapping[str, QParams] = field(default_factory=dict)  # {layer: its input's}
     weight_codes: Any = None               # frontend.WeightCodes of a pre-quantized model
+    group_codes: Any = None                # qdq.WeightCodes whose 4-bit weights keep their codes
     input_means: Mapping = field(default_factory=dict)    # {layer input var: channel means}
     input_moments: Mapping = field(default_factory=dict)  # {layer: rounding.InputMoments}
     tables: str | None = None              # constant lookup tables: int8 | int4 | None

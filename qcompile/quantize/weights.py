@@ -98,31 +98,44 @@ def quantize_weight(weight: np.ndarray, kind: str, *, per_channel: bool = True,
 @dataclass(frozen=True)
 class GroupWeight:
     """A matmul weight [K, N] in `bits`-bit codes with a scale per group of `group`
-    consecutive reduction elements: (codes - offset) * scales[k // group, n] approximates it.
-    K is padded with zero weights up to a whole number of groups."""
+    consecutive reduction elements: (codes - zero) * scales[k // group, n] approximates it,
+    where zero is the offset 2^(bits-1) (symmetric codes, qcompile's own) or, for a model
+    that arrives with asymmetric 4-bit weights, its zero point per group (integer or float).
+    K is padded up to a whole number of groups; the kernels pad the input with its zero,
+    so the padding's codes add nothing."""
 
     codes: np.ndarray            # uint8 [K_padded, N], in [0, 2^bits): offset binary
     scales: np.ndarray           # [groups, N], in `scale_dtype`
     group: int
     bits: int
-    rounding: str                # gptq | nearest
+    rounding: str                # gptq | nearest | given (the model's own codes)
     sqnr_db: float
+    zero_points: np.ndarray | None = None  # [groups, N]; None: the offset
 
     @property
     def offset(self) -> int:
         return 1 << (self.bits - 1)
 
     def values(self) -> np.ndarray:
-        """The signed codes [K_padded, N]."""
+        """The codes less the offset [K_padded, N] (what the W4A8 kernel multiplies)."""
         return self.codes.astype(np.int32) - self.offset
 
+    def zeros(self) -> np.ndarray:
+        """[groups, N] float32: the value each group's codes are centred on."""
+        if self.zero_points is None:
+            return np.full(self.scales.shape, self.offset, np.float32)
+        return self.zero_points.astype(np.float32)
+
     def dequantized(self, rows: int | None = None) -> np.ndarray:
-        """The approximated weight [rows, N] (rows: the unpadded K; None: all)."""
-        w = self.values() * np.repeat(self.scales.astype(np.float32), self.group, axis=0)
+        """The approximated weight [rows, N] (rows: the unpadded K; None: all), computed as
+        onnxruntime does: (code - zero) * scale in float32."""
+        centred = self.codes.astype(np.float32) - np.repeat(self.zeros(), self.group, axis=0)
+        w = centred * np.repeat(self.scales.astype(np.float32), self.group, axis=0)
         return w[:rows].astype(np.float32)
 
     def group_sums(self) -> np.ndarray:
-        """[groups, N] int32: each group's sum of signed codes (the zero-point correction)."""
+        """[groups, N] int32: each group's sum of codes less the offset (the input zero
+        point's correction)."""
         return self.values().reshape(-1, self.group, self.codes.shape[1]).sum(axis=1).astype(
             np.int32)
 
@@ -130,6 +143,12 @@ class GroupWeight:
         """[N, K_padded/2] uint8: codes k = 2j (low nibble) and 2j + 1 (high) of each row."""
         pairs = self.codes.T.reshape(self.codes.shape[1], -1, 2)
         return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+
+    def packed_columns(self) -> np.ndarray:
+        """[K_padded/2, N] uint8: codes k = 2j (low nibble) and 2j + 1 (high) of each column,
+        each byte row contiguous along N (the float kernel's vector axis)."""
+        pairs = self.codes.reshape(-1, 2, self.codes.shape[1])
+        return np.ascontiguousarray(pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8)
 
 
 GROUP_SIZES = (32, 64, 128)

@@ -13,6 +13,7 @@ line in SCHEMES.
     int8-weights  weight-only int8: int8 weights widened in fp32 kernels
     int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
     int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
+    int4-weights  W4A16: group-wise 4-bit weights widened in fp32 kernels
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .dynamic import Dynamic
 from .fp16 import Fp16
 from .fp32 import Fp32
 from .int4 import Int4
+from .int4_weights import Int4Weights
 from .int8 import Int8
 from .int8_a16 import Int8A16
 from .weight_only import WeightOnly
@@ -34,6 +36,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "int8-weights": WeightOnly,
     "int8-dynamic": Dynamic,
     "int4": Int4,
+    "int4-weights": Int4Weights,
 }
 # what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
@@ -43,6 +46,8 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     """The scheme of a layer's rules.LayerSettings. mode: the model's int8 flavour for its
     int8 layers: static (calibrated), weight-only or dynamic."""
     precision = settings.precision
+    if precision == "int4" and mode == "weight-only":
+        return Int4Weights.from_settings(settings)
     if precision == "int8" and mode == "weight-only":
         return WeightOnly(per_channel=settings.per_channel)
     if precision == "int8" and mode == "dynamic":
@@ -54,5 +59,5 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Weights", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
            "Scheme", "SimLayerOp", "WeightOnly", "scheme_for"]

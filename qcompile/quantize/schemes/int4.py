@@ -24,6 +24,7 @@ import numpy as np
 from ..ops.linear import fused_chain
 from ..weights import quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
+from .int4_weights import model_codes
 from .int8 import Int8
 
 if TYPE_CHECKING:
@@ -75,14 +76,18 @@ class Int4(Scheme):
         xq = r.quant_of(x, given_qp)
         if xq.qp.bits == 16:
             return self._int8().emit(r, layer)
-        gw = quantize_groups(layer.weight, self.group_size,
-                             moments=r.config.input_moments.get(node.name))
-        out = _kernel(r, xq, gw, int(layer.weight.shape[0]))
+        gw = model_codes(r, layer.weight) or quantize_groups(
+            layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
+        out, data = _kernel(r, xq, gw, int(layer.weight.shape[0]))
         last, bias, lo, hi, absorbed = fused_chain(r, node, layer.channels)
         op = r.relax.op
-        # the input's zero point: zx * sum_g scale * (the group's sum of codes), per output
+        # the input's zero point: zx * sum_g scale * (the group's sum of codes less their
+        # zero), per output
+        centred = gw.group_sums() + gw.group * (gw.offset - gw.zeros().astype(np.float64))
         shift = np.float64(xq.qp.zero_point) * np.einsum(
-            "gn,gn->n", gw.scales.astype(np.float64), gw.group_sums().astype(np.float64))
+            "gn,gn->n", gw.scales.astype(np.float64), centred)
+        if gw.zero_points is not None:  # the kernel centres codes on 8: add (8 - zero) x
+            out = op.add(out, _zero_point_term(r, data, gw))
         real = op.multiply(op.subtract(out, r._const(shift.astype(np.float32), "float32")),
                            r._const(np.float32(xq.qp.scale), "float32"))
         if bias is not None:
@@ -126,7 +131,19 @@ def _kernel(r: Realizer, xq, gw, k: int):
     gvar = call.args[0]
     func = r.bb.get()[gvar]
     r.bb.update_func(gvar, func.with_attr(FUNC_ATTR, gw.group))
-    return r._emit(call)
+    return r._emit(call), data
+
+
+def _zero_point_term(r: Realizer, data, gw):
+    """sum_g scale[g, n] * (8 - zero[g, n]) * (the sum of the integer input over group g): what
+    the kernel, which takes every code less 8, misses of a weight with its own zero points."""
+    op = r.relax.op
+    shape = [int(d) for d in data.ty.shape]
+    groups = shape[-1] // gw.group
+    sums = r._emit(op.sum(op.reshape(op.astype(data, "int32"),
+                                     [*shape[:-1], groups, gw.group]), axis=[-1]))
+    weight = gw.scales.astype(np.float32) * (gw.offset - gw.zeros())
+    return r._emit(op.matmul(op.astype(sums, "float32"), r._const(weight, "float32")))
 
 
 __all__ = ["Int4"]

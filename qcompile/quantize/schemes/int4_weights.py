@@ -1,0 +1,94 @@
+"""W4A16: 4-bit weights in groups along the reduction axis, the input and the arithmetic in
+float. The codes, two per byte, are widened to float inside the matmul kernel
+(schedules/int4_logical.py, `float_te`): (code - zero) * scale, then multiply-accumulate in
+fp32. No calibration data: the weight-only 4-bit mode (--quantize int8-weights --weight-bits
+4), and how a model that arrives with 4-bit weights (MatMulNBits, blocked DequantizeLinear)
+runs with its own codes, scales and zero points, computing what onnxruntime computes.
+
+MatMul/Gemm only: a convolution planned for it by the whole-model option keeps int8 weights
+(a warning names it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..weights import GroupWeight, quantize_groups, sqnr_db
+from .base import Scheme, SimLayerOp, stays_float
+from .weight_only import WeightOnly
+
+if TYPE_CHECKING:
+    from ..ops.linear import LayerOp
+    from ..realize import Realizer
+
+log = logging.getLogger(__name__)
+
+KERNEL = "int4_float_matmul"
+
+
+@dataclass(frozen=True)
+class Int4Weights(Scheme):
+    name = "int4-weights"
+
+    group_size: int = 32
+    per_channel: bool = True  # for the int8-weights fallback of a conv
+
+    @classmethod
+    def from_settings(cls, settings) -> "Int4Weights":
+        return cls(settings.group_size, settings.per_channel)
+
+    @property
+    def label(self) -> str:
+        return f"int4-g{self.group_size}-weights"
+
+    def emit(self, r: Realizer, layer: LayerOp):
+        if layer.unsupported is not None:
+            return stays_float(r, layer, layer.unsupported)
+        if layer.kind != "matmul":
+            log.warning("layer %s: no 4-bit kernel for a convolution; it keeps int8 weights",
+                        layer.node.name)
+            return WeightOnly(self.per_channel).emit(r, layer)
+        node = layer.node
+        gw = model_codes(r, layer.weight) or quantize_groups(layer.weight, self.group_size)
+        out = r._emit(_kernel(r, r.float_of(node.args[0]), gw, int(layer.weight.shape[0])))
+        r.layers.append(layer.result(
+            f"int4-g{gw.group}-weights", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
+            output_var=node.var))
+        return out
+
+    def fake(self, sim: SimLayerOp) -> None:
+        if sim.kind != "matmul":
+            return WeightOnly(self.per_channel).fake(sim)
+        sim.set_weight(quantize_groups(sim.weight, self.group_size).dequantized(
+            sim.weight.shape[0]))
+
+
+def model_codes(r: Realizer, weight) -> GroupWeight | None:
+    """The 4-bit codes `weight` arrived with (a MatMulNBits or blocked DequantizeLinear
+    model), or None."""
+    codes = r.config.group_codes
+    given = codes.find_groups(weight) if codes is not None else None
+    if given is None:
+        return None
+    gw = GroupWeight(given.codes, given.scales, given.group, 4, "given", 0.0, given.zero_points)
+    return dataclasses.replace(gw, sqnr_db=sqnr_db(weight, gw.dequantized(given.rows)))
+
+
+def _kernel(r: Realizer, x, gw: GroupWeight, rows: int):
+    from ...schedules.int4_logical import float_te
+
+    const = r.relax.const
+    args = [x, const(gw.packed_columns(), "uint8"), const(gw.scales, str(gw.scales.dtype))]
+    if gw.zero_points is not None:
+        args.append(const(gw.zero_points, str(gw.zero_points.dtype)))
+
+    def te_func(data, codes, scales, *zeros):
+        return float_te(data, codes, scales, zeros[0] if zeros else None, gw.group, rows)
+
+    return r.bb.call_te(te_func, *args, primfunc_name_hint=KERNEL)
+
+
+__all__ = ["Int4Weights", "model_codes"]

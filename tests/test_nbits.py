@@ -1,0 +1,146 @@
+"""4-bit weights without qcompile's own quantizer: models made by onnxruntime's
+matmul_nbits_quantizer (MatMulNBits, and its QDQ form: DequantizeLinear with block_size on an
+INT4/UINT4 constant) compile with their own codes; in float (W4A16) they compute what
+onnxruntime computes in float, on calibrated int8 inputs (W4A8) what a numpy reference of the
+integer arithmetic computes; weight-only 4-bit on a float model; the forms not taken are
+refused in one paragraph."""
+
+import copy
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import qcompile
+from models import random_inputs
+from qcompile.cli import main
+from test_int4 import RANGES, matmul_model
+
+QOPERATOR, QDQ = "QOperator", "QDQ"
+
+
+def nbits_model(k: int, n: int, block: int, symmetric: bool, form: str, rows: int = 3,
+                bits: int = 4) -> onnx.ModelProto:
+    """matmul_model(k, n) quantized by onnxruntime's MatMulNBitsQuantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(matmul_model(k, n, rows), bits=bits, block_size=block,
+                                     is_symmetric=symmetric,
+                                     quant_format=getattr(QuantFormat, form))
+    quantizer.process()
+    model = quantizer.model.model
+    ops = {node.op_type for node in model.graph.node}
+    assert ("MatMulNBits" if form == QOPERATOR else "DequantizeLinear") in ops, ops
+    return model
+
+
+def onnxruntime_float(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    """onnxruntime in float arithmetic: with graph optimizations it would fuse the QDQ form
+    into a MatMulNBits on int8 inputs (accuracy level 4)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(["y"], feeds)[0]
+
+
+def weight_and_bias(k: int, n: int, block: int, symmetric: bool, form: str):
+    """The float weight [K, N] that the model's codes stand for, as onnxruntime computes it
+    (the model on the K unit rows, less its output on a zero row), and the bias."""
+    bias = onnxruntime_float(nbits_model(k, n, block, symmetric, form, rows=1),
+                             {"x": np.zeros((1, k), np.float32)})[0]
+    unit = onnxruntime_float(nbits_model(k, n, block, symmetric, form, rows=k),
+                             {"x": np.eye(k, dtype=np.float32)})
+    return (unit - bias).astype(np.float64), bias
+
+
+CASES = [(576, 40, 128, False, QOPERATOR),   # 576 = 4.5 blocks of 128, zero points
+         (96, 24, 32, True, QOPERATOR),      # no zero points (8)
+         (100, 16, 32, False, QDQ),          # UINT4 with zero points, a partial block
+         (64, 16, 32, True, QDQ)]            # INT4
+
+
+@pytest.mark.parametrize("k, n, block, symmetric, form", CASES)
+def test_w4a16_computes_what_onnxruntime_computes(k, n, block, symmetric, form, save_model,
+                                                  tmp_path):
+    model = nbits_model(k, n, block, symmetric, form)
+    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert [row["precision"] for row in report["layers"]] == [f"int4-g{block}-weights"]
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(3):
+            feeds = random_inputs(model, seed)
+            expected = onnxruntime_float(model, feeds)
+            np.testing.assert_allclose(loaded.run(feeds)["y"], expected, rtol=1e-5,
+                                       atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("k, n, block, symmetric, form", CASES[:3])
+def test_w4a8_on_the_model_codes(k, n, block, symmetric, form, save_model, tmp_path):
+    """--quantize int8 keeps the model's codes (not int8 rounded again) and quantizes their
+    input: the integer sums are exact, so the output is the reference's within float
+    rounding, and onnxruntime's float output within the input's rounding."""
+    model = nbits_model(k, n, block, symmetric, form)
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                                calibration=calibration)
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == f"int4-g{block}" and row["weight_rounding"] == "given"
+    w, b = weight_and_bias(k, n, block, symmetric, form)
+    qp = row["input"]
+    lo, hi = RANGES[qp["dtype"]]
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(3):
+            feeds = random_inputs(model, seed)
+            x = feeds["x"]
+            xq = np.clip(np.round(x / np.float32(qp["scale"])) + qp["zero_point"], lo, hi)
+            expected = (xq - qp["zero_point"]) @ w * qp["scale"] + b
+            got = loaded.run(feeds)["y"]
+            np.testing.assert_allclose(got, expected, rtol=1e-4,
+                                       atol=1e-4 * np.abs(expected).max())
+            rounding = qp["scale"] / 2 * np.abs(w).sum(axis=0)
+            assert np.all(np.abs(got - onnxruntime_float(model, feeds)) <= rounding + 1e-4)
+
+
+def test_weight_only_4_bits_on_a_float_model(save_model, tmp_path):
+    """--quantize int8-weights --weight-bits 4: symmetric codes, max |w| / 7 per group of 32
+    as fp16, the input in float; the library holds 4.5 bits per weight."""
+    k, n = 512, 256
+    model = matmul_model(k, n)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    code = main(["compile", str(save_model(model)), "-o", str(tmp_path / "out"), "--quantize",
+                 "int8-weights", "--weight-bits", "4"])
+    assert code == 0
+    w = init["w"].reshape(-1, 32, n)
+    scale = (np.abs(w).max(axis=1, keepdims=True) / 7).astype(np.float16).astype(np.float32)
+    w4 = (np.clip(np.round(w / scale), -8, 7) * scale).reshape(k, n)
+    with qcompile.load(tmp_path / "out") as loaded:
+        x = random_inputs(model, 0)["x"]
+        expected = x @ w4 + init["b"]
+        np.testing.assert_allclose(loaded.run({"x": x})["y"], expected, rtol=1e-5,
+                                   atol=1e-5 * np.abs(expected).max())
+    float_bytes = k * n * 4
+    assert (tmp_path / "out" / "model.so").stat().st_size < float_bytes * 0.2 + 100_000
+
+
+def test_unsupported_4bit_forms_are_refused(save_model, tmp_path, capsys):
+    eight = nbits_model(64, 16, 32, False, QOPERATOR, bits=8)
+    odd = copy.deepcopy(nbits_model(64, 16, 32, False, QOPERATOR))
+    node = next(n for n in odd.graph.node if n.op_type == "MatMulNBits")
+    for attr in node.attribute:
+        if attr.name == "block_size":
+            attr.CopyFrom(helper.make_attribute("block_size", 24))
+    dynamic = ["--quantize", "int8-dynamic", "--weight-bits", "4"]
+    cases = [(eight, [], "has bits=8"), (odd, [], "block_size=24"),
+             (matmul_model(64, 16), dynamic, "int8-dynamic has neither")]
+    for model, extra, message in cases:
+        path = save_model(model)
+        assert main(["compile", str(path), "-o", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
