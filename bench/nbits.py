@@ -1,30 +1,30 @@
 """A model that arrives with 4-bit weights, compiled: paraphrase-MiniLM-L3-v2 through
 onnxruntime's own matmul_nbits_quantizer, side by side with onnxruntime on the same file.
 
-    python bench/nbits.py [--threads 2] [--repeat 30] [--out bench/results/nbits.json]
+    python bench/nbits.py [--out bench/results/nbits.json]
 
 For each quantizer setting (block 32 and 128, with and without zero points) the MatMulNBits
 model is run by:
 
-- onnxruntime, float arithmetic (the quantizer's default accuracy level) and with
+- onnxruntime, in float arithmetic (the quantizer's default accuracy level) and with
   accuracy_level 4 (int8 inputs, its fastest CPU path);
 - qcompile without options: W4A16 on the model's codes (what onnxruntime's float path
-  computes);
+  computes), the rest as the model has it (the word-embedding table in fp32);
+- qcompile --quantize int8-weights: the same, with the table and the other weights in int8;
 - qcompile --quantize int8 with the 64 calibration sentences: W4A8 on the model's codes, the
-  other layers int8.
+  other layers and the table int8.
 
 Prints a Markdown table: the file or library size, the cosine of the sentence embedding to
-onnxruntime fp32 on the original model (96 held-out sentences), the largest difference to
-onnxruntime's float output on the same 4-bit model, and the median latency with the same
-thread count (as a ratio to onnxruntime's accuracy-level-4 run). Writes JSON. Read times as
-ratios within one run (bench/README.md); run it alone on the machine.
+onnxruntime fp32 on the original model (96 held-out sentences), and the largest difference to
+onnxruntime's float output on the same 4-bit model. Writes JSON. No timing: the 4-bit kernels
+are timed per layer by bench/int4.py, and whole models by bench/run.py, one process per
+configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,45 +54,25 @@ def quantize_nbits(src: Path, dst: Path, block: int, symmetric: bool,
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
-def ort_run(path: Path, feeds: list, output: str, threads: int, repeat: int):
-    """(outputs stacked, median seconds of one run on the first feed)."""
+def ort_run(path: Path, feeds: list, output: str) -> np.ndarray:
     from run import _ort_session
 
-    session = _ort_session(path, threads)
-    outputs = np.stack([session.run([output], f)[0] for f in feeds])
-    return outputs, _median(lambda: session.run([output], feeds[0]), repeat)
+    session = _ort_session(path, 2)
+    return np.stack([session.run([output], f)[0] for f in feeds])
 
 
-def _median(call, repeat: int) -> float:
-    import time
-
-    for _ in range(5):
-        call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def qcompile_run(path: Path, out: Path, bench, feeds: list, repeat: int, **options):
+def qcompile_run(path: Path, out: Path, bench, feeds: list, **options) -> np.ndarray:
     import qcompile
 
     qcompile.compile(str(path), "host", out, input_shapes=bench.input_shapes, **options)
     with qcompile.load(out) as model:
-        outputs = np.stack([model.run(f)[bench.output] for f in feeds])
-        seconds = model.benchmark(feeds[0], repeat=repeat).median_ms / 1e3
-    return outputs, seconds, json.loads((out / "quantization.json").read_text())
+        return np.stack([model.run(f)[bench.output] for f in feeds])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "nbits.json"))
     args = parser.parse_args()
-    os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from run import MODELS, _agreement
 
     bench = MODELS["minilm-l3"]
@@ -102,49 +82,36 @@ def main() -> int:
         tmp = Path(tmp)
         src = tmp / "model.onnx"
         bench.export(src)
-        reference, _ = ort_run(src, held_out, bench.output, args.threads, 1)
+        reference = ort_run(src, held_out, bench.output)
         for block, symmetric in SETTINGS:
             name = f"block {block}, {'symmetric' if symmetric else 'zero points'}"
             print(f"{name} ...", file=sys.stderr, flush=True)
             plain, acc4 = tmp / f"nbits-{block}-{symmetric}.onnx", tmp / f"acc4-{block}.onnx"
             quantize_nbits(src, plain, block, symmetric, None)
             quantize_nbits(src, acc4, block, symmetric, 4)
-            ort_float, ort_float_s = ort_run(plain, held_out, bench.output, args.threads,
-                                             args.repeat)
-            ort_acc4, ort_acc4_s = ort_run(acc4, held_out, bench.output, args.threads,
-                                           args.repeat)
-            w4a16, w4a16_s, _ = qcompile_run(plain, tmp / f"w4a16-{block}-{symmetric}", bench,
-                                             held_out, args.repeat)
-            w4a8, w4a8_s, report = qcompile_run(plain, tmp / f"w4a8-{block}-{symmetric}",
-                                                bench, held_out, args.repeat,
-                                                quantize="int8", calibration=calibration)
-            sizes = {"onnx": plain.stat().st_size / 1e6,
-                     "w4a16": (tmp / f"w4a16-{block}-{symmetric}" / "model.so").stat().st_size
-                     / 1e6,
-                     "w4a8": (tmp / f"w4a8-{block}-{symmetric}" / "model.so").stat().st_size
-                     / 1e6}
-            for engine, outputs, seconds in (
-                    ("onnxruntime float", ort_float, ort_float_s),
-                    ("onnxruntime accuracy 4", ort_acc4, ort_acc4_s),
-                    ("qcompile W4A16", w4a16, w4a16_s), ("qcompile W4A8", w4a8, w4a8_s)):
-                size = sizes["onnx" if engine.startswith("onnx") else engine[-5:].lower()]
-                rows.append({"setting": name, "engine": engine, "size_mb": size,
+            ort_float = ort_run(plain, held_out, bench.output)
+            runs = [("onnxruntime float", ort_float, plain),
+                    ("onnxruntime accuracy 4", ort_run(acc4, held_out, bench.output), plain)]
+            for engine, options in (("qcompile W4A16", {}),
+                                    ("qcompile int8-weights", {"quantize": "int8-weights"}),
+                                    ("qcompile int8 (W4A8)", {"quantize": "int8",
+                                                              "calibration": calibration})):
+                out = tmp / f"{engine.split()[1]}-{block}-{symmetric}"
+                runs.append((engine, qcompile_run(plain, out, bench, held_out, **options),
+                             out / "model.so"))
+            for engine, outputs, file in runs:
+                rows.append({"setting": name, "engine": engine,
+                             "size_mb": file.stat().st_size / 1e6,
                              "cosine": _agreement(outputs, reference)[1],
-                             "max_diff_to_ort_float": float(np.abs(outputs - ort_float).max()),
-                             "seconds": seconds, "vs_ort_acc4": seconds / ort_acc4_s})
-            rows[-1]["four_bit_layers"] = sum(1 for r in report["layers"]  # W4A8's row
-                                              if r["precision"].startswith("int4"))
-    print("| quantizer setting | engine | size MB | cosine to fp32 | max diff to ORT float | "
-          "ms | / ORT acc4 |")
-    print("|---|---|---|---|---|---|---|")
+                             "max_diff_to_ort_float": float(np.abs(outputs - ort_float).max())})
+    print("| quantizer setting | engine | size MB | cosine to fp32 | max diff to ORT float |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['engine']} | {r['size_mb']:.1f} | {r['cosine']:.4f} | "
-              f"{r['max_diff_to_ort_float']:.2e} | {r['seconds'] * 1e3:.2f} | "
-              f"{r['vs_ort_acc4']:.2f} |")
+              f"{r['max_diff_to_ort_float']:.2e} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "repeat": args.repeat, "rows": rows},
-                              indent=1) + "\n")
+    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
