@@ -1,5 +1,5 @@
 """GPU (OpenCL) builds compute what the CPU computes: every kernel of a Mali or Adreno build
-of the test models, in int8, fp16 and fp32, runs on pocl (an OpenCL implementation for CPUs,
+of the test models, in int8, 4-bit (W4A8, W4A16), fp16 and fp32, runs on pocl (an OpenCL implementation for CPUs,
 tests/opencl.py) and matches the same kernel compiled for the CPU. This found a dlight rule
 that computes wrong results, and one that does on Adreno (schedules/opencl/default.py): the
 grouped conv of depthwise_grouped and the convs of packed_convnet are where they showed."""
@@ -13,19 +13,25 @@ from models import (depthwise_grouped, gemm_matmul, packed_convnet, random_input
 from opencl import check_kernel
 from qcompile import lower
 from qcompile.frontend import import_onnx
-from qcompile.quantize import QuantConfig, quantize, to_fp16
+from qcompile.quantize import QuantConfig, quantize, quantize_weights, to_fp16
 from qcompile.targets import load_target
 
 INT_TOLERANCE = 1        # an int8 result of float requantization may round one step apart
 FLOAT_TOLERANCE = 1e-5   # relative to the largest output value
 FP16_TOLERANCE = 4e-3    # fp16 kernels run widened to float on pocl: a few fp16 steps apart
+# 4-bit kernels sum each group's scaled int32 total in float, in another order on the GPU: on
+# random buffers (totals of either sign, far larger than a model's) that cancels to 1e-5
+INT4_TOLERANCE = 1e-4
 
 
 def _model(path, model, precision, target):
     float_model = import_onnx(path)
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
-        return quantize(float_model, calibration, QuantConfig(), target)
+        return quantize(float_model, calibration,
+                        QuantConfig(weight_bits=4 if precision == "int4" else 8), target)
+    if precision == "int4-weights":
+        return quantize_weights(float_model, "weight-only", QuantConfig(weight_bits=4), target)
     if precision == "fp16":
         return to_fp16(float_model)
     return float_model
@@ -37,7 +43,9 @@ def _model(path, model, precision, target):
     ("mali", depthwise_grouped, "fp32"),
     ("mali", packed_convnet, "int8"),
     ("adreno", depthwise_grouped, "int8"), ("adreno", packed_convnet, "int8"),
-    ("adreno", gemm_matmul, "fp16")])
+    ("adreno", gemm_matmul, "fp16"),
+    ("mali", gemm_matmul, "int4"), ("mali", gemm_matmul, "int4-weights"),
+    ("adreno", gemm_matmul, "int4")])
 def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precision):
     """Each fused kernel: its dlight-scheduled OpenCL on pocl against the unscheduled kernel
     compiled for this CPU, from the same random buffers."""
@@ -53,11 +61,12 @@ def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precis
             continue
         checks.append(check_kernel(gvar.name_hint, fused[gvar.name_hint], func, device))
     assert checks
-    tolerance = FP16_TOLERANCE if precision == "fp16" else FLOAT_TOLERANCE
+    tolerance = {"fp16": FP16_TOLERANCE, "int4": INT4_TOLERANCE,
+                 "int4-weights": INT4_TOLERANCE}.get(precision, FLOAT_TOLERANCE)
     wrong = [c for c in checks if (c.integer_error or 0) > INT_TOLERANCE
              or (c.float_error or 0.0) > tolerance]
     assert not wrong, f"kernels whose OpenCL result differs from the CPU's: {wrong}"
-    if precision == "int8":  # int8 results were compared: the quantize and the int8 layers
+    if precision in ("int8", "int4"):  # int8 results were compared: quantize, int8 layers
         assert sum(1 for c in checks if c.integer_error is not None) >= 2
 
 
