@@ -89,12 +89,13 @@ def _inspect_build(directory: Path) -> str:
              f"{meta.get('library', {}).get('bytes', 0) / 1e6:.1f} MB library"]
     report_path = directory / "quantization.json"
     if report_path.is_file():
-        from .quantize.report import layer_table
+        from .quantize.report import layer_table, weights_line
 
         report = _read_json(report_path, "Compile again into this directory, or delete it")
         lines.append(f"quantization: {report['method']} calibration, {report['activations']} "
                      f"activations, {report['weights']} weights, "
                      f"{report['calibration_samples']} samples")
+        lines.append(weights_line(report["layers"]))
         lines.extend(layer_table(report["layers"], report.get("outputs", []), width=36))
     else:
         layers = meta.get("layers", [])

@@ -73,6 +73,11 @@ def test_w4a16_computes_what_onnxruntime_computes(k, n, block, symmetric, form, 
     artifact = qcompile.compile(save_model(model), "host", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert [row["precision"] for row in report["layers"]] == [f"int4-g{block}-weights"]
+    # stored per group: `block` 4-bit codes (the last group padded), a float32 scale and,
+    # with zero points, one byte
+    groups = -(-k // block)
+    bits = (4 * block + 32 + (0 if symmetric else 8)) * groups / k
+    assert report["layers"][0]["weight_bits"] == pytest.approx(bits)
     with qcompile.load(artifact.directory) as loaded:
         for seed in range(3):
             feeds = random_inputs(model, seed)
@@ -117,6 +122,8 @@ def test_weight_only_4_bits_on_a_float_model(save_model, tmp_path):
     code = main(["compile", str(save_model(model)), "-o", str(tmp_path / "out"), "--quantize",
                  "int8-weights", "--weight-bits", "4"])
     assert code == 0
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == "int4-g32-weights" and row["weight_bits"] == 4.5  # fp16 scales
     w = init["w"].reshape(-1, 32, n)
     scale = (np.abs(w).max(axis=1, keepdims=True) / 7).astype(np.float16).astype(np.float32)
     w4 = (np.clip(np.round(w / scale), -8, 7) * scale).reshape(k, n)

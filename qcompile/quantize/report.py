@@ -104,6 +104,8 @@ class QuantReport:
                 "weight_sqnr_db": finite(result.weight_sqnr_db)
                 if result.weight_sqnr_db is not None else None,
                 "weight_rounding": result.rounding or None,
+                "weights": result.weights,
+                "weight_bits": result.weight_bits,
                 "fused": list(result.fused),
                 "error_vs_fp32": err.to_json() if err else None,
             })
@@ -125,15 +127,16 @@ class QuantReport:
 
     def summary(self) -> str:
         int8 = sum(1 for r in self.rows if r["precision"].startswith("int8"))
+        four = sum(1 for r in self.rows if r["precision"].startswith("int4"))
         if self.method.startswith("none ("):
             mode = self.method[len("none ("):-1]
-            head = (f"{mode} int8: {int8} of {len(self.rows)} layers with int8 weights "
-                    f"({'per-channel' if self.per_channel else 'per-tensor'}), no calibration"
+            head = (f"{mode} int8: {int8 + four} of {len(self.rows)} layers with int8 weights "
+                    f"({'per-channel' if self.per_channel else 'per-tensor'}"
+                    + (f"; {four} of them in 4 bits" if four else "") + "), no calibration"
                     + (f", {self.activations} activations quantized at run time"
                        if mode == "dynamic" else ", fp32 arithmetic"))
         elif self.samples:
             wide = sum(1 for r in self.rows if r["precision"] == "int8-a16")
-            four = sum(1 for r in self.rows if r["precision"].startswith("int4"))
             notes = [f"{wide} of them with 16-bit inputs"] if wide else []
             notes += [f"{four} of them with 4-bit weights"] if four else []
             head = (f"quantized {int8 + four} of {len(self.rows)} layers to int8 "
@@ -142,28 +145,48 @@ class QuantReport:
                     f"calibration on {self.samples} samples, {self.activations} activations, "
                     f"{'per-channel' if self.per_channel else 'per-tensor'} int8 weights)")
         else:
-            head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8 with "
-                    "the model's own scales and weights")
+            head = (f"pre-quantized model: {int8} of {len(self.rows)} layers run in int8"
+                    + (f" and {four} with 4-bit weights" if four else "")
+                    + " with the model's own scales and weights")
         tables = [f"lookup table {t['lookup']} {t['shape'][0]}x{t['shape'][1]}: "
                   f"{t['precision']}" + (f" (SQNR {t['sqnr_db']:.1f} dB)"
                                          if isinstance(t["sqnr_db"], float) else "")
                   for t in self.tables]
-        return "\n".join([head, *tables, *layer_table(self.rows, self.outputs)])
+        return "\n".join([head, weights_line(self.rows), *tables,
+                          *layer_table(self.rows, self.outputs)])
+
+
+def weights_line(rows: list[dict]) -> str:
+    """The layers' weights: how many, their stored size and bits per weight on average."""
+    counted = [r for r in rows if r.get("weights") and r.get("weight_bits") is not None]
+    total = sum(r["weights"] for r in counted)
+    stored = sum(r["weights"] * r["weight_bits"] for r in counted) / 8
+    if not total:
+        return "layer weights: none"
+    return (f"layer weights: {total:,}, stored in {_size(stored)}, {8 * stored / total:.2f} "
+            f"bits each on average (fp32: {_size(4 * total)})")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def layer_table(rows: list[dict], outputs: list[dict], width: int = 28) -> list[str]:
     """The report's rows (as saved in quantization.json) as a table: per layer its op,
-    precision, output type, error against fp32 and why it is not int8; then each output's."""
-    lines = [f"{'layer':<{width}} {'op':<7} {'precision':<12} {'out':<6} {'SQNR dB':>8} "
-             f"{'cosine':>8}  note"]
+    precision, bits stored per weight, output type, error against fp32 and why it is not int8;
+    then each output's."""
+    lines = [f"{'layer':<{width}} {'op':<7} {'precision':<16} {'bits':>5} {'out':<6} "
+             f"{'SQNR dB':>8} {'cosine':>8}  note"]
     for row in rows:
         err = row.get("error_vs_fp32") or {}
         sqnr = err.get("sqnr_db", "")
         sqnr = f"{sqnr:8.1f}" if isinstance(sqnr, (int, float)) else f"{sqnr:>8}"
         cosine = f"{err['cosine']:8.5f}" if err else f"{'':>8}"
         out = "float" if row["output"] == "float" else row["output"]["dtype"]
-        lines.append(f"{row['layer'][:width]:<{width}} {row['op']:<7} {row['precision']:<12} "
-                     f"{out:<6} {sqnr} {cosine}  {row.get('reason') or ''}".rstrip())
+        bits = row.get("weight_bits")
+        bits = f"{bits:5.2f}" if isinstance(bits, (int, float)) else f"{'':>5}"
+        lines.append(f"{row['layer'][:width]:<{width}} {row['op']:<7} {row['precision']:<16} "
+                     f"{bits} {out:<6} {sqnr} {cosine}  {row.get('reason') or ''}".rstrip())
     for out in outputs:
         sqnr = out["sqnr_db"]
         sqnr = f"{sqnr:.1f}" if isinstance(sqnr, (int, float)) else sqnr

@@ -32,6 +32,8 @@ class LayerResult:
     rounding: str = ""              # how the int8 weights were rounded: gptq | nearest | model
     fused: tuple[str, ...] = ()     # bias / activation nodes folded into the kernel
     output_var: Any = None          # the relax var whose value the layer produces
+    weights: int = 0                # elements of its constant weight
+    weight_bits: float | None = None  # bits stored per weight, its scales and zeros included
 
 
 @dataclass(frozen=True)

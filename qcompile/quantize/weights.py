@@ -144,6 +144,14 @@ class GroupWeight:
         pairs = self.codes.T.reshape(self.codes.shape[1], -1, 2)
         return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
 
+    def stored_bits(self, rows: int, extra_bytes: int = 0) -> float:
+        """Bits per weight of the `rows` x N weight stored as these codes (two per byte), its
+        scales and zero points, and `extra_bytes` more."""
+        size = rows * self.codes.shape[1]
+        stored = self.codes.size // 2 + self.scales.nbytes + extra_bytes + (
+            0 if self.zero_points is None else self.zero_points.nbytes)
+        return 8.0 * stored / size
+
     def packed_columns(self) -> np.ndarray:
         """[K_padded/2, N] uint8: codes k = 2j (low nibble) and 2j + 1 (high) of each column,
         each byte row contiguous along N (the float kernel's vector axis)."""

@@ -81,6 +81,14 @@ class LayerOp:
         return op.matmul(x, w, out_dtype="float32")
 
     def result(self, precision: str, **fields) -> LayerResult:
+        """What became of the layer; the bits stored per weight follow from `precision` (int8
+        with a float32 scale per output channel, fp16, fp32) unless the scheme gives them."""
+        if self.weight is not None:
+            size = int(self.weight.size)
+            fields.setdefault("weights", size)
+            fields.setdefault("weight_bits", 8 + 32 * self.channels / size
+                              if precision.startswith("int8") else
+                              16.0 if precision == "fp16" else 32.0)
         return LayerResult(self.node.name, self.kind, precision, **fields)
 
 

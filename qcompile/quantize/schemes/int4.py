@@ -97,7 +97,8 @@ class Int4(Scheme):
         result = r._emit(real)
         r.absorbed.update(absorbed)
         r.layers.append(layer.result(
-            self.label, input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
+            f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
+            rounding=gw.rounding, weight_bits=_stored_bits(gw, int(layer.weight.shape[0])),
             fused=tuple(r.graph.nodes[i].name for i in absorbed), output_var=last.var))
         r.env[last.var] = result
         return result
@@ -132,6 +133,14 @@ def _kernel(r: Realizer, xq, gw, k: int):
     func = r.bb.get()[gvar]
     r.bb.update_func(gvar, func.with_attr(FUNC_ATTR, gw.group))
     return r._emit(call), data
+
+
+def _stored_bits(gw, rows: int) -> float:
+    """Bits per weight as the W4A8 kernel stores them: codes, fp16 scales, and for zero points
+    the float32 [groups, N] product that replaces them (_zero_point_term)."""
+    if gw.zero_points is None:
+        return gw.stored_bits(rows)
+    return gw.stored_bits(rows, 4 * gw.scales.size - gw.zero_points.nbytes)
 
 
 def _zero_point_term(r: Realizer, data, gw):

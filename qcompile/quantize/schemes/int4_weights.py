@@ -56,7 +56,7 @@ class Int4Weights(Scheme):
         out = r._emit(_kernel(r, r.float_of(node.args[0]), gw, int(layer.weight.shape[0])))
         r.layers.append(layer.result(
             f"int4-g{gw.group}-weights", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
-            output_var=node.var))
+            output_var=node.var, weight_bits=gw.stored_bits(int(layer.weight.shape[0]))))
         return out
 
     def fake(self, sim: SimLayerOp) -> None:
