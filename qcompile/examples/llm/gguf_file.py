@@ -13,12 +13,13 @@ here has them put back into the Hugging Face order, in which RoPE rotates (x[i],
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...errors import ModelError
+from ...errors import MissingPackageError, ModelError
 
 ARCHITECTURE = "llama"
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -67,6 +68,17 @@ class Q4Weight:
         return ((blocks - zero) * self.scales[:, :, None]).reshape(n, k)
 
 
+def require() -> None:
+    """Raise MissingPackageError naming the `llm` extra's packages that are not installed."""
+    missing = [name for name in ("gguf", "tokenizers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingPackageError(
+            f"Converting GGUF models needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: they are the `llm` extra "
+            "of qcompile. Install them with `pip install \"qcompile[llm]\"` (from a checkout: "
+            "`pip install \".[llm]\"`).")
+
+
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -76,6 +88,7 @@ class GgufModel:
     """An open GGUF file of a LLaMA-architecture model."""
 
     def __init__(self, path: str | Path):
+        require()
         import gguf
 
         self.path = Path(path)
@@ -89,7 +102,6 @@ class GgufModel:
                 "converter reads GGUF files of LLaMA-architecture models as llama.cpp "
                 "writes them.") from err
         self.tensors = {t.name: t for t in self._reader.tensors}
-        self.metadata = {key: field for key, field in self._reader.fields.items()}
         self.config = self._check()
 
     def get(self, key: str, default=None):
@@ -178,10 +190,11 @@ class GgufModel:
         missing = sorted(expected - set(self.tensors))
         unknown = sorted(set(self.tensors) - expected - set(OPTIONAL_TENSORS))
         if missing or unknown:
-            found = "; ".join(part for part in (
-                f"missing {', '.join(missing[:4])}{' ...' * (len(missing) > 4)}" * bool(missing),
-                f"unknown {', '.join(unknown[:4])}{' ...' * (len(unknown) > 4)}" * bool(unknown))
-                if part)
+            def some(names):
+                return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+
+            found = "; ".join([f"missing {some(missing)}"] * bool(missing) +
+                              [f"unknown {some(unknown)}"] * bool(unknown))
             raise ModelError(
                 f"{self.path.name}'s tensors are not those of a plain LLaMA model: {found}. "
                 "The converter expects token_embd, output_norm, optionally output, and per "

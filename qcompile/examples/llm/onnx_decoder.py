@@ -66,12 +66,21 @@ class _Graph:
         self.names: set[str] = set()
 
     def const(self, name: str, value) -> str:
-        from onnx import numpy_helper
-
         if name not in self.names:
             self.names.add(name)
-            self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+            self.initializers.append((name, np.ascontiguousarray(value)))
         return name
+
+    def add_initializers(self, graph) -> None:
+        """Write the constants into `graph` in place (make_graph would copy 0.5 GB twice)."""
+        from onnx import helper
+
+        for name, value in self.initializers:
+            tensor = graph.initializer.add()
+            tensor.name = name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+            tensor.dims.extend(value.shape)
+            tensor.raw_data = value.tobytes()
 
     def ints(self, name: str, *values: int) -> str:
         return self.const(f"ints.{name}", np.array(values, np.int64))
@@ -207,7 +216,6 @@ class _Decoder:
                                 g.scalar("mask_value", MASK_VALUE)], "mask")
 
     def build(self):
-        import onnx
         from onnx import TensorProto, helper
 
         g, cfg = self.g, self.cfg
@@ -250,7 +258,7 @@ class _Decoder:
                        for n in past_names(i)]
             outputs += [value(n, TensorProto.FLOAT, [BATCH, kv[0], TOTAL, kv[1]])
                         for n in present_names(i)]
-        graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.initializers)
+        graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs)
         opsets = [helper.make_opsetid("", OPSET)]
         if self.four_bit:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -259,10 +267,11 @@ class _Decoder:
         name = self.model.get("general.name")
         if name:
             helper.set_model_props(model, {"source": self.model.path.name, "name": str(name)})
-        onnx.checker.check_model(model)
+        g.add_initializers(model.graph)
         return model
 
 
 def build_decoder(model: GgufModel, four_bit: bool = False):
-    """The decoder with a KV cache as an onnx.ModelProto (see the module's docstring)."""
+    """The decoder with a KV cache as an onnx.ModelProto (see the module's docstring);
+    unchecked: onnx.checker serializes it, so save() checks the bytes it writes."""
     return _Decoder(model, four_bit).build()

@@ -41,11 +41,14 @@ class Converted:
     generation: Path        # generation.json: EOS, the chat prompt's form, the shapes
 
 
-def _save(model, path: Path) -> Path:
+def save(model, path: Path) -> Path:
+    """Serialize once, check those bytes with onnx.checker, write them (replacing whole)."""
     import onnx
 
+    data = model.SerializeToString()
+    onnx.checker.check_model(data)
     tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
+    tmp.write_bytes(data)
     tmp.replace(path)
     return path
 
@@ -71,5 +74,5 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Converted:
     (out / GENERATION).write_text(json.dumps(settings, indent=2) + "\n")
     paths = {}
     for four_bit, name in ((False, FLOAT_MODEL), (True, FOUR_BIT_MODEL)):
-        paths[four_bit] = _save(build_decoder(model, four_bit), out / name)
+        paths[four_bit] = save(build_decoder(model, four_bit), out / name)
     return Converted(paths[False], paths[True], out / TOKENIZER, out / GENERATION)
