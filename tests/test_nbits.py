@@ -151,3 +151,26 @@ def test_unsupported_4bit_forms_are_refused(save_model, tmp_path, capsys):
         assert main(["compile", str(path), "-o", str(tmp_path / "out"), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_layers_the_4bit_model_left_in_float_stay_float(save_model, tmp_path, caplog):
+    """onnxruntime's quantizer makes MatMuls 4-bit and leaves a Gemm in float: so does the
+    build, and says nothing against it."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from models import gemm_matmul
+
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(gemm_matmul(), bits=4, block_size=32)
+    quantizer.process()
+    model = quantizer.model.model
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        artifact = qcompile.compile(save_model(model), "host", tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert sorted(row["precision"] for row in report["layers"]) == ["fp32", "int4-g32-weights"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    with qcompile.load(artifact.directory) as loaded:
+        feeds = random_inputs(model, 0)
+        expected = onnxruntime_float(model, feeds)
+        np.testing.assert_allclose(loaded.run(feeds)["y"], expected, rtol=1e-5,
+                                   atol=1e-5 * np.abs(expected).max())

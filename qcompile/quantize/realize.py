@@ -183,7 +183,8 @@ def verify(mod, config: RealizeConfig, graph: Graph, results: list[LayerResult])
         if not scheme.int8_kernel or layer_op(node).unsupported is not None or \
                 (scheme.name == "int8-dynamic" and node.kind != "matmul"):
             continue
-        if result is None or result.precision == "fp32":
+        if (result is None or result.precision == "fp32") and config.weight_codes is None:
+            # (a model that arrives quantized keeps in float what it left in float)
             problems.append(f"layer {node.name} was planned {scheme.label} but runs in fp32"
                             + (f": {result.reason}" if result is not None else ""))
     kernels = []
