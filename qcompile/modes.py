@@ -191,7 +191,7 @@ def apply(mode: Mode, model: FloatModel, target):
         return mode.apply(model, target)
     if model.prequantized:
         if isinstance(mode, (StaticInt8, AutoPrecision)):
-            log.warning("the model arrives quantized (QDQ): its own scales are used, the "
+            log.warning("the model arrives quantized: its own scales are used, the "
                         "calibration data is not")
         return realize_prequantized(model)
     return mode.apply(model, target)
