@@ -67,6 +67,14 @@ class FloatModel:
     def prequantized(self) -> bool:
         return self.weight_codes is not None
 
+    @property
+    def four_bit_only(self) -> bool:
+        """Arrived with 4-bit weights and nothing else quantized (no int8 weight, no
+        QuantizeLinear): calibration may still quantize the rest."""
+        codes = self.weight_codes
+        return codes is not None and bool(codes.groups) and not codes.entries and \
+            not any(node.op_type == "QuantizeLinear" for node in self.onnx.graph.node)
+
 
 def load_onnx(path: str | Path):
     """Read an ONNX file, with an error that says what is wrong with it; checked
@@ -241,9 +249,6 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
         weight_codes = WeightCodes() if weight_codes is None else weight_codes
         original, count = fold_nbits(original, weight_codes)
         log.info("read %d MatMulNBits node(s) as MatMul on their 4-bit weights", count)
-    if weight_codes is not None:
-        weight_codes.quantized_activations = any(node.op_type == "QuantizeLinear"
-                                                 for node in original.graph.node)
     shapes = resolve_input_shapes(original, input_shapes)
     check_constant_sizes(original, shapes, path)
     model = simplify(original, shapes)

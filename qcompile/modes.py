@@ -186,8 +186,7 @@ def apply(mode: Mode, model: FloatModel, target):
     """What is built for `model` in `mode`: a pre-quantized model is realized with its own
     scales whatever the mode asks, except that a model whose only quantized tensors are 4-bit
     weights is quantized further by static int8 (W4A8 on its codes) or weight-only mode."""
-    if model.prequantized and model.weight_codes.four_bit_only and \
-            isinstance(mode, (StaticInt8, WeightOnlyInt8)):
+    if model.four_bit_only and isinstance(mode, (StaticInt8, WeightOnlyInt8)):
         return mode.apply(model, target)
     if model.prequantized:
         if isinstance(mode, (StaticInt8, AutoPrecision)):

@@ -134,6 +134,19 @@ def blocked_values(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bloc
     return (centred * widen(scale.astype(np.float32))).astype(np.float32)
 
 
+def replace_nodes(graph, nodes: list, initializers: list) -> None:
+    """Make `nodes` the graph's nodes, add `initializers`, and drop the initializers that no
+    node and no output reads any more (this rewrite's and qdq.py's)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    used = {name for node in graph.node for name in node.input}
+    outputs = {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used and t.name not in outputs]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
 def fold_nbits(model, codes) -> tuple[object, int]:
     """Replace each MatMulNBits by MatMul(A, the float weight) (+ its bias), remembering the
     group codes in `codes` (qdq.WeightCodes); returns the model and the count."""
@@ -162,13 +175,7 @@ def fold_nbits(model, codes) -> tuple[object, int]:
             nodes.append(helper.make_node("MatMul", [inputs[0], weight], [out], name=node.name))
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        graph.initializer.extend(new_init)
-        used = {name for node in graph.node for name in node.input} | \
-            {o.name for o in graph.output}
-        for tensor in [t for t in graph.initializer if t.name not in used]:
-            graph.initializer.remove(tensor)
+        replace_nodes(graph, nodes, new_init)
         if not any(node.domain == MS_DOMAIN for node in graph.node):
             kept = [o for o in model.opset_import if o.domain != MS_DOMAIN]
             del model.opset_import[:]
@@ -177,4 +184,4 @@ def fold_nbits(model, codes) -> tuple[object, int]:
 
 
 __all__ = ["GroupCodes", "blocked_codes", "blocked_values", "fold_nbits", "has_nbits",
-           "nbits_codes"]
+           "nbits_codes", "replace_nodes"]

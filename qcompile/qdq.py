@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .nbits import blocked_codes, blocked_values
+from .nbits import blocked_codes, blocked_values, replace_nodes
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
@@ -33,12 +33,6 @@ class WeightCodes:
 
     entries: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)
-    quantized_activations: bool = False  # the model has QuantizeLinear on activations
-
-    @property
-    def four_bit_only(self) -> bool:
-        """Only 4-bit weights arrived quantized: calibration may quantize the rest."""
-        return bool(self.groups) and not self.entries and not self.quantized_activations
 
     def add_groups(self, values: np.ndarray, codes) -> None:
         self.groups[_key(values)] = codes
@@ -122,15 +116,9 @@ def fold_constant_dequantize(model) -> tuple[object, WeightCodes]:
             codes.add(values, q, scale.reshape(-1), axis)
         new_init.append(numpy_helper.from_array(values, node.output[0]))
     if new_init:
-        del graph.node[:]
-        graph.node.extend(keep)
-        graph.initializer.extend(new_init)
-        used = {name for node in graph.node for name in node.input}
-        outputs = {o.name for o in graph.output}
-        unused = [t for t in graph.initializer if t.name not in used and t.name not in outputs]
-        for tensor in unused:
-            graph.initializer.remove(tensor)
+        replace_nodes(graph, keep, new_init)
     return model, codes
+
 
 
 # -- QOperator models: QLinearConv & co. become DequantizeLinear -> float op -> QuantizeLinear,

@@ -123,20 +123,28 @@ def plan(model: FloatModel, config=None, target=None, *, mode: str = "static") -
                      names, settings, stem.name if stem is not None else None)
 
 
-def _given_four_bits(graph: Graph, settings, codes) -> dict:
-    """A layer whose weight arrived in 4 bits (MatMulNBits, blocked DequantizeLinear) keeps
-    its codes where its settings quantize it: int4 with the model's group size, not int8
-    rounded again from the 4-bit values."""
+def given_four_bits(graph: Graph, codes) -> dict:
+    """{matmul node: its nbits.GroupCodes} for each matmul whose weight arrived in 4 bits
+    (MatMulNBits, blocked DequantizeLinear); codes: the model's qdq.WeightCodes or None."""
+    found = {}
     if codes is None or not codes.groups:
-        return settings
-    kept = dict(settings)
+        return found
     for node in graph.nodes:
         weight = constant_value(node.args[1]) if node.kind == "matmul" else None
-        found = codes.find_groups(weight) if weight is not None and weight.ndim == 2 else None
-        if found is not None and node.name in settings and \
-                settings[node.name].precision in ("int8", "int4"):
-            kept[node.name] = dataclasses.replace(settings[node.name], precision="int4",
-                                                  group_size=found.group)
+        given = codes.find_groups(weight) if weight is not None and weight.ndim == 2 else None
+        if given is not None:
+            found[node.name] = given
+    return found
+
+
+def _given_four_bits(graph: Graph, settings, codes) -> dict:
+    """A layer whose weight arrived in 4 bits keeps its codes where its settings quantize it:
+    int4 with the model's group size, not int8 rounded again from the 4-bit values."""
+    kept = dict(settings)
+    for name, given in given_four_bits(graph, codes).items():
+        if name in settings and settings[name].precision in ("int8", "int4"):
+            kept[name] = dataclasses.replace(settings[name], precision="int4",
+                                             group_size=given.group)
     return kept
 
 

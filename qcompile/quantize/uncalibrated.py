@@ -9,10 +9,10 @@ import logging
 from ..errors import InputError
 from ..frontend import FloatModel
 from .config import QuantConfig, QuantizedModel
-from .graph import constant_value, read_graph
+from .graph import read_graph
 from .observers import WIDE_DTYPES
 from .ops.qdq import graph_qparams
-from .plan import layer_names, plan
+from .plan import given_four_bits, layer_names, plan
 from .realize import Realizer
 from .report import QuantReport
 from .schemes import Int4Weights
@@ -70,8 +70,10 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     mod = relax.transform.FoldConstant()(model.mod)
     graph = read_graph(mod)
     qparams = graph_qparams(graph)
-    config = RealizeConfig(plan=_four_bit_layers(graph, model.weight_codes),
-                           weight_codes=model.weight_codes, group_codes=model.weight_codes)
+    four_bit = {name: Int4Weights(given.group)
+                for name, given in given_four_bits(graph, model.weight_codes).items()}
+    config = RealizeConfig(plan=four_bit, weight_codes=model.weight_codes,
+                           group_codes=model.weight_codes)
     realizer = Realizer(mod, graph, qparams, config)
     quantized_mod = verified_module(realizer, config, graph)
     int8 = sum(1 for r in realizer.layers if r.precision == "int8")
@@ -85,17 +87,6 @@ def realize_prequantized(model: FloatModel) -> QuantizedModel:
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           model_layers(names, model, realizer.layers), report, model, model.source,
                           model.sha256)
-
-
-def _four_bit_layers(graph, codes) -> dict:
-    """{matmul node: Int4Weights} for each matmul whose weight arrived in 4 bits."""
-    plan = {}
-    for node in graph.nodes:
-        weight = constant_value(node.args[1]) if node.kind == "matmul" else None
-        found = codes.find_groups(weight) if weight is not None and weight.ndim == 2 else None
-        if found is not None:
-            plan[node.name] = Int4Weights(found.group)
-    return plan
 
 
 __all__ = ["quantize_weights", "realize_prequantized", "to_fp16"]

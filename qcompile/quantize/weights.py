@@ -144,13 +144,13 @@ class GroupWeight:
         pairs = self.codes.T.reshape(self.codes.shape[1], -1, 2)
         return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
 
-    def stored_bits(self, rows: int, extra_bytes: int = 0) -> float:
+    def stored_bits(self, rows: int, zero_bytes: int | None = None) -> float:
         """Bits per weight of the `rows` x N weight stored as these codes (two per byte), its
-        scales and zero points, and `extra_bytes` more."""
-        size = rows * self.codes.shape[1]
-        stored = self.codes.size // 2 + self.scales.nbytes + extra_bytes + (
-            0 if self.zero_points is None else self.zero_points.nbytes)
-        return 8.0 * stored / size
+        scales and its zero points (`zero_bytes`: what a kernel stores for them instead)."""
+        if zero_bytes is None:
+            zero_bytes = 0 if self.zero_points is None else self.zero_points.nbytes
+        stored = self.codes.size // 2 + self.scales.nbytes + zero_bytes
+        return 8.0 * stored / (rows * self.codes.shape[1])
 
     def packed_columns(self) -> np.ndarray:
         """[K_padded/2, N] uint8: codes k = 2j (low nibble) and 2j + 1 (high) of each column,

@@ -138,9 +138,7 @@ def _kernel(r: Realizer, xq, gw, k: int):
 def _stored_bits(gw, rows: int) -> float:
     """Bits per weight as the W4A8 kernel stores them: codes, fp16 scales, and for zero points
     the float32 [groups, N] product that replaces them (_zero_point_term)."""
-    if gw.zero_points is None:
-        return gw.stored_bits(rows)
-    return gw.stored_bits(rows, 4 * gw.scales.size - gw.zero_points.nbytes)
+    return gw.stored_bits(rows, None if gw.zero_points is None else 4 * gw.scales.size)
 
 
 def _zero_point_term(r: Realizer, data, gw):

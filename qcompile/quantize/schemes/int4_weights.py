@@ -11,12 +11,11 @@ MatMul/Gemm only: a convolution planned for it by the whole-model option keeps i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..weights import GroupWeight, quantize_groups, sqnr_db
+from ..weights import GroupWeight, quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
 from .weight_only import WeightOnly
 
@@ -73,8 +72,9 @@ def model_codes(r: Realizer, weight) -> GroupWeight | None:
     given = codes.find_groups(weight) if codes is not None else None
     if given is None:
         return None
-    gw = GroupWeight(given.codes, given.scales, given.group, 4, "given", 0.0, given.zero_points)
-    return dataclasses.replace(gw, sqnr_db=sqnr_db(weight, gw.dequantized(given.rows)))
+    # the weight was found by its values, which are these codes' values: no error
+    return GroupWeight(given.codes, given.scales, given.group, 4, "given", float("inf"),
+                       given.zero_points)
 
 
 def _kernel(r: Realizer, x, gw: GroupWeight, rows: int):
