@@ -143,8 +143,19 @@ def test_unsupported_4bit_forms_are_refused(save_model, tmp_path, capsys):
     for attr in node.attribute:
         if attr.name == "block_size":
             attr.CopyFrom(helper.make_attribute("block_size", 24))
+    reordered = copy.deepcopy(nbits_model(64, 16, 32, False, QOPERATOR))
+    node = next(n for n in reordered.graph.node if n.op_type == "MatMulNBits")
+    g_idx = (np.arange(64) // 32)[::-1].astype(np.int32)        # act-order: not k // block
+    reordered.graph.initializer.append(onnx.numpy_helper.from_array(g_idx, "g_idx"))
+    node.input.extend(["g_idx"])
+    short = copy.deepcopy(nbits_model(64, 16, 32, True, QOPERATOR))
+    scales = next(t for t in short.graph.initializer if t.name.endswith("scales"))
+    scales.CopyFrom(onnx.numpy_helper.from_array(
+        onnx.numpy_helper.to_array(scales).ravel()[:-1], scales.name))
     dynamic = ["--quantize", "int8-dynamic", "--weight-bits", "4"]
     cases = [(eight, [], "has bits=8"), (odd, [], "block_size=24"),
+             (reordered, [], "reorders its reduction with g_idx"),
+             (short, [], "has 31 scales, not N * blocks = 32"),
              (matmul_model(64, 16), dynamic, "int8-dynamic has neither")]
     for model, extra, message in cases:
         path = save_model(model)
