@@ -19,10 +19,11 @@ from .specs import TensorSpec
 LIBRARY_FILE = "model.so"
 MANIFEST_FILE = "model.json"
 # Every file a build writes into OUT_DIR (the reports: quantize/report.py's REPORT_FILE, and
-# auto.py's RULES_FILE and SEARCH_FILE): one of an earlier build that the new build does not
+# auto.py's RULES_FILE and SEARCH_FILE; a decoder's settings, tokenizer and generation
+# settings: decoder/compile.py, decoder/text.py): one of an earlier build that the new build does not
 # write is removed when the new one is published, so that no report outlives its library.
 OWN_FILES = (LIBRARY_FILE, MANIFEST_FILE, "quantization.json", "precision-rules.toml",
-             "search.json")
+             "search.json", "decoder.json", "tokenizer.json", "generation.json")
 MANIFEST_FORMAT = 1
 
 

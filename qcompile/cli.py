@@ -100,6 +100,10 @@ def _add_compile(sub) -> None:
                    help="directory to write model.so and model.json to (default: build)")
     _shape_arg(p)
     _cc_arg(p)
+    p.add_argument("--max-context", type=_positive, metavar="N",
+                   help="compile a language model (a decoder with past_key_values inputs) "
+                        "for prompts and answers of up to N tokens in all: its KV cache is "
+                        "kept on the device; run it with `qcompile generate`")
     logs = p.add_mutually_exclusive_group()
     logs.add_argument("--tuning-log", metavar="DIR",
                       help="apply the tuned schedules recorded in DIR by `qcompile tune` "
@@ -331,6 +335,12 @@ kernels on an RPC device: with --rpc-tracker the command says so.
 """
 
 
+def _add_generate(sub) -> None:
+    from .decoder.command import add_generate
+
+    add_generate(sub, _device_args)
+
+
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="time a compiled model kernel by kernel",
                        description=PROFILE_HELP)
@@ -513,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_inspect(sub)
     _add_run(sub)
+    _add_generate(sub)
     _add_profile(sub)
     _add_package(sub)
     _add_tune(sub)
@@ -536,6 +547,10 @@ def _cmd_compile(args) -> int:
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     config = _quant_config(args)
+    if args.max_context is not None:
+        from .decoder.command import compile_decoder_command
+
+        return compile_decoder_command(args, config)
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
                              cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
                              calibration=args.calibration, quant_config=config,

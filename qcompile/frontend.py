@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ModelError, ShapeError, UnsupportedOpError, last_line
 from .constant_sizes import check_constant_sizes, check_relax_constants, out_of_memory
+from .symbolic_range import symbolic_range
 from .onnx_checks import check_model, import_failure
 from .relax_main import rebuild_main
 from .specs import TensorSpec
@@ -172,14 +173,46 @@ def resolve_input_shapes(model, given: Mapping[str, Sequence[int]] | None) -> di
     return shapes
 
 
-def simplify(model, shapes: Mapping[str, tuple]):
-    """Fix the input shapes and fold constant subgraphs (onnxsim); the model if that fails."""
+def name_dims(model, dims: Mapping[str, int | str]):
+    """A copy of `model` whose inputs' named dimensions are set from `dims` (a size, or a
+    symbol or expression such as "p + 1"), and the inputs' shapes that result (ints and
+    strings). A named dimension that `dims` does not give is an error."""
+    import onnx
+
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    shapes = {}
+    for inp in graph_inputs(named):
+        shape = []
+        for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
+                continue
+            if dim.dim_param not in dims:
+                raise ShapeError(f"Input '{inp.name}' has a dimension '{dim.dim_param}' on axis "
+                                 f"{axis} that qcompile cannot size here; it knows "
+                                 f"{', '.join(sorted(dims))}.")
+            size = dims[dim.dim_param]
+            dim.Clear()
+            if isinstance(size, int):
+                dim.dim_value = size
+            else:
+                dim.dim_param = size
+            shape.append(size)
+        shapes[inp.name] = tuple(shape)
+    return named, shapes
+
+
+def simplify(model, shapes: Mapping[str, tuple] | None):
+    """Fix the input shapes (None: as the model has them) and fold constant subgraphs
+    (onnxsim); the model if that fails."""
     import onnx
     import onnxsim
 
     try:
         with quiet():  # onnxsim notes every node it cannot fold
-            simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=dict(shapes))
+            simplified, ok = onnxsim.simplify(
+                model, overwrite_input_shapes=dict(shapes) if shapes is not None else None)
         if ok:
             return simplified
         log.warning("onnxsim could not verify the simplified model; importing the original")
@@ -191,6 +224,8 @@ def simplify(model, shapes: Mapping[str, tuple]):
                              "model computes (`qcompile inspect MODEL`), and re-export it.") \
                 from None
         log.warning("onnxsim failed (%s); importing the model without simplification", exc)
+    if shapes is None:
+        return model
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for inp in graph_inputs(fixed):
@@ -222,8 +257,11 @@ def check_ops(model) -> None:
 
 
 def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                ) -> FloatModel:
-    """Import an ONNX file into Relax with static input shapes."""
+                dims: Mapping[str, int | str] | None = None) -> FloatModel:
+    """Import an ONNX file into Relax with static input shapes; or, with `dims`, with the
+    inputs' named dimensions set by name ({"sequence_length": 1, "past_sequence_length": "p",
+    "total_sequence_length": "p + 1"}: a size, or a symbol or expression that stays symbolic
+    in the Relax module)."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -249,9 +287,13 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
         weight_codes = WeightCodes() if weight_codes is None else weight_codes
         original, count = fold_nbits(original, weight_codes)
         log.info("read %d MatMulNBits node(s) as MatMul on their 4-bit weights", count)
-    shapes = resolve_input_shapes(original, input_shapes)
-    check_constant_sizes(original, shapes, path)
-    model = simplify(original, shapes)
+    if dims is not None:
+        original, shapes = name_dims(original, dims)
+        model = simplify(original, None)
+    else:
+        shapes = resolve_input_shapes(original, input_shapes)
+        check_constant_sizes(original, shapes, path)
+        model = simplify(original, shapes)
     check_ops(model)
     inputs = tuple(TensorSpec(i.name, shapes[i.name], _onnx_dtype(i))
                    for i in graph_inputs(model))
@@ -260,9 +302,11 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     with warnings.catch_warnings(), contextlib.redirect_stdout(printed), quiet():
         warnings.simplefilter("ignore")  # the ONNX checker's warnings are not ours to show
         try:
-            mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
-                            dtype_dict={s.name: s.dtype for s in inputs},
-                            keep_params_in_input=False)
+            with symbolic_range():
+                mod = from_onnx(model, shape_dict=None if dims is not None else
+                                {s.name: list(s.shape) for s in inputs},
+                                dtype_dict={s.name: s.dtype for s in inputs},
+                                keep_params_in_input=False)
         except tvm.error.OpNotImplemented as exc:
             failure = UnsupportedOpError(f"TVM cannot import the model: {exc}")
         except Exception as exc:
@@ -286,7 +330,7 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
         raise ModelError(f"Folding the constants of '{path.name}' ran out of memory: a node "
                          "makes a tensor larger than this machine holds. Check the shapes the "
                          "model computes, and re-export it.") from None
-    outputs = _output_specs(mod, [o.name for o in model.graph.output])
+    outputs = _output_specs(mod, [o.name for o in model.graph.output], dims is not None)
     return FloatModel(mod=mod, inputs=inputs, outputs=outputs, layers=_layers(model),
                       onnx=model, source=str(path),
                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -326,7 +370,7 @@ def clip_calls_to_ops(mod):
     return relax.transform.DeadCodeElimination()(rebuild_main(mod, bindings, body.body))
 
 
-def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:
+def _output_specs(mod, names: list[str], symbolic: bool = False) -> tuple[TensorSpec, ...]:
     import tvm
     from tvm import relax
 
@@ -338,7 +382,8 @@ def _output_specs(mod, names: list[str]) -> tuple[TensorSpec, ...]:
             raise ShapeError(f"Output '{name}' has no static shape after import; give every "
                              "dynamic input dimension with --input-shape.")
         try:
-            shape = tuple(int(d) for d in info.shape.values)
+            shape = tuple(str(d) if symbolic and not isinstance(getattr(d, "value", None), int)
+                          else int(d) for d in info.shape.values)
         except (TypeError, AttributeError):
             raise ShapeError(f"Output '{name}' has a data-dependent shape "
                              f"({info.shape}); qcompile needs static shapes.") from None

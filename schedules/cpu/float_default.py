@@ -34,8 +34,23 @@ log = logging.getLogger(__name__)
 KINDS = ("float", "parallel")  # SCHEDULE_ATTR's values on the kernels scheduled here
 VECTOR = 8    # output elements per vector tile (one AVX2 / two NEON fp32 registers)
 ROWS = 8      # rows of the register tile
+WIDE_VECTOR = 64  # output elements per tile when there are no rows to tile
 # (EfficientNet-Lite0 fp32 here: 8 x 8 35 ms, 4 x 8 38 ms, 4 x 16 45 ms, 8 x 16 47 ms)
 MIN_PARALLEL = 4096  # elements of output below which a kernel stays on one thread
+SYMBOLIC = 1 << 20   # the size assumed for an extent known only at run time (a sequence)
+
+
+def _extent(expr, unknown: int = SYMBOLIC) -> int:
+    """A loop's or a buffer's extent as an int; `unknown` when it is known only at run time."""
+    value = getattr(expr, "value", None)
+    return int(value) if isinstance(value, int) else unknown
+
+
+def _tile(expr, size: int) -> int:
+    """The tile for an axis: the largest divisor of its extent up to `size`, or `size` itself
+    for a run-time extent (the last tile is then cut by a condition)."""
+    extent = _extent(expr)
+    return size if extent == SYMBOLIC else largest_divisor(extent, size)
 
 
 def _anchor(sch):
@@ -67,7 +82,7 @@ def _make_contiguous(sch, block, var_name: str, output_elements: int) -> None:
     stmt = sch.get(block)
     for index, read in enumerate(stmt.reads):
         dims = _dims_using(read, var_name)
-        shape = [int(s) for s in read.source.shape]
+        shape = [_extent(s) for s in read.source.shape]
         size = 1
         for s in shape:
             size *= s
@@ -89,12 +104,13 @@ def _permutation(order: list[int]):
                               index_dtype="int64")
 
 
-def _output_elements(stmt) -> int:
-    """How many elements a block writes: the product of its spatial axes' extents."""
+def _output_elements(stmt, unknown: int = SYMBOLIC) -> int:
+    """How many elements a block writes: the product of its spatial axes' extents (an extent
+    known only at run time counts as `unknown`)."""
     elements = 1
     for iv in stmt.iter_vars:
         if iv.iter_type == 0:
-            elements *= int(iv.dom.extent)
+            elements *= _extent(iv.dom.extent, unknown)
     return elements
 
 
@@ -135,7 +151,8 @@ def schedule_anchor(sch, block) -> None:
         raise ScheduleError("reduction axes come before output axes")
     output_elements = _output_elements(stmt)
     v_loop, v_iv = spatial[-1]
-    _make_contiguous(sch, block, v_iv.var.name, output_elements)
+    # a copy must be cheap next to the work even when a run-time extent is 1 (one token)
+    _make_contiguous(sch, block, v_iv.var.name, _output_elements(stmt, unknown=1))
     stmt = sch.get(block)
     # the operands read contiguously along v; t is an axis none of them depends on
     contiguous = [r for r in stmt.reads if _dims_using(r, v_iv.var.name) == [len(r.region) - 1]]
@@ -144,18 +161,22 @@ def schedule_anchor(sch, block) -> None:
         for r in read.region:
             used |= _vars_of(r.min)
     t_index = None
+    # rows of a run-time extent (tokens) are not tiled: one token must not pay for ROWS
     for i, (_, iv) in reversed(list(enumerate(spatial[:-1]))):
-        if iv.var.name not in used and int(iv.dom.extent) > 1:
+        if iv.var.name not in used and 1 < _extent(iv.dom.extent) < SYMBOLIC:
             t_index = i
             break
-    if t_index is None and len(spatial) > 1 and int(spatial[-2][1].dom.extent) > 1:
+    if t_index is None and len(spatial) > 1 and \
+            1 < _extent(spatial[-2][1].dom.extent) < SYMBOLIC:
         t_index = len(spatial) - 2  # no reuse to gain: still several rows per tile
-    v_extent = int(v_iv.dom.extent)
-    vo, vi = sch.split(v_loop, [None, largest_divisor(v_extent, VECTOR)])
+    # without rows to reuse each loaded vector (a matrix-vector product), a wider tile reads
+    # whole cache lines of every operand row it touches
+    width = VECTOR if t_index is not None else WIDE_VECTOR
+    vo, vi = sch.split(v_loop, [None, _tile(v_iv.dom.extent, width)])
     outer = [loop for i, (loop, _) in enumerate(spatial[:-1]) if i != t_index]
     if t_index is not None:
         t_loop, t_iv = spatial[t_index]
-        to, ti = sch.split(t_loop, [None, largest_divisor(int(t_iv.dom.extent), ROWS)])
+        to, ti = sch.split(t_loop, [None, _tile(t_iv.dom.extent, ROWS)])
         sch.reorder(*outer, to, vo, *reduction, ti, vi)
         tile_outer = [*outer, to, vo]
     else:

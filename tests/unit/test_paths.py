@@ -35,9 +35,12 @@ def test_only_staging_of_processes_that_are_gone_is_removed(tmp_path):
 
 def test_every_report_a_build_writes_is_one_it_owns():
     from qcompile.auto import RULES_FILE, SEARCH_FILE
+    from qcompile.decoder.compile import DECODER_FILE
+    from qcompile.decoder.text import GENERATION, TOKENIZER
     from qcompile.quantize.report import REPORT_FILE
 
-    assert {"model.so", "model.json", REPORT_FILE, RULES_FILE, SEARCH_FILE} == set(OWN_FILES)
+    assert {"model.so", "model.json", REPORT_FILE, RULES_FILE, SEARCH_FILE, DECODER_FILE,
+            TOKENIZER, GENERATION} == set(OWN_FILES)
 
 
 @pytest.mark.parametrize("text, expected", [

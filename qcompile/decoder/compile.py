@@ -1,0 +1,179 @@
+"""Compile a decoder with a KV cache: the model's symbolic sequence lengths kept, its cache in
+place (kv_cache.py), one function that takes `tokens` new tokens after `past` cached ones: the
+whole prompt at once (prefill), then one token at a time (decode).
+
+The decoder is found by its interface (the common export: input_ids, attention_mask,
+position_ids, past_key_values.N.key/value -> logits, present.N.key/value). Its named
+dimensions are set: batch 1, the new tokens a symbol `tokens`, the past length a symbol
+`past`; the kernels are compiled for any length (our default CPU schedules tile an axis of
+unknown extent with a bounds check on its last tile).
+The library's manifest records the caches it expects (decoder.json beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..errors import InputError, ModelError
+from .text import copy_text_files
+
+log = logging.getLogger(__name__)
+
+DECODER_FILE = "decoder.json"
+PAST, TOKENS = "past", "tokens"  # the symbols of the compiled function's lengths
+
+
+@dataclass(frozen=True)
+class DecoderInfo:
+    """What a caller needs to run the compiled decoder: written to OUT_DIR/decoder.json."""
+
+    max_context: int
+    caches: list             # input names, in the order the function takes them
+    cache_shape: list        # [1, kv_heads, max_context, head_dim]
+    cache_dtype: str
+    vocabulary: int
+
+    def save(self, directory: Path) -> None:
+        (directory / DECODER_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "DecoderInfo":
+        path = Path(directory) / DECODER_FILE
+        if not path.is_file():
+            raise ModelError(f"'{directory}' holds no compiled decoder (no {DECODER_FILE}). "
+                             "Compile the language model with `qcompile compile MODEL "
+                             "--max-context N`.")
+        return cls(**json.loads(path.read_text()))
+
+
+def find_layout(model):
+    """The KV cache layout (kv_cache.CacheLayout) of an ONNX decoder, or a ModelError that
+    says which part of the common export layout is missing."""
+    from ..frontend import graph_inputs
+    from .kv_cache import CacheLayout
+
+    inputs = {i.name: i for i in graph_inputs(model)}
+    outputs = [o.name for o in model.graph.output]
+    past = tuple(n for n in inputs if n.startswith("past_key_values."))
+    present = tuple(n.replace("past_key_values.", "present.", 1) for n in past)
+    missing = [n for n in ("input_ids",) if n not in inputs] + \
+        [n for n in ("logits", *present) if n not in outputs]
+    extra = [n for n in inputs if n not in ("input_ids", "attention_mask", "position_ids")
+             and n not in past]
+    if not past or missing or extra:
+        why = ("it has no past_key_values.N.key/value inputs" if not past else
+               f"it lacks {', '.join(missing)}" if missing else
+               f"it has inputs qcompile does not fill in ({', '.join(extra)})")
+        raise ModelError(f"The model is not a decoder in the common export layout: {why}. "
+                         "--max-context compiles a decoder with inputs input_ids, "
+                         "attention_mask, position_ids and past_key_values.N.key/value, and "
+                         "outputs logits and present.N.key/value (Optimum's or onnxruntime-"
+                         "genai's export). Compile other models without --max-context.")
+    dims = [inputs[n].type.tensor_type.shape.dim for n in past]
+    shapes = {tuple(d.dim_value if d.dim_value else d.dim_param for d in dim) for dim in dims}
+    elem = {inputs[n].type.tensor_type.elem_type for n in past}
+    shape = next(iter(shapes))
+    if len(shapes) != 1 or len(elem) != 1 or len(shape) != 4 or \
+            not all(isinstance(v, int) and v > 0 for v in shape[1::2]):
+        raise ModelError("The model's past_key_values inputs do not all have one shape "
+                         "[batch, kv_heads, past, head_dim] with kv_heads and head_dim fixed, "
+                         "so qcompile cannot allocate their cache.")
+    import onnx
+
+    dtype = str(onnx.helper.tensor_dtype_to_np_dtype(elem.pop()))
+    return CacheLayout(past=past, present=present, heads=shape[1], head_dim=shape[3],
+                       dtype=dtype), shape[2]
+
+
+def import_decoder(path):
+    """The FloatModel of the decoder at `path` with the new tokens' and the past length
+    symbolic, and its cache layout."""
+    from ..frontend import graph_inputs, import_onnx, load_onnx
+
+    model = load_onnx(path)
+    layout, past_dim = find_layout(model)
+    dims = {}
+    for inp in graph_inputs(model):
+        shape = inp.type.tensor_type.shape.dim
+        named = [d.dim_param for d in shape]
+        if inp.name == "input_ids" and len(shape) == 2:
+            dims.update({named[0]: 1, named[1]: TOKENS})
+    if not isinstance(past_dim, str) or not past_dim:
+        raise ModelError("The model's past_key_values inputs have a fixed length; qcompile "
+                         "keeps the cache in place only for a past length named in the model "
+                         "(a symbolic dimension).")
+    dims[past_dim] = PAST
+    for inp in graph_inputs(model):
+        if inp.name == "attention_mask":
+            total = inp.type.tensor_type.shape.dim[1].dim_param
+            if total:
+                dims[total] = f"{PAST} + {TOKENS}"
+        for dim in inp.type.tensor_type.shape.dim:
+            if dim.dim_param and dim.dim_param not in dims and dim.dim_param.startswith("batch"):
+                dims[dim.dim_param] = 1
+    return import_onnx(path, dims=dims), layout
+
+
+def decoder_module(quantized, layout, max_context: int):
+    """The quantized model's module with the cache in place."""
+    from .kv_cache import cache_in_place
+
+    main = quantized.mod["main"]
+    names = [s.name for s in quantized.inputs]
+    past_var = main.params[names.index(layout.past[0])].ty.shape.values[2]
+    tokens_var = main.params[names.index("input_ids")].ty.shape.values[1]
+    return cache_in_place(quantized.mod, layout, names, [s.name for s in quantized.outputs],
+                          max_context, tokens_var, past_var)
+
+
+def compile_decoder(model, target="host", out_dir="build", *, max_context: int = 512,
+                    quantize=None, cc: str | None = None):
+    """Compile the ONNX decoder at `model` into OUT_DIR (model.so, model.json, decoder.json):
+    one function that takes any number of new tokens after `past` cached ones, with caches of
+    `max_context` positions. `quantize`: None (a 4-bit model keeps its codes, W4A16; a float
+    model stays float), "fp32", "fp16" or "int8-weights" (modes without calibration)."""
+    from ..build import build
+    from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
+    from ..paths import check_out_dir
+    from ..quantize import QuantizedModel
+    from ..specs import TensorSpec
+    from ..targets import load_target
+    from ..tvm_noise import quiet
+
+    if max_context < 2:
+        raise InputError(f"--max-context {max_context} is too small: give the number of "
+                         "tokens (prompt and answer) the cache holds, e.g. 512.")
+    if quantize in NEEDS_CALIBRATION:
+        raise InputError(f"--quantize {quantize} needs calibration, which qcompile does not "
+                         "run on decoders yet: use the model's own 4-bit weights, "
+                         "int8-weights (--weight-bits 4 for 4-bit), fp16 or fp32.")
+    resolved = load_target(target).with_compiler(cc)
+    check_out_dir(out_dir)
+    graph, layout = import_decoder(model)
+    with quiet():  # folding the position tables' Gathers prints TVM's take warning
+        built = apply(quantize if isinstance(quantize, Mode) else mode_from(quantize), graph,
+                      resolved)
+    mod = decoder_module(built, layout, max_context)
+    cache_shape = [1, layout.heads, max_context, layout.head_dim]
+    vocabulary = int(next(s for s in built.outputs if s.name == "logits").shape[-1])
+    interface = replace(built, mod=mod,
+                        inputs=(TensorSpec("input_ids", (1, TOKENS), "int64"),
+                                *(TensorSpec(n, tuple(cache_shape), layout.dtype)
+                                  for n in layout.past)),
+                        outputs=(TensorSpec("logits", (1, TOKENS, vocabulary), "float32"),))
+    info = DecoderInfo(max_context=max_context, caches=list(layout.past),
+                       cache_shape=cache_shape, cache_dtype=layout.dtype, vocabulary=vocabulary)
+    report = built.report if isinstance(built, QuantizedModel) else None
+
+    def extras(directory: Path) -> None:
+        info.save(directory)
+        found = copy_text_files(model, directory)
+        log.info("tokenizer and generation settings: %s", ", ".join(found) or
+                 "none beside the model (qcompile generate needs tokenizer.json)")
+        if report is not None:
+            report.save(directory)
+
+    return build(interface, resolved, out_dir, extras=extras), info

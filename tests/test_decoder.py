@@ -1,0 +1,150 @@
+"""Decoders compiled with their KV cache in place (`qcompile compile --max-context`): the
+logits of a prompt fed at once and then token by token equal onnxruntime's on the ONNX model
+with its own concat cache, in float and on 4-bit weights (MatMulNBits); greedy generation
+gives onnxruntime's tokens; a cache that would overflow, a model that is not a decoder and
+options that do not apply are refused in one paragraph. The models are small random LLaMA
+decoders (tiny_llama.py) converted by qcompile.examples.llm; SmolLM2 is in test_llm_convert.py
+and bench/llm.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile.cli import main
+from qcompile.decoder.compile import DecoderInfo, compile_decoder
+from qcompile.decoder.generate import Decoder
+from qcompile.errors import InputError, ModelError
+from qcompile.examples.llm import gguf_file
+from qcompile.examples.llm.converter import save
+from qcompile.examples.llm.generate import OnnxDecoder
+from qcompile.examples.llm.onnx_decoder import build_decoder
+from tiny_llama import TINY, write_gguf
+
+MAX_CONTEXT = 24
+PROMPT = [3, 17, 42, 5, 9, 60, 1]
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = gguf_file.read(write_gguf(folder / "tiny.gguf"))
+    return {"float": save(build_decoder(model, False), folder / "float.onnx"),
+            "4-bit": save(build_decoder(model, True), folder / "four_bit.onnx")}
+
+
+@pytest.fixture(scope="module")
+def compiled(onnx_models, tmp_path_factory):
+    out = {}
+    for form, path in onnx_models.items():
+        directory = tmp_path_factory.mktemp(f"decoder_{form}")
+        artifact, info = compile_decoder(path, "host", directory, max_context=MAX_CONTEXT)
+        out[form] = (directory, info)
+    return out
+
+
+def reference_logits(path, tokens: list[int]) -> np.ndarray:
+    """onnxruntime's logits [tokens, vocab] for the tokens fed at once from an empty cache."""
+    session = OnnxDecoder(path)
+    logits, _ = session.forward(np.array([tokens]), session.empty_cache())
+    return logits[0]
+
+
+@pytest.mark.parametrize("form", ["float", "4-bit"])
+def test_prompt_then_tokens_give_onnxruntimes_logits(form, onnx_models, compiled):
+    directory, info = compiled[form]
+    assert info.max_context == MAX_CONTEXT and len(info.caches) == 2 * TINY["layers"]
+    assert info.cache_shape == [1, TINY["kv_heads"], MAX_CONTEXT,
+                                TINY["hidden"] // TINY["heads"]]
+    follow = [11, 23, 7, 50]
+    expected = reference_logits(onnx_models[form], PROMPT + follow)
+    with qcompile.load(directory) as loaded:
+        decoder = Decoder(loaded, info)
+        got = [decoder.step(PROMPT)]  # the prompt at once: its last position's logits
+        for token in follow:  # then one at a time, each on the cache the others left
+            got.append(decoder.step([token]))
+        assert decoder.past == len(PROMPT) + len(follow)
+    got = np.stack(got)
+    want = expected[len(PROMPT) - 1:]
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
+
+
+def test_greedy_generation_gives_onnxruntimes_tokens(onnx_models, compiled):
+    directory, info = compiled["4-bit"]
+    session = OnnxDecoder(onnx_models["4-bit"])
+    cache = session.empty_cache()
+    logits, cache = session.forward(np.array([PROMPT]), cache)
+    expected = []
+    for _ in range(8):
+        expected.append(int(np.argmax(logits[0, -1])))
+        logits, cache = session.forward(np.array([[expected[-1]]]), cache)
+    seen = []
+    with qcompile.load(directory) as loaded:
+        result = Decoder(loaded, info).generate(PROMPT, max_new_tokens=8, on_token=seen.append)
+    assert result.tokens == expected == seen
+    assert result.prompt_tokens == len(PROMPT) and result.decode_tokens_per_s > 0
+
+
+def test_reset_starts_again_from_the_first_position(compiled):
+    directory, info = compiled["float"]
+    with qcompile.load(directory) as loaded:
+        decoder = Decoder(loaded, info)
+        first = decoder.step(PROMPT)
+        decoder.step([4, 4, 4])
+        decoder.reset()
+        again = decoder.step(PROMPT)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_sampling_follows_the_seed(compiled):
+    directory, info = compiled["float"]
+    with qcompile.load(directory) as loaded:
+        decoder = Decoder(loaded, info)
+        runs = []
+        for seed in (1, 1, 2):
+            decoder.reset()
+            runs.append(decoder.generate(PROMPT, max_new_tokens=6, temperature=5.0,
+                                         seed=seed).tokens)
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_a_full_cache_is_refused(compiled):
+    directory, info = compiled["float"]
+    with qcompile.load(directory) as loaded:
+        decoder = Decoder(loaded, info)
+        with pytest.raises(InputError, match="--max-context"):
+            decoder.step(list(range(MAX_CONTEXT + 1)))
+        result = decoder.generate(PROMPT, max_new_tokens=100)  # cut to what the cache holds
+        assert len(PROMPT) + len(result.tokens) <= MAX_CONTEXT
+
+
+def test_a_model_without_a_cache_is_refused(tmp_path, capsys):
+    import onnx
+    from models import gemm_matmul
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(gemm_matmul(), path)
+    with pytest.raises(ModelError, match="past_key_values"):
+        compile_decoder(path, "host", tmp_path / "out", max_context=16)
+    assert main(["compile", str(path), "--max-context", "16", "-o",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not a decoder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", [["--calibration", "x.npz", "--quantize", "int8"],
+                                    ["--input-shape", "input_ids:1,4"]])
+def test_options_that_do_not_apply_are_refused(option, onnx_models, tmp_path, capsys):
+    code = main(["compile", str(onnx_models["float"]), "--max-context", "16", *option,
+                 "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert option[0] in capsys.readouterr().err
+
+
+def test_generate_without_a_decoder_is_refused(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "no compiled decoder" in capsys.readouterr().err
+    with pytest.raises(ModelError):
+        DecoderInfo.open(tmp_path)
