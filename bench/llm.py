@@ -10,7 +10,9 @@ Engines, each in its own process, one after the other (2 threads each):
   codes, float zero points), its concat cache fed back each step (qcompile.examples.llm's
   OnnxDecoder);
 - qcompile on the same two files, `qcompile compile MODEL --max-context 512`: float32, and
-  W4A16 on the model's codes (its default for a 4-bit model).
+  W4A16 on the model's codes (its default for a 4-bit model); and the 4-bit model with
+  `--quantize int8-weights`: the layers that arrived in float (the tied embedding table and
+  the output projection) in int8, per row and per output channel.
 
 For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt tokens/s
 (the prompt at once), answer tokens/s (one token per call, the first token excluded), and how
@@ -35,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
            "Name three primary colors.")
-ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "qcompile float32", "qcompile 4-bit")
+ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "qcompile float32", "qcompile 4-bit",
+           "qcompile 4-bit + int8-weights")
+QUANTIZE = {"qcompile 4-bit + int8-weights": "int8-weights"}  # --quantize of an engine
 MAX_CONTEXT = 512
 THREADS = 2
 
@@ -79,9 +83,10 @@ def run_engine(engine: str, work: Path, max_new: int) -> dict:
         from qcompile.decoder.compile import DecoderInfo, compile_decoder
         from qcompile.decoder.generate import Decoder
 
-        out = work / engine.replace(" ", "-")
+        out = work / engine.replace(" ", "-").replace("+", "and")
         if not (out / "decoder.json").is_file():
-            compile_decoder(model, "host", out, max_context=MAX_CONTEXT)
+            compile_decoder(model, "host", out, max_context=MAX_CONTEXT,
+                            quantize=QUANTIZE.get(engine))
         with qcompile.load(out) as loaded:
             decoder = Decoder(loaded, DecoderInfo.open(out))
             decoder.generate(text.encode(PROMPTS[0], chat=True)[:4], max_new_tokens=2)

@@ -23,6 +23,7 @@ from qcompile.examples.llm.onnx_decoder import build_decoder
 from tiny_llama import TINY, write_gguf
 
 MAX_CONTEXT = 24
+CHUNK = 4  # the prompt's function: PROMPT is one chunk and three tokens through "main"
 PROMPT = [3, 17, 42, 5, 9, 60, 1]
 
 
@@ -39,7 +40,8 @@ def compiled(onnx_models, tmp_path_factory):
     out = {}
     for form, path in onnx_models.items():
         directory = tmp_path_factory.mktemp(f"decoder_{form}")
-        artifact, info = compile_decoder(path, "host", directory, max_context=MAX_CONTEXT)
+        artifact, info = compile_decoder(path, "host", directory, max_context=MAX_CONTEXT,
+                                         prefill_chunk=CHUNK)
         out[form] = (directory, info)
     return out
 
@@ -55,13 +57,14 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
 def test_prompt_then_tokens_give_onnxruntimes_logits(form, onnx_models, compiled):
     directory, info = compiled[form]
     assert info.max_context == MAX_CONTEXT and len(info.caches) == 2 * TINY["layers"]
+    assert info.prefill_chunk == CHUNK
     assert info.cache_shape == [1, TINY["kv_heads"], MAX_CONTEXT,
                                 TINY["hidden"] // TINY["heads"]]
     follow = [11, 23, 7, 50]
     expected = reference_logits(onnx_models[form], PROMPT + follow)
     with qcompile.load(directory) as loaded:
         decoder = Decoder(loaded, info)
-        got = [decoder.step(PROMPT)]  # the prompt at once: its last position's logits
+        got = [decoder.step(PROMPT)]  # a chunk, then the rest at once: the last logits
         for token in follow:  # then one at a time, each on the cache the others left
             got.append(decoder.step([token]))
         assert decoder.past == len(PROMPT) + len(follow)
@@ -69,6 +72,16 @@ def test_prompt_then_tokens_give_onnxruntimes_logits(form, onnx_models, compiled
     want = expected[len(PROMPT) - 1:]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
+
+
+def test_a_prompt_of_whole_chunks_gives_onnxruntimes_logits(onnx_models, compiled):
+    """Two calls of "prefill" and none of "main": the logits come from the chunk's function."""
+    directory, info = compiled["4-bit"]
+    prompt = PROMPT + [2]  # 2 x CHUNK
+    want = reference_logits(onnx_models["4-bit"], prompt)[-1]
+    with qcompile.load(directory) as loaded:
+        got = Decoder(loaded, info).step(prompt)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_greedy_generation_gives_onnxruntimes_tokens(onnx_models, compiled):

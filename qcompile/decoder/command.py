@@ -83,7 +83,9 @@ def compile_decoder_command(args, config) -> int:
                              "precision that needs no calibration. Leave out " + option + ".")
     mode = mode_from(args.quantize, None, config) if args.quantize else None
     artifact, info = compile_decoder(args.model, args.target, args.out_dir,
-                                     max_context=args.max_context, quantize=mode, cc=args.cc)
+                                     max_context=args.max_context,
+                                     prefill_chunk=args.prefill_chunk, quantize=mode,
+                                     cc=args.cc)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB), "
           f"{artifact.directory / 'model.json'} and the decoder's settings; run it with "
           f"`qcompile generate {artifact.directory} --prompt ...`")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DECODER_FILE = "decoder.json"
 PAST, TOKENS = "past", "tokens"  # the symbols of the compiled function's lengths
+PREFILL = "prefill"  # the function that takes a prompt's chunk of a fixed length
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class DecoderInfo:
     """What a caller needs to run the compiled decoder: written to OUT_DIR/decoder.json."""
 
     max_context: int
+    prefill_chunk: int       # tokens per call of "prefill" (0: no such function)
     caches: list             # input names, in the order the function takes them
     cache_shape: list        # [1, kv_heads, max_context, head_dim]
     cache_dtype: str
@@ -88,9 +90,9 @@ def find_layout(model):
                        dtype=dtype), shape[2]
 
 
-def import_decoder(path):
-    """The FloatModel of the decoder at `path` with the new tokens' and the past length
-    symbolic, and its cache layout."""
+def import_decoder(path, tokens: int | None = None):
+    """The FloatModel of the decoder at `path` with the past length symbolic and the new
+    tokens' too (or `tokens` of them), and its cache layout."""
     from ..frontend import graph_inputs, import_onnx, load_onnx
 
     model = load_onnx(path)
@@ -100,7 +102,7 @@ def import_decoder(path):
         shape = inp.type.tensor_type.shape.dim
         named = [d.dim_param for d in shape]
         if inp.name == "input_ids" and len(shape) == 2:
-            dims.update({named[0]: 1, named[1]: TOKENS})
+            dims.update({named[0]: 1, named[1]: TOKENS if tokens is None else tokens})
     if not isinstance(past_dim, str) or not past_dim:
         raise ModelError("The model's past_key_values inputs have a fixed length; qcompile "
                          "keeps the cache in place only for a past length named in the model "
@@ -110,7 +112,7 @@ def import_decoder(path):
         if inp.name == "attention_mask":
             total = inp.type.tensor_type.shape.dim[1].dim_param
             if total:
-                dims[total] = f"{PAST} + {TOKENS}"
+                dims[total] = f"{PAST} + {TOKENS if tokens is None else tokens}"
         for dim in inp.type.tensor_type.shape.dim:
             if dim.dim_param and dim.dim_param not in dims and dim.dim_param.startswith("batch"):
                 dims[dim.dim_param] = 1
@@ -129,12 +131,35 @@ def decoder_module(quantized, layout, max_context: int):
                           max_context, tokens_var, past_var)
 
 
+def with_function(mod, other, name: str):
+    """`mod` with `other`'s main added as `name`, and the kernels it calls added under names
+    that do not collide with `mod`'s (a kernel equal to one of `mod`'s is added once)."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    renamed = {gvar: bb.add_func(func, f"{name}_{gvar.name_hint}")
+               for gvar, func in other.functions.items() if isinstance(func, tvm.tirx.PrimFunc)}
+
+    @relax.expr_functor.mutator
+    class Rename(relax.PyExprMutator):
+        def visit_global_var_(self, gvar):
+            return renamed.get(gvar, gvar)
+
+    main = Rename().visit_expr(other["main"])
+    bb.add_func(main.with_attr("global_symbol", name), name)
+    return bb.get()
+
+
 def compile_decoder(model, target="host", out_dir="build", *, max_context: int = 512,
-                    quantize=None, cc: str | None = None):
+                    prefill_chunk: int = 32, quantize=None, cc: str | None = None):
     """Compile the ONNX decoder at `model` into OUT_DIR (model.so, model.json, decoder.json):
-    one function that takes any number of new tokens after `past` cached ones, with caches of
-    `max_context` positions. `quantize`: None (a 4-bit model keeps its codes, W4A16; a float
-    model stays float), "fp32", "fp16" or "int8-weights" (modes without calibration)."""
+    "main" takes any number of new tokens after `past` cached ones (the answer, one at a
+    time), "prefill" exactly `prefill_chunk` (a prompt's chunks: its kernels are compiled for
+    that many rows; 0 leaves it out); caches of `max_context` positions. `quantize`: None (a
+    4-bit model keeps its codes, W4A16; a float model stays float), a mode or its name
+    without calibration: "fp32", "fp16", "int8-weights". Equal weights of the two functions
+    are stored once."""
     from ..build import build
     from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
     from ..paths import check_out_dir
@@ -146,17 +171,28 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     if max_context < 2:
         raise InputError(f"--max-context {max_context} is too small: give the number of "
                          "tokens (prompt and answer) the cache holds, e.g. 512.")
+    if prefill_chunk < 0:
+        raise InputError(f"--prefill-chunk {prefill_chunk}: give 0 (no prompt function) or "
+                         "the tokens per call of the prompt's function, e.g. 32.")
+    prefill_chunk = min(prefill_chunk, max_context)
     if quantize in NEEDS_CALIBRATION:
         raise InputError(f"--quantize {quantize} needs calibration, which qcompile does not "
                          "run on decoders yet: use the model's own 4-bit weights, "
                          "int8-weights (--weight-bits 4 for 4-bit), fp16 or fp32.")
     resolved = load_target(target).with_compiler(cc)
     check_out_dir(out_dir)
-    graph, layout = import_decoder(model)
-    with quiet():  # folding the position tables' Gathers prints TVM's take warning
-        built = apply(quantize if isinstance(quantize, Mode) else mode_from(quantize), graph,
-                      resolved)
-    mod = decoder_module(built, layout, max_context)
+    mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)
+
+    def decoder(tokens):
+        graph, layout = import_decoder(model, tokens)
+        with quiet():  # folding the position tables' Gathers prints TVM's take warning
+            built = apply(mode, graph, resolved)
+        return built, layout, decoder_module(built, layout, max_context)
+
+    built, layout, mod = decoder(None)
+    if prefill_chunk > 1:
+        log.info("the prompt's function, for chunks of %d tokens", prefill_chunk)
+        mod = with_function(mod, decoder(prefill_chunk)[2], PREFILL)
     cache_shape = [1, layout.heads, max_context, layout.head_dim]
     vocabulary = int(next(s for s in built.outputs if s.name == "logits").shape[-1])
     interface = replace(built, mod=mod,
@@ -164,8 +200,10 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
                                 *(TensorSpec(n, tuple(cache_shape), layout.dtype)
                                   for n in layout.past)),
                         outputs=(TensorSpec("logits", (1, TOKENS, vocabulary), "float32"),))
-    info = DecoderInfo(max_context=max_context, caches=list(layout.past),
-                       cache_shape=cache_shape, cache_dtype=layout.dtype, vocabulary=vocabulary)
+    info = DecoderInfo(max_context=max_context,
+                       prefill_chunk=prefill_chunk if prefill_chunk > 1 else 0,
+                       caches=list(layout.past), cache_shape=cache_shape,
+                       cache_dtype=layout.dtype, vocabulary=vocabulary)
     report = built.report if isinstance(built, QuantizedModel) else None
 
     def extras(directory: Path) -> None:

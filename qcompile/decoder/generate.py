@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .compile import DecoderInfo
+from .compile import PREFILL, DecoderInfo
 
 
 @dataclass
@@ -61,13 +61,24 @@ class Decoder:
         the last."""
         import tvm
 
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InputError("No tokens to feed: give at least one.")
         if self.past + len(tokens) > self.info.max_context:
             raise InputError(f"The conversation reached the {self.info.max_context} tokens "
                              "the model was compiled for. Compile it with a larger "
                              "--max-context, or start again with a shorter prompt.")
-        ids = tvm.runtime.tensor(np.array([list(tokens)], np.int64), self._device)
-        out = self._vm["main"](ids, *self._caches, tvm.runtime.ShapeTuple([self.past]))
-        self.past += len(tokens)
+        chunk = self.info.prefill_chunk
+        out = None
+        while tokens:
+            # whole chunks through "prefill" (kernels for that many rows), the rest through
+            # "main" (any count; one token is the answer's step)
+            take = chunk if chunk and len(tokens) >= chunk else len(tokens)
+            ids = tvm.runtime.tensor(np.array([list(tokens[:take])], np.int64), self._device)
+            function = PREFILL if take == chunk else "main"
+            out = self._vm[function](ids, *self._caches, tvm.runtime.ShapeTuple([self.past]))
+            self.past += take
+            tokens = tokens[take:]
         logits = out if hasattr(out, "numpy") else out[0]  # a one-field tuple
         return logits.numpy()[0, -1]
 

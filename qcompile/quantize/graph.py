@@ -52,8 +52,10 @@ class Node:
         return self.var.name
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.var.ty.shape)
+    def shape(self) -> tuple:
+        """ints; a length known only at run time (a decoder's tokens) stays its PrimExpr."""
+        return tuple(int(d.value) if isinstance(getattr(d, "value", None), int) else d
+                     for d in self.var.ty.shape)
 
     @property
     def dtype(self) -> str:
