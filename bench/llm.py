@@ -16,8 +16,10 @@ Engines, each in its own process, one after the other (2 threads each):
 
 For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt tokens/s
 (the prompt at once), answer tokens/s (one token per call, the first token excluded), and how
-many of the answer's tokens equal onnxruntime float32's. Prints a Markdown table with the
-ratios to onnxruntime float32 and writes JSON.
+many of the answer's tokens equal onnxruntime float32's; the engine process's peak resident
+memory (Python, the runtime, the weights, the caches: a qcompile engine is compiled in an
+earlier process). Prints a Markdown table with the ratios to onnxruntime float32 and writes
+JSON.
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ def convert(work: Path):
     return convert_gguf(smollm2_gguf_path(), work / "onnx")
 
 
-def run_engine(engine: str, work: Path, max_new: int) -> dict:
-    """Generate for every prompt with one engine; its tokens and timings."""
+def engine_dir(work: Path, engine: str) -> Path:
+    return work / engine.replace(" ", "-").replace("+", "and")
+
+
+def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False) -> dict:
+    """Generate for every prompt with one engine; its tokens, timings and the process's peak
+    resident memory (a qcompile engine is compiled in an earlier process)."""
+    import resource
+
     from qcompile.decoder.text import Text
 
     from qcompile.examples.llm.converter import FLOAT_MODEL, FOUR_BIT_MODEL
@@ -83,10 +92,12 @@ def run_engine(engine: str, work: Path, max_new: int) -> dict:
         from qcompile.decoder.compile import DecoderInfo, compile_decoder
         from qcompile.decoder.generate import Decoder
 
-        out = work / engine.replace(" ", "-").replace("+", "and")
+        out = engine_dir(work, engine)
         if not (out / "decoder.json").is_file():
             compile_decoder(model, "host", out, max_context=MAX_CONTEXT,
                             quantize=QUANTIZE.get(engine))
+        if compile_only:
+            return {}
         with qcompile.load(out) as loaded:
             decoder = Decoder(loaded, DecoderInfo.open(out))
             decoder.generate(text.encode(PROMPTS[0], chat=True)[:4], max_new_tokens=2)
@@ -98,7 +109,8 @@ def run_engine(engine: str, work: Path, max_new: int) -> dict:
                              "prefill_s": result.prefill_s, "decode_s": result.decode_s})
             decoder.close()
         size = (out / "model.so").stat().st_size
-    return {"engine": engine, "bytes": size, "runs": runs}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return {"engine": engine, "bytes": size, "peak_rss_bytes": peak, "runs": runs}
 
 
 def summary(result: dict, reference: dict) -> dict:
@@ -112,6 +124,7 @@ def summary(result: dict, reference: dict) -> dict:
                       if a != b), min(len(mine["tokens"]), len(ref["tokens"])))
         same, total = same + agree, total + len(ref["tokens"])
     return {"engine": result["engine"], "mb": result["bytes"] / 1e6,
+            "peak_rss_mb": result["peak_rss_bytes"] / 1e6,
             "prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": steps / decode,
             "same_tokens_as_fp32": f"{same}/{total}"}
 
@@ -123,9 +136,11 @@ def main() -> int:
                                                   "here (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/llm.json")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # one engine, in a child process
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        print(json.dumps(run_engine(args.engine, args.work, args.max_new_tokens)))
+        print(json.dumps(run_engine(args.engine, args.work, args.max_new_tokens,
+                                    args.compile_only)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -134,20 +149,24 @@ def main() -> int:
             convert(work)
         results = []
         for engine in ENGINES:
+            command = [sys.executable, __file__, "--engine", engine, "--work", str(work),
+                       "--max-new-tokens", str(args.max_new_tokens)]
+            if engine.startswith("qcompile"):
+                print(f"compiling {engine} ...", file=sys.stderr)
+                subprocess.run(command + ["--compile-only"], check=True,
+                               stdout=subprocess.DEVNULL)
             print(f"running {engine} ...", file=sys.stderr)
-            child = subprocess.run(
-                [sys.executable, __file__, "--engine", engine, "--work", str(work),
-                 "--max-new-tokens", str(args.max_new_tokens)],
-                check=True, stdout=subprocess.PIPE, text=True)
+            child = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
             results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     rows = [summary(r, results[0]) for r in results]
     base = rows[0]
-    print("| engine | file MB | prompt tokens/s | answer tokens/s | answer speed vs "
-          "onnxruntime fp32 | tokens equal to onnxruntime fp32's |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | file MB | peak memory MB | prompt tokens/s | answer tokens/s | answer "
+          "speed vs onnxruntime fp32 | tokens equal to onnxruntime fp32's |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        print(f"| {row['engine']} | {row['mb']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
+        print(f"| {row['engine']} | {row['mb']:.0f} | {row['peak_rss_mb']:.0f} | "
+              f"{row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f}x | "
               f"{row['same_tokens_as_fp32']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -171,3 +171,16 @@ def test_the_llm_example_answers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "The capital of France is Paris." in out and "tokens/s" in out
     assert (tmp_path / "host" / "decoder.json").is_file()
+
+
+def test_another_models_tokenizer_is_refused(tmp_path, capsys):
+    """A tokenizer.json with more tokens than the model's logits: refused before loading."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0")).save(
+        str(tmp_path / "tokenizer.json"))
+    DecoderInfo(max_context=16, prefill_chunk=0, caches=[], cache_shape=[1, 1, 16, 8],
+                cache_dtype="float32", vocabulary=64).save(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "w1 w2"]) == 2
+    err = capsys.readouterr().err
+    assert "100 tokens" in err and "64" in err and "Traceback" not in err

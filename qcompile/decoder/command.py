@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
     if args.temperature < 0:
         raise InputError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
     info = DecoderInfo.open(args.out_dir)
-    text = Text(args.out_dir)
+    text = Text(args.out_dir, info.vocabulary)
     prompt = text.encode(args.prompt, chat=args.chat)
     stream = TextStream(text)
     with load(args.out_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key) as loaded:

@@ -1,13 +1,17 @@
 """Compile a decoder with a KV cache: the model's symbolic sequence lengths kept, its cache in
-place (kv_cache.py), one function that takes `tokens` new tokens after `past` cached ones: the
-whole prompt at once (prefill), then one token at a time (decode).
+place (kv_cache.py), and two functions on the same caches and weights:
+
+    main     any number of new tokens after `past` cached ones (the answer, one per call)
+    prefill  exactly --prefill-chunk tokens (a prompt's whole chunks), its kernels compiled
+             for that many rows
 
 The decoder is found by its interface (the common export: input_ids, attention_mask,
 position_ids, past_key_values.N.key/value -> logits, present.N.key/value). Its named
-dimensions are set: batch 1, the new tokens a symbol `tokens`, the past length a symbol
-`past`; the kernels are compiled for any length (our default CPU schedules tile an axis of
-unknown extent with a bounds check on its last tile).
-The library's manifest records the caches it expects (decoder.json beside it).
+dimensions are set: batch 1, the new tokens a symbol `tokens` (or the chunk's size), the past
+length a symbol `past`. Our default CPU schedules compile a kernel for any `tokens` without
+tiling it into rows (one token would pay for a tile of eight); the chunk's kernels are tiled.
+The model is imported and quantized once per function; the library stores equal weights once.
+decoder.json beside the library records the caches it expects.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ def copy_text_files(model: str | Path, out_dir: Path) -> list[str]:
 class Text:
     """Encoding prompts and decoding tokens for the compiled decoder in `directory`."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, vocabulary: int | None = None):
+        """`vocabulary`: the model's logits' size; a tokenizer with more tokens than that is
+        another model's, and refused."""
         directory = Path(directory)
         path = directory / TOKENIZER
         if not path.is_file():
@@ -65,6 +67,12 @@ class Text:
             raise MissingPackageError("Generating text needs the tokenizers package: "
                                       "pip install tokenizers.") from None
         self.tokenizer = Tokenizer.from_file(str(path))
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocabulary is not None and size > vocabulary:
+            raise ModelError(f"{path} has {size} tokens but the model's output has "
+                             f"{vocabulary}: it is another model's tokenizer. Put the "
+                             f"model's own {TOKENIZER} beside the .onnx file and compile "
+                             "again.")
         settings_path = directory / GENERATION
         self.settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
 

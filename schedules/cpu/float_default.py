@@ -18,6 +18,12 @@ register-tiled one, with fixed tile sizes instead of searched ones:
   copied once per call into a layout where it is contiguous; only small operands (weights)
   are, so the copy costs little next to the kernel.
 
+A matrix-vector product (one row: no `t` axis to tile) gets a WIDE_VECTOR-wide tile instead,
+so that every weight row it touches is read by whole cache lines (a 49152 x 576 projection:
+37 -> 10.5 ms here). An axis whose extent is known only at run time (a decoder's tokens) is
+split with a bounds check on its last tile, and never used as `t`: one token must not pay for
+ROWS.
+
 Kernels without such a block (softmax, layer norm, reshapes) get the intermediate steps that
 one step reads inlined, and their outer loops run in parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
 """
@@ -49,8 +55,8 @@ def _extent(expr, unknown: int = SYMBOLIC) -> int:
 def _tile(expr, size: int) -> int:
     """The tile for an axis: the largest divisor of its extent up to `size`, or `size` itself
     for a run-time extent (the last tile is then cut by a condition)."""
-    extent = _extent(expr)
-    return size if extent == SYMBOLIC else largest_divisor(extent, size)
+    value = getattr(expr, "value", None)
+    return largest_divisor(int(value), size) if isinstance(value, int) else size
 
 
 def _anchor(sch):
