@@ -7,7 +7,8 @@ the whole cache twice (into the concat, and back as an output). Here each cache 
 of the maximum context, [1, kv_heads, max_context, head_dim], that the caller allocates once
 and passes to every call: the new tokens' keys are written into it at their positions by a
 kernel that updates it in place, and attention reads the first `past + new` positions
-through a slice that is fused into the kernels that use it. The function's interface becomes
+through a slice (today a copy inside the call, per layer; only the new tokens' keys and values
+are written across calls). The function's interface becomes
 
     fn(input_ids [1, new], cache_0_key, cache_0_value, ..., past: Shape([past])) -> logits
 
