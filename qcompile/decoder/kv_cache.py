@@ -79,13 +79,14 @@ def cache_in_place(mod, layout: CacheLayout, input_names: list[str], output_name
     with bb.function("main", new_params, attrs={"num_input": len(new_params)}):
         with bb.dataflow():
             remap = {}
-            if "attention_mask" in params:
-                remap[params["attention_mask"]] = bb.emit(
-                    relax.op.ones(relax.ShapeExpr([1, total]), "int64"))
+            if "attention_mask" in params:  # in the dtype the model takes it in
+                mask = params["attention_mask"]
+                remap[mask] = bb.emit(relax.op.ones(relax.ShapeExpr([1, total]),
+                                                    str(mask.ty.dtype)))
             if "position_ids" in params:
-                positions = bb.emit(relax.op.arange(past_var, total, 1, "int64"))
-                remap[params["position_ids"]] = bb.emit(
-                    relax.op.reshape(positions, [1, new_tokens]))
+                ids = params["position_ids"]
+                positions = bb.emit(relax.op.arange(past_var, total, 1, str(ids.ty.dtype)))
+                remap[ids] = bb.emit(relax.op.reshape(positions, [1, new_tokens]))
             for block in body.blocks:
                 for binding in block.bindings:
                     value = _substitute(binding.value, remap)
