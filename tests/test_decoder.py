@@ -161,6 +161,9 @@ def test_generate_without_a_decoder_is_refused(tmp_path, capsys):
     assert "no compiled decoder" in capsys.readouterr().err
     with pytest.raises(ModelError):
         DecoderInfo.open(tmp_path)
+    (tmp_path / "decoder.json").write_text('{"max_context": 16}')
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "Compile the model again" in capsys.readouterr().err
 
 
 @pytest.mark.slow

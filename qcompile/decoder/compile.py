@@ -52,7 +52,11 @@ class DecoderInfo:
             raise ModelError(f"'{directory}' holds no compiled decoder (no {DECODER_FILE}). "
                              "Compile the language model with `qcompile compile MODEL "
                              "--max-context N`.")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:  # not JSON, or not these fields
+            raise ModelError(f"'{path}' is not a decoder description this qcompile reads "
+                             f"({exc}). Compile the model again.") from None
 
 
 def find_layout(model):
