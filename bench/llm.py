@@ -10,9 +10,13 @@ Engines, each in its own process, one after the other (2 threads each):
   codes, float zero points), its concat cache fed back each step (qcompile.examples.llm's
   OnnxDecoder);
 - qcompile on the same two files, `qcompile compile MODEL --max-context 512`: float32, and
-  W4A16 on the model's codes (its default for a 4-bit model); and the 4-bit model with
+  W4A16 on the model's codes (its default for a 4-bit model); the 4-bit model with
   `--quantize int8-weights`: the layers that arrived in float (the tied embedding table and
-  the output projection) in int8, per row and per output channel.
+  the output projection) in int8, per row and per output channel; and with `--quantize
+  int8-dynamic`: W4A8, the model's codes multiplied on the int8 dot-product instruction with
+  each token's input quantized at run time (the output projection int8 x int8 too).
+
+`--engines A,B` runs some of them (onnxruntime float32, the reference, always runs first).
 
 For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt tokens/s
 (the prompt at once), answer tokens/s (one token per call, the first token excluded), and how
@@ -40,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
            "Name three primary colors.")
 ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "qcompile float32", "qcompile 4-bit",
-           "qcompile 4-bit + int8-weights")
-QUANTIZE = {"qcompile 4-bit + int8-weights": "int8-weights"}  # --quantize of an engine
+           "qcompile 4-bit + int8-weights", "qcompile 4-bit + int8-dynamic")
+QUANTIZE = {"qcompile 4-bit + int8-weights": "int8-weights",  # --quantize of an engine
+            "qcompile 4-bit + int8-dynamic": "int8-dynamic"}
 MAX_CONTEXT = 512
 THREADS = 2
 
@@ -135,6 +140,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep the converted and compiled models "
                                                   "here (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/llm.json")
+    parser.add_argument("--engines", help="a comma-separated subset of: " + ", ".join(ENGINES))
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # one engine, in a child process
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,13 +148,21 @@ def main() -> int:
         print(json.dumps(run_engine(args.engine, args.work, args.max_new_tokens,
                                     args.compile_only)))
         return 0
+    chosen = list(ENGINES)
+    if args.engines:
+        asked = [e.strip() for e in args.engines.split(",")]
+        unknown = [e for e in asked if e not in ENGINES]
+        if unknown:
+            parser.error(f"unknown engine(s) {', '.join(unknown)}: choose from "
+                         + ", ".join(ENGINES))
+        chosen = [ENGINES[0]] + [e for e in ENGINES[1:] if e in asked]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         if not (work / "onnx" / "generation.json").is_file():
             print("converting SmolLM2's GGUF to ONNX ...", file=sys.stderr)
             convert(work)
         results = []
-        for engine in ENGINES:
+        for engine in chosen:
             command = [sys.executable, __file__, "--engine", engine, "--work", str(work),
                        "--max-new-tokens", str(args.max_new_tokens)]
             if engine.startswith("qcompile"):

@@ -12,7 +12,7 @@ fix), so an invalid combination cannot be built. `mode_from` makes one from the 
 options; `apply` turns a FloatModel into what is built (AutoPrecision is run by auto.py). A
 model that arrives quantized (QDQ) is realized with its own scales whatever the mode; one
 that arrives with only 4-bit weights (MatMulNBits) runs them in float (W4A16) unless static
-int8 (their codes on int8 inputs, W4A8) or weight-only mode is asked for.
+or dynamic int8 (their codes on int8 inputs, W4A8) or weight-only mode is asked for.
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ def mode_from(quantize: str | None, calibration=None, config: QuantConfig | None
 def apply(mode: Mode, model: FloatModel, target):
     """What is built for `model` in `mode`: a pre-quantized model is realized with its own
     scales whatever the mode asks, except that a model whose only quantized tensors are 4-bit
-    weights is quantized further by static int8 (W4A8 on its codes) or weight-only mode."""
-    if model.four_bit_only and isinstance(mode, (StaticInt8, WeightOnlyInt8)):
+    weights is quantized further by static or dynamic int8 (W4A8 on its codes) or weight-only
+    mode."""
+    if model.four_bit_only and isinstance(mode, (StaticInt8, WeightOnlyInt8, DynamicInt8)):
         return mode.apply(model, target)
     if model.prequantized:
         if isinstance(mode, (StaticInt8, AutoPrecision)):

@@ -10,6 +10,16 @@ nibble); scale: [K/group, N]. The input's zero point is not subtracted here: its
 zx * sum_g scale[g, n] * sum_{k in g} (c[n, k] - 8), is a constant per output that the caller
 folds into the bias, so the kernel reads nothing per group but the codes and the scales.
 
+An input quantized per group at run time (`GroupTerms`) has its own scale per row and group,
+and each group's term becomes
+
+    sx[m, g] * (scale[g, n] * (acc[m, g, n] - offset[g, n]) + t[g, n] * s[m, g])
+
+offset: an int32 per group and output (int16 stored) that the accumulator drops exactly (128
+times the group's codes less 8, for an int8 input carried as uint8); t, s: a weight's own zero
+points (t = scale * (8 - zero)) times the group's sum of the input's codes. Each of the four
+may be absent.
+
 W4A16 (`float_te`): the float input times the weight widened from its codes inside the kernel,
 scheduled like any float matmul (cpu/float_default.py).
 """
@@ -19,11 +29,48 @@ from __future__ import annotations
 LOGICAL = "qcompile_int4_matmul"   # the logical kernel's accumulation block
 FUNC_ATTR = "qcompile.int4_matmul"  # on its PrimFunc: its group size
 FLOAT = "qcompile_int4_float_matmul"  # the W4A16 kernel's block (float_te)
+TERMS_ATTR = "qcompile.int4_terms"  # on its PrimFunc: GroupTerms.present(), comma-separated
 
 
-def logical_te(data, codes, scales, group: int):
+class GroupTerms:
+    """The optional per-group terms of a W4A8 kernel (the module docstring), in the order the
+    kernel takes them: row_scales [..., G] float32, offsets [G, N] int16, sum_weights [G, N]
+    float32, row_sums [..., G] float32. The [G, N] ones are per output, the others per row."""
+
+    NAMES = ("row_scales", "offsets", "sum_weights", "row_sums")
+    PER_OUTPUT = ("offsets", "sum_weights")
+
+    def __init__(self, **given):
+        self.given = {name: given.get(name) for name in self.NAMES}
+
+    def present(self) -> list[str]:
+        return [name for name in self.NAMES if self.given[name] is not None]
+
+    def args(self) -> list:
+        return [self.given[name] for name in self.present()]
+
+    @classmethod
+    def of(cls, names, tensors) -> "GroupTerms":
+        return cls(**dict(zip(names, tensors)))
+
+    def term(self, acc, scale, rows, g, output):
+        """One group's float term; output(t) reads a [G, N] tensor t at (g, n)."""
+        t = self.given
+        a = acc
+        if t["offsets"] is not None:
+            a = a - output(t["offsets"]).astype("int32")
+        value = a.astype("float32") * scale
+        if t["sum_weights"] is not None:
+            value = value + output(t["sum_weights"]) * t["row_sums"][(*rows, g)]
+        if t["row_scales"] is not None:
+            value = value * t["row_scales"][(*rows, g)]
+        return value
+
+
+def logical_te(data, codes, scales, group: int, *terms, names=()):
     """[..., K] (u)int8 x codes [N, K/2] (two 4-bit codes per byte) -> [..., N] float32, one
-    scale per group of `group` reduction elements (scales: [K/group, N]; fp16 is widened)."""
+    scale per group of `group` reduction elements (scales: [K/group, N]; fp16 is widened);
+    `terms`: the GroupTerms named by `names`."""
     from tvm import te
 
     n_out, half = int(codes.shape[0]), int(codes.shape[1])
@@ -45,12 +92,50 @@ def logical_te(data, codes, scales, group: int):
     g = te.reduce_axis((0, groups), "g")
     if half * 2 != groups * group:
         raise ValueError(f"{half * 2} codes per row are not {groups} groups of {group}")
+    extra = GroupTerms.of(names, terms)
     return te.compute(
         (*rows, n_out),
-        lambda *idx: te.sum(
-            acc[(*idx[:-1], g, idx[-1])].astype("float32")
-            * scales[g, idx[-1]].astype("float32"), axis=[g]),
+        lambda *idx: te.sum(extra.term(acc[(*idx[:-1], g, idx[-1])],
+                                       scales[g, idx[-1]].astype("float32"), idx[:-1], g,
+                                       lambda t: t[g, idx[-1]]), axis=[g]),
         name=LOGICAL + "_groups")
+
+
+def group_quantize_te(x, group: int, padded: int, dtype: str, with_sums: bool):
+    """The input of a W4A8 kernel quantized at run time in groups, in one kernel: x [..., K]
+    float32, zero-padded to `padded`, in groups of `group` along its last axis; per group the
+    scale max |x| / 127 and int8 codes round(x / scale) (carried as uint8 plus 128 for
+    dtype uint8). Returns [codes [..., padded], scales [..., groups]] and, `with_sums`, each
+    group's sum of codes [..., groups] as float32."""
+    import numpy as np
+    from tvm import te, tirx
+
+    k = int(x.shape[-1])
+    lead = tuple(x.shape[:-1])
+    groups = padded // group
+
+    def value(idx, j):
+        return tirx.if_then_else(j < k, x[(*idx, tirx.min(j, k - 1))], tirx.const(0, "float32"))
+
+    r = te.reduce_axis((0, group), "r")
+    amax = te.compute((*lead, groups), lambda *i: te.max(
+        tirx.abs(value(i[:-1], i[-1] * group + r)), axis=[r]), name="qcompile_group_amax")
+    tiny = tirx.const(float(np.finfo(np.float32).tiny), "float32")
+    scales = te.compute((*lead, groups), lambda *i: tirx.max(
+        amax[i] / tirx.const(127.0, "float32"), tiny), name="qcompile_group_scale")
+    codes = te.compute((*lead, padded), lambda *i: tirx.max(tirx.min(tirx.round(
+        value(i[:-1], i[-1]) / scales[(*i[:-1], i[-1] // group)]),
+        tirx.const(127.0, "float32")), tirx.const(-127.0, "float32")),
+        name="qcompile_group_codes")
+    shift = 128.0 if dtype == "uint8" else 0.0
+    data = te.compute((*lead, padded), lambda *i: (
+        codes[i] + tirx.const(shift, "float32")).astype(dtype), name="qcompile_group_data")
+    if not with_sums:
+        return [data, scales]
+    s = te.reduce_axis((0, group), "s")
+    sums = te.compute((*lead, groups), lambda *i: te.sum(
+        codes[(*i[:-1], i[-1] * group + s)], axis=[s]), name="qcompile_group_sums")
+    return [data, scales, sums]
 
 
 def float_te(data, codes, scales, zeros, group: int, rows: int):
@@ -76,4 +161,5 @@ def float_te(data, codes, scales, zeros, group: int, rows: int):
                       name=FLOAT)
 
 
-__all__ = ["FLOAT", "FUNC_ATTR", "LOGICAL", "float_te", "logical_te"]
+__all__ = ["FLOAT", "FUNC_ATTR", "GroupTerms", "LOGICAL", "TERMS_ATTR", "float_te",
+           "group_quantize_te", "logical_te"]

@@ -8,6 +8,8 @@ and bench/llm.py."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -37,11 +39,14 @@ def onnx_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiled(onnx_models, tmp_path_factory):
+    """The float and 4-bit models as they come, and the 4-bit one on int8 inputs quantized
+    at run time (W4A8, --quantize int8-dynamic)."""
     out = {}
-    for form, path in onnx_models.items():
+    for form, path, quantize in [(*item, None) for item in onnx_models.items()] + \
+            [("W4A8", onnx_models["4-bit"], "int8-dynamic")]:
         directory = tmp_path_factory.mktemp(f"decoder_{form}")
         artifact, info = compile_decoder(path, "host", directory, max_context=MAX_CONTEXT,
-                                         prefill_chunk=CHUNK)
+                                         prefill_chunk=CHUNK, quantize=quantize)
         out[form] = (directory, info)
     return out
 
@@ -82,6 +87,27 @@ def test_a_prompt_of_whole_chunks_gives_onnxruntimes_logits(onnx_models, compile
     with qcompile.load(directory) as loaded:
         got = Decoder(loaded, info).step(prompt)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_w4a8_quantizes_each_token_on_its_own(onnx_models, compiled):
+    """With int8 inputs quantized at run time per token and group, a token's logits do not
+    depend on which tokens share its call: the prompt fed at once (a chunk, then three tokens
+    in one call) and token by token give the same logits to float rounding, near
+    onnxruntime's float arithmetic on the same 4-bit weights."""
+    directory, info = compiled["W4A8"]
+    report = json.loads((directory / "quantization.json").read_text())
+    precisions = {row["precision"] for row in report["layers"]}
+    assert {"int4-g32-dynamic", "int8-dynamic"} <= precisions, precisions  # + the Gemm head
+    with qcompile.load(directory) as loaded:
+        decoder = Decoder(loaded, info)
+        at_once = decoder.step(PROMPT)
+        decoder.reset()
+        one_by_one = [decoder.step([token]) for token in PROMPT]
+    want = reference_logits(onnx_models["4-bit"], PROMPT)
+    scale = np.abs(want).max()
+    assert np.abs(at_once - one_by_one[-1]).max() <= 1e-4 * scale
+    error = np.abs(np.stack(one_by_one) - want)  # the arithmetic is exact in test_nbits.py
+    assert error.max() <= 0.1 * scale and error.mean() <= 0.01 * scale, error.mean() / scale
 
 
 def test_greedy_generation_gives_onnxruntimes_tokens(onnx_models, compiled):

@@ -124,13 +124,16 @@ def test_weight_only_int8_is_fp32_math_on_the_int8_weights(build, save_model, tm
 
 
 def dynamic_quantize_ref(x, dtype="uint8"):
-    """onnxruntime's DynamicQuantizeLinear (and ours for int8): (x_q, scale, zero point)."""
+    """onnxruntime's DynamicQuantizeLinear applied to each row of x (the last axis) on its
+    own, as dynamic int8 quantizes its inputs: (x_q, scales, zero points), [..., 1] each."""
     qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(qmax - qmin))
-    zp = np.clip(np.round(np.float32(qmin) - np.float32(lo) / scale), qmin, qmax)
+    f32 = np.float32
+    lo = np.minimum(x.min(axis=-1, keepdims=True), f32(0))
+    hi = np.maximum(x.max(axis=-1, keepdims=True), f32(0))
+    scale = ((hi - lo) / f32(qmax - qmin)).astype(f32)
+    zp = np.clip(np.round(f32(qmin) - lo / scale), qmin, qmax)
     q = np.clip(np.round(x / scale) + zp, qmin, qmax)
-    return q.astype(np.int64), scale, int(zp)
+    return q.astype(np.int64), scale, zp.astype(np.int64)
 
 
 @pytest.mark.parametrize("target,dtype", [("host", "uint8"), ("arm64-dotprod", "int8")])

@@ -118,7 +118,7 @@ def plan(model: FloatModel, config=None, target=None, *, mode: str = "static") -
     base = config.base_settings(activations)
     settings = {var: by_onnx.get(onnx_name, base) for var, onnx_name in names.items()}
     settings = _given_four_bits(graph, settings, model.weight_codes)
-    _check_int4(graph, names, settings, explicit, mode)
+    _check_int4(graph, names, settings, explicit)
     return QuantPlan(model, config, activations, activation_dtype_for(target), mod, graph,
                      names, settings, stem.name if stem is not None else None)
 
@@ -148,15 +148,11 @@ def _given_four_bits(graph: Graph, settings, codes) -> dict:
     return kept
 
 
-def _check_int4(graph: Graph, names, settings, explicit, mode: str) -> None:
-    """4-bit weights are MatMul/Gemm kernels: W4A8 with calibrated int8 inputs, or W4A16 in
-    weight-only mode; not with dynamic int8 inputs, and a rule may not ask for them on a
-    convolution (the whole-model option leaves convolutions int8)."""
+def _check_int4(graph: Graph, names, settings, explicit) -> None:
+    """4-bit weights are MatMul/Gemm kernels (W4A8 with calibrated or run-time int8 inputs,
+    or W4A16 in weight-only mode): a rule may not ask for them on a convolution (the
+    whole-model option leaves convolutions int8)."""
     int4 = [var for var, s in settings.items() if s.precision == "int4"]
-    if int4 and mode == "dynamic":
-        raise InputError("4-bit weights run with int8 inputs whose ranges come from calibration "
-                         "(--quantize int8 with --calibration CALIB.npz), or with float inputs "
-                         "(--quantize int8-weights); --quantize int8-dynamic has neither.")
     kinds = {n.name: n.kind for n in graph.nodes}
     for var in int4:
         if kinds.get(var) == "conv2d" and names[var] in explicit:

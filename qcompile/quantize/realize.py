@@ -44,7 +44,7 @@ class Realizer:
         self.bb = relax.BlockBuilder(without_main(mod))
         self.env: dict[Any, Any] = {}        # var -> float expr or QValue
         self.float_cache: dict[Any, Any] = {}
-        self.quant_cache: dict[Any, QValue] = {}
+        self.quant_cache: dict[Any, Any] = {}  # QValues, and schemes' run-time inputs
         self.absorbed: set[int] = set()      # node indices folded into a layer's kernel
         self.layers: list[LayerResult] = []
         self.tables: list[TableResult] = []  # lookup tables stored in int8 (ops/tables.py)
@@ -181,7 +181,7 @@ def verify(mod, config: RealizeConfig, graph: Graph, results: list[LayerResult])
         scheme = config.plan.get(node.name) or config.default or Int8()
         result = done.get(node.name)
         if not scheme.int8_kernel or layer_op(node).unsupported is not None or \
-                (scheme.name == "int8-dynamic" and node.kind != "matmul"):
+                (not scheme.covers_convs and node.kind != "matmul"):
             continue
         if (result is None or result.precision == "fp32") and config.weight_codes is None:
             # (a model that arrives quantized keeps in float what it left in float)

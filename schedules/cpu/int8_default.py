@@ -18,7 +18,8 @@ import logging
 
 from .intrinsics import DotProduct, register
 from .. import SCHEDULE_ATTR
-from .tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
+from .tiles import (accumulate_in_tile, inline_epilogue, largest_divisor, row_tile,
+                    schedule_each)
 from . import packed_int4
 from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
 
@@ -60,8 +61,7 @@ def schedule_matmul(sch, block, dot: DotProduct) -> None:
     loops = sch.get_loops(block)
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    extent = int(sch.get(rows).extent)
-    mo, mi = sch.split(rows, [None, largest_divisor(extent, TILE_ROWS)])
+    mo, mi = sch.split(rows, [None, row_tile(sch.get(rows).extent, TILE_ROWS)])
     no, ni = sch.split(cols, [None, dot.lanes])
     sch.reorder(mo, no, ko, mi, ni, ki)
     accumulate_in_tile(sch, block, no)

@@ -30,11 +30,14 @@ from .packed_int8 import _constant, _pad_rows
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
 
 
-def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int):
+def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int,
+              *terms, names=()):
     """The same on weights packed for an instruction: packed [N/lanes, K/(2 reduce), lanes,
-    reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales
-    [N/lanes, K/group, lanes] (each column block's scales together)."""
+    reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales and the
+    per-output group terms [N/lanes, K/group, lanes] (each column block's together)."""
     from tvm import te
+
+    from ..int4_logical import GroupTerms
 
     blocks = int(packed.shape[1])          # byte blocks: 2 * reduce reduction elements each
     per_group = group // (2 * reduce)      # byte blocks per group
@@ -62,11 +65,16 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
             axis=[kb, h, r]),
         name=PACKED)
     g = te.reduce_axis((0, groups), "g")
+    extra = GroupTerms.of(names, terms)
+
+    def block(t, n):
+        return t[n // lanes, g, n % lanes]
+
     return te.compute(
         (*rows, channels),
-        lambda *idx: te.sum(
-            acc[(*idx[:-1], g, idx[-1])].astype("float32")
-            * scales[idx[-1] // lanes, g, idx[-1] % lanes].astype("float32"), axis=[g]),
+        lambda *idx: te.sum(extra.term(acc[(*idx[:-1], g, idx[-1])],
+                                       block(scales, idx[-1]).astype("float32"), idx[:-1], g,
+                                       lambda t: block(t, idx[-1])), axis=[g]),
         name=PACKED + "_groups")
 
 
@@ -96,14 +104,13 @@ def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
     are filled by the instruction from a just-unpacked weight block (the tile's blocks
     interleaved); then the tile's float sums over the groups, while its accumulators are still
     in cache."""
-    from .tiles import largest_divisor
+    from .tiles import largest_divisor, row_tile
 
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    extent = int(sch.get(rows).extent)
     blocks = int(sch.get(cols).extent) // dot.lanes
-    mo, mi = sch.split(rows, [None, largest_divisor(extent, rows_tile)])
+    mo, mi = sch.split(rows, [None, row_tile(sch.get(rows).extent, rows_tile)])
     no, nj, ni = sch.split(cols, [None, largest_divisor(blocks, BLOCKS_PER_TILE), dot.lanes])
     sch.reorder(mo, no, g, kb, h, nj, mi, ni, r)
     for producer in sch.get_producers(block):
@@ -132,7 +139,7 @@ def repack(mod, dot: DotProduct):
     import tvm
     from tvm import relax, topi
 
-    from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR
+    from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR, TERMS_ATTR, GroupTerms
 
     chosen = dot if dot.rows == 1 else dot.fallback
     logical = {gv: func for gv, func in mod.functions.items()
@@ -148,8 +155,10 @@ def repack(mod, dot: DotProduct):
             call = super().visit_call_(call)
             if not (call.op.same_as(call_tir) and call.args[0] in logical):
                 return call
-            data, codes, scales = call.args[1].fields
-            group = int(logical[call.args[0]].attrs[LOGICAL_ATTR])
+            data, codes, scales, *terms = call.args[1].fields
+            attrs = logical[call.args[0]].attrs
+            group = int(attrs[LOGICAL_ATTR])
+            names = [n for n in str(attrs.get(TERMS_ATTR, "")).split(",") if n]
             pairs, scale = _constant(codes), _constant(scales)
             if pairs is None or scale is None or \
                     str(data.ty.dtype) != chosen.activation_dtype or \
@@ -160,12 +169,17 @@ def repack(mod, dot: DotProduct):
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
                               constant_values=8)
             packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce)
-            scale = _pad_rows(scale, 1, chosen.lanes)                # [groups, N padded]
-            blocks = scale.reshape(scale.shape[0], -1, chosen.lanes).transpose(1, 0, 2)
+
+            def blocks(expr):  # [groups, N] -> [N padded / lanes, groups, lanes]
+                value = _pad_rows(_constant(expr), 1, chosen.lanes)
+                value = value.reshape(value.shape[0], -1, chosen.lanes).transpose(1, 0, 2)
+                return relax.const(np.ascontiguousarray(value), str(value.dtype))
+
+            terms = [blocks(t) if name in GroupTerms.PER_OUTPUT else t
+                     for name, t in zip(names, terms)]
             out = self.builder_.call_te(
-                packed_te, data, relax.const(packed, "uint8"),
-                relax.const(np.ascontiguousarray(blocks), str(scale.dtype)), group,
-                codes_nk.shape[0], chosen.lanes, chosen.reduce,
+                packed_te, data, relax.const(packed, "uint8"), blocks(scales), group,
+                codes_nk.shape[0], chosen.lanes, chosen.reduce, *terms, names=names,
                 primfunc_name_hint="packed_int4_matmul")
             if codes_nk.shape[0] == channels:
                 return out

@@ -139,10 +139,14 @@ def _pairs_pixels(call, dot: DotProduct) -> bool:
                              and _conv_out_width(call) % dot.rows == 0)
 
 
-def _rows(call) -> int:
+def _rows(call) -> int | None:
+    """The matmul's rows, or None when they are known only at run time."""
     rows = 1
     for dim in list(call.args[0].ty.shape)[:-1]:
-        rows *= int(dim)
+        value = getattr(dim, "value", None)
+        if not isinstance(value, int):
+            return None
+        rows *= value
     return rows
 
 
@@ -195,7 +199,8 @@ def legalize_map(dot: DotProduct) -> dict:
         if weight is None or weight.ndim != 2 or not _is_int8_layer(call, dot):
             return _default_legalize(bb, call)
         fits = [d for d in dot.choices() if _pads_little(weight.shape[1], d.lanes)
-                and not weight.shape[0] % d.reduce and not _rows(call) % d.rows]
+                and not weight.shape[0] % d.reduce
+                and (d.rows == 1 or (_rows(call) or 1) % d.rows == 0)]
         if not fits:
             return _default_legalize(bb, call)
         chosen = fits[0]

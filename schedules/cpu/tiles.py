@@ -14,6 +14,14 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def row_tile(extent, at_most: int) -> int:
+    """Rows per tile of a packed kernel: the largest divisor of the rows' extent up to
+    `at_most`, or 1 when the extent is known only at run time (a language model's tokens:
+    usually one at a time, and an unfilled tile costs its whole width)."""
+    value = getattr(extent, "value", None)
+    return largest_divisor(int(value), at_most) if isinstance(value, int) else 1
+
+
 def inline_epilogue(sch, keep) -> None:
     """Inline the elementwise epilogue steps after `keep` (the kernel's conv/matmul block)
     into the kernel's final output block. Its producers (pad, reshape) stay separate: the

@@ -14,6 +14,7 @@ line in SCHEMES.
     int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
     int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
     int4-weights  W4A16: group-wise 4-bit weights widened in fp32 kernels
+    int4-dynamic  W4A8 with the input quantized at run time, per row
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .dynamic import Dynamic
 from .fp16 import Fp16
 from .fp32 import Fp32
 from .int4 import Int4
+from .int4_dynamic import Int4Dynamic
 from .int4_weights import Int4Weights
 from .int8 import Int8
 from .int8_a16 import Int8A16
@@ -37,6 +39,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "int8-dynamic": Dynamic,
     "int4": Int4,
     "int4-weights": Int4Weights,
+    "int4-dynamic": Int4Dynamic,
 }
 # what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
@@ -48,6 +51,8 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     precision = settings.precision
     if precision == "int4" and mode == "weight-only":
         return Int4Weights.from_settings(settings)
+    if precision == "int4" and mode == "dynamic":
+        return Int4Dynamic.from_settings(settings)
     if precision == "int8" and mode == "weight-only":
         return WeightOnly(per_channel=settings.per_channel)
     if precision == "int8" and mode == "dynamic":
@@ -59,5 +64,5 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Weights", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Dynamic", "Int4Weights", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
            "Scheme", "SimLayerOp", "WeightOnly", "scheme_for"]

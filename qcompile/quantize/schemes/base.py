@@ -40,6 +40,7 @@ class Scheme:
     takes_integers: ClassVar[bool] = False   # reads an integer (calibrated) input
     int8_kernel: ClassVar[bool] = False      # emits an int8 x int8 -> int32 kernel
     int8_weights: ClassVar[bool] = False     # stores its weight as int8
+    covers_convs: ClassVar[bool] = True      # has a kernel for convolutions
 
     @classmethod
     def from_settings(cls, settings) -> "Scheme":

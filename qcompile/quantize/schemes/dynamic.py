@@ -1,8 +1,10 @@
 """Dynamic int8, for MatMul/Gemm (transformers, whose activation ranges change per input):
-int8 weights (per output column), the input quantized at run time with a per-tensor scale and
-zero point from its own min and max (onnxruntime's DynamicQuantizeLinear), an int8 x int8 ->
-int32 matmul, and the zero point's correction and both scales applied to the accumulator.
-Convolutions stay fp32. No calibration data."""
+int8 weights (per output column), the input quantized at run time with a scale and zero point
+per row (per token) from the row's own min and max (onnxruntime's DynamicQuantizeLinear on
+each row: one range for the whole tensor lets one token's large values cost every other
+token its resolution, and makes a token's result depend on the tokens batched with it), an
+int8 x int8 -> int32 matmul, and the zero point's correction and both scales applied to the
+accumulator. Convolutions stay fp32. No calibration data."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Dynamic(Scheme):
     name = "int8-dynamic"
     int8_kernel = True
     int8_weights = True
+    covers_convs = False
 
     per_channel: bool = True
     activations: str = "uint8"  # the run-time input type: uint8 (x86 VNNI) or int8 (ARM)
@@ -36,20 +39,12 @@ class Dynamic(Scheme):
                                          "convolutions need static int8 (--quantize int8 "
                                          "with calibration)")
         op = r.relax.op
-        dtype = "uint8" if self.activations not in ("uint8", "int8") else self.activations
-        qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
-        x = r.float_of(layer.node.args[0])
         f32 = "float32"
-        lo = op.minimum(op.min(x), r._const(0.0, f32))
-        hi = op.maximum(op.max(x), r._const(0.0, f32))
-        scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
-                                   r._const(np.finfo(np.float32).tiny, f32)))
-        zp = r._emit(r.clamp(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
-                             qmin, qmax))
-        xq = op.astype(r.clamp(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax), dtype)
+        xq, scale, zp = quantized_at_run_time(r, r.float_of(layer.node.args[0]),
+                                              self.activations, per_row=True)
         qw = quantize_weight(layer.weight, "matmul", per_channel=self.per_channel)
         w_q, s_w = qw.codes, qw.channel_scales()
-        acc = r._emit(op.matmul(r._emit(xq), r._const(w_q, "int8"), out_dtype="int32"))
+        acc = r._emit(op.matmul(xq, r._const(w_q, "int8"), out_dtype="int32"))
         column_sums = w_q.astype(np.int32).sum(axis=0)
         acc = op.subtract(acc, op.multiply(op.astype(zp, "int32"),
                                            r._const(column_sums, "int32")))
@@ -64,4 +59,23 @@ class Dynamic(Scheme):
                                        per_channel=self.per_channel).dequantized())
 
 
-__all__ = ["Dynamic"]
+def quantized_at_run_time(r: Realizer, x, activations: str, per_row: bool = False):
+    """(x in 8 bits, its scale, its zero point as a float) computed in the graph from x's own
+    minimum and maximum (with 0 in the range, so that 0 is exact): over the whole tensor, or
+    per row (the last axis reduced; scale and zero point [..., 1])."""
+    op = r.relax.op
+    dtype = activations if activations in ("uint8", "int8") else "uint8"
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    f32 = "float32"
+    axis = dict(axis=[-1], keepdims=True) if per_row else {}
+    lo = op.minimum(op.min(x, **axis), r._const(0.0, f32))
+    hi = op.maximum(op.max(x, **axis), r._const(0.0, f32))
+    scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
+                               r._const(np.finfo(np.float32).tiny, f32)))
+    zp = r._emit(r.clamp(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
+                         qmin, qmax))
+    xq = op.astype(r.clamp(op.add(op.round(op.divide(x, scale)), zp), qmin, qmax), dtype)
+    return r._emit(xq), scale, zp
+
+
+__all__ = ["Dynamic", "quantized_at_run_time"]

@@ -78,16 +78,14 @@ class Int4(Scheme):
             return self._int8().emit(r, layer)
         gw = model_codes(r, layer.weight) or quantize_groups(
             layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
-        out, data = _kernel(r, xq, gw, int(layer.weight.shape[0]))
+        data = _padded(r, xq.expr, gw, int(layer.weight.shape[0]),
+                       float(xq.qp.zero_point))
+        out = kernel(r, data, gw)
         last, bias, lo, hi, absorbed = fused_chain(r, node, layer.channels)
         op = r.relax.op
-        # the input's zero point: zx * sum_g scale * (the group's sum of codes less their
-        # zero), per output
-        centred = gw.group_sums() + gw.group * (gw.offset - gw.zeros().astype(np.float64))
-        shift = np.float64(xq.qp.zero_point) * np.einsum(
-            "gn,gn->n", gw.scales.astype(np.float64), centred)
+        shift = np.float64(xq.qp.zero_point) * zero_point_weights(gw)
         if gw.zero_points is not None:  # the kernel centres codes on 8: add (8 - zero) x
-            out = op.add(out, _zero_point_term(r, data, gw))
+            out = op.add(out, zero_point_term(r, data, gw))
         real = op.multiply(op.subtract(out, r._const(shift.astype(np.float32), "float32")),
                            r._const(np.float32(xq.qp.scale), "float32"))
         if bias is not None:
@@ -98,7 +96,7 @@ class Int4(Scheme):
         r.absorbed.update(absorbed)
         r.layers.append(layer.result(
             f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
-            rounding=gw.rounding, weight_bits=_stored_bits(gw, int(layer.weight.shape[0])),
+            rounding=gw.rounding, weight_bits=stored_bits(gw, int(layer.weight.shape[0])),
             fused=tuple(r.graph.nodes[i].name for i in absorbed), output_var=last.var))
         r.env[last.var] = result
         return result
@@ -114,43 +112,57 @@ class Int4(Scheme):
         sim.set_weight(gw.dequantized(sim.weight.shape[0]))
 
 
-def _kernel(r: Realizer, xq, gw, k: int):
-    """The logical W4A8 kernel on the integer input (its reduction padded with the zero point
-    up to whole groups): float sums of each group's int32 dot product times its scale."""
-    from ...schedules.int4_logical import FUNC_ATTR, logical_te
-
-    op = r.relax.op
-    data = xq.expr
+def _padded(r: Realizer, data, gw, k: int, zero_point: float):
+    """The integer input with its reduction padded with the zero point up to whole groups."""
     padded = gw.codes.shape[0]
-    if padded > k:
-        ndim = len(xq.expr.ty.shape)
-        data = r._emit(op.nn.pad(data, [0, 0] * (ndim - 1) + [0, padded - k],
-                                 pad_value=float(xq.qp.zero_point)))
+    if padded == k:
+        return data
+    ndim = len(data.ty.shape)
+    return r._emit(r.relax.op.nn.pad(data, [0, 0] * (ndim - 1) + [0, padded - k],
+                                     pad_value=zero_point))
+
+
+def kernel(r: Realizer, data, gw, terms=None):
+    """The logical W4A8 kernel on the integer input `data` (its reduction whole groups): float
+    sums of each group's int32 dot product times its scale, and `terms`
+    (int4_logical.GroupTerms of relax exprs) if given."""
+    from ...schedules.int4_logical import FUNC_ATTR, TERMS_ATTR, logical_te
+
+    names = terms.present() if terms is not None else []
     call = r.bb.call_te(logical_te, data, r.relax.const(gw.packed_pairs(), "uint8"),
                         r.relax.const(gw.scales, str(gw.scales.dtype)), gw.group,
+                        *(terms.args() if terms is not None else []), names=names,
                         primfunc_name_hint=KERNEL)
     gvar = call.args[0]
-    func = r.bb.get()[gvar]
-    r.bb.update_func(gvar, func.with_attr(FUNC_ATTR, gw.group))
-    return r._emit(call), data
+    func = r.bb.get()[gvar].with_attr(FUNC_ATTR, gw.group)
+    r.bb.update_func(gvar, func.with_attr(TERMS_ATTR, ",".join(names)))
+    return r._emit(call)
 
 
-def _stored_bits(gw, rows: int) -> float:
+def zero_point_weights(gw) -> np.ndarray:
+    """[N] float64: what one unit of the input's zero point adds to each output,
+    sum_g scale[g, n] * (the group's sum of codes less their zero); the input's zero point
+    times it is subtracted from the kernel's output."""
+    centred = gw.group_sums() + gw.group * (gw.offset - gw.zeros().astype(np.float64))
+    return np.einsum("gn,gn->n", gw.scales.astype(np.float64), centred)
+
+
+def stored_bits(gw, rows: int) -> float:
     """Bits per weight as the W4A8 kernel stores them: codes, fp16 scales, and for zero points
-    the float32 [groups, N] product that replaces them (_zero_point_term)."""
+    the float32 [groups, N] product that replaces them (zero_point_term)."""
     return gw.stored_bits(rows, None if gw.zero_points is None else 4 * gw.scales.size)
 
 
-def _zero_point_term(r: Realizer, data, gw):
+def zero_point_term(r: Realizer, data, gw):
     """sum_g scale[g, n] * (8 - zero[g, n]) * (the sum of the integer input over group g): what
     the kernel, which takes every code less 8, misses of a weight with its own zero points."""
     op = r.relax.op
-    shape = [int(d) for d in data.ty.shape]
-    groups = shape[-1] // gw.group
+    shape = list(data.ty.shape)  # the rows may be known only at run time
+    groups = int(shape[-1]) // gw.group
     sums = r._emit(op.sum(op.reshape(op.astype(data, "int32"),
                                      [*shape[:-1], groups, gw.group]), axis=[-1]))
     weight = gw.scales.astype(np.float32) * (gw.offset - gw.zeros())
     return r._emit(op.matmul(op.astype(sums, "float32"), r._const(weight, "float32")))
 
 
-__all__ = ["Int4"]
+__all__ = ["Int4", "kernel", "stored_bits", "zero_point_term", "zero_point_weights"]
