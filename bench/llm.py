@@ -19,8 +19,11 @@ Engines, each in its own process, one after the other (2 threads each):
 `--engines A,B` runs some of them (onnxruntime float32, the reference, always runs first).
 
 For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt tokens/s
-(the prompt at once), answer tokens/s (one token per call, the first token excluded), and how
-many of the answer's tokens equal onnxruntime float32's; the engine process's peak resident
+(the prompt at once), answer tokens/s (one token per call, the first token excluded), how
+many of the answer's tokens equal onnxruntime float32's before the first that differs, and
+the next-token agreement: fed onnxruntime float32's answer token by token, how often the
+engine's most likely next token is the one that answer has (greedy answers part at the first
+near-tie; this counts every position); the engine process's peak resident
 memory (Python, the runtime, the weights, the caches: a qcompile engine is compiled in an
 earlier process). Prints a Markdown table with the ratios to onnxruntime float32 and writes
 JSON.
@@ -74,6 +77,8 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
     text = Text(onnx_dir)  # the converter writes tokenizer.json beside the models
     model = onnx_dir / (FLOAT_MODEL if engine.endswith("float32") else FOUR_BIT_MODEL)
     runs = []
+    reference = work / "reference.json"  # onnxruntime float32's answers, once it has run
+    forced = json.loads(reference.read_text()) if reference.is_file() else None
     if engine.startswith("onnxruntime"):
         from qcompile.examples.llm.generate import OnnxDecoder
 
@@ -91,6 +96,12 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                 tokens.append(int(np.argmax(logits[0, -1])))
             runs.append({"prompt_tokens": len(ids), "tokens": tokens, "prefill_s": prefill,
                          "decode_s": time.perf_counter() - start})
+            if forced is not None:
+                answer = forced[len(runs) - 1]
+                logits, _ = session.forward(np.array([ids + answer[:-1]]),
+                                            session.empty_cache())
+                runs[-1]["forced"] = [int(t) for t in
+                                      np.argmax(logits[0, len(ids) - 1:], axis=-1)]
         size = model.stat().st_size
     else:
         import qcompile
@@ -112,6 +123,12 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                 result = decoder.generate(ids, max_new, stop=text.stop_tokens)
                 runs.append({"prompt_tokens": len(ids), "tokens": result.tokens,
                              "prefill_s": result.prefill_s, "decode_s": result.decode_s})
+                if forced is not None:
+                    decoder.reset()
+                    answer = forced[len(runs) - 1]
+                    first = decoder.step(ids)
+                    runs[-1]["forced"] = [int(np.argmax(first))] + [
+                        int(np.argmax(decoder.step([t]))) for t in answer[:-1]]
             decoder.close()
         size = (out / "model.so").stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -128,7 +145,10 @@ def summary(result: dict, reference: dict) -> dict:
         agree = next((i for i, (a, b) in enumerate(zip(mine["tokens"], ref["tokens"]))
                       if a != b), min(len(mine["tokens"]), len(ref["tokens"])))
         same, total = same + agree, total + len(ref["tokens"])
+    forced = [(a == b) for mine, ref in zip(result["runs"], reference["runs"])
+              for a, b in zip(mine.get("forced", ref["tokens"]), ref["tokens"])]
     return {"engine": result["engine"], "mb": result["bytes"] / 1e6,
+            "next_token_agreement": sum(forced) / len(forced),
             "peak_rss_mb": result["peak_rss_bytes"] / 1e6,
             "prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": steps / decode,
             "same_tokens_as_fp32": f"{same}/{total}"}
@@ -161,6 +181,7 @@ def main() -> int:
         if not (work / "onnx" / "generation.json").is_file():
             print("converting SmolLM2's GGUF to ONNX ...", file=sys.stderr)
             convert(work)
+        (work / "reference.json").unlink(missing_ok=True)  # written by this run's reference
         results = []
         for engine in chosen:
             command = [sys.executable, __file__, "--engine", engine, "--work", str(work),
@@ -172,17 +193,21 @@ def main() -> int:
             print(f"running {engine} ...", file=sys.stderr)
             child = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
             results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            if len(results) == 1:
+                (work / "reference.json").write_text(json.dumps(
+                    [run["tokens"] for run in results[0]["runs"]]))
     rows = [summary(r, results[0]) for r in results]
     base = rows[0]
     print("| engine | file MB | peak memory MB | prompt tokens/s | answer tokens/s | answer "
-          "speed vs onnxruntime fp32 | tokens equal to onnxruntime fp32's |")
-    print("|---|---|---|---|---|---|---|")
+          "speed vs onnxruntime fp32 | tokens equal to onnxruntime fp32's | next-token "
+          "agreement |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         print(f"| {row['engine']} | {row['mb']:.0f} | {row['peak_rss_mb']:.0f} | "
               f"{row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f}x | "
-              f"{row['same_tokens_as_fp32']} |")
+              f"{row['same_tokens_as_fp32']} | {100 * row['next_token_agreement']:.1f}% |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": THREADS,
                                     "max_context": MAX_CONTEXT, "rows": rows,

@@ -92,8 +92,10 @@ def test_a_prompt_of_whole_chunks_gives_onnxruntimes_logits(onnx_models, compile
 def test_w4a8_quantizes_each_token_on_its_own(onnx_models, compiled):
     """With int8 inputs quantized at run time per token and group, a token's logits do not
     depend on which tokens share its call: the prompt fed at once (a chunk, then three tokens
-    in one call) and token by token give the same logits to float rounding, near
-    onnxruntime's float arithmetic on the same 4-bit weights."""
+    in one call) and token by token give the same logits (one range for the call's tokens
+    moved them by 2% here), near onnxruntime's float arithmetic on the same 4-bit weights.
+    Only to float rounding: the two paths' float kernels sum in different orders, and a
+    difference in the last bit can move an input across a rounding boundary."""
     directory, info = compiled["W4A8"]
     report = json.loads((directory / "quantization.json").read_text())
     precisions = {row["precision"] for row in report["layers"]}
@@ -105,7 +107,7 @@ def test_w4a8_quantizes_each_token_on_its_own(onnx_models, compiled):
         one_by_one = [decoder.step([token]) for token in PROMPT]
     want = reference_logits(onnx_models["4-bit"], PROMPT)
     scale = np.abs(want).max()
-    assert np.abs(at_once - one_by_one[-1]).max() <= 1e-4 * scale
+    assert np.abs(at_once - one_by_one[-1]).max() <= 1e-3 * scale
     error = np.abs(np.stack(one_by_one) - want)  # the arithmetic is exact in test_nbits.py
     assert error.max() <= 0.1 * scale and error.mean() <= 0.01 * scale, error.mean() / scale
 

@@ -122,12 +122,14 @@ def _output_elements(stmt, unknown: int = SYMBOLIC) -> int:
 
 def _parallel_outer(sch, block) -> bool:
     """Run a block's outer loops in parallel (up to two of them fused), when it writes enough
-    elements; whether it did."""
+    elements, counting an extent known only at run time as 1 (a language model's one new
+    token: waking the thread pool for a row of elementwise work costs more than the work);
+    whether it did."""
     from tvm.s_tir import ScheduleError
 
     stmt = sch.get(block)
     loops = sch.get_loops(block)
-    if not loops or _output_elements(stmt) < MIN_PARALLEL:
+    if not loops or _output_elements(stmt, unknown=1) < MIN_PARALLEL:
         return False
     spatial = 0
     for iv in stmt.iter_vars:
