@@ -199,9 +199,36 @@ def test_the_llm_example_answers(tmp_path, capsys):
     """`qcompile example llm`: SmolLM2-135M converted, compiled with its own 4-bit codes and
     asked the question whose answer llama.cpp gives (test_llm_convert.py)."""
     assert main(["example", "llm", "-o", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "The capital of France is Paris." in out and "tokens/s" in out
+    captured = capsys.readouterr()
+    assert "The capital of France is Paris." in captured.out and "tokens/s" in captured.err
     assert (tmp_path / "host" / "decoder.json").is_file()
+
+
+def word_tokenizer(path, words: int) -> None:
+    """A tokenizer.json of `words` words w0, w1, ... (token i is wi)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer.save(str(path))
+
+
+def test_generate_streams_the_greedy_answer(compiled, tmp_path, capsys):
+    """`qcompile generate`: the prompt tokenized with the tokenizer beside the library, the
+    greedy answer's text on stdout (the Decoder's tokens), the speeds on stderr."""
+    import shutil
+
+    directory, info = compiled["float"]
+    out = tmp_path / "out"
+    shutil.copytree(directory, out)
+    word_tokenizer(out / "tokenizer.json", TINY["vocab"])
+    assert main(["generate", str(out), "--prompt", "w3 w17 w42", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    with qcompile.load(out) as loaded:
+        tokens = Decoder(loaded, info).generate([3, 17, 42], max_new_tokens=5).tokens
+    assert captured.out.split() == [f"w{t}" for t in tokens]
+    assert "prompt: 3 tokens" in captured.err and "answer: 5 tokens" in captured.err
 
 
 def test_another_models_tokenizer_is_refused(tmp_path, capsys):

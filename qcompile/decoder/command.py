@@ -41,7 +41,7 @@ def cmd_generate(args) -> int:
     from ..runtime import load
     from .compile import DecoderInfo
     from .generate import Decoder
-    from .text import Text, TextStream
+    from .text import Text
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give 1 or more.")
@@ -50,22 +50,33 @@ def cmd_generate(args) -> int:
     info = DecoderInfo.open(args.out_dir)
     text = Text(args.out_dir, info.vocabulary)
     prompt = text.encode(args.prompt, chat=args.chat)
-    stream = TextStream(text)
     with load(args.out_dir, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key) as loaded:
-        decoder = Decoder(loaded, info)
+        stream_answer(Decoder(loaded, info), text, prompt, args.max_new_tokens,
+                      temperature=args.temperature, seed=args.seed, where=loaded.where)
+    return 0
 
-        def show(token: int) -> None:
-            sys.stdout.write(stream.add(token))
-            sys.stdout.flush()
 
-        result = decoder.generate(prompt, args.max_new_tokens, stop=text.stop_tokens,
-                                  temperature=args.temperature, seed=args.seed, on_token=show)
+def stream_answer(decoder, text, prompt: list[int], max_new_tokens: int, *,
+                  temperature: float = 0.0, seed: int = 0, where: str = ""):
+    """Generate after `prompt` (token ids) with a generate.Decoder, the text written to stdout
+    as it comes, then the prompt's and the answer's tokens/s to stderr; the Generation."""
+    from .text import TextStream
+
+    stream = TextStream(text)
+
+    def show(token: int) -> None:
+        sys.stdout.write(stream.add(token))
+        sys.stdout.flush()
+
+    result = decoder.generate(prompt, max_new_tokens, stop=text.stop_tokens,
+                              temperature=temperature, seed=seed, on_token=show)
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(f"prompt: {result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.1f} "
           f"tokens/s; answer: {len(result.tokens)} tokens at "
-          f"{result.decode_tokens_per_s:.1f} tokens/s ({loaded.where})", file=sys.stderr)
-    return 0
+          f"{result.decode_tokens_per_s:.1f} tokens/s" + (f" ({where})" if where else ""),
+          file=sys.stderr)
+    return result
 
 
 def compile_decoder_command(args, config) -> int:

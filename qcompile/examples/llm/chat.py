@@ -16,9 +16,10 @@ MAX_CONTEXT = 512
 
 def run_chat_example(out_dir: Path, question: str = QUESTION, target: str = "host") -> str:
     """Convert, compile and ask; the answer's text."""
+    from ...decoder.command import stream_answer
     from ...decoder.compile import compile_decoder
     from ...decoder.generate import Decoder
-    from ...decoder.text import Text, TextStream
+    from ...decoder.text import Text
     from ...runtime import load
     from .converter import convert, smollm2_gguf_path
 
@@ -31,22 +32,13 @@ def run_chat_example(out_dir: Path, question: str = QUESTION, target: str = "hos
     _, info = compile_decoder(converted.four_bit_model, target, build_dir,
                               max_context=MAX_CONTEXT)
     text = Text(build_dir)
-    stream = TextStream(text)
     print(f"> {question}")
-    with load(build_dir) as loaded:
-        def show(token: int) -> None:
-            sys.stdout.write(stream.add(token))
-            sys.stdout.flush()
-
-        result = Decoder(loaded, info).generate(text.encode(question, chat=True), 128,
-                                                stop=text.stop_tokens, on_token=show)
-    sys.stdout.write("\n")
     sys.stdout.flush()
-    print(f"prompt: {result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.0f} "
-          f"tokens/s; answer: {len(result.tokens)} tokens at "
-          f"{result.decode_tokens_per_s:.1f} tokens/s")
+    with load(build_dir) as loaded:
+        result = stream_answer(Decoder(loaded, info), text, text.encode(question, chat=True),
+                               128)
     print(f"Ask it more: qcompile generate {build_dir} --chat --prompt \"...\"\n"
-          f"Smaller (int8 embedding and output projection): qcompile compile "
-          f"{converted.four_bit_model} --max-context {MAX_CONTEXT} --quantize int8-weights "
-          f"-o {out_dir / 'int8-weights'}")
+          f"About twice as fast, less exact (int8 inputs at run time, W4A8): qcompile "
+          f"compile {converted.four_bit_model} --max-context {MAX_CONTEXT} --quantize "
+          f"int8-dynamic -o {out_dir / 'w4a8'}")
     return text.decode(result.tokens)
