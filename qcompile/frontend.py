@@ -11,6 +11,7 @@ folding computes are bounded first (constant_sizes.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import io
@@ -257,11 +258,12 @@ def check_ops(model) -> None:
 
 
 def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                dims: Mapping[str, int | str] | None = None) -> FloatModel:
+                dims: Mapping[str, int | str] | None = None, loaded=None) -> FloatModel:
     """Import an ONNX file into Relax with static input shapes; or, with `dims`, with the
     inputs' named dimensions set by name ({"sequence_length": 1, "past_sequence_length": "p",
     "total_sequence_length": "p + 1"}: a size, or a symbol or expression that stays symbolic
-    in the Relax module)."""
+    in the Relax module). `loaded`: the file as load_onnx read it (not changed here), to
+    import it again without reading it again."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -272,7 +274,7 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
                       is_qoperator, qoperator_to_qdq)
 
     path = Path(path)
-    original = load_onnx(path)
+    original = load_onnx(path) if loaded is None else copy.deepcopy(loaded)
     weight_codes = None
     if is_qoperator(original):  # QLinearConv & co.: the same model in QDQ form
         original, count = qoperator_to_qdq(original)

@@ -98,12 +98,13 @@ def find_layout(model):
                        dtype=dtype), shape[2]
 
 
-def import_decoder(path, tokens: int | None = None):
+def import_decoder(path, tokens: int | None = None, loaded=None):
     """The FloatModel of the decoder at `path` with the past length symbolic and the new
-    tokens' too (or `tokens` of them), and its cache layout."""
+    tokens' too (or `tokens` of them), and its cache layout. `loaded`: the file as
+    frontend.load_onnx read it, to import it again without reading it again."""
     from ..frontend import graph_inputs, import_onnx, load_onnx
 
-    model = load_onnx(path)
+    model = load_onnx(path) if loaded is None else loaded
     layout, past_dim = find_layout(model)
     dims = {}
     for inp in graph_inputs(model):
@@ -124,7 +125,7 @@ def import_decoder(path, tokens: int | None = None):
         for dim in inp.type.tensor_type.shape.dim:
             if dim.dim_param and dim.dim_param not in dims and dim.dim_param.startswith("batch"):
                 dims[dim.dim_param] = 1
-    return import_onnx(path, dims=dims), layout
+    return import_onnx(path, dims=dims, loaded=model), layout
 
 
 def decoder_module(quantized, layout, max_context: int):
@@ -169,6 +170,7 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     without calibration: "fp32", "fp16", "int8-weights". Equal weights of the two functions
     are stored once."""
     from ..build import build
+    from ..frontend import load_onnx
     from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
     from ..paths import check_out_dir
     from ..quantize import QuantizedModel
@@ -191,8 +193,10 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     check_out_dir(out_dir)
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)
 
+    loaded = load_onnx(model)  # read once, imported once per function
+
     def decoder(tokens):
-        graph, layout = import_decoder(model, tokens)
+        graph, layout = import_decoder(model, tokens, loaded)
         with quiet():  # folding the position tables' Gathers prints TVM's take warning
             built = apply(mode, graph, resolved)
         return built, layout, decoder_module(built, layout, max_context)
