@@ -175,6 +175,54 @@ def test_a_model_without_a_cache_is_refused(tmp_path, capsys):
     assert "not a decoder" in err and "Traceback" not in err
 
 
+def edited(path, tmp_path, edit):
+    """A copy of the ONNX model at `path` changed by edit(model)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    edit(model)
+    out = tmp_path / "edited.onnx"
+    onnx.save(model, out)
+    return out
+
+
+def fixed_past(model) -> None:
+    for inp in model.graph.input:
+        if inp.name.startswith("past_key_values."):
+            inp.type.tensor_type.shape.dim[2].dim_value = 8
+
+
+def past_scaled_before_the_concat(model) -> None:
+    """The first cache's past is doubled before it is appended to: not a plain append."""
+    from onnx import helper, numpy_helper
+
+    past = next(i.name for i in model.graph.input if i.name.startswith("past_key_values."))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat" and past in n.input)
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "two"))
+    model.graph.node.insert(0, helper.make_node("Mul", [past, "two"], ["doubled_past"]))
+    concat.input[list(concat.input).index(past)] = "doubled_past"
+
+
+@pytest.mark.parametrize("edit, message", [(fixed_past, "fixed length"),
+                                           (past_scaled_before_the_concat,
+                                            "other than by appending")])
+def test_a_cache_that_cannot_stay_in_place_is_refused(edit, message, onnx_models, tmp_path,
+                                                      capsys):
+    path = edited(onnx_models["float"], tmp_path, edit)
+    assert main(["compile", str(path), "--max-context", "16", "-o",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("option, message", [(["--prefill-chunk", "-1"], "--prefill-chunk -1"),
+                                             (["--max-context", "1"], "--max-context 1")])
+def test_bad_lengths_are_refused(option, message, onnx_models, tmp_path, capsys):
+    args = ["compile", str(onnx_models["float"]), "--max-context", "16", *option]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", [["--calibration", "x.npz", "--quantize", "int8"],
                                     ["--input-shape", "input_ids:1,4"]])
 def test_options_that_do_not_apply_are_refused(option, onnx_models, tmp_path, capsys):

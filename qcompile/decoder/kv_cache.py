@@ -144,7 +144,7 @@ def _uses(expr, var) -> bool:
 
 def _unexpected_use(binding) -> str:
     return (f"The decoder uses a past key or value other than by appending the new tokens' to "
-            f"it along the sequence axis (in {binding.var.name_hint}), so its cache cannot be "
+            f"it along the sequence axis (in {binding.var.name}), so its cache cannot be "
             "kept in place. qcompile reads the common export layout: present.N.key = "
             "Concat(past_key_values.N.key, new keys, axis=2). Compile it with static shapes "
             "instead (--input-shape for every input).")
