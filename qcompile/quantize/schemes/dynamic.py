@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from ..realize import Realizer
 
 
+CONVOLUTIONS = ("dynamic quantization covers MatMul/Gemm; convolutions need static int8 "
+                "(--quantize int8 with calibration)")  # why a conv stays fp32
+
+
 @dataclass(frozen=True)
 class Dynamic(Scheme):
     name = "int8-dynamic"
@@ -35,9 +39,7 @@ class Dynamic(Scheme):
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
         if layer.kind != "matmul":
-            return stays_float(r, layer, "dynamic quantization covers MatMul/Gemm; "
-                                         "convolutions need static int8 (--quantize int8 "
-                                         "with calibration)")
+            return stays_float(r, layer, CONVOLUTIONS)
         op = r.relax.op
         f32 = "float32"
         xq, scale, zp = quantized_at_run_time(r, r.float_of(layer.node.args[0]),
@@ -78,4 +80,4 @@ def quantized_at_run_time(r: Realizer, x, activations: str, per_row: bool = Fals
     return r._emit(xq), scale, zp
 
 
-__all__ = ["Dynamic", "quantized_at_run_time"]
+__all__ = ["CONVOLUTIONS", "Dynamic", "quantized_at_run_time"]

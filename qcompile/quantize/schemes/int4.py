@@ -81,24 +81,17 @@ class Int4(Scheme):
         data = _padded(r, xq.expr, gw, int(layer.weight.shape[0]),
                        float(xq.qp.zero_point))
         out = kernel(r, data, gw)
-        last, bias, lo, hi, absorbed = fused_chain(r, node, layer.channels)
         op = r.relax.op
         shift = np.float64(xq.qp.zero_point) * zero_point_weights(gw)
         if gw.zero_points is not None:  # the kernel centres codes on 8: add (8 - zero) x
             out = op.add(out, zero_point_term(r, data, gw))
         real = op.multiply(op.subtract(out, r._const(shift.astype(np.float32), "float32")),
                            r._const(np.float32(xq.qp.scale), "float32"))
-        if bias is not None:
-            real = op.add(real, r._const(bias, "float32"))
-        if lo is not None or hi is not None:
-            real = r.clamp(real, lo, hi)
-        result = r._emit(real)
-        r.absorbed.update(absorbed)
+        result, last, fused = with_epilogue(r, layer, real)
         r.layers.append(layer.result(
             f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
             rounding=gw.rounding, weight_bits=stored_bits(gw, int(layer.weight.shape[0])),
-            fused=tuple(r.graph.nodes[i].name for i in absorbed), output_var=last.var))
-        r.env[last.var] = result
+            fused=fused, output_var=last.var))
         return result
 
     def fake(self, sim: SimLayerOp) -> None:
@@ -110,6 +103,21 @@ class Int4(Scheme):
         sim.round_input(qp)
         gw = quantize_groups(sim.weight, self.group_size, moments=sim.moments)
         sim.set_weight(gw.dequantized(sim.weight.shape[0]))
+
+
+def with_epilogue(r: Realizer, layer: LayerOp, real):
+    """The layer's float output `real` with the bias and the bounds of the ops it absorbs
+    (ops.linear.fused_chain) applied: (the result, the last node absorbed, their names)."""
+    op = r.relax.op
+    last, bias, lo, hi, absorbed = fused_chain(r, layer.node, layer.channels)
+    if bias is not None:
+        real = op.add(real, r._const(bias, "float32"))
+    if lo is not None or hi is not None:
+        real = r.clamp(real, lo, hi)
+    result = r._emit(real)
+    r.absorbed.update(absorbed)
+    r.env[last.var] = result
+    return result, last, tuple(r.graph.nodes[i].name for i in absorbed)
 
 
 def _padded(r: Realizer, data, gw, k: int, zero_point: float):
@@ -165,4 +173,4 @@ def zero_point_term(r: Realizer, data, gw):
     return r._emit(op.matmul(op.astype(sums, "float32"), r._const(weight, "float32")))
 
 
-__all__ = ["Int4", "kernel", "stored_bits", "zero_point_term", "zero_point_weights"]
+__all__ = ["Int4", "kernel", "stored_bits", "with_epilogue", "zero_point_term", "zero_point_weights"]

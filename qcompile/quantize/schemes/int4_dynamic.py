@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..ops.linear import fused_chain
 from ..weights import quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
-from .int4 import kernel
+from .dynamic import CONVOLUTIONS
+from .int4 import kernel, with_epilogue
 from .int4_weights import model_codes
 
 if TYPE_CHECKING:
@@ -52,18 +52,15 @@ class Int4Dynamic(Scheme):
         return f"int4-g{self.group_size}-dynamic"
 
     def emit(self, r: Realizer, layer: LayerOp):
+        from ...schedules.int4_logical import GroupTerms
+
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
         if layer.kind != "matmul":
-            return stays_float(r, layer, "dynamic quantization covers MatMul/Gemm; "
-                                         "convolutions need static int8 (--quantize int8 "
-                                         "with calibration)")
-        op = r.relax.op
+            return stays_float(r, layer, CONVOLUTIONS)
         node = layer.node
         rows = int(layer.weight.shape[0])
         gw = model_codes(r, layer.weight) or quantize_groups(layer.weight, self.group_size)
-        from ...schedules.int4_logical import GroupTerms
-
         data, scales, sums = _grouped_input(r, r.float_of(node.args[0]), gw, rows,
                                             self.activations, gw.zero_points is not None)
         terms = {"row_scales": scales}
@@ -77,19 +74,10 @@ class Int4Dynamic(Scheme):
             t = gw.scales.astype(np.float32) * (gw.offset - gw.zeros())
             terms.update(sum_weights=r._const(t, "float32"), row_sums=sums)
             stored += t.nbytes
-        real = kernel(r, data, gw, GroupTerms(**terms))
-        last, bias, lo, hi, absorbed = fused_chain(r, node, layer.channels)
-        if bias is not None:
-            real = op.add(real, r._const(bias, "float32"))
-        if lo is not None or hi is not None:
-            real = r.clamp(real, lo, hi)
-        result = r._emit(real)
-        r.absorbed.update(absorbed)
+        result, last, fused = with_epilogue(r, layer, kernel(r, data, gw, GroupTerms(**terms)))
         r.layers.append(layer.result(
             f"int4-g{gw.group}-dynamic", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
-            weight_bits=gw.stored_bits(rows, stored),
-            fused=tuple(r.graph.nodes[i].name for i in absorbed), output_var=last.var))
-        r.env[last.var] = result
+            weight_bits=gw.stored_bits(rows, stored), fused=fused, output_var=last.var))
         return result
 
     def fake(self, sim: SimLayerOp) -> None:
