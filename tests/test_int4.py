@@ -30,17 +30,26 @@ def matmul_model(k: int, n: int, rows: int = 3, seed: int = 0) -> onnx.ModelProt
                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
 
 
-def w4a8_ref(x, w, b, qp, group):
-    """y = s_x * sum_g s[g, n] * sum_{k in g} (q(x) - z_x) * c[k, n] + b, with symmetric
-    4-bit codes c = round(w / s), s = max |w| over the group / 7 (as fp16), K padded with
-    zero weights to whole groups; the int32 sums exact."""
+def symmetric_codes(w, group):
+    """(codes [K padded, N] in -8..7, scales [groups, N]) of qcompile's own 4-bit weights:
+    c = round(w / s), s = max |w| over the group / 7 (as fp16), K padded with zero weights to
+    whole groups."""
     k, n = w.shape
     padded = -(-k // group) * group
     wp = np.zeros((padded, n), np.float32)
     wp[:k] = w
     bound = np.abs(wp.reshape(-1, group, n)).max(axis=1)
     s = np.where(bound > 0, bound / 7, 1).astype(np.float16).astype(np.float32)
-    codes = np.clip(np.round(wp / np.repeat(s, group, axis=0)), -8, 7).astype(np.int64)
+    return np.clip(np.round(wp / np.repeat(s, group, axis=0)), -8, 7).astype(np.int64), s
+
+
+def w4a8_ref(x, w, b, qp, group):
+    """y = s_x * sum_g s[g, n] * sum_{k in g} (q(x) - z_x) * c[k, n] + b, with symmetric
+    4-bit codes c = round(w / s), s = max |w| over the group / 7 (as fp16), K padded with
+    zero weights to whole groups; the int32 sums exact."""
+    k, n = w.shape
+    codes, s = symmetric_codes(w, group)
+    padded = codes.shape[0]
     lo, hi = RANGES[qp["dtype"]]
     xq = np.clip(np.round(x / np.float32(qp["scale"])) + qp["zero_point"], lo, hi)
     xc = np.zeros((x.shape[0], padded), np.int64)

@@ -18,7 +18,8 @@ from onnx import helper
 import qcompile
 from models import random_inputs
 from qcompile.cli import main
-from test_int4 import RANGES, matmul_model
+from test_int4 import RANGES, matmul_model, symmetric_codes
+from test_int8_kernels import instruction_counts
 
 QOPERATOR, QDQ = "QOperator", "QDQ"
 
@@ -148,6 +149,32 @@ def test_w4a8_dynamic_on_the_model_codes(k, n, block, symmetric, form, save_mode
             for r in range(len(x)):  # each row to its own magnitude
                 err = np.abs(got[r] - expected[r]).max()
                 assert err <= 1e-4 * np.abs(expected[r] - b).max() + 1e-5, (r, err)
+
+
+@pytest.mark.slow
+def test_w4a8_dynamic_on_the_device(arm64_device, save_model, tmp_path):
+    """On an ARM CPU with sdot, qcompile's own 4-bit codes of a float model and int8 inputs
+    quantized per row and group at run time (the int8 codes as they are: no uint8 offset)
+    give the reference's numbers on the emulated phone."""
+    k, n, group = 256, 36, 32
+    model = matmul_model(k, n, rows=4)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    artifact = qcompile.compile(save_model(model), "arm64-dotprod", tmp_path / "out",
+                                quantize="int8-dynamic",
+                                quant_config=qcompile.QuantConfig(weight_bits=4))
+    assert instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == "int4-g32-dynamic"
+    codes, scales = symmetric_codes(init["w"], group)
+    w4 = (codes * np.repeat(scales, group, axis=0)).astype(np.float64)
+    x = random_inputs(model, 4)["x"] * np.array([[1e-3], [1.0], [30.0], [0.2]], np.float32)
+    with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],
+                       rpc_key=arm64_device["key"]) as loaded:
+        got = loaded.run({"x": x})["y"]
+    expected = grouped_reference(x, w4, group) + init["b"]
+    for r in range(len(x)):
+        assert np.abs(got[r] - expected[r]).max() <= \
+            1e-4 * np.abs(expected[r] - init["b"]).max() + 1e-5
 
 
 def test_weight_only_4_bits_on_a_float_model(save_model, tmp_path):
