@@ -34,8 +34,9 @@ TERMS_ATTR = "qcompile.int4_terms"  # on its PrimFunc: GroupTerms.present(), com
 
 class GroupTerms:
     """The optional per-group terms of a W4A8 kernel (the module docstring), in the order the
-    kernel takes them: row_scales [..., G] float32, offsets [G, N] int16, sum_weights [G, N]
-    float32, row_sums [..., G] float32. The [G, N] ones are per output, the others per row."""
+    kernel takes them: row_scales [..., G] float32, offsets [G, N] int16 (int32 if it
+    overflows), sum_weights [G, N] float32, row_sums [..., G] float32. The [G, N] ones are per
+    output, the others per row."""
 
     NAMES = ("row_scales", "offsets", "sum_weights", "row_sums")
     PER_OUTPUT = ("offsets", "sum_weights")
