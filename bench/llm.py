@@ -23,9 +23,13 @@ For three chat prompts, greedy decoding of up to --max-new-tokens tokens: prompt
 many of the answer's tokens equal onnxruntime float32's before the first that differs, and
 the next-token agreement: fed onnxruntime float32's answer token by token, how often the
 engine's most likely next token is the one that answer has (greedy answers part at the first
-near-tie; this counts every position); the engine process's peak resident
-memory (Python, the runtime, the weights, the caches: a qcompile engine is compiled in an
-earlier process). Prints a Markdown table with the ratios to onnxruntime float32 and writes
+near-tie; this counts every position); the perplexity of held-out text (the first
+WINDOW tokens of three sections of the Python language reference that ship with Python,
+pydoc_data.topics: "exceptions", "execmodel", "naming"; each from an empty cache, one token
+per call for qcompile) and how often the engine's most likely next token there is onnxruntime
+float32's; the engine process's peak resident
+memory while generating (Python, the runtime, the weights, the caches: a qcompile engine is
+compiled in an earlier process; read before the held-out text is scored). Prints a Markdown table with the ratios to onnxruntime float32 and writes
 JSON.
 """
 
@@ -52,6 +56,25 @@ QUANTIZE = {"qcompile 4-bit + int8-weights": "int8-weights",  # --quantize of an
             "qcompile 4-bit + int8-dynamic": "int8-dynamic"}
 MAX_CONTEXT = 512
 THREADS = 2
+SECTIONS = ("exceptions", "execmodel", "naming")  # held-out text: pydoc_data.topics
+WINDOW = 384  # tokens scored per section
+
+
+def held_out(text) -> list[list[int]]:
+    """The token ids of the held-out sections, WINDOW of each."""
+    from pydoc_data.topics import topics
+
+    return [text.encode(topics[name])[:WINDOW] for name in SECTIONS]
+
+
+def scores(logits: np.ndarray, ids: list[int]) -> tuple[float, list[int]]:
+    """(the summed negative log-likelihood of ids[1:] under logits [len(ids), vocab], the
+    most likely next token at each position but the last)."""
+    logits = logits[:-1].astype(np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    nll = float((log_z - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+    return nll, [int(t) for t in logits.argmax(axis=-1)]
 
 
 def convert(work: Path):
@@ -102,6 +125,11 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                                             session.empty_cache())
                 runs[-1]["forced"] = [int(t) for t in
                                       np.argmax(logits[0, len(ids) - 1:], axis=-1)]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before scoring
+        texts = []
+        for ids in held_out(text):
+            logits, _ = session.forward(np.array([ids]), session.empty_cache())
+            texts.append(scores(logits[0], ids))
         size = model.stat().st_size
     else:
         import qcompile
@@ -129,10 +157,15 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                     first = decoder.step(ids)
                     runs[-1]["forced"] = [int(np.argmax(first))] + [
                         int(np.argmax(decoder.step([t]))) for t in answer[:-1]]
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+            texts = []
+            for ids in held_out(text):
+                decoder.reset()
+                texts.append(scores(np.stack([decoder.step([t]) for t in ids]), ids))
             decoder.close()
         size = (out / "model.so").stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return {"engine": engine, "bytes": size, "peak_rss_bytes": peak, "runs": runs}
+    return {"engine": engine, "bytes": size, "peak_rss_bytes": peak, "runs": runs,
+            "held_out": [{"nll": nll, "top": top} for nll, top in texts]}
 
 
 def summary(result: dict, reference: dict) -> dict:
@@ -147,8 +180,13 @@ def summary(result: dict, reference: dict) -> dict:
         same, total = same + agree, total + len(ref["tokens"])
     forced = [(a == b) for mine, ref in zip(result["runs"], reference["runs"])
               for a, b in zip(mine.get("forced", ref["tokens"]), ref["tokens"])]
+    texts = list(zip(result["held_out"], reference["held_out"]))
+    positions = sum(len(ref["top"]) for _, ref in texts)
+    same_top = sum(a == b for mine, ref in texts for a, b in zip(mine["top"], ref["top"]))
     return {"engine": result["engine"], "mb": result["bytes"] / 1e6,
             "next_token_agreement": sum(forced) / len(forced),
+            "perplexity": float(np.exp(sum(m["nll"] for m, _ in texts) / positions)),
+            "held_out_top1_agreement": same_top / positions,
             "peak_rss_mb": result["peak_rss_bytes"] / 1e6,
             "prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": steps / decode,
             "same_tokens_as_fp32": f"{same}/{total}"}
@@ -200,14 +238,15 @@ def main() -> int:
     base = rows[0]
     print("| engine | file MB | peak memory MB | prompt tokens/s | answer tokens/s | answer "
           "speed vs onnxruntime fp32 | tokens equal to onnxruntime fp32's | next-token "
-          "agreement |")
-    print("|---|---|---|---|---|---|---|---|")
+          "agreement | held-out perplexity | held-out top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         print(f"| {row['engine']} | {row['mb']:.0f} | {row['peak_rss_mb']:.0f} | "
               f"{row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f}x | "
-              f"{row['same_tokens_as_fp32']} | {100 * row['next_token_agreement']:.1f}% |")
+              f"{row['same_tokens_as_fp32']} | {100 * row['next_token_agreement']:.1f}% | "
+              f"{row['perplexity']:.3f} | {100 * row['held_out_top1_agreement']:.1f}% |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": THREADS,
                                     "max_context": MAX_CONTEXT, "rows": rows,
