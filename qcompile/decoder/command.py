@@ -11,8 +11,8 @@ GENERATE_HELP = """\
 Generate text with a language model compiled with `qcompile compile MODEL --max-context N`:
 the prompt is tokenized with OUT_DIR/tokenizer.json, run through the model at once (prefill),
 then one token at a time (decode) with the KV cache kept on the device; the text is printed as
-it comes, then the prompt's and the answer's tokens per second. Runs here, or on a device
-registered with a TVM RPC tracker (--rpc-tracker/--rpc-key).
+it comes, then the prompt's and the answer's tokens per second. Runs on this machine
+(through an RPC tracker it is refused: TVM's RPC cannot pass the cache-length argument).
 """
 
 
@@ -81,8 +81,8 @@ def stream_answer(decoder, text, prompt: list[int], max_new_tokens: int, *,
 
 def compile_decoder_command(args, config) -> int:
     """`qcompile compile MODEL --max-context N`: the options a decoder takes, checked."""
-    from ..modes import mode_from
-    from .compile import compile_decoder
+    from ..modes import NEEDS_CALIBRATION, mode_from
+    from .compile import NO_CALIBRATION, compile_decoder
 
     for given, option in ((args.input_shape, "--input-shape"),
                           (args.calibration, "--calibration"),
@@ -92,6 +92,8 @@ def compile_decoder_command(args, config) -> int:
             raise InputError(f"{option} does not apply with --max-context: a decoder is "
                              "compiled for any prompt length up to the maximum context, in a "
                              "precision that needs no calibration. Leave out " + option + ".")
+    if args.quantize in NEEDS_CALIBRATION:  # before the mode asks for --calibration
+        raise InputError(NO_CALIBRATION.format(quantize=args.quantize))
     mode = mode_from(args.quantize, None, config) if args.quantize else None
     artifact, info = compile_decoder(args.model, args.target, args.out_dir,
                                      max_context=args.max_context,

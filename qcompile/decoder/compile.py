@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 DECODER_FILE = "decoder.json"
 PAST, TOKENS = "past", "tokens"  # the symbols of the compiled function's lengths
 PREFILL = "prefill"  # the function that takes a prompt's chunk of a fixed length
+NO_CALIBRATION = ("--quantize {quantize} needs calibration, which qcompile does not run on "
+                  "decoders yet: use the model's own 4-bit weights (W4A16, the default), "
+                  "int8-dynamic (W4A8: int8 inputs quantized at run time), int8-weights "
+                  "(add --weight-bits 4 on a float model for 4-bit weights), fp16 or fp32.")
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,8 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     time), "prefill" exactly `prefill_chunk` (a prompt's chunks: its kernels are compiled for
     that many rows; 0 leaves it out); caches of `max_context` positions. `quantize`: None (a
     4-bit model keeps its codes, W4A16; a float model stays float), a mode or its name
-    without calibration: "fp32", "fp16", "int8-weights". Equal weights of the two functions
-    are stored once."""
+    without calibration: "fp32", "fp16", "int8-weights", "int8-dynamic" (W4A8 on 4-bit
+    weights). Equal weights of the two functions are stored once."""
     from ..build import build
     from ..frontend import load_onnx
     from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
@@ -185,10 +189,8 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
         raise InputError(f"--prefill-chunk {prefill_chunk}: give 0 (no prompt function) or "
                          "the tokens per call of the prompt's function, e.g. 32.")
     prefill_chunk = min(prefill_chunk, max_context)
-    if quantize in NEEDS_CALIBRATION:
-        raise InputError(f"--quantize {quantize} needs calibration, which qcompile does not "
-                         "run on decoders yet: use the model's own 4-bit weights, "
-                         "int8-weights (--weight-bits 4 for 4-bit), fp16 or fp32.")
+    if getattr(quantize, "name", quantize) in NEEDS_CALIBRATION:
+        raise InputError(NO_CALIBRATION.format(quantize=getattr(quantize, "name", quantize)))
     resolved = load_target(target).with_compiler(cc)
     check_out_dir(out_dir)
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)

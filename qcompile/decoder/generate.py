@@ -40,6 +40,12 @@ class Decoder:
     def __init__(self, loaded, info: DecoderInfo):
         import tvm
 
+        if getattr(loaded, "_session", None) is not None:
+            raise InputError(
+                f"Generating on a device through the tracker ({loaded.where}) does not work "
+                "yet: TVM's RPC cannot pass the compiled function's cache-length argument (a "
+                "Shape). Generate on this machine (leave out --rpc-tracker), or time the "
+                "decoder's kernels on the device with `qcompile run`.")
         self.info = info
         self._vm, self._device = loaded.new_vm()
         self._loaded = loaded
