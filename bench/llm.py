@@ -27,10 +27,10 @@ near-tie; this counts every position); the perplexity of held-out text (the firs
 WINDOW tokens of three sections of the Python language reference that ship with Python,
 pydoc_data.topics: "exceptions", "execmodel", "naming"; each from an empty cache, one token
 per call for qcompile) and how often the engine's most likely next token there is onnxruntime
-float32's; the engine process's peak resident
-memory while generating (Python, the runtime, the weights, the caches: a qcompile engine is
-compiled in an earlier process; read before the held-out text is scored). Prints a Markdown table with the ratios to onnxruntime float32 and writes
-JSON.
+float32's; the engine process's peak resident memory while generating (Python, the runtime,
+the weights, the caches: a qcompile engine is compiled in an earlier process; read before the
+held-out text is scored). Prints a Markdown table with the ratios to onnxruntime float32 and
+writes JSON.
 """
 
 from __future__ import annotations

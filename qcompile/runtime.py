@@ -88,6 +88,11 @@ class LoadedModel:
         return relax.VirtualMachine(self._library, self._device), self._device
 
     @property
+    def remote(self) -> bool:
+        """Whether the model runs on a device reached through an RPC session."""
+        return self._session is not None
+
+    @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.manifest.inputs
 

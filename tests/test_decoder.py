@@ -133,6 +133,10 @@ def test_generating_through_the_tracker_is_refused(compiled, host_device, tmp_pa
     assert main(["generate", str(directory), "--prompt", "w1", "--rpc-tracker",
                  host_device["tracker"], "--rpc-key", host_device["key"]]) == 2
     assert "does not work yet" in capsys.readouterr().err
+    with qcompile.load(directory, rpc_tracker=host_device["tracker"],  # and from Python
+                       rpc_key=host_device["key"]) as loaded:
+        with pytest.raises(InputError, match="does not work yet"):
+            Decoder(loaded, compiled["float"][1])
 
 
 def test_greedy_generation_gives_onnxruntimes_tokens(onnx_models, compiled):

@@ -40,13 +40,15 @@ def add_generate(sub, device_args) -> None:
 def cmd_generate(args) -> int:
     from ..runtime import load
     from .compile import DecoderInfo
-    from .generate import Decoder
+    from .generate import NOT_REMOTE, Decoder
     from .text import Text
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give 1 or more.")
     if args.temperature < 0:
         raise InputError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
+    if args.rpc_tracker:  # before the library is sent to the device
+        raise InputError(NOT_REMOTE.format(where=f"{args.rpc_key}@{args.rpc_tracker}"))
     info = DecoderInfo.open(args.out_dir)
     text = Text(args.out_dir, info.vocabulary)
     prompt = text.encode(args.prompt, chat=args.chat)

@@ -189,8 +189,9 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
         raise InputError(f"--prefill-chunk {prefill_chunk}: give 0 (no prompt function) or "
                          "the tokens per call of the prompt's function, e.g. 32.")
     prefill_chunk = min(prefill_chunk, max_context)
-    if getattr(quantize, "name", quantize) in NEEDS_CALIBRATION:
-        raise InputError(NO_CALIBRATION.format(quantize=getattr(quantize, "name", quantize)))
+    name = getattr(quantize, "name", quantize)  # a Mode, or its name
+    if name in NEEDS_CALIBRATION:
+        raise InputError(NO_CALIBRATION.format(quantize=name))
     resolved = load_target(target).with_compiler(cc)
     check_out_dir(out_dir)
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)

@@ -13,6 +13,12 @@ from ..errors import InputError
 from .compile import PREFILL, DecoderInfo
 
 
+NOT_REMOTE = ("Generating on a device through the tracker ({where}) does not work yet: TVM's "
+              "RPC cannot pass the compiled function's cache-length argument (a Shape). "
+              "Generate on this machine (leave out --rpc-tracker), or time the decoder's "
+              "kernels on the device with `qcompile run`.")
+
+
 @dataclass
 class Generation:
     """The tokens generated and how fast: prompt tokens/s (prefill) and new tokens/s."""
@@ -40,12 +46,8 @@ class Decoder:
     def __init__(self, loaded, info: DecoderInfo):
         import tvm
 
-        if getattr(loaded, "_session", None) is not None:
-            raise InputError(
-                f"Generating on a device through the tracker ({loaded.where}) does not work "
-                "yet: TVM's RPC cannot pass the compiled function's cache-length argument (a "
-                "Shape). Generate on this machine (leave out --rpc-tracker), or time the "
-                "decoder's kernels on the device with `qcompile run`.")
+        if loaded.remote:
+            raise InputError(NOT_REMOTE.format(where=loaded.where))
         self.info = info
         self._vm, self._device = loaded.new_vm()
         self._loaded = loaded

@@ -14,7 +14,7 @@ line in SCHEMES.
     int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
     int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
     int4-weights  W4A16: group-wise 4-bit weights widened in fp32 kernels
-    int4-dynamic  W4A8 with the input quantized at run time, per row
+    int4-dynamic  W4A8 with the input quantized at run time, per row and group
 """
 
 from __future__ import annotations

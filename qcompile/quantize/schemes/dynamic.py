@@ -43,7 +43,7 @@ class Dynamic(Scheme):
         op = r.relax.op
         f32 = "float32"
         xq, scale, zp = quantized_at_run_time(r, r.float_of(layer.node.args[0]),
-                                              self.activations, per_row=True)
+                                              self.activations)
         qw = quantize_weight(layer.weight, "matmul", per_channel=self.per_channel)
         w_q, s_w = qw.codes, qw.channel_scales()
         acc = r._emit(op.matmul(xq, r._const(w_q, "int8"), out_dtype="int32"))
@@ -61,17 +61,22 @@ class Dynamic(Scheme):
                                        per_channel=self.per_channel).dequantized())
 
 
-def quantized_at_run_time(r: Realizer, x, activations: str, per_row: bool = False):
-    """(x in 8 bits, its scale, its zero point as a float) computed in the graph from x's own
-    minimum and maximum (with 0 in the range, so that 0 is exact): over the whole tensor, or
-    per row (the last axis reduced; scale and zero point [..., 1])."""
+def run_time_dtype(activations: str) -> str:
+    """The 8-bit type an input quantized at run time takes: the configured one, uint8 for
+    anything else."""
+    return activations if activations in ("uint8", "int8") else "uint8"
+
+
+def quantized_at_run_time(r: Realizer, x, activations: str):
+    """(x in 8 bits, its scale, its zero point as a float) computed in the graph from each
+    row's own minimum and maximum (the last axis reduced, with 0 in the range so that 0 is
+    exact; scale and zero point [..., 1])."""
     op = r.relax.op
-    dtype = activations if activations in ("uint8", "int8") else "uint8"
+    dtype = run_time_dtype(activations)
     qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
     f32 = "float32"
-    axis = dict(axis=[-1], keepdims=True) if per_row else {}
-    lo = op.minimum(op.min(x, **axis), r._const(0.0, f32))
-    hi = op.maximum(op.max(x, **axis), r._const(0.0, f32))
+    lo = op.minimum(op.min(x, axis=[-1], keepdims=True), r._const(0.0, f32))
+    hi = op.maximum(op.max(x, axis=[-1], keepdims=True), r._const(0.0, f32))
     scale = r._emit(op.maximum(op.divide(op.subtract(hi, lo), r._const(qmax - qmin, f32)),
                                r._const(np.finfo(np.float32).tiny, f32)))
     zp = r._emit(r.clamp(op.round(op.subtract(r._const(qmin, f32), op.divide(lo, scale))),
@@ -80,4 +85,4 @@ def quantized_at_run_time(r: Realizer, x, activations: str, per_row: bool = Fals
     return r._emit(xq), scale, zp
 
 
-__all__ = ["CONVOLUTIONS", "Dynamic", "quantized_at_run_time"]
+__all__ = ["CONVOLUTIONS", "Dynamic", "quantized_at_run_time", "run_time_dtype"]

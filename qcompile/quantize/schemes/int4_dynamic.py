@@ -25,7 +25,7 @@ import numpy as np
 
 from ..weights import quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
-from .dynamic import CONVOLUTIONS
+from .dynamic import CONVOLUTIONS, run_time_dtype
 from .int4 import kernel, with_epilogue
 from .int4_weights import model_codes
 
@@ -95,7 +95,7 @@ def _grouped_input(r: Realizer, x, gw, rows: int, activations: str, with_sums: b
     layers that read the same input in the same groups (a transformer's Q, K and V)."""
     from ...schedules.int4_logical import group_quantize_te
 
-    dtype = activations if activations in ("uint8", "int8") else "uint8"
+    dtype = run_time_dtype(activations)
     padded = gw.codes.shape[0]
     key = ("groups", x, gw.group, padded, dtype, with_sums)
     if key not in r.quant_cache:
