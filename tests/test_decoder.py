@@ -123,20 +123,27 @@ def greedy_reference(path, count: int) -> list[int]:
     return tokens
 
 
-def test_generating_through_the_tracker_is_refused(compiled, host_device, tmp_path, capsys):
-    """Not built yet (TVM's RPC cannot pass a Shape): one paragraph, not an RPC error."""
+def test_generation_through_the_tracker_gives_onnxruntimes_tokens(onnx_models, compiled,
+                                                                  host_device, tmp_path,
+                                                                  capsys):
+    """On a device reached through the RPC tracker (here this machine's own RPC server) the
+    caches stay on the device between calls: the greedy tokens are onnxruntime's, from
+    Python and from `qcompile generate --rpc-tracker`."""
     import shutil
 
-    directory = tmp_path / "out"
-    shutil.copytree(compiled["float"][0], directory)
-    word_tokenizer(directory / "tokenizer.json", TINY["vocab"])
-    assert main(["generate", str(directory), "--prompt", "w1", "--rpc-tracker",
-                 host_device["tracker"], "--rpc-key", host_device["key"]]) == 2
-    assert "does not work yet" in capsys.readouterr().err
-    with qcompile.load(directory, rpc_tracker=host_device["tracker"],  # and from Python
-                       rpc_key=host_device["key"]) as loaded:
-        with pytest.raises(InputError, match="does not work yet"):
-            Decoder(loaded, compiled["float"][1])
+    directory, info = compiled["4-bit"]
+    expected = greedy_reference(onnx_models["4-bit"], 8)
+    device = ["--rpc-tracker", host_device["tracker"], "--rpc-key", host_device["key"]]
+    with qcompile.load(directory, rpc_tracker=device[1], rpc_key=device[3]) as loaded:
+        assert loaded.remote
+        assert Decoder(loaded, info).generate(PROMPT, max_new_tokens=8).tokens == expected
+    out = tmp_path / "out"
+    shutil.copytree(directory, out)
+    word_tokenizer(out / "tokenizer.json", TINY["vocab"])
+    prompt = " ".join(f"w{t}" for t in PROMPT)
+    assert main(["generate", str(out), "--prompt", prompt, "--max-new-tokens", "8",
+                 *device]) == 0
+    assert capsys.readouterr().out.split() == [f"w{t}" for t in expected]
 
 
 def test_greedy_generation_gives_onnxruntimes_tokens(onnx_models, compiled):
@@ -312,3 +319,68 @@ def test_another_models_tokenizer_is_refused(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "w1 w2"]) == 2
     err = capsys.readouterr().err
     assert "100 tokens" in err and "64" in err and "Traceback" not in err
+
+
+PHONE_PROMPTS = [PROMPT, [8, 30, 2], [61, 12, 40, 33, 19, 12]]
+ANSWER = 32  # tokens generated after each
+
+
+def answers(directory, info, **device) -> list[list[int]]:
+    """The greedy ANSWER tokens after each of PHONE_PROMPTS, on one set of caches."""
+    with qcompile.load(directory, **device) as loaded:
+        decoder = Decoder(loaded, info)
+        out = []
+        for prompt in PHONE_PROMPTS:
+            decoder.reset()
+            out.append(decoder.generate(prompt, max_new_tokens=ANSWER).tokens)
+    return out
+
+
+def long_decoder(path, target, folder, quantize=None):
+    """`path` compiled for `target` with room for a prompt and ANSWER tokens."""
+    return compile_decoder(path, target, folder, max_context=ANSWER + 8, prefill_chunk=CHUNK,
+                           quantize=quantize)[1]
+
+
+@pytest.fixture(scope="module")
+def long_answers(onnx_models, tmp_path_factory):
+    """The host's greedy answers of the 4-bit model: as it comes (W4A16), and W4A8."""
+    out = {}
+    for form, quantize in [("W4A16", None), ("W4A8", "int8-dynamic")]:
+        directory = tmp_path_factory.mktemp(f"long_{form}")
+        out[form] = answers(directory, long_decoder(onnx_models["4-bit"], "host", directory,
+                                                    quantize))
+    return out
+
+
+def test_long_answers_are_onnxruntimes(onnx_models, long_answers):
+    """32 greedy tokens after each of three prompts: W4A16 gives onnxruntime's tokens on the
+    same 4-bit weights."""
+    for prompt, got in zip(PHONE_PROMPTS, long_answers["W4A16"]):
+        session = OnnxDecoder(onnx_models["4-bit"])
+        logits, cache = session.forward(np.array([prompt]), session.empty_cache())
+        expected = []
+        for _ in range(ANSWER):
+            expected.append(int(np.argmax(logits[0, -1])))
+            logits, cache = session.forward(np.array([[expected[-1]]]), cache)
+        assert got == expected, prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, form", [("arm64-dotprod", "W4A8"), ("arm64-i8mm", "W4A8"),
+                                          ("arm64-dotprod", "W4A16")])
+def test_the_phone_generates_the_hosts_tokens(target, form, onnx_models, long_answers,
+                                              arm64_device, tmp_path):
+    """On the emulated ARM phone, the first 32 greedy tokens after each of three prompts
+    equal the host's: with W4A16 those are onnxruntime's; with W4A8 the library multiplies on
+    the target's int8 dot-product instruction (the same integer sums as the host's; the
+    float parts summed in another order)."""
+    from test_int8_kernels import instruction_counts
+
+    quantize = "int8-dynamic" if form == "W4A8" else None
+    info = long_decoder(onnx_models["4-bit"], target, tmp_path, quantize)
+    if form == "W4A8":
+        counts = instruction_counts(tmp_path / "model.so", "aarch64-linux-gnu-objdump")
+        assert counts["sdot" if target == "arm64-dotprod" else "smmla"] > 0, counts
+    assert answers(tmp_path, info, rpc_tracker=arm64_device["tracker"],
+                   rpc_key=arm64_device["key"]) == long_answers[form]

@@ -11,8 +11,8 @@ GENERATE_HELP = """\
 Generate text with a language model compiled with `qcompile compile MODEL --max-context N`:
 the prompt is tokenized with OUT_DIR/tokenizer.json, run through the model at once (prefill),
 then one token at a time (decode) with the KV cache kept on the device; the text is printed as
-it comes, then the prompt's and the answer's tokens per second. Runs on this machine
-(through an RPC tracker it is refused: TVM's RPC cannot pass the cache-length argument).
+it comes, then the prompt's and the answer's tokens per second. Runs on this machine, or on
+a device through an RPC tracker (the library built for its target; one round trip per token).
 """
 
 
@@ -40,15 +40,13 @@ def add_generate(sub, device_args) -> None:
 def cmd_generate(args) -> int:
     from ..runtime import load
     from .compile import DecoderInfo
-    from .generate import NOT_REMOTE, Decoder
+    from .generate import Decoder
     from .text import Text
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give 1 or more.")
     if args.temperature < 0:
         raise InputError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
-    if args.rpc_tracker:  # before the library is sent to the device
-        raise InputError(NOT_REMOTE.format(where=f"{args.rpc_key}@{args.rpc_tracker}"))
     info = DecoderInfo.open(args.out_dir)
     text = Text(args.out_dir, info.vocabulary)
     prompt = text.encode(args.prompt, chat=args.chat)

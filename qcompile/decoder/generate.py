@@ -13,12 +13,6 @@ from ..errors import InputError
 from .compile import PREFILL, DecoderInfo
 
 
-NOT_REMOTE = ("Generating on a device through the tracker ({where}) does not work yet: TVM's "
-              "RPC cannot pass the compiled function's cache-length argument (a Shape). "
-              "Generate on this machine (leave out --rpc-tracker), or time the decoder's "
-              "kernels on the device with `qcompile run`.")
-
-
 @dataclass
 class Generation:
     """The tokens generated and how fast: prompt tokens/s (prefill) and new tokens/s."""
@@ -46,8 +40,6 @@ class Decoder:
     def __init__(self, loaded, info: DecoderInfo):
         import tvm
 
-        if loaded.remote:
-            raise InputError(NOT_REMOTE.format(where=loaded.where))
         self.info = info
         self._vm, self._device = loaded.new_vm()
         self._loaded = loaded
@@ -77,17 +69,19 @@ class Decoder:
                              "the model was compiled for. Compile it with a larger "
                              "--max-context, or start again with a shorter prompt.")
         chunk = self.info.prefill_chunk
-        out = None
+        logits = None
         while tokens:
             # whole chunks through "prefill" (kernels for that many rows), the rest through
             # "main" (any count; one token is the answer's step)
             take = chunk if chunk and len(tokens) >= chunk else len(tokens)
             ids = tvm.runtime.tensor(np.array([list(tokens[:take])], np.int64), self._device)
             function = PREFILL if take == chunk else "main"
-            out = self._vm[function](ids, *self._caches, tvm.runtime.ShapeTuple([self.past]))
+            past = tvm.runtime.tensor(np.array([self.past], np.int64), self._device)
+            # a direct call: the caches go as they are (through RPC too, where set_input
+            # would copy them and the writes would be lost)
+            logits = self._vm[function](ids, *self._caches, past)
             self.past += take
             tokens = tokens[take:]
-        logits = out if hasattr(out, "numpy") else out[0]  # a one-field tuple
         return logits.numpy()[0, -1]
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 64,

@@ -10,9 +10,11 @@ kernel that updates it in place, and attention reads the first `past + new` posi
 through a slice (today a copy inside the call, per layer; only the new tokens' keys and values
 are written across calls). The function's interface becomes
 
-    fn(input_ids [1, new], cache_0_key, cache_0_value, ..., past: Shape([past])) -> logits
+    fn(input_ids [1, new], cache_0_key, cache_0_value, ..., past [1] int64) -> logits
 
 with the attention mask (all ones) and the positions (past .. past + new - 1) made inside.
+The past length comes as a one-element tensor, not as a Shape, because TVM's RPC cannot send
+a Shape; inside, it becomes the symbolic length the kernels' shapes use.
 """
 
 from __future__ import annotations
@@ -67,16 +69,19 @@ def cache_in_place(mod, layout: CacheLayout, input_names: list[str], output_name
     heads, dim, dtype = layout.heads, layout.head_dim, layout.dtype
     cache_type = relax.TensorType((1, heads, max_context, dim), dtype)
     caches = {name: relax.Var(name.replace(".", "_"), cache_type) for name in layout.past}
-    past_shape = relax.Var("past", relax.ShapeType([past_var]))
-    new_params = [params["input_ids"], *caches.values(), past_shape]
+    past = relax.Var("past", relax.TensorType([1], "int64"))
+    new_params = [params["input_ids"], *caches.values(), past]
     bb = relax.BlockBuilder(without_main(mod))
     kernel = bb.add_func(write_kernel(heads, max_context, dim, dtype), WRITE_KERNEL)
     total = past_var + new_tokens
     past_of = {params[name]: name for name in layout.past}
     body = main.body
-    results = body.body.fields if isinstance(body.body, relax.Tuple) else [body.body]
-    outputs = dict(zip(output_names, results))
+    outputs = dict(zip(output_names, _results(body)))
     with bb.function("main", new_params, attrs={"num_input": len(new_params)}):
+        # RPC hands arguments to the VM as DLTensor*, which tensor_to_shape does not take: it
+        # reads a copy the VM made (one scalar add)
+        copied = bb.emit(relax.op.add(past, relax.const(0, "int64")))
+        bb.match_cast(bb.emit(relax.op.tensor_to_shape(copied)), relax.ShapeType([past_var]))
         with bb.dataflow():
             remap = {}
             if "attention_mask" in params:  # in the dtype the model takes it in
@@ -104,6 +109,18 @@ def cache_in_place(mod, layout: CacheLayout, input_names: list[str], output_name
             logits = bb.emit_output(_substitute(outputs["logits"], remap))
         bb.emit_func_output(logits)
     return relax.transform.DeadCodeElimination()(bb.get())
+
+
+def _results(body) -> list:
+    """The expressions main returns, in order: the fields of the tuple it returns (written
+    in place, or bound to the variable it returns)."""
+    from tvm import relax
+
+    result = body.body
+    if isinstance(result, relax.Var):
+        bound = {b.var: b.value for block in body.blocks for b in block.bindings}
+        result = bound.get(result, result)
+    return list(result.fields) if isinstance(result, relax.Tuple) else [result]
 
 
 def _substitute(expr, remap):
