@@ -171,13 +171,16 @@ def _quantize_args(p, auto: bool) -> None:
                            "auto: not here; tune with the --precision-rules file that "
                            "`compile --quantize auto` wrote; ")
                         + "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
-                        "(transformers; no calibration); int8-weights: int8 weights, fp32 "
-                        "arithmetic (4x smaller, no calibration); fp16: convolutions and "
-                        "matmuls in half precision (default: fp32)")
+                        "(transformers); int8-weights: int8 weights, fp32 arithmetic (4x "
+                        "smaller); those two need no calibration, and round the weights by "
+                        "GPTQ when given it; fp16: convolutions and matmuls in half precision "
+                        "(default: fp32)")
     q.add_argument("--calibration", metavar="CALIB.npz",
                    help="calibration samples: one array per model input, named like it, the "
                         "samples stacked along a new first axis (input [1,3,224,224] -> array "
-                        "[S,1,3,224,224]; [S,3,224,224] also works for a batch of 1)")
+                        "[S,1,3,224,224]; [S,3,224,224] also works for a batch of 1). For a "
+                        "decoder (--max-context): text files, tokenized with the model's "
+                        "tokenizer.json")
     q.add_argument("--calibration-method", default="minmax",
                    choices=["minmax", "percentile", "entropy", "mse"],
                    help="how activation ranges are chosen (default: minmax); percentile, "
@@ -591,7 +594,9 @@ def _quant_config(args):
                            weight_rounding=args.weight_rounding, tables=args.tables,
                            weight_bits=args.weight_bits, group_size=args.group_size)
     if args.calibration:
-        raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
+        raise InputError("--calibration is given but --quantize is not: add --quantize int8 "
+                         "(calibrated activations), or int8-dynamic or int8-weights (the "
+                         "weights rounded by GPTQ on it).")
     if args.precision_rules:
         raise InputError("--precision-rules needs --quantize (int8, auto, int8-dynamic or "
                          "int8-weights).")

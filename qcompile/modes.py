@@ -3,8 +3,9 @@
     Float32()                             no quantization
     Float16()                             convolutions and matmuls in fp16, fp32 accumulation
     StaticInt8(calibration, config)       int8 kernels, calibrated (config: QuantConfig)
-    WeightOnlyInt8(config)                int8 weights in fp32 kernels, no calibration
-    DynamicInt8(config)                   MatMul/Gemm in int8, inputs quantized at run time
+    WeightOnlyInt8(config, calibration)   int8 weights in fp32 kernels (calibration: optional,
+                                          for GPTQ rounding)
+    DynamicInt8(config, calibration)      MatMul/Gemm in int8, inputs quantized at run time
     AutoPrecision(calibration, budget, ...)  int8 wherever an accuracy budget allows
 
 Each is frozen and checks its arguments when it is made (InputError naming the option and the
@@ -80,32 +81,48 @@ class StaticInt8(Mode):
         return quantize(model, self.calibration, self.config, target)
 
 
+def _rounding_calibration(mode) -> None:
+    if mode.calibration is not None and mode.config.weight_rounding != "gptq":
+        raise InputError(f"--quantize {mode.name} uses calibration data only to round the "
+                         f"weights by GPTQ, and --weight-rounding is "
+                         f"{mode.config.weight_rounding}: drop --calibration, or the "
+                         "--weight-rounding option.")
+
+
 @dataclass(frozen=True)
 class WeightOnlyInt8(Mode):
+    """calibration (optional): samples on which GPTQ rounds the weights."""
+
     name = "int8-weights"
     config: QuantConfig = field(default_factory=QuantConfig)
+    calibration: Any = None
 
     def __post_init__(self):
         self.config.check()
+        _rounding_calibration(self)
 
     def apply(self, model: FloatModel, target):
-        return quantize_weights(model, "weight-only", self.config, target)
+        return quantize_weights(model, "weight-only", self.config, target, self.calibration)
 
 
 @dataclass(frozen=True)
 class DynamicInt8(Mode):
+    """calibration (optional): samples on which GPTQ rounds the weights."""
+
     name = "int8-dynamic"
     config: QuantConfig = field(default_factory=QuantConfig)
+    calibration: Any = None
 
     def __post_init__(self):
         self.config.check()
+        _rounding_calibration(self)
         if self.config.activations in WIDE_DTYPES:
             raise InputError(f"Dynamic quantization quantizes activations to 8 bits at run "
                              f"time; --activations {self.config.activations} needs static int8 "
                              "(--quantize int8 with --calibration).")
 
     def apply(self, model: FloatModel, target):
-        return quantize_weights(model, "dynamic", self.config, target)
+        return quantize_weights(model, "dynamic", self.config, target, self.calibration)
 
 
 @dataclass(frozen=True)
@@ -157,16 +174,15 @@ def mode_from(quantize: str | None, calibration=None, config: QuantConfig | None
     if name not in NAMES:
         raise InputError(f"Unknown --quantize mode '{quantize}': use int8 (static, "
                          "calibrated), int8-dynamic, int8-weights or fp16.")
-    if name in ("int8-dynamic", "int8-weights") and calibration is not None:
-        raise InputError(f"--quantize {name} needs no calibration data: drop --calibration, or "
-                         "use --quantize int8 (static) to use it.")
     if name != "auto" and (validation is not None or accuracy_budget is not None):
         raise InputError("--validation and --accuracy-budget belong to --quantize auto.")
     if name != "auto" and tracker:
         raise InputError("compile uses --rpc-tracker only with --quantize auto, to time each "
                          "layer on the device; `qcompile run` and `qcompile tune` take it too.")
     if name == "fp32" and calibration is not None:
-        raise InputError("--calibration is given but --quantize is not: add --quantize int8.")
+        raise InputError("--calibration is given but --quantize is not: add --quantize int8 "
+                         "(calibrated activations), or int8-dynamic or int8-weights (the "
+                         "weights rounded by GPTQ on it).")
     config = config or QuantConfig()
     if name == "fp32":
         return Float32()
@@ -175,9 +191,9 @@ def mode_from(quantize: str | None, calibration=None, config: QuantConfig | None
     if name == "int8":
         return StaticInt8(calibration, config)
     if name == "int8-weights":
-        return WeightOnlyInt8(config)
+        return WeightOnlyInt8(config, calibration)
     if name == "int8-dynamic":
-        return DynamicInt8(config)
+        return DynamicInt8(config, calibration)
     return AutoPrecision(calibration, accuracy_budget, metric, validation, fallback, latency,
                          config)
 

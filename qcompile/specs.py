@@ -26,6 +26,13 @@ class TensorSpec:
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
 
+    def admits(self, shape) -> bool:
+        """Whether an array of `shape` fits: the same rank, and each fixed dimension equal (a
+        named one, e.g. a decoder's 'past', takes any length)."""
+        shape = tuple(shape)
+        return len(shape) == len(self.shape) and all(
+            not isinstance(want, int) or got == want for got, want in zip(shape, self.shape))
+
 
 def check_shape(spec: TensorSpec, shape) -> None:
     """An InputError when an input array's `shape` is not the compiled model's."""

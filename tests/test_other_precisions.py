@@ -12,7 +12,6 @@ import qcompile
 from models import (depthwise_grouped, gemm_matmul, onnxruntime_outputs, packed_convnet,
                     random_inputs, residual_pool_concat)
 from qcompile.cli import main
-from qcompile.errors import InputError
 from test_quantize import calibration, initializers, weights_ref
 
 
@@ -165,13 +164,6 @@ def test_dynamic_int8_matches_the_reference(target, dtype, save_model, tmp_path)
     expected = e / e.sum(axis=-1, keepdims=True)
     with qcompile.load(artifact.directory) as loaded:
         np.testing.assert_allclose(loaded.run({"x": x})["y"], expected, rtol=0, atol=1e-5)
-
-
-def test_weight_only_and_dynamic_take_no_calibration(save_model, tmp_path):
-    model = gemm_matmul()
-    with pytest.raises(InputError, match="needs no calibration data"):
-        qcompile.compile(save_model(model), "host", tmp_path / "out",
-                         quantize="int8-dynamic", calibration=calibration(model))
 
 
 @pytest.mark.parametrize("weights", ["QInt8", "QUInt8"])

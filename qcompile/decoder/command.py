@@ -85,20 +85,19 @@ def compile_decoder_command(args, config) -> int:
     from .compile import NO_CALIBRATION, compile_decoder
 
     for given, option in ((args.input_shape, "--input-shape"),
-                          (args.calibration, "--calibration"),
                           (args.tuning_log, "--tuning-log"),
                           (args.rpc_tracker, "--rpc-tracker")):
         if given:
             raise InputError(f"{option} does not apply with --max-context: a decoder is "
-                             "compiled for any prompt length up to the maximum context, in a "
-                             "precision that needs no calibration. Leave out " + option + ".")
+                             "compiled for any prompt length up to the maximum context, here. "
+                             "Leave out " + option + ".")
     if args.quantize in NEEDS_CALIBRATION:  # before the mode asks for --calibration
         raise InputError(NO_CALIBRATION.format(quantize=args.quantize))
     mode = mode_from(args.quantize, None, config) if args.quantize else None
     artifact, info = compile_decoder(args.model, args.target, args.out_dir,
                                      max_context=args.max_context,
                                      prefill_chunk=args.prefill_chunk, quantize=mode,
-                                     cc=args.cc)
+                                     calibration=args.calibration, cc=args.cc)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB), "
           f"{artifact.directory / 'model.json'} and the decoder's settings; run it with "
           f"`qcompile generate {artifact.directory} --prompt ...`")

@@ -29,10 +29,16 @@ log = logging.getLogger(__name__)
 DECODER_FILE = "decoder.json"
 PAST, TOKENS = "past", "tokens"  # the symbols of the compiled function's lengths
 PREFILL = "prefill"  # the function that takes a prompt's chunk of a fixed length
-NO_CALIBRATION = ("--quantize {quantize} needs calibration, which qcompile does not run on "
-                  "decoders yet: use the model's own 4-bit weights (W4A16, the default), "
-                  "int8-dynamic (W4A8: int8 inputs quantized at run time), int8-weights "
-                  "(add --weight-bits 4 on a float model for 4-bit weights), fp16 or fp32.")
+NO_CALIBRATION = ("--quantize {quantize} calibrates the activations' ranges, which qcompile "
+                  "does not do for decoders (one static range per tensor does not hold a "
+                  "language model's outliers): use the model's own 4-bit weights (W4A16, "
+                  "the default), int8-dynamic (int8 inputs quantized at run time per token; "
+                  "W4A8 on 4-bit weights), int8-weights, fp16 or fp32. On a float model, "
+                  "--weight-bits 4 makes 4-bit weights, and --calibration TEXT rounds them by "
+                  "GPTQ.")
+ROUNDING_ONLY = ("--calibration on a decoder rounds the weights that qcompile quantizes, by "
+                 "GPTQ: add --quantize int8-dynamic or int8-weights (with --weight-bits 4 for "
+                 "4-bit weights), or leave out --calibration.")
 
 
 @dataclass(frozen=True)
@@ -164,15 +170,35 @@ def with_function(mod, other, name: str):
     return bb.get()
 
 
+def rounded_on(mode, calibration, model, loaded, target):
+    """`mode` (DynamicInt8, WeightOnlyInt8) with the moments GPTQ rounds the weights with,
+    collected once on `calibration` (text files, an .npz of the inputs, or feeds) through the
+    any-length function; both functions' weights are rounded with them."""
+    from ..modes import DynamicInt8, WeightOnlyInt8
+    from ..quantize.hessians import weight_moments
+    from .calibration import text_samples
+
+    if not isinstance(mode, (DynamicInt8, WeightOnlyInt8)):
+        raise InputError(ROUNDING_ONLY)
+    graph, layout = import_decoder(model, None, loaded)
+    samples = calibration
+    if isinstance(calibration, (str, Path)) and not str(calibration).endswith(".npz"):
+        samples = text_samples(calibration, model, graph.inputs, layout)
+    kind = "dynamic" if isinstance(mode, DynamicInt8) else "weight-only"
+    return replace(mode, calibration=weight_moments(graph, kind, mode.config, target, samples))
+
+
 def compile_decoder(model, target="host", out_dir="build", *, max_context: int = 512,
-                    prefill_chunk: int = 32, quantize=None, cc: str | None = None):
+                    prefill_chunk: int = 32, quantize=None, calibration=None,
+                    cc: str | None = None):
     """Compile the ONNX decoder at `model` into OUT_DIR (model.so, model.json, decoder.json):
     "main" takes any number of new tokens after `past` cached ones (the answer, one at a
     time), "prefill" exactly `prefill_chunk` (a prompt's chunks: its kernels are compiled for
     that many rows; 0 leaves it out); caches of `max_context` positions. `quantize`: None (a
     4-bit model keeps its codes, W4A16; a float model stays float), a mode or its name
     without calibration: "fp32", "fp16", "int8-weights", "int8-dynamic" (W4A8 on 4-bit
-    weights). Equal weights of the two functions are stored once."""
+    weights). `calibration` (text files, with those two): the weights qcompile quantizes are
+    rounded by GPTQ on it. Equal weights of the two functions are stored once."""
     from ..build import build
     from ..frontend import load_onnx
     from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
@@ -197,6 +223,8 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)
 
     loaded = load_onnx(model)  # read once, imported once per function
+    if calibration is not None:
+        mode = rounded_on(mode, calibration, model, loaded, resolved)
 
     def decoder(tokens):
         graph, layout = import_decoder(model, tokens, loaded)

@@ -24,10 +24,9 @@ def _check_layout(name: str, shape: tuple, spec: TensorSpec, origin: str) -> boo
     """Whether an array of `shape` stacks samples with a new first axis (else the input's own
     rank, for a batch of 1); an InputError if it does neither."""
     expected = tuple(spec.shape)
-    if tuple(shape[1:]) == expected:
+    if spec.admits(shape[1:]):
         return True
-    if len(expected) >= 1 and expected[0] == 1 and len(shape) == len(expected) and \
-            tuple(shape[1:]) == expected[1:]:
+    if len(expected) >= 1 and expected[0] == 1 and spec.admits((1, *shape[1:])):
         return False
     raise InputError(f"Calibration array '{name}' in {origin} has shape {list(shape)}; "
                      f"input '{name}' is {list(expected)}, so write "
@@ -64,7 +63,7 @@ def load_calibration(source: str | Path | Iterable[Mapping[str, Any]],
                              f"{'; '.join(s.describe() for s in inputs)}.")
         for name, spec in expected.items():
             value = np.asarray(feed[name])
-            if tuple(value.shape) != tuple(spec.shape):
+            if not spec.admits(value.shape):
                 raise InputError(f"Calibration sample {i}, input '{name}': shape "
                                  f"{list(value.shape)}, but the model takes {list(spec.shape)}.")
             if str(value.dtype) != spec.dtype:

@@ -10,6 +10,7 @@ from ..errors import InputError
 from ..frontend import FloatModel
 from .config import QuantConfig, QuantizedModel
 from .graph import read_graph
+from .hessians import LayerMoments, collect_moments, quantized_layers
 from .observers import WIDE_DTYPES
 from .ops.qdq import graph_qparams
 from .plan import given_four_bits, layer_names, plan
@@ -23,26 +24,34 @@ log = logging.getLogger(__name__)
 
 
 def quantize_weights(model: FloatModel, mode: str, config: QuantConfig = QuantConfig(),
-                     target=None) -> QuantizedModel:
-    """Int8 without calibration data. mode "weight-only": every conv/matmul weight stored as
-    int8 (per-channel scales), the arithmetic in fp32: about 4x smaller, accuracy close to
-    fp32. mode "dynamic": MatMul/Gemm weights in int8 and their input quantized at run time
-    from its own range (for transformers, whose activation ranges vary per input);
-    convolutions stay fp32."""
+                     target=None, calibration=None) -> QuantizedModel:
+    """Int8 without calibrated activations. mode "weight-only": every conv/matmul weight
+    stored as int8 (per-channel scales), the arithmetic in fp32: about 4x smaller, accuracy
+    close to fp32. mode "dynamic": MatMul/Gemm weights in int8 and their input quantized at run
+    time from its own range (for transformers, whose activation ranges vary per input);
+    convolutions stay fp32. `calibration` (optional: samples, or hessians.LayerMoments
+    collected before): the weights rounded by GPTQ on it instead of to nearest."""
     config.check()
     if mode == "dynamic" and config.activations in WIDE_DTYPES:
         raise InputError(f"Dynamic quantization quantizes activations to 8 bits at run time; "
                          f"--activations {config.activations} needs static int8 (--quantize "
                          f"int8 with --calibration).")
     p = plan(model, config, target, mode=mode)
-    realize_config = RealizeConfig(plan=p.schemes(mode), tables=config.table_precision,
-                                   group_codes=model.weight_codes)
+    schemes = p.schemes(mode)
+    moments = {}
+    if calibration is not None and config.weight_rounding == "gptq":
+        if not isinstance(calibration, LayerMoments):
+            calibration = collect_moments(p, calibration, quantized_layers(p, mode))
+        moments = calibration.for_plan(p)
+    realize_config = RealizeConfig(plan=schemes, tables=config.table_precision,
+                                   group_codes=model.weight_codes, input_moments=moments)
     realizer = Realizer(p.mod, p.graph, {}, realize_config)
     quantized_mod = verified_module(realizer, realize_config, p.graph)
+    rounded = f", weights rounded by GPTQ on {calibration.samples} samples" if moments else ""
     report = QuantReport.build(model, realizer.layers, p.names, ([], []),
-                               dataclasses.replace(config, method=f"none ({mode})"),
-                               p.activations if mode == "dynamic" else "fp32", 0,
-                               realizer.tables)
+                               dataclasses.replace(config, method=f"none ({mode}{rounded})"),
+                               p.activations if mode == "dynamic" else "fp32",
+                               calibration.samples if moments else 0, realizer.tables)
     log.info("%s", report.summary())
     return QuantizedModel(quantized_mod, model.inputs, model.outputs,
                           model_layers(p.names, model, realizer.layers), report, model,

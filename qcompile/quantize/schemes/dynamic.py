@@ -44,7 +44,8 @@ class Dynamic(Scheme):
         f32 = "float32"
         xq, scale, zp = quantized_at_run_time(r, r.float_of(layer.node.args[0]),
                                               self.activations)
-        qw = quantize_weight(layer.weight, "matmul", per_channel=self.per_channel)
+        qw = quantize_weight(layer.weight, "matmul", per_channel=self.per_channel,
+                             moments=r.config.input_moments.get(layer.node.name))
         w_q, s_w = qw.codes, qw.channel_scales()
         acc = r._emit(op.matmul(xq, r._const(w_q, "int8"), out_dtype="int32"))
         column_sums = w_q.astype(np.int32).sum(axis=0)
@@ -52,7 +53,8 @@ class Dynamic(Scheme):
                                            r._const(column_sums, "int32")))
         out = r._emit(op.multiply(op.astype(acc, f32), op.multiply(scale, r._const(s_w, f32))))
         r.layers.append(layer.result("int8-dynamic", weight_scales=tuple(float(v) for v in s_w),
-                                     weight_sqnr_db=qw.sqnr_db, output_var=layer.node.var))
+                                     weight_sqnr_db=qw.sqnr_db, rounding=qw.rounding,
+                                     output_var=layer.node.var))
         return out
 
     def fake(self, sim: SimLayerOp) -> None:

@@ -60,7 +60,8 @@ class Int4Dynamic(Scheme):
             return stays_float(r, layer, CONVOLUTIONS)
         node = layer.node
         rows = int(layer.weight.shape[0])
-        gw = model_codes(r, layer.weight) or quantize_groups(layer.weight, self.group_size)
+        gw = model_codes(r, layer.weight) or quantize_groups(
+            layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
         data, scales, sums = _grouped_input(r, r.float_of(node.args[0]), gw, rows,
                                             self.activations, gw.zero_points is not None)
         terms = {"row_scales": scales}

@@ -51,7 +51,8 @@ class Int4Weights(Scheme):
                         layer.node.name)
             return WeightOnly(self.per_channel).emit(r, layer)
         node = layer.node
-        gw = model_codes(r, layer.weight) or quantize_groups(layer.weight, self.group_size)
+        gw = model_codes(r, layer.weight) or quantize_groups(
+            layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
         out = r._emit(_kernel(r, r.float_of(node.args[0]), gw, int(layer.weight.shape[0])))
         r.layers.append(layer.result(
             f"int4-g{gw.group}-weights", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,

@@ -26,7 +26,8 @@ class WeightOnly(Scheme):
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
         node = layer.node
-        qw = quantize_weight(layer.weight, node.kind, per_channel=self.per_channel)
+        qw = quantize_weight(layer.weight, node.kind, per_channel=self.per_channel,
+                             moments=r.config.input_moments.get(node.name))
         scale_shape = [1] * len(node.shape)
         scale_shape[1 if node.kind == "conv2d" else len(node.shape) - 1] = layer.channels
         out = r._emit(layer.float_accumulating(r, r.float_of(node.args[0]),
@@ -35,7 +36,8 @@ class WeightOnly(Scheme):
             qw.channel_scales().reshape(scale_shape), "float32")))
         r.layers.append(layer.result("int8-weights",
                                      weight_scales=tuple(float(v) for v in qw.scales),
-                                     weight_sqnr_db=qw.sqnr_db, output_var=node.var))
+                                     weight_sqnr_db=qw.sqnr_db, rounding=qw.rounding,
+                                     output_var=node.var))
         return out
 
     def fake(self, sim: SimLayerOp) -> None:
