@@ -7,14 +7,19 @@ KV cache in place, side by side with onnxruntime on the same ONNX files.
 Engines, each in its own process, one after the other (2 threads each):
 
 - onnxruntime on the float32 model and on the 4-bit model (MatMulNBits on the GGUF's own Q4_1
-  codes, float zero points), its concat cache fed back each step (qcompile.examples.llm's
+  codes, float zero points), as it is (accuracy_level 0: float inputs) and with
+  accuracy_level 4 (int8 inputs), its concat cache fed back each step (qcompile.examples.llm's
   OnnxDecoder);
 - qcompile on the same two files, `qcompile compile MODEL --max-context 512`: float32, and
   W4A16 on the model's codes (its default for a 4-bit model); the 4-bit model with
   `--quantize int8-weights`: the layers that arrived in float (the tied embedding table and
   the output projection) in int8, per row and per output channel; and with `--quantize
   int8-dynamic`: W4A8, the model's codes multiplied on the int8 dot-product instruction with
-  each token's input quantized at run time (the output projection int8 x int8 too).
+  each token's input quantized at run time (the output projection int8 x int8 too);
+- qcompile quantizing the float32 model itself, `--quantize int8-dynamic`: int8 weights
+  rounded by GPTQ (`--calibration /usr/share/common-licenses`: Debian's license texts, not
+  the held-out text), and qcompile's own 4-bit codes (`--weight-bits 4`, symmetric, groups of
+  32) rounded to nearest and by GPTQ on the same text.
 
 `--engines A,B` runs some of them (onnxruntime float32, the reference, always runs first).
 
@@ -50,10 +55,21 @@ sys.path.insert(0, str(ROOT))
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
            "Name three primary colors.")
-ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "qcompile float32", "qcompile 4-bit",
-           "qcompile 4-bit + int8-weights", "qcompile 4-bit + int8-dynamic")
-QUANTIZE = {"qcompile 4-bit + int8-weights": "int8-weights",  # --quantize of an engine
-            "qcompile 4-bit + int8-dynamic": "int8-dynamic"}
+# qcompile's engines: (the model: float32 or 4-bit, --quantize, --weight-bits, whether the
+# weights are rounded by GPTQ on CALIBRATION_TEXT)
+QCOMPILE = {"qcompile float32": ("float32", None, 8, False),
+            "qcompile 4-bit": ("4-bit", None, 8, False),
+            "qcompile 4-bit + int8-weights": ("4-bit", "int8-weights", 8, False),
+            "qcompile 4-bit + int8-dynamic": ("4-bit", "int8-dynamic", 8, False),
+            "qcompile float32 -> int8-dynamic GPTQ": ("float32", "int8-dynamic", 8, True),
+            "qcompile float32 -> 4-bit nearest + int8-dynamic": ("float32", "int8-dynamic",
+                                                                  4, False),
+            "qcompile float32 -> 4-bit GPTQ + int8-dynamic": ("float32", "int8-dynamic", 4,
+                                                               True)}
+ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "onnxruntime 4-bit int8-inputs",
+           *QCOMPILE)
+# calibration text for GPTQ: Debian's license texts (base-files), not the held-out text
+CALIBRATION_TEXT = Path("/usr/share/common-licenses")
 MAX_CONTEXT = 512
 THREADS = 2
 SECTIONS = ("exceptions", "execmodel", "naming")  # held-out text: pydoc_data.topics
@@ -84,7 +100,25 @@ def convert(work: Path):
 
 
 def engine_dir(work: Path, engine: str) -> Path:
-    return work / engine.replace(" ", "-").replace("+", "and")
+    return work / engine.replace(" ", "-").replace("+", "and").replace(">", "")
+
+
+def int8_inputs(model: Path) -> Path:
+    """The 4-bit model with accuracy_level 4 on every MatMulNBits: onnxruntime multiplies
+    the 4-bit weights with int8 inputs (its fastest CPU path), beside the model."""
+    import onnx
+
+    out = model.with_name(model.stem + "_accuracy_level_4.onnx")
+    if not out.is_file():
+        graph = onnx.load(str(model))
+        for node in graph.graph.node:
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level",
+                                                                          4)])
+        onnx.save(graph, str(out))
+    return out
 
 
 def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False) -> dict:
@@ -98,7 +132,10 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
 
     onnx_dir = work / "onnx"
     text = Text(onnx_dir)  # the converter writes tokenizer.json beside the models
-    model = onnx_dir / (FLOAT_MODEL if engine.endswith("float32") else FOUR_BIT_MODEL)
+    form = QCOMPILE[engine][0] if engine in QCOMPILE else engine.split(" ")[1]
+    model = onnx_dir / (FLOAT_MODEL if form == "float32" else FOUR_BIT_MODEL)
+    if engine == "onnxruntime 4-bit int8-inputs":
+        model = int8_inputs(model)
     runs = []
     reference = work / "reference.json"  # onnxruntime float32's answers, once it has run
     forced = json.loads(reference.read_text()) if reference.is_file() else None
@@ -136,10 +173,15 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
         from qcompile.decoder.compile import DecoderInfo, compile_decoder
         from qcompile.decoder.generate import Decoder
 
+        from qcompile.modes import mode_from
+        from qcompile.quantize import QuantConfig
+
         out = engine_dir(work, engine)
+        _, quantize, bits, gptq = QCOMPILE[engine]
         if not (out / "decoder.json").is_file():
-            compile_decoder(model, "host", out, max_context=MAX_CONTEXT,
-                            quantize=QUANTIZE.get(engine))
+            mode = mode_from(quantize, config=QuantConfig(weight_bits=bits))
+            compile_decoder(model, "host", out, max_context=MAX_CONTEXT, quantize=mode,
+                            calibration=CALIBRATION_TEXT if gptq else None)
         if compile_only:
             return {}
         with qcompile.load(out) as loaded:

@@ -70,7 +70,7 @@ def collect_moments(plan, calibration, quantized: set[str]) -> LayerMoments:
     log.info("calibrating the weights' rounding (GPTQ): running the float model on %d "
              "sample(s), %d layers", len(feeds), len(layers))
     start = time.perf_counter()
-    probe = host_vm(observing_module(plan, inputs))
+    probe = host_vm(observing_module(plan, inputs), scheduled=True)
     names = [s.name for s in plan.model.inputs]
     table = calibrate(lambda feed: dict(enumerate(run_vm(probe, feed, names))), feeds, [],
                       specs, means=False, histogram=False)

@@ -185,16 +185,21 @@ def model_layers(names: Mapping[str, str], model, results: list[LayerResult]
                  for r in results)
 
 
-def host_vm(mod):
-    """A Relax VM on this machine for `mod` (calibration and measuring run here)."""
+def host_vm(mod, scheduled: bool = False):
+    """A Relax VM on this machine for `mod` (calibration and measuring run here): TVM's
+    default pipeline (unscheduled kernels: quick to build), or, `scheduled`, our schedules
+    (longer to build, much faster to run: a language model's calibration)."""
     import tvm
     from tvm import relax
 
+    from ..lower import lower
     from ..targets import load_target
 
     host = load_target("host")
     with host.to_tvm():
-        mod = relax.get_default_pipeline(host.to_tvm())(relax.transform.FoldConstant()(mod))
+        folded = relax.transform.FoldConstant()(mod)
+        mod = lower(folded, host) if scheduled else \
+            relax.get_default_pipeline(host.to_tvm())(folded)
     executable = tvm.compile(mod, host.to_tvm(), relax_pipeline=None)
     return relax.VirtualMachine(executable, tvm.cpu())
 
