@@ -32,9 +32,11 @@ near-tie; this counts every position); the perplexity of held-out text (the firs
 WINDOW tokens of three sections of the Python language reference that ship with Python,
 pydoc_data.topics: "exceptions", "execmodel", "naming"; each from an empty cache, one token
 per call for qcompile) and how often the engine's most likely next token there is onnxruntime
-float32's; the engine process's peak resident memory while generating (Python, the runtime,
-the weights, the caches: a qcompile engine is compiled in an earlier process; read before the
-held-out text is scored). Prints a Markdown table with the ratios to onnxruntime float32 and
+float32's; the engine process's peak resident memory (Python, the runtime, the weights, the
+caches, and what loading the model held for a moment: a qcompile engine is compiled in an
+earlier process; read before the held-out text is scored), and its resident memory while
+generating above what Python with the runtime imported held before the model was loaded (the
+weights, the caches, the workspace; read at the same point). Prints a Markdown table with the ratios to onnxruntime float32 and
 writes JSON.
 """
 
@@ -99,6 +101,14 @@ def convert(work: Path):
     return convert_gguf(smollm2_gguf_path(), work / "onnx")
 
 
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm)."""
+    import os
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def engine_dir(work: Path, engine: str) -> Path:
     return work / engine.replace(" ", "-").replace("+", "and").replace(">", "")
 
@@ -142,6 +152,7 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
     if engine.startswith("onnxruntime"):
         from qcompile.examples.llm.generate import OnnxDecoder
 
+        base = resident_bytes()
         session = OnnxDecoder(model, threads=THREADS)
         for prompt in PROMPTS:
             ids = text.encode(prompt, chat=True)
@@ -163,6 +174,7 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                 runs[-1]["forced"] = [int(t) for t in
                                       np.argmax(logits[0, len(ids) - 1:], axis=-1)]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before scoring
+        resident = resident_bytes()
         texts = []
         for ids in held_out(text):
             logits, _ = session.forward(np.array([ids]), session.empty_cache())
@@ -184,6 +196,7 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                             calibration=CALIBRATION_TEXT if gptq else None)
         if compile_only:
             return {}
+        base = resident_bytes()
         with qcompile.load(out) as loaded:
             decoder = Decoder(loaded, DecoderInfo.open(out))
             decoder.generate(text.encode(PROMPTS[0], chat=True)[:4], max_new_tokens=2)
@@ -200,13 +213,15 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
                     runs[-1]["forced"] = [int(np.argmax(first))] + [
                         int(np.argmax(decoder.step([t]))) for t in answer[:-1]]
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+            resident = resident_bytes()
             texts = []
             for ids in held_out(text):
                 decoder.reset()
                 texts.append(scores(np.stack([decoder.step([t]) for t in ids]), ids))
             decoder.close()
         size = (out / "model.so").stat().st_size
-    return {"engine": engine, "bytes": size, "peak_rss_bytes": peak, "runs": runs,
+    return {"engine": engine, "bytes": size, "peak_rss_bytes": peak,
+            "resident_bytes": resident - base, "runs": runs,
             "held_out": [{"nll": nll, "top": top} for nll, top in texts]}
 
 
@@ -230,6 +245,7 @@ def summary(result: dict, reference: dict) -> dict:
             "perplexity": float(np.exp(sum(m["nll"] for m, _ in texts) / positions)),
             "held_out_top1_agreement": same_top / positions,
             "peak_rss_mb": result["peak_rss_bytes"] / 1e6,
+            "resident_mb": result["resident_bytes"] / 1e6,
             "prefill_tokens_per_s": prompt / prefill, "decode_tokens_per_s": steps / decode,
             "same_tokens_as_fp32": f"{same}/{total}"}
 
@@ -278,13 +294,15 @@ def main() -> int:
                     [run["tokens"] for run in results[0]["runs"]]))
     rows = [summary(r, results[0]) for r in results]
     base = rows[0]
-    print("| engine | file MB | peak memory MB | prompt tokens/s | answer tokens/s | answer "
+    print("| engine | file MB | peak memory MB | resident MB | prompt tokens/s | answer "
+          "tokens/s | answer "
           "speed vs onnxruntime fp32 | tokens equal to onnxruntime fp32's | next-token "
           "agreement | held-out perplexity | held-out top-1 agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         print(f"| {row['engine']} | {row['mb']:.0f} | {row['peak_rss_mb']:.0f} | "
+              f"{row['resident_mb']:.0f} | "
               f"{row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f}x | "
               f"{row['same_tokens_as_fp32']} | {100 * row['next_token_agreement']:.1f}% | "
