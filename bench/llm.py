@@ -16,6 +16,8 @@ Engines, each in its own process, one after the other (2 threads each):
   the output projection) in int8, per row and per output channel; and with `--quantize
   int8-dynamic`: W4A8, the model's codes multiplied on the int8 dot-product instruction with
   each token's input quantized at run time (the output projection int8 x int8 too);
+- llama.cpp on the GGUF itself (llama-cpp-python, when it is installed: pip builds it from
+  source; bench/llama_cpp_engine.py), fed the same token ids;
 - qcompile quantizing the float32 model itself, `--quantize int8-dynamic`: int8 weights
   rounded by GPTQ (`--calibration /usr/share/common-licenses`: Debian's license texts, not
   the held-out text), and qcompile's own 4-bit codes (`--weight-bits 4`, symmetric, groups of
@@ -72,8 +74,9 @@ QCOMPILE = {"qcompile float32": ("float32", None, 8, False),
             "qcompile float32 -> 4-bit GPTQ + int8-dynamic": ("float32", "int8-dynamic", 4,
                                                                True)}
 LAST_IN_INT8 = '[[rule]]\nlast = 1\nprecision = "int8"\n'  # a --precision-rules file
+LLAMA_CPP = "llama.cpp"  # llama-cpp-python on the GGUF itself, when it is installed
 ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "onnxruntime 4-bit int8-inputs",
-           *QCOMPILE)
+           LLAMA_CPP, *QCOMPILE)
 # calibration text for GPTQ: Debian's license texts (base-files), not the held-out text
 CALIBRATION_TEXT = Path("/usr/share/common-licenses")
 MAX_CONTEXT = 512
@@ -146,14 +149,31 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
 
     onnx_dir = work / "onnx"
     text = Text(onnx_dir)  # the converter writes tokenizer.json beside the models
-    form = QCOMPILE[engine][0] if engine in QCOMPILE else engine.split(" ")[1]
+    form = QCOMPILE[engine][0] if engine in QCOMPILE else (engine.split(" ") + ["4-bit"])[1]
     model = onnx_dir / (FLOAT_MODEL if form == "float32" else FOUR_BIT_MODEL)
     if engine == "onnxruntime 4-bit int8-inputs":
         model = int8_inputs(model)
     runs = []
     reference = work / "reference.json"  # onnxruntime float32's answers, once it has run
     forced = json.loads(reference.read_text()) if reference.is_file() else None
-    if engine.startswith("onnxruntime"):
+    if engine == LLAMA_CPP:
+        import llama_cpp_engine as cpp
+        from qcompile.examples.llm import smollm2_gguf_path
+
+        model = smollm2_gguf_path()
+        base = resident_bytes()
+        llm = cpp.LlamaCpp(model, THREADS, MAX_CONTEXT)
+        cpp.generate(llm, text.encode(PROMPTS[0], chat=True)[:4], 2, ())  # warm up
+        for prompt in PROMPTS:
+            ids = text.encode(prompt, chat=True)
+            runs.append(cpp.generate(llm, ids, max_new, text.stop_tokens))
+            if forced is not None:
+                runs[-1]["forced"] = cpp.forced(llm, ids, forced[len(runs) - 1])
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before scoring
+        resident = resident_bytes()
+        texts = [scores(cpp.score_logits(llm, ids), ids) for ids in held_out(text)]
+        size = Path(model).stat().st_size
+    elif engine.startswith("onnxruntime"):
         from qcompile.examples.llm.generate import OnnxDecoder
 
         base = resident_bytes()
@@ -285,6 +305,15 @@ def main() -> int:
             parser.error(f"unknown engine(s) {', '.join(unknown)}: choose from "
                          + ", ".join(ENGINES))
         chosen = [ENGINES[0]] + [e for e in ENGINES[1:] if e in asked]
+    import llama_cpp_engine
+
+    skipped = []
+    if LLAMA_CPP in chosen and not llama_cpp_engine.available():
+        print("llama.cpp: skipped, llama-cpp-python is not installed (`pip install "
+              "llama-cpp-python` builds it from source: about 15 minutes on 2 cores)",
+              file=sys.stderr)
+        chosen.remove(LLAMA_CPP)
+        skipped.append(LLAMA_CPP)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         if not (work / "onnx" / "generation.json").is_file():
@@ -325,6 +354,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": THREADS,
                                     "max_context": MAX_CONTEXT, "rows": rows,
+                                    "skipped": skipped,
                                     "runs": results}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
