@@ -35,7 +35,10 @@ class LlamaCpp:
         if reset:
             self.llm.reset()
         self.llm.eval(tokens)
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], np.float32)
+        # without logits_all, eval keeps no scores: the context's one row of logits (the
+        # last position's) is read directly
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(),
+                                     shape=(self.llm.n_vocab(),)).astype(np.float32)
 
 
 def generate(engine: LlamaCpp, ids: list[int], max_new: int, stop) -> dict:
