@@ -74,9 +74,10 @@ QCOMPILE = {"qcompile float32": ("float32", None, 8, False),
             "qcompile float32 -> 4-bit GPTQ + int8-dynamic": ("float32", "int8-dynamic", 4,
                                                                True)}
 LAST_IN_INT8 = '[[rule]]\nlast = 1\nprecision = "int8"\n'  # a --precision-rules file
+ONNXRUNTIME = {"onnxruntime float32": "float32",  # onnxruntime's engines: the model
+               "onnxruntime 4-bit": "4-bit", "onnxruntime 4-bit int8-inputs": "4-bit"}
 LLAMA_CPP = "llama.cpp"  # llama-cpp-python on the GGUF itself, when it is installed
-ENGINES = ("onnxruntime float32", "onnxruntime 4-bit", "onnxruntime 4-bit int8-inputs",
-           LLAMA_CPP, *QCOMPILE)
+ENGINES = (*ONNXRUNTIME, LLAMA_CPP, *QCOMPILE)
 # calibration text for GPTQ: Debian's license texts (base-files), not the held-out text
 CALIBRATION_TEXT = Path("/usr/share/common-licenses")
 MAX_CONTEXT = 512
@@ -149,7 +150,7 @@ def run_engine(engine: str, work: Path, max_new: int, compile_only: bool = False
 
     onnx_dir = work / "onnx"
     text = Text(onnx_dir)  # the converter writes tokenizer.json beside the models
-    form = QCOMPILE[engine][0] if engine in QCOMPILE else (engine.split(" ") + ["4-bit"])[1]
+    form = QCOMPILE[engine][0] if engine in QCOMPILE else ONNXRUNTIME.get(engine)
     model = onnx_dir / (FLOAT_MODEL if form == "float32" else FOUR_BIT_MODEL)
     if engine == "onnxruntime 4-bit int8-inputs":
         model = int8_inputs(model)

@@ -112,10 +112,10 @@ def test_w4a8_quantizes_each_token_on_its_own(onnx_models, compiled):
     assert error.max() <= 0.1 * scale and error.mean() <= 0.01 * scale, error.mean() / scale
 
 
-def greedy_reference(path, count: int) -> list[int]:
-    """onnxruntime's greedy tokens after PROMPT, its concat cache fed back."""
+def greedy_reference(path, count: int, prompt: list[int] = PROMPT) -> list[int]:
+    """onnxruntime's greedy tokens after `prompt`, its concat cache fed back."""
     session = OnnxDecoder(path)
-    logits, cache = session.forward(np.array([PROMPT]), session.empty_cache())
+    logits, cache = session.forward(np.array([prompt]), session.empty_cache())
     tokens = []
     for _ in range(count):
         tokens.append(int(np.argmax(logits[0, -1])))
@@ -359,13 +359,7 @@ def test_long_answers_are_onnxruntimes(onnx_models, long_answers):
     """32 greedy tokens after each of three prompts: W4A16 gives onnxruntime's tokens on the
     same 4-bit weights."""
     for prompt, got in zip(PHONE_PROMPTS, long_answers["W4A16"]):
-        session = OnnxDecoder(onnx_models["4-bit"])
-        logits, cache = session.forward(np.array([prompt]), session.empty_cache())
-        expected = []
-        for _ in range(ANSWER):
-            expected.append(int(np.argmax(logits[0, -1])))
-            logits, cache = session.forward(np.array([[expected[-1]]]), cache)
-        assert got == expected, prompt
+        assert got == greedy_reference(onnx_models["4-bit"], ANSWER, prompt), prompt
 
 
 @pytest.mark.slow
@@ -392,7 +386,8 @@ def test_calibration_text_rounds_the_weights_by_gptq(onnx_models, tmp_path, caps
     """`--quantize int8-weights --weight-bits 4 --calibration TEXT` on the float decoder: the
     text tokenized with the model's tokenizer.json, its moments collected once, the 4-bit
     weights of both functions rounded by GPTQ; on held-out tokens the logits are closer to
-    onnxruntime's float ones than round to nearest's. Too little text, or a missing file, is
+    onnxruntime's float ones than round to nearest's. A missing file, too little text, a
+    model without its tokenizer, and calibration without a mode that quantizes weights are
     refused in one paragraph."""
     import shutil
 
@@ -418,13 +413,18 @@ def test_calibration_text_rounds_the_weights_by_gptq(onnx_models, tmp_path, caps
             got = np.stack([decoder.step([t]) for t in held_out])
         errors[rounding] = np.square(got - want).mean()
     assert errors["gptq"] < 0.8 * errors["nearest"], errors  # 0.66 when written
-    for source, message in [(tmp_path / "none.txt", "neither a file nor a folder"),
-                            (tmp_path / "tokenizer.json", "a sample is 128")]:
-        source.parent.mkdir(exist_ok=True)
-        if source.name == "tokenizer.json":
-            source = tmp_path / "short.txt"
-            source.write_text("w1 w2 w3")
-        assert main(["compile", str(model), "--max-context", "16", "--quantize",
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    alone = tmp_path / "alone" / "float.onnx"  # no tokenizer.json beside it
+    alone.parent.mkdir()
+    shutil.copyfile(model, alone)
+    for path, source, message in [(model, tmp_path / "none.txt", "neither a file nor a folder"),
+                                  (model, short, "a sample is 128"),
+                                  (alone, text, "needs the model's tokenizer")]:
+        assert main(["compile", str(path), "--max-context", "16", "--quantize",
                      "int8-dynamic", "--calibration", str(source), "-o",
                      str(tmp_path / "bad")]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    with pytest.raises(InputError, match="--calibration on a decoder rounds the weights"):
+        compile_decoder(model, "host", tmp_path / "bad", max_context=16, calibration=text)

@@ -253,7 +253,7 @@ def test_layers_the_4bit_model_left_in_float_stay_float(save_model, tmp_path, ca
 def test_calibration_rounds_the_4_bit_weights_by_gptq(quantize, save_model, tmp_path):
     """With calibration samples, W4A8 (run-time int8 inputs) and W4A16 round qcompile's own
     4-bit codes by GPTQ on the samples' input moments (the activations are not calibrated):
-    the report says gptq, the scales are round-to-nearest's, and on held-out inputs of the
+    the report says gptq, and on held-out inputs of the
     same distribution (correlated channels of unequal size, as a layer's inputs are) the
     output error against float is well below round to nearest's."""
     k, n = 256, 64

@@ -170,17 +170,17 @@ def with_function(mod, other, name: str):
     return bb.get()
 
 
-def rounded_on(mode, calibration, model, loaded, target):
+def rounded_on(mode, calibration, model, graph, layout, target):
     """`mode` (DynamicInt8, WeightOnlyInt8) with the moments GPTQ rounds the weights with,
     collected once on `calibration` (text files, an .npz of the inputs, or feeds) through the
-    any-length function; both functions' weights are rounded with them."""
+    any-length function's `graph` (import_decoder's, with its cache `layout`); both
+    functions' weights are rounded with them."""
     from ..modes import DynamicInt8, WeightOnlyInt8
     from ..quantize.hessians import weight_moments
     from .calibration import text_samples
 
     if not isinstance(mode, (DynamicInt8, WeightOnlyInt8)):
         raise InputError(ROUNDING_ONLY)
-    graph, layout = import_decoder(model, None, loaded)
     samples = calibration
     if isinstance(calibration, (str, Path)) and not str(calibration).endswith(".npz"):
         samples = text_samples(calibration, model, graph.inputs, layout)
@@ -223,19 +223,20 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)
 
     loaded = load_onnx(model)  # read once, imported once per function
+    graph, layout = import_decoder(model, None, loaded)  # the any-length function's
     if calibration is not None:
-        mode = rounded_on(mode, calibration, model, loaded, resolved)
+        mode = rounded_on(mode, calibration, model, graph, layout, resolved)
 
-    def decoder(tokens):
-        graph, layout = import_decoder(model, tokens, loaded)
+    def decoder(graph, layout):
         with quiet():  # folding the position tables' Gathers prints TVM's take warning
             built = apply(mode, graph, resolved)
-        return built, layout, decoder_module(built, layout, max_context)
+        return built, decoder_module(built, layout, max_context)
 
-    built, layout, mod = decoder(None)
+    built, mod = decoder(graph, layout)
     if prefill_chunk > 1:
         log.info("the prompt's function, for chunks of %d tokens", prefill_chunk)
-        mod = with_function(mod, decoder(prefill_chunk)[2], PREFILL)
+        mod = with_function(mod, decoder(*import_decoder(model, prefill_chunk, loaded))[1],
+                            PREFILL)
     cache_shape = [1, layout.heads, max_context, layout.head_dim]
     vocabulary = int(next(s for s in built.outputs if s.name == "logits").shape[-1])
     interface = replace(built, mod=mod,
