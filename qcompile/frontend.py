@@ -29,6 +29,7 @@ from .onnx_checks import check_model, import_failure
 from .relax_main import rebuild_main
 from .specs import TensorSpec
 from .tvm_noise import quiet
+from .squares import squares_to_products
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
     check_relax_constants(mod, path)
     try:
         with quiet():  # folding a constant Gather prints TVM's take warning
-            mod = clip_calls_to_ops(relax.transform.FoldConstant()(mod))
+            mod = squares_to_products(clip_calls_to_ops(relax.transform.FoldConstant()(mod)))
     except Exception as exc:  # TVM raises its InternalError for a C++ std::bad_alloc
         if not out_of_memory(exc):
             raise

@@ -96,3 +96,34 @@ def test_paddleocr_models_with_runtime_shapes_compile(name, shape, tmp_path):
     for out_name, value in expected.items():
         assert value.max() > 0.5  # the models see the text: real, not degenerate, outputs
         assert_close(actual[out_name], value)
+
+
+def test_squares_become_products_and_other_powers_stay(save_model, tmp_path):
+    """RMSNorm's Pow(x, 2) is imported as x * x (TVM would call powf per element); a cube
+    stays a power; both compute what onnxruntime does."""
+    from onnx import helper, numpy_helper
+
+    from models import make_model
+
+    two, three = (numpy_helper.from_array(np.array(v, np.float32), n)
+                  for v, n in ((2.0, "two"), (3.0, "three")))
+    nodes = [helper.make_node("Pow", ["x", "two"], ["squared"]),
+             helper.make_node("ReduceMean", ["squared"], ["mean"], axes=[-1]),
+             helper.make_node("Sqrt", ["mean"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["normed"]),
+             helper.make_node("Pow", ["normed", "three"], ["y"])]
+    model = make_model(nodes, [("x", [2, 16])], [("y", [2, 16])], [two, three], opset=13)
+    path = save_model(model)
+    ops = [c.op.name for c in _calls(import_onnx(path).mod["main"])]
+    assert ops.count("relax.power") == 1 and "relax.multiply" in ops
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    artifact = qcompile.compile(path, "host", tmp_path / "out")
+    assert_close(qcompile.load(artifact.directory).run({"x": x})["y"],
+                 onnxruntime_outputs(path.read_bytes(), {"x": x})["y"])
+
+
+def _calls(function):
+    from tvm import relax
+
+    return [b.value for block in function.body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call)]

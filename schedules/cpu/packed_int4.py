@@ -15,8 +15,8 @@ module is correct on any target before lowering. On a CPU with a dot-product ins
 [N/lanes, K/(2 reduce), lanes, reduce], the low nibbles one block of `reduce` reduction
 elements and the high nibbles the next, so that one shift and one mask give the instruction's
 int8 weight block. The default schedule (`schedule`) unpacks each block into a 64-byte (VNNI)
-or 16-byte (sdot) buffer right before the instruction consumes it: the weights cross memory in
-4 bits.
+or 16-byte (sdot) buffer right before the instruction consumes it, for every row of its tile:
+the weights cross memory in 4 bits.
 """
 
 from __future__ import annotations
@@ -95,38 +95,87 @@ def unpack_logical(codes_logical: np.ndarray) -> np.ndarray:
     return np.stack([low, high], axis=-1).reshape(codes_logical.shape[0], -1)
 
 
-BLOCKS_PER_TILE = 1  # column blocks a thread interleaves (2 and 4 measured slower)
+BLOCKS_PER_TILE = 4  # column blocks a tile of rows interleaves: each unpacked block feeds
+                     # every row (one row at a time: 1; 2 and 4 measured slower there)
 
 
 def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
-    """Default schedule of a packed int4 kernel: parallel over tiles of BLOCKS_PER_TILE column
-    blocks (and row tiles); per tile and group, each block's `lanes` int32 accumulators per row
-    are filled by the instruction from a just-unpacked weight block (the tile's blocks
-    interleaved); then the tile's float sums over the groups, while its accumulators are still
-    in cache."""
+    """Default schedule of a packed int4 kernel: `schedule_tiles` when its row count is known
+    and above one (a prompt's chunk, a sentence, a conv's pixels), else `schedule_rows` (a
+    language model's tokens, known only at run time: usually one, bound by reading and
+    unpacking the weights)."""
+    from .tiles import largest_divisor
+
+    *batch, _, _, _, _, _ = sch.get_loops(block)
+    rows = 1
+    for loop in batch:
+        extent = getattr(sch.get(loop).extent, "value", None)
+        rows = rows * extent if isinstance(extent, int) and rows else 0
+    if rows > 1 and largest_divisor(rows, rows_tile) > 1:
+        schedule_tiles(sch, block, dot, rows_tile)
+    else:
+        schedule_rows(sch, block, dot)
+
+
+def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
+    """Parallel over tiles of up to `rows_tile` rows by BLOCKS_PER_TILE column blocks. Per
+    tile and group, the weight blocks are unpacked once and each feeds every row's
+    accumulators (rows x blocks x `lanes` int32, in registers: the loops over them are
+    unrolled); the group's float sums are taken right after, from those accumulators."""
     from .tiles import largest_divisor, row_tile
 
     groups_block = sch.get_consumers(block)[0]
-    *batch, g, cols, kb, h, r = sch.get_loops(block)
+    epilogue = sch.get_consumers(groups_block)
+    *batch, cols, g = sch.get_loops(groups_block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    blocks = int(sch.get(cols).extent) // dot.lanes
     mo, mi = sch.split(rows, [None, row_tile(sch.get(rows).extent, rows_tile)])
+    blocks = int(sch.get(cols).extent) // dot.lanes
     no, nj, ni = sch.split(cols, [None, largest_divisor(blocks, BLOCKS_PER_TILE), dot.lanes])
-    sch.reorder(mo, no, g, kb, h, nj, mi, ni, r)
+    sch.reorder(mo, no, g, mi, nj, ni)
+    sch.compute_at(block, g, preserve_unit_loops=True)  # one group's accumulators at a time
+    row, _, col, kb, h, r = sch.get_loops(block)[-6:]
+    col_block, lane = sch.split(col, [None, dot.lanes])
+    sch.reorder(kb, h, row, col_block, lane, r)
     for producer in sch.get_producers(block):
         if sch.get(producer).name_hint == "qcompile_int4_unpack":
-            sch.compute_at(producer, nj, preserve_unit_loops=True)
+            sch.compute_at(producer, h, preserve_unit_loops=True)
+            inner = sch.get_loops(producer)
+            sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+    for consumer in epilogue:  # the scale, bias and bounds after it, on the tile's outputs
+        sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(consumer)[-1])
+    sch.vectorize(ni)
+    sch.parallel(sch.fuse(mo, no))
+    init = sch.decompose_reduction(block, kb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(lane, dot.intrin)
+    sch.unroll(row)
+    sch.unroll(col_block)
+
+
+def schedule_rows(sch, block, dot: DotProduct) -> None:
+    """Parallel over rows and column blocks; per block and group, its `lanes` int32
+    accumulators are filled by the instruction from a just-unpacked weight block; then the
+    block's float sums over the groups, while its accumulators are still in cache."""
+    groups_block = sch.get_consumers(block)[0]
+    *batch, g, cols, kb, h, r = sch.get_loops(block)
+    rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+    no, ni = sch.split(cols, [None, dot.lanes])
+    sch.reorder(rows, no, g, kb, h, ni, r)
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint == "qcompile_int4_unpack":
+            sch.compute_at(producer, h, preserve_unit_loops=True)
             inner = sch.get_loops(producer)
             sch.vectorize(sch.fuse(inner[-2], inner[-1]))
     epilogue = sch.get_consumers(groups_block)
     sch.reverse_compute_at(groups_block, no, preserve_unit_loops=True)
     *_, lanes_loop, g_loop = sch.get_loops(groups_block)
     sch.reorder(g_loop, lanes_loop)
-    for consumer in epilogue:  # the scale, bias and bounds after it, on the tile's outputs
+    for consumer in epilogue:  # the scale, bias and bounds after it, on the block's outputs
         sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(consumer)[-1])
     sch.vectorize(lanes_loop)
-    sch.parallel(sch.fuse(mo, no))
+    sch.parallel(sch.fuse(rows, no))
     init = sch.decompose_reduction(block, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ni, dot.intrin)
