@@ -89,6 +89,23 @@ def test_a_prompt_of_whole_chunks_gives_onnxruntimes_logits(onnx_models, compile
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_the_chunks_function_projects_its_last_position_only(onnx_models):
+    """The prompt's function computes the output projection for the chunk's last position
+    only, the logits generation reads (the test above checks their values)."""
+    from qcompile.decoder.compile import import_decoder, last_position_only
+
+    for path in onnx_models.values():
+        graph, _ = import_decoder(path, CHUNK)
+        sliced = last_position_only(graph, CHUNK)
+        assert sliced is not graph
+        assert next(s.shape for s in sliced.outputs if s.name == "logits") == \
+            (1, 1, TINY["vocab"])
+        returned = sliced.mod["main"].ret_ty.fields
+        shapes = [[getattr(d, "value", None) for d in field.shape]  # caches: symbolic
+                  for field in returned]
+        assert [1, 1, TINY["vocab"]] in shapes and [1, CHUNK, TINY["vocab"]] not in shapes
+
+
 def test_w4a8_quantizes_each_token_on_its_own(onnx_models, compiled):
     """With int8 inputs quantized at run time per token and group, a token's logits do not
     depend on which tokens share its call: the prompt fed at once (a chunk, then three tokens

@@ -3,7 +3,7 @@ place (kv_cache.py), and two functions on the same caches and weights:
 
     main     any number of new tokens after `past` cached ones (the answer, one per call)
     prefill  exactly --prefill-chunk tokens (a prompt's whole chunks), its kernels compiled
-             for that many rows
+             for that many rows; the logits of the chunk's last position only
 
 The decoder is found by its interface (the common export: input_ids, attention_mask,
 position_ids, past_key_values.N.key/value -> logits, present.N.key/value). Its named
@@ -170,6 +170,21 @@ def with_function(mod, other, name: str):
     return bb.get()
 
 
+def last_position_only(graph, tokens: int):
+    """The chunk function's FloatModel `graph` with its logits at the last position only
+    (last_position.py), when its output projection is found."""
+    from ..specs import TensorSpec
+    from .last_position import last_position_logits
+
+    names = [s.name for s in graph.outputs]
+    mod = last_position_logits(graph.mod, tokens, names.index("logits"))
+    if mod is graph.mod:
+        return graph
+    outputs = tuple(TensorSpec(s.name, (*s.shape[:-2], 1, s.shape[-1]), s.dtype)
+                    if s.name == "logits" else s for s in graph.outputs)
+    return replace(graph, mod=mod, outputs=outputs)
+
+
 def rounded_on(mode, calibration, model, graph, layout, target):
     """`mode` (DynamicInt8, WeightOnlyInt8) with the moments GPTQ rounds the weights with,
     collected once on `calibration` (text files, an .npz of the inputs, or feeds) through the
@@ -235,8 +250,9 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     built, mod = decoder(graph, layout)
     if prefill_chunk > 1:
         log.info("the prompt's function, for chunks of %d tokens", prefill_chunk)
-        mod = with_function(mod, decoder(*import_decoder(model, prefill_chunk, loaded))[1],
-                            PREFILL)
+        chunk, chunk_layout = import_decoder(model, prefill_chunk, loaded)
+        mod = with_function(mod, decoder(last_position_only(chunk, prefill_chunk),
+                                         chunk_layout)[1], PREFILL)
     cache_shape = [1, layout.heads, max_context, layout.head_dim]
     vocabulary = int(next(s for s in built.outputs if s.name == "logits").shape[-1])
     interface = replace(built, mod=mod,
