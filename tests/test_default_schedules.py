@@ -70,3 +70,36 @@ def test_arm64_builds_schedule_every_kernel(save_model, tmp_path, caplog):
     int8 = _compile(path, "arm64-dotprod", tmp_path / "int8", caplog, quantize="int8",
                     calibration=[random_inputs(model, seed=10 + i) for i in range(8)])
     assert int8.manifest.kernels["float_default_schedules"] >= 1  # the depthwise conv
+
+
+def test_a_vector_axis_of_run_time_length_is_padded_not_bounds_checked():
+    """Attention scores over the cached tokens: the output's last axis is known only at run
+    time. The anchor computes over it rounded up to the vector width (no bounds check in its
+    vector loop, which kept it scalar) and the kernel still writes exactly that length."""
+    import tvm
+    from tvm import te, tirx
+    from tvm.sym.analyzer import Analyzer
+
+    from qcompile.targets import load_target
+
+    total = tirx.Var("total", "int64")
+    q = te.placeholder((1, 2, 4, 16), name="q")
+    k = te.placeholder((1, 2, 16, total), name="k")
+    r = te.reduce_axis((0, 16), "r")
+    scores = te.compute((1, 2, 4, total), lambda a, h, i, j: te.sum(
+        q[a, h, i, r] * k[a, h, r, j], axis=r), name="scores")
+    scaled = te.compute(scores.shape, lambda *idx: scores[idx] * 0.5, name="scaled")
+    sch, kind = float_default.schedule(te.create_prim_func([q, k, scaled]))
+    assert kind == "float"
+    anchors = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+               if sch.get(b).name_hint.startswith("scores")]
+    extent = sch.get(anchors[0]).iter_vars[3].dom.extent  # the vector axis: whole vectors
+    assert Analyzer().can_prove(tirx.floormod(extent, float_default.VECTOR) == 0)
+    kernel = tvm.compile(sch.mod, target=load_target("host").to_tvm())
+    rng = np.random.default_rng(0)
+    for length in (13, 40):
+        a = rng.standard_normal((1, 2, 4, 16)).astype(np.float32)
+        b = rng.standard_normal((1, 2, 16, length)).astype(np.float32)
+        out = tvm.runtime.tensor(np.full((1, 2, 4, length), np.nan, np.float32))
+        kernel(tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+        assert_close(out.numpy(), np.einsum("ahir,ahrj->ahij", a, b) * 0.5)
