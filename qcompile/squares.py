@@ -3,8 +3,8 @@ Pow with a constant exponent 2) becomes `multiply(x, x)`.
 
 TVM lowers `power` to the C library's `powf` per element even when the exponent is a constant
 2, and passes it as a tensor argument that LLVM cannot see into: on a language model's prompt it
-took about a tenth of the time. A product is one vector instruction, and exact (powf's result
-for an exponent of 2 is the correctly rounded square too).
+took about a tenth of the time. A product is one vector instruction, and the correctly rounded
+square.
 """
 
 from __future__ import annotations
