@@ -47,3 +47,23 @@ def rebuild_main(mod, bindings: Iterable[tuple[Any, Any]], result):
                 out = bb.emit_output(result)
         bb.emit_func_output(out)
     return bb.get()
+
+
+def substitute(expr, remap: dict):
+    """`expr` with the variables that are keys of `remap` replaced by its values (`remap` may
+    grow between calls). The expression's arguments must be leaves (a normalized binding's
+    value), since no block is open to bind nested calls in."""
+    from tvm import relax
+
+    if not remap:
+        return expr
+
+    @relax.expr_functor.mutator
+    class Substitute(relax.PyExprMutator):
+        def visit_var_(self, var):
+            return remap.get(var, var)
+
+        def visit_dataflow_var_(self, var):
+            return remap.get(var, var)
+
+    return Substitute().visit_expr(expr)

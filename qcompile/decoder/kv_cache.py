@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ModelError
-from ..relax_main import without_main
+from ..relax_main import substitute, without_main
 
 WRITE_KERNEL = "kv_cache_write"
 
@@ -94,7 +94,7 @@ def cache_in_place(mod, layout: CacheLayout, input_names: list[str], output_name
                 remap[ids] = bb.emit(relax.op.reshape(positions, [1, new_tokens]))
             for block in body.blocks:
                 for binding in block.bindings:
-                    value = _substitute(binding.value, remap)
+                    value = substitute(binding.value, remap)
                     appended = _appended(value, past_of)
                     if appended is not None:
                         name, new = appended
@@ -106,7 +106,7 @@ def cache_in_place(mod, layout: CacheLayout, input_names: list[str], output_name
                     elif any(_uses(value, params[name]) for name in layout.past):
                         raise ModelError(_unexpected_use(binding))
                     remap[binding.var] = bb.emit(value)
-            logits = bb.emit_output(_substitute(outputs["logits"], remap))
+            logits = bb.emit_output(substitute(outputs["logits"], remap))
         bb.emit_func_output(logits)
     return relax.transform.DeadCodeElimination()(bb.get())
 
@@ -121,24 +121,6 @@ def _results(body) -> list:
         bound = {b.var: b.value for block in body.blocks for b in block.bindings}
         result = bound.get(result, result)
     return list(result.fields) if isinstance(result, relax.Tuple) else [result]
-
-
-def _substitute(expr, remap):
-    return _substitution(remap).visit_expr(expr) if remap else expr
-
-
-def _substitution(remap):
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class Substitute(relax.PyExprMutator):
-        def visit_var_(self, var):
-            return remap.get(var, var)
-
-        def visit_dataflow_var_(self, var):
-            return remap.get(var, var)
-
-    return Substitute()
 
 
 def _appended(value, past_of):

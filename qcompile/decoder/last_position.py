@@ -130,21 +130,13 @@ def _rebuild(mod, bindings, replaced: dict, result):
     variable, of the new shape), and the bindings that use one to new variables too."""
     from tvm import relax
 
-    from ..relax_main import function_attrs, without_main
+    from ..relax_main import function_attrs, substitute as substitute_vars, without_main
 
     main = mod["main"]
     remap = {}
 
-    @relax.expr_functor.mutator
-    class Substitute(relax.PyExprMutator):
-        def visit_var_(self, var):
-            return remap.get(var, var)
-
-        def visit_dataflow_var_(self, var):
-            return remap.get(var, var)
-
-    def substitute(expr):  # on a value whose arguments are leaves (a normalized binding's)
-        return Substitute().visit_expr(expr) if remap else expr
+    def substitute(expr):
+        return substitute_vars(expr, remap)
 
     bb = relax.BlockBuilder(without_main(mod))
     with bb.function("main", list(main.params), attrs=function_attrs(main)):

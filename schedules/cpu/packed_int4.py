@@ -136,14 +136,8 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
     row, _, col, kb, h, r = sch.get_loops(block)[-6:]
     col_block, lane = sch.split(col, [None, dot.lanes])
     sch.reorder(kb, h, row, col_block, lane, r)
-    for producer in sch.get_producers(block):
-        if sch.get(producer).name_hint == "qcompile_int4_unpack":
-            sch.compute_at(producer, h, preserve_unit_loops=True)
-            inner = sch.get_loops(producer)
-            sch.vectorize(sch.fuse(inner[-2], inner[-1]))
-    for consumer in epilogue:  # the scale, bias and bounds after it, on the tile's outputs
-        sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(consumer)[-1])
+    _unpack_at(sch, block, h)
+    _epilogue_at(sch, epilogue, no)
     sch.vectorize(ni)
     sch.parallel(sch.fuse(mo, no))
     init = sch.decompose_reduction(block, kb)
@@ -162,23 +156,33 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
     no, ni = sch.split(cols, [None, dot.lanes])
     sch.reorder(rows, no, g, kb, h, ni, r)
-    for producer in sch.get_producers(block):
-        if sch.get(producer).name_hint == "qcompile_int4_unpack":
-            sch.compute_at(producer, h, preserve_unit_loops=True)
-            inner = sch.get_loops(producer)
-            sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+    _unpack_at(sch, block, h)
     epilogue = sch.get_consumers(groups_block)
     sch.reverse_compute_at(groups_block, no, preserve_unit_loops=True)
     *_, lanes_loop, g_loop = sch.get_loops(groups_block)
     sch.reorder(g_loop, lanes_loop)
-    for consumer in epilogue:  # the scale, bias and bounds after it, on the block's outputs
-        sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(consumer)[-1])
+    _epilogue_at(sch, epilogue, no)
     sch.vectorize(lanes_loop)
     sch.parallel(sch.fuse(rows, no))
     init = sch.decompose_reduction(block, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ni, dot.intrin)
+
+
+def _unpack_at(sch, block, loop) -> None:
+    """Unpack each weight block under `loop`, right before the instruction consumes it."""
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint == "qcompile_int4_unpack":
+            sch.compute_at(producer, loop, preserve_unit_loops=True)
+            inner = sch.get_loops(producer)
+            sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+
+
+def _epilogue_at(sch, epilogue, loop) -> None:
+    """The scale, bias and bounds after the group sums, on each tile's outputs."""
+    for consumer in epilogue:
+        sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(consumer)[-1])
 
 
 def repack(mod, dot: DotProduct):
