@@ -154,6 +154,8 @@ def test_cli_run_labels_emulated_timings(arm64_device, save_model, tmp_path, cap
 
 
 def test_devices_lists_keys_and_counts(arm64_device, host_device, capsys):
+    for key in ("arm64-emu", "host-test"):  # a session the test before held is given back
+        wait_for_key(arm64_device["tracker"], key)  # to the tracker after a moment
     assert main(["devices", "--rpc-tracker", arm64_device["tracker"]]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
