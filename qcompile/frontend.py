@@ -26,7 +26,7 @@ from .errors import ModelError, ShapeError, UnsupportedOpError, last_line
 from .constant_sizes import check_constant_sizes, check_relax_constants, out_of_memory
 from .symbolic_range import symbolic_range
 from .onnx_checks import check_model, import_failure
-from .relax_main import rebuild_main
+from .relax_main import rewrite_main
 from .specs import TensorSpec
 from .tvm_noise import quiet
 from .squares import squares_to_products
@@ -349,28 +349,21 @@ def clip_calls_to_ops(mod):
     import tvm
     from tvm import relax
 
-    main = mod["main"]
-    body = main.body
-    if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1:
-        return mod
-    changed = False
-    bindings = []
-    for binding in body.blocks[0].bindings:
-        value = binding.value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
-                value.op.name == "relax.call_tir":
-            callee, args = value.args[0], value.args[1]
-            match = _TIR_BOUND.match(getattr(callee, "name_hint", ""))
-            fields = list(args.fields) if isinstance(args, relax.Tuple) else []
-            if match and len(fields) == 2 and isinstance(fields[1], tvm.ir.expr.GenericConst) \
-                    and fields[1].value.numpy().size == 1:
-                op = relax.op.maximum if match.group(1) == "maximum" else relax.op.minimum
-                value = op(fields[0], fields[1])
-                changed = True
-        bindings.append((binding.var, value))
-    if not changed:
-        return mod
-    return relax.transform.DeadCodeElimination()(rebuild_main(mod, bindings, body.body))
+    def bound_op(value):
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and
+                value.op.name == "relax.call_tir"):
+            return None
+        callee, args = value.args[0], value.args[1]
+        match = _TIR_BOUND.match(getattr(callee, "name_hint", ""))
+        fields = list(args.fields) if isinstance(args, relax.Tuple) else []
+        if match and len(fields) == 2 and isinstance(fields[1], tvm.ir.expr.GenericConst) \
+                and fields[1].value.numpy().size == 1:
+            op = relax.op.maximum if match.group(1) == "maximum" else relax.op.minimum
+            return op(fields[0], fields[1])
+        return None
+
+    rewritten = rewrite_main(mod, bound_op)
+    return mod if rewritten is mod else relax.transform.DeadCodeElimination()(rewritten)
 
 
 def _output_specs(mod, names: list[str], symbolic: bool = False) -> tuple[TensorSpec, ...]:

@@ -3,7 +3,7 @@ outputs, keeping the rest of the module (the TIR kernels main calls)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 def module_copy(mod):
@@ -47,6 +47,24 @@ def rebuild_main(mod, bindings: Iterable[tuple[Any, Any]], result):
                 out = bb.emit_output(result)
         bb.emit_func_output(out)
     return bb.get()
+
+
+def rewrite_main(mod, rewrite: Callable[[Any], Any]):
+    """`mod` whose main (one dataflow block) binds each variable to `rewrite(value)`, or to
+    its value where that is None; `mod` itself when no value changed, or when main is not
+    one block."""
+    from tvm import relax
+
+    body = mod["main"].body
+    if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1:
+        return mod
+    bindings = []
+    changed = False
+    for binding in body.blocks[0].bindings:
+        value = rewrite(binding.value)
+        changed = changed or value is not None
+        bindings.append((binding.var, binding.value if value is None else value))
+    return rebuild_main(mod, bindings, body.body) if changed else mod
 
 
 def substitute(expr, remap: dict):

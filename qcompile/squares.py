@@ -16,27 +16,19 @@ def squares_to_products(mod):
     import tvm
     from tvm import relax
 
-    from .relax_main import rebuild_main
+    from .relax_main import rewrite_main
 
-    main = mod["main"]
-    body = main.body
-    if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1:
-        return mod
     power = tvm.ir.Op.get("relax.power")
-    changed = False
-    bindings = []
-    for binding in body.blocks[0].bindings:
-        value = binding.value
-        if isinstance(value, relax.Call) and value.op.same_as(power) and \
-                isinstance(value.args[1], tvm.ir.expr.GenericConst):
-            base, exponent = value.args
-            constant = exponent.value.numpy()
-            if constant.size == 1 and float(constant.reshape(())) == 2.0 and \
-                    str(constant.dtype) == str(base.ty.dtype) and \
-                    base.ty.ndim >= constant.ndim:
-                value = relax.op.multiply(base, base)
-                changed = True
-        bindings.append((binding.var, value))
-    if not changed:
-        return mod
-    return rebuild_main(mod, bindings, body.body)
+
+    def product(value):
+        if not (isinstance(value, relax.Call) and value.op.same_as(power) and
+                isinstance(value.args[1], tvm.ir.expr.GenericConst)):
+            return None
+        base, exponent = value.args
+        constant = exponent.value.numpy()
+        if constant.size == 1 and float(constant.reshape(())) == 2.0 and \
+                str(constant.dtype) == str(base.ty.dtype) and base.ty.ndim >= constant.ndim:
+            return relax.op.multiply(base, base)
+        return None
+
+    return rewrite_main(mod, product)

@@ -155,8 +155,7 @@ def schedule_anchor(sch, block) -> None:
     loops = sch.get_loops(block)
     if len(loops) != len(stmt.iter_vars):
         raise ScheduleError("the block's loops are not one per axis")
-    spatial = [(loop, iv) for loop, iv in zip(loops, stmt.iter_vars) if iv.iter_type == 0]
-    reduction = [loop for loop, iv in zip(loops, stmt.iter_vars) if iv.iter_type != 0]
+    spatial, reduction = _axes(sch, block)
     if [iv for _, iv in spatial] != list(stmt.iter_vars[:len(spatial)]):
         raise ScheduleError("reduction axes come before output axes")
     output_elements = _output_elements(stmt)
@@ -183,11 +182,7 @@ def schedule_anchor(sch, block) -> None:
     # whole cache lines of every operand row it touches
     width = VECTOR if t_index is not None else WIDE_VECTOR
     if _extent(v_iv.dom.extent) == SYMBOLIC and _pad_vector_axis(sch, block, width):
-        loops = sch.get_loops(block)
-        spatial = [(loop, iv) for loop, iv in zip(loops, sch.get(block).iter_vars)
-                   if iv.iter_type == 0]
-        reduction = [loop for loop, iv in zip(loops, sch.get(block).iter_vars)
-                     if iv.iter_type != 0]
+        spatial, reduction = _axes(sch, block)
         v_loop, v_iv = spatial[-1]
     vo, vi = sch.split(v_loop, [None, _tile(v_iv.dom.extent, width)])
     outer = [loop for i, (loop, _) in enumerate(spatial[:-1]) if i != t_index]
@@ -208,6 +203,15 @@ def schedule_anchor(sch, block) -> None:
     sch.vectorize(vi)
     if reduction:
         sch.decompose_reduction(block, reduction[0])
+
+
+def _axes(sch, block) -> tuple[list, list]:
+    """The block's (loop, iter var) pairs of its output axes, and its reduction loops."""
+    loops = sch.get_loops(block)
+    iter_vars = sch.get(block).iter_vars
+    spatial = [(loop, iv) for loop, iv in zip(loops, iter_vars) if iv.iter_type == 0]
+    reduction = [loop for loop, iv in zip(loops, iter_vars) if iv.iter_type != 0]
+    return spatial, reduction
 
 
 def _pad_vector_axis(sch, block, width: int) -> bool:

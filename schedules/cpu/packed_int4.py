@@ -140,9 +140,7 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
     _epilogue_at(sch, epilogue, no)
     sch.vectorize(ni)
     sch.parallel(sch.fuse(mo, no))
-    init = sch.decompose_reduction(block, kb)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(lane, dot.intrin)
+    _instruction_at(sch, block, kb, lane, dot)
     sch.unroll(row)
     sch.unroll(col_block)
 
@@ -164,9 +162,7 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     _epilogue_at(sch, epilogue, no)
     sch.vectorize(lanes_loop)
     sch.parallel(sch.fuse(rows, no))
-    init = sch.decompose_reduction(block, kb)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, dot.intrin)
+    _instruction_at(sch, block, kb, ni, dot)
 
 
 def _unpack_at(sch, block, loop) -> None:
@@ -176,6 +172,14 @@ def _unpack_at(sch, block, loop) -> None:
             sch.compute_at(producer, loop, preserve_unit_loops=True)
             inner = sch.get_loops(producer)
             sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+
+
+def _instruction_at(sch, block, reduction, lanes, dot: DotProduct) -> None:
+    """Zero the accumulators before `reduction` (vectorized) and make `lanes` the
+    instruction."""
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(lanes, dot.intrin)
 
 
 def _epilogue_at(sch, epilogue, loop) -> None:
