@@ -1,5 +1,6 @@
 """The 4-bit kernels in their logical form, the same on every target kind: what realize emits
-for a layer with group-wise 4-bit weights. W4A8 (`logical_te`), before a target's lowering
+for a layer with group-wise 4-bit weights (and for 8-bit weights whose input is quantized in
+groups at run time: the same kernel on int8 codes [N, K]). W4A8 (`logical_te`), before a target's lowering
 packs it (cpu/packed_int4.py):
 
     y[m, n] = sum_g scale[g, n] * acc[m, g, n]
@@ -13,10 +14,11 @@ folds into the bias, so the kernel reads nothing per group but the codes and the
 An input quantized per group at run time (`GroupTerms`) has its own scale per row and group,
 and each group's term becomes
 
-    sx[m, g] * (scale[g, n] * (acc[m, g, n] - offset[g, n]) + t[g, n] * s[m, g])
+    sx[m, g] * (scale[g, n] * (acc[m, g, n] - 128 * offset[g, n]) + t[g, n] * s[m, g])
 
-offset: an int32 per group and output (int16 stored) that the accumulator drops exactly (128
-times the group's codes less 8, for an int8 input carried as uint8); t, s: a weight's own zero
+offset: an int16 per group and output whose 128 times the accumulator drops exactly (the
+group's sum of weight values, codes less 8, for an int8 input carried as uint8 by adding
+128); t, s: a weight's own zero
 points (t = scale * (8 - zero)) times the group's sum of the input's codes. Each of the four
 may be absent.
 
@@ -34,9 +36,8 @@ TERMS_ATTR = "qcompile.int4_terms"  # on its PrimFunc: GroupTerms.present(), com
 
 class GroupTerms:
     """The optional per-group terms of a W4A8 kernel (the module docstring), in the order the
-    kernel takes them: row_scales [..., G] float32, offsets [G, N] int16 (int32 if it
-    overflows), sum_weights [G, N] float32, row_sums [..., G] float32. The [G, N] ones are per
-    output, the others per row."""
+    kernel takes them: row_scales [..., G] float32, offsets [G, N] int16, sum_weights [G, N]
+    float32, row_sums [..., G] float32. The [G, N] ones are per output, the others per row."""
 
     NAMES = ("row_scales", "offsets", "sum_weights", "row_sums")
     PER_OUTPUT = ("offsets", "sum_weights")
@@ -59,7 +60,7 @@ class GroupTerms:
         t = self.given
         a = acc
         if t["offsets"] is not None:
-            a = a - output(t["offsets"]).astype("int32")
+            a = a - output(t["offsets"]).astype("int32") * 128
         value = a.astype("float32") * scale
         if t["sum_weights"] is not None:
             value = value + output(t["sum_weights"]) * t["row_sums"][(*rows, g)]
@@ -71,14 +72,18 @@ class GroupTerms:
 def logical_te(data, codes, scales, group: int, *terms, names=()):
     """[..., K] (u)int8 x codes [N, K/2] (two 4-bit codes per byte) -> [..., N] float32, one
     scale per group of `group` reduction elements (scales: [K/group, N]; fp16 is widened);
-    `terms`: the GroupTerms named by `names`."""
+    `terms`: the GroupTerms named by `names`. Codes of type int8 [N, K] are 8-bit weights
+    (their values), taken the same way."""
     from tvm import te
 
-    n_out, half = int(codes.shape[0]), int(codes.shape[1])
+    eight = str(codes.dtype) == "int8"
+    n_out, half = int(codes.shape[0]), int(codes.shape[1]) // (2 if eight else 1)
     groups = int(scales.shape[0])
     k = te.reduce_axis((0, group), "k")
 
     def code(n, j):
+        if eight:
+            return codes[n, j].astype("int32")
         byte = codes[n, j // 2]
         return ((byte >> ((j % 2) * 4).astype("uint8")) & 15).astype("int32") - 8
 

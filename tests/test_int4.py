@@ -30,17 +30,19 @@ def matmul_model(k: int, n: int, rows: int = 3, seed: int = 0) -> onnx.ModelProt
                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
 
 
-def symmetric_codes(w, group):
+def symmetric_codes(w, group, bits: int = 4):
     """(codes [K padded, N] in -8..7, scales [groups, N]) of qcompile's own 4-bit weights:
     c = round(w / s), s = max |w| over the group / 7 (as fp16), K padded with zero weights to
-    whole groups."""
+    whole groups; with `bits` 8: -128..127 and / 127."""
     k, n = w.shape
+    qmax = (1 << (bits - 1)) - 1
     padded = -(-k // group) * group
     wp = np.zeros((padded, n), np.float32)
     wp[:k] = w
     bound = np.abs(wp.reshape(-1, group, n)).max(axis=1)
-    s = np.where(bound > 0, bound / 7, 1).astype(np.float16).astype(np.float32)
-    return np.clip(np.round(wp / np.repeat(s, group, axis=0)), -8, 7).astype(np.int64), s
+    s = np.where(bound > 0, bound / qmax, 1).astype(np.float16).astype(np.float32)
+    return np.clip(np.round(wp / np.repeat(s, group, axis=0)), -qmax - 1,
+                   qmax).astype(np.int64), s
 
 
 def w4a8_ref(x, w, b, qp, group):

@@ -151,21 +151,50 @@ def test_w4a8_dynamic_on_the_model_codes(k, n, block, symmetric, form, save_mode
                 assert err <= 1e-4 * np.abs(expected[r] - b).max() + 1e-5, (r, err)
 
 
+def test_int8_weights_with_inputs_in_groups(save_model, tmp_path):
+    """int8-dynamic with its inputs in groups (a language model's int8 layers): int8 codes,
+    max |w| / 127 per group of 32 as fp16, the input quantized per row and group at run time
+    on the 4-bit layers' kernel; a reduction that is not whole groups and outputs that are not
+    whole vector blocks. The output is the integer arithmetic's reference."""
+    k, n, group = 200, 36, 32
+    model = matmul_model(k, n, rows=4)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out",
+                                quantize="int8-dynamic",
+                                quant_config=qcompile.QuantConfig(input_groups=True))
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == "int8-g32-dynamic", row
+    groups = -(-k // group)  # per group and output: 32 codes, an fp16 scale, an int16 offset
+    assert row["weight_bits"] == pytest.approx(8 * groups * (group + 2 + 2) / k, abs=0.01), row
+    codes, scales = symmetric_codes(init["w"], group, bits=8)
+    w8 = (codes * np.repeat(scales, group, axis=0)).astype(np.float64)[:k]
+    x = random_inputs(model, 3)["x"] * np.array([[1e-3], [1.0], [30.0], [0.2]], np.float32)
+    x[:, 7] *= 50  # an outlier channel
+    with qcompile.load(artifact.directory) as loaded:
+        got = loaded.run({"x": x})["y"]
+    expected = grouped_reference(x, w8, group) + init["b"]
+    for r in range(len(x)):
+        assert np.abs(got[r] - expected[r]).max() <= \
+            1e-4 * np.abs(expected[r] - init["b"]).max() + 1e-5, r
+
+
 @pytest.mark.slow
-def test_w4a8_dynamic_on_the_device(arm64_device, save_model, tmp_path):
-    """On an ARM CPU with sdot, qcompile's own 4-bit codes of a float model and int8 inputs
-    quantized per row and group at run time (the int8 codes as they are: no uint8 offset)
-    give the reference's numbers on the emulated phone."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_w4a8_dynamic_on_the_device(bits, arm64_device, save_model, tmp_path):
+    """On an ARM CPU with sdot, qcompile's own 4-bit codes of a float model (or 8-bit ones in
+    groups) and int8 inputs quantized per row and group at run time (the int8 codes as they
+    are: no uint8 offset) give the reference's numbers on the emulated phone."""
     k, n, group = 256, 36, 32
     model = matmul_model(k, n, rows=4)
     init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    config = qcompile.QuantConfig(weight_bits=4) if bits == 4 else \
+        qcompile.QuantConfig(input_groups=True)
     artifact = qcompile.compile(save_model(model), "arm64-dotprod", tmp_path / "out",
-                                quantize="int8-dynamic",
-                                quant_config=qcompile.QuantConfig(weight_bits=4))
+                                quantize="int8-dynamic", quant_config=config)
     assert instruction_counts(artifact.library, "aarch64-linux-gnu-objdump")["sdot"] > 0
     row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
-    assert row["precision"] == "int4-g32-dynamic"
-    codes, scales = symmetric_codes(init["w"], group)
+    assert row["precision"] == f"int{bits}-g32-dynamic"
+    codes, scales = symmetric_codes(init["w"], group, bits)
     w4 = (codes * np.repeat(scales, group, axis=0)).astype(np.float64)
     x = random_inputs(model, 4)["x"] * np.array([[1e-3], [1.0], [30.0], [0.2]], np.float32)
     with qcompile.load(artifact.directory, rpc_tracker=arm64_device["tracker"],

@@ -216,7 +216,7 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     rounded by GPTQ on it. Equal weights of the two functions are stored once."""
     from ..build import build
     from ..frontend import load_onnx
-    from ..modes import NEEDS_CALIBRATION, Mode, apply, mode_from
+    from ..modes import NEEDS_CALIBRATION, DynamicInt8, Mode, apply, mode_from
     from ..paths import check_out_dir
     from ..quantize import QuantizedModel
     from ..specs import TensorSpec
@@ -236,6 +236,8 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     resolved = load_target(target).with_compiler(cc)
     check_out_dir(out_dir)
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize)
+    if isinstance(mode, DynamicInt8):  # a few input channels dwarf the rest: scale per group
+        mode = replace(mode, config=replace(mode.config, input_groups=True))
 
     loaded = load_onnx(model)  # read once, imported once per function
     graph, layout = import_decoder(model, None, loaded)  # the any-length function's

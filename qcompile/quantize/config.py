@@ -35,6 +35,9 @@ class QuantConfig:
     tables: str = "int8"              # constant lookup tables (embeddings): int8 | int4 | fp32
     weight_bits: int = 8              # 4: MatMul/Gemm weights in 4 bits, in groups (W4A8)
     group_size: int = 32              # 4-bit weights: reduction elements per scale
+    # int8-dynamic: each int8 layer's input quantized per row in groups of group_size, its
+    # weights scaled per group (the 4-bit layers' kernel), instead of one scale per row
+    input_groups: bool = False
 
     def check(self) -> None:
         if self.method not in METHODS:

@@ -53,7 +53,9 @@ class QuantPlan:
     def schemes(self, mode: str = "static") -> dict[str, Scheme]:
         """{relax layer: scheme}. mode: the int8 layers' flavour (static, weight-only,
         dynamic); the stem, when the plan keeps it in fp32, says why."""
-        plan = {var: scheme_for(settings, mode) for var, settings in self.settings.items()}
+        groups = self.config.input_groups
+        plan = {var: scheme_for(settings, mode, input_groups=groups)
+                for var, settings in self.settings.items()}
         if self.stem is not None and isinstance(plan.get(self.stem), Fp32):
             plan[self.stem] = Fp32(STEM_REASON)
         return plan

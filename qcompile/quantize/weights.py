@@ -145,11 +145,12 @@ class GroupWeight:
         return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
 
     def stored_bits(self, rows: int, zero_bytes: int | None = None) -> float:
-        """Bits per weight of the `rows` x N weight stored as these codes (two per byte), its
-        scales and its zero points (`zero_bytes`: what a kernel stores for them instead)."""
+        """Bits per weight of the `rows` x N weight stored as these codes (4-bit ones two per
+        byte), its scales and its zero points (`zero_bytes`: what a kernel stores for them
+        instead)."""
         if zero_bytes is None:
             zero_bytes = 0 if self.zero_points is None else self.zero_points.nbytes
-        stored = self.codes.size // 2 + self.scales.nbytes + zero_bytes
+        stored = self.codes.size * self.bits // 8 + self.scales.nbytes + zero_bytes
         return 8.0 * stored / (rows * self.codes.shape[1])
 
     def packed_columns(self) -> np.ndarray:

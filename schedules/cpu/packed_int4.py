@@ -17,6 +17,10 @@ elements and the high nibbles the next, so that one shift and one mask give the 
 int8 weight block. The default schedule (`schedule`) unpacks each block into a 64-byte (VNNI)
 or 16-byte (sdot) buffer right before the instruction consumes it, for every row of its tile:
 the weights cross memory in 4 bits.
+
+8-bit weights in groups (int8 codes [N, K] in the logical kernel: a decoder's int8 layers,
+their input quantized per group) are packed the same way, each half block a byte of its
+own ([N/lanes, K/(2 reduce), 2, lanes, reduce]), and read by the instruction as they are.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
               *terms, names=()):
     """The same on weights packed for an instruction: packed [N/lanes, K/(2 reduce), lanes,
     reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales and the
-    per-output group terms [N/lanes, K/group, lanes] (each column block's together)."""
+    per-output group terms [N/lanes, K/group, lanes] (each column block's together). 8-bit
+    weights come as int8 [N/lanes, K/(2 reduce), 2, lanes, reduce], read as they are."""
     from tvm import te
 
     from ..int4_logical import GroupTerms
@@ -42,7 +47,7 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
     blocks = int(packed.shape[1])          # byte blocks: 2 * reduce reduction elements each
     per_group = group // (2 * reduce)      # byte blocks per group
     groups = int(scales.shape[1])
-    unpacked = te.compute(
+    unpacked = packed if str(packed.dtype) == "int8" else te.compute(
         (int(packed.shape[0]), blocks, 2, lanes, reduce),
         lambda nb, b, h, lane, r: (
             (packed[nb, b, lane, r] >> (h * 4).astype("uint8")) & 15).astype("int8")
@@ -86,6 +91,14 @@ def pack_codes(codes: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
     low, high = blocks[:, :, :, 0, :], blocks[:, :, :, 1, :]
     packed = (low.astype(np.uint8) | (high.astype(np.uint8) << 4))
     return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+
+
+def pack_values(values: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+    """8-bit weights [N, K] (int8) -> [N/lanes, K/(2 reduce), 2, lanes, reduce]: the 4-bit
+    layout's blocks, each of its two halves a byte of its own."""
+    n, k = values.shape
+    blocks = values.reshape(n // lanes, lanes, k // (2 * reduce), 2, reduce)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 3, 1, 4)).astype(np.int8)
 
 
 def unpack_logical(codes_logical: np.ndarray) -> np.ndarray:
@@ -222,10 +235,12 @@ def repack(mod, dot: DotProduct):
                     group % (2 * chosen.reduce):
                 return call
             channels = pairs.shape[0]
-            codes_nk = unpack_logical(pairs)
+            eight = pairs.dtype == np.int8  # 8-bit weights: their values, not code pairs
+            codes_nk = pairs if eight else unpack_logical(pairs)
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
-                              constant_values=8)
-            packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce)
+                              constant_values=0 if eight else 8)
+            packed = (pack_values if eight else pack_codes)(codes_nk, chosen.lanes,
+                                                            chosen.reduce)
 
             def blocks(expr):  # [groups, N] -> [N padded / lanes, groups, lanes]
                 value = _pad_rows(_constant(expr), 1, chosen.lanes)
@@ -235,7 +250,7 @@ def repack(mod, dot: DotProduct):
             terms = [blocks(t) if name in GroupTerms.PER_OUTPUT else t
                      for name, t in zip(names, terms)]
             out = self.builder_.call_te(
-                packed_te, data, relax.const(packed, "uint8"), blocks(scales), group,
+                packed_te, data, relax.const(packed, str(packed.dtype)), blocks(scales), group,
                 codes_nk.shape[0], chosen.lanes, chosen.reduce, *terms, names=names,
                 primfunc_name_hint="packed_int4_matmul")
             if codes_nk.shape[0] == channels:

@@ -11,7 +11,8 @@ line in SCHEMES.
     fp16          fp16 input and weight, fp32 accumulation
     fp32          float, with the reason it stayed so
     int8-weights  weight-only int8: int8 weights widened in fp32 kernels
-    int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time
+    int8-dynamic  MatMul/Gemm on int8 with the input quantized at run time (per row, or per
+                  row and group on the 4-bit layers' kernel)
     int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
     int4-weights  W4A16: group-wise 4-bit weights widened in fp32 kernels
     int4-dynamic  W4A8 with the input quantized at run time, per row and group
@@ -45,9 +46,10 @@ SCHEMES: dict[str, type[Scheme]] = {
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
 
 
-def scheme_for(settings, mode: str = "static") -> Scheme:
+def scheme_for(settings, mode: str = "static", input_groups: bool = False) -> Scheme:
     """The scheme of a layer's rules.LayerSettings. mode: the model's int8 flavour for its
-    int8 layers: static (calibrated), weight-only or dynamic."""
+    int8 layers: static (calibrated), weight-only or dynamic; `input_groups`: dynamic int8
+    layers quantize their input in groups of the settings' group_size."""
     precision = settings.precision
     if precision == "int4" and mode == "weight-only":
         return Int4Weights.from_settings(settings)
@@ -56,7 +58,8 @@ def scheme_for(settings, mode: str = "static") -> Scheme:
     if precision == "int8" and mode == "weight-only":
         return WeightOnly(per_channel=settings.per_channel)
     if precision == "int8" and mode == "dynamic":
-        return Dynamic(per_channel=settings.per_channel, activations=settings.activations)
+        return Dynamic(per_channel=settings.per_channel, activations=settings.activations,
+                       group_size=settings.group_size if input_groups else 0)
     if precision == "int8":
         cls = Int8A16 if settings.activations in Int8A16.ACTIVATIONS else Int8
         return cls(method=settings.method, per_channel=settings.per_channel,

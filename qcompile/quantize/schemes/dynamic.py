@@ -4,7 +4,11 @@ per row (per token) from the row's own min and max (onnxruntime's DynamicQuantiz
 each row: one range for the whole tensor lets one token's large values cost every other
 token its resolution, and makes a token's result depend on the tokens batched with it), an
 int8 x int8 -> int32 matmul, and the zero point's correction and both scales applied to the
-accumulator. Convolutions stay fp32. No calibration data."""
+accumulator. With `group_size` (a language model, whose few very large input channels one
+scale per row cannot hold beside the rest: decoder/compile.py sets it), the input is
+quantized per row in groups along K instead, symmetric, and the weights scaled per group,
+on the 4-bit layers' kernel (run_time_groups.py). Convolutions stay fp32. No calibration
+data."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..weights import quantize_weight
+from ..weights import quantize_groups, quantize_weight
 from .base import Scheme, SimLayerOp, stays_float
+from .run_time_groups import emit_grouped, run_time_dtype
 
 if TYPE_CHECKING:
     from ..ops.linear import LayerOp
@@ -34,12 +39,21 @@ class Dynamic(Scheme):
 
     per_channel: bool = True
     activations: str = "uint8"  # the run-time input type: uint8 (x86 VNNI) or int8 (ARM)
+    group_size: int = 0  # > 0: the input in groups along K, the weight's scales the same
+
+    @property
+    def label(self) -> str:
+        return f"int8-g{self.group_size}-dynamic" if self.group_size else self.name
 
     def emit(self, r: Realizer, layer: LayerOp):
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
         if layer.kind != "matmul":
             return stays_float(r, layer, CONVOLUTIONS)
+        if self.group_size:
+            gw = quantize_groups(layer.weight, self.group_size, bits=8,
+                                 moments=r.config.input_moments.get(layer.node.name))
+            return emit_grouped(r, layer, gw, self.activations, self.label)
         op = r.relax.op
         f32 = "float32"
         xq, scale, zp = quantized_at_run_time(r, r.float_of(layer.node.args[0]),
@@ -59,14 +73,11 @@ class Dynamic(Scheme):
 
     def fake(self, sim: SimLayerOp) -> None:
         """The int8 weights only: the run-time input rounding is not simulated."""
+        if self.group_size and sim.kind == "matmul":
+            return sim.set_weight(quantize_groups(sim.weight, self.group_size, bits=8)
+                                  .dequantized(sim.weight.shape[0]))
         sim.set_weight(quantize_weight(sim.weight, sim.kind,
                                        per_channel=self.per_channel).dequantized())
-
-
-def run_time_dtype(activations: str) -> str:
-    """The 8-bit type an input quantized at run time takes: the configured one, uint8 for
-    anything else."""
-    return activations if activations in ("uint8", "int8") else "uint8"
 
 
 def quantized_at_run_time(r: Realizer, x, activations: str):
@@ -87,4 +98,4 @@ def quantized_at_run_time(r: Realizer, x, activations: str):
     return r._emit(xq), scale, zp
 
 
-__all__ = ["CONVOLUTIONS", "Dynamic", "quantized_at_run_time", "run_time_dtype"]
+__all__ = ["CONVOLUTIONS", "Dynamic", "quantized_at_run_time"]

@@ -131,13 +131,14 @@ def _padded(r: Realizer, data, gw, k: int, zero_point: float):
 
 
 def kernel(r: Realizer, data, gw, terms=None):
-    """The logical W4A8 kernel on the integer input `data` (its reduction whole groups): float
-    sums of each group's int32 dot product times its scale, and `terms`
-    (int4_logical.GroupTerms of relax exprs) if given."""
+    """The logical W4A8 kernel (for 8-bit weights, the same on their values) on the integer
+    input `data` (its reduction whole groups): float sums of each group's int32 dot product
+    times its scale, and `terms` (int4_logical.GroupTerms of relax exprs) if given."""
     from ...schedules.int4_logical import FUNC_ATTR, TERMS_ATTR, logical_te
 
     names = terms.present() if terms is not None else []
-    call = r.bb.call_te(logical_te, data, r.relax.const(gw.packed_pairs(), "uint8"),
+    codes = gw.packed_pairs() if gw.bits == 4 else gw.values().T.astype(np.int8)
+    call = r.bb.call_te(logical_te, data, r.relax.const(np.ascontiguousarray(codes)),
                         r.relax.const(gw.scales, str(gw.scales.dtype)), gw.group,
                         *(terms.args() if terms is not None else []), names=names,
                         primfunc_name_hint=KERNEL)
