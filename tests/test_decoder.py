@@ -25,7 +25,8 @@ from qcompile.examples.llm.onnx_decoder import build_decoder
 from tiny_llama import TINY, write_gguf
 
 MAX_CONTEXT = 24
-CHUNK = 4  # the prompt's function: PROMPT is one chunk and three tokens through "main"
+CHUNK = 16  # the prompt's function; its tail function takes 4: PROMPT is one tail, then
+            # three tokens through the tail again after the last cached token
 PROMPT = [3, 17, 42, 5, 9, 60, 1]
 
 
@@ -62,7 +63,7 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
 def test_prompt_then_tokens_give_onnxruntimes_logits(form, onnx_models, compiled):
     directory, info = compiled[form]
     assert info.max_context == MAX_CONTEXT and len(info.caches) == 2 * TINY["layers"]
-    assert info.prefill_chunk == CHUNK
+    assert info.prefill_chunk == CHUNK and info.tail_chunk == CHUNK // 4
     assert info.cache_shape == [1, TINY["kv_heads"], MAX_CONTEXT,
                                 TINY["hidden"] // TINY["heads"]]
     follow = [11, 23, 7, 50]
@@ -79,14 +80,22 @@ def test_prompt_then_tokens_give_onnxruntimes_logits(form, onnx_models, compiled
     assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
 
 
-def test_a_prompt_of_whole_chunks_gives_onnxruntimes_logits(onnx_models, compiled):
-    """Two calls of "prefill" and none of "main": the logits come from the chunk's function."""
+def test_prompts_of_any_length_give_onnxruntimes_logits(onnx_models, compiled):
+    """A prompt goes through the chunk's function, the tail's, the tail's again from earlier
+    cached tokens, and "main", as its length makes it (1-3: main; 5: a tail and main; 7: a
+    tail and a tail from one token back; 16: a chunk; 19: a chunk and a tail from one token
+    back; 21: a chunk, a tail and main); the last position's logits are onnxruntime's."""
     directory, info = compiled["4-bit"]
-    prompt = PROMPT + [2]  # 2 x CHUNK
-    want = reference_logits(onnx_models["4-bit"], prompt)[-1]
+    prompt = (PROMPT * 3)[:21]
+    want = reference_logits(onnx_models["4-bit"], prompt)
     with qcompile.load(directory) as loaded:
-        got = Decoder(loaded, info).step(prompt)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        decoder = Decoder(loaded, info)
+        for n in (1, 2, 3, 5, 7, 16, 19, 21):
+            decoder.reset()
+            got = decoder.step(prompt[:n])
+            assert decoder.past == n
+            err = np.abs(got - want[n - 1]).max()
+            assert err <= 1e-4 * np.abs(want[n - 1]).max(), (n, err)
 
 
 def test_the_chunks_function_projects_its_last_position_only(onnx_models):

@@ -1,9 +1,12 @@
 """Compile a decoder with a KV cache: the model's symbolic sequence lengths kept, its cache in
-place (kv_cache.py), and two functions on the same caches and weights:
+place (kv_cache.py), and these functions on the same caches and weights:
 
-    main     any number of new tokens after `past` cached ones (the answer, one per call)
-    prefill  exactly --prefill-chunk tokens (a prompt's whole chunks), its kernels compiled
-             for that many rows; the logits of the chunk's last position only
+    main          any number of new tokens after `past` cached ones (the answer, one per
+                  call)
+    prefill       exactly --prefill-chunk tokens (a prompt's whole chunks), its kernels
+                  compiled for that many rows; the logits of the chunk's last position only
+    prefill_tail  the same for a quarter of the chunk (a prompt's last tokens; fewer are fed
+                  from earlier, cached, tokens on: generate.py)
 
 The decoder is found by its interface (the common export: input_ids, attention_mask,
 position_ids, past_key_values.N.key/value -> logits, present.N.key/value). Its named
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 DECODER_FILE = "decoder.json"
 PAST, TOKENS = "past", "tokens"  # the symbols of the compiled function's lengths
 PREFILL = "prefill"  # the function that takes a prompt's chunk of a fixed length
+PREFILL_TAIL = "prefill_tail"  # the same for a prompt's last tokens, a shorter fixed length
+TAIL_PART = 4  # the tail function takes 1/TAIL_PART of the chunk's tokens
 NO_CALIBRATION = ("--quantize {quantize} calibrates the activations' ranges, which qcompile "
                   "does not do for decoders (one static range per tensor does not hold a "
                   "language model's outliers): use the model's own 4-bit weights (W4A16, "
@@ -51,6 +56,7 @@ class DecoderInfo:
     cache_shape: list        # [1, kv_heads, max_context, head_dim]
     cache_dtype: str
     vocabulary: int
+    tail_chunk: int = 0      # tokens per call of "prefill_tail" (0: no such function)
 
     def save(self, directory: Path) -> None:
         (directory / DECODER_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -250,11 +256,13 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
         return built, decoder_module(built, layout, max_context)
 
     built, mod = decoder(graph, layout)
-    if prefill_chunk > 1:
-        log.info("the prompt's function, for chunks of %d tokens", prefill_chunk)
-        chunk, chunk_layout = import_decoder(model, prefill_chunk, loaded)
-        mod = with_function(mod, decoder(last_position_only(chunk, prefill_chunk),
-                                         chunk_layout)[1], PREFILL)
+    tail_chunk = prefill_chunk // TAIL_PART if prefill_chunk // TAIL_PART > 1 else 0
+    for name, rows in ((PREFILL, prefill_chunk), (PREFILL_TAIL, tail_chunk)):
+        if rows > 1:
+            log.info("the prompt's function %s, for %d tokens a call", name, rows)
+            chunk, chunk_layout = import_decoder(model, rows, loaded)
+            mod = with_function(mod, decoder(last_position_only(chunk, rows),
+                                             chunk_layout)[1], name)
     cache_shape = [1, layout.heads, max_context, layout.head_dim]
     vocabulary = int(next(s for s in built.outputs if s.name == "logits").shape[-1])
     interface = replace(built, mod=mod,
@@ -265,7 +273,8 @@ def compile_decoder(model, target="host", out_dir="build", *, max_context: int =
     info = DecoderInfo(max_context=max_context,
                        prefill_chunk=prefill_chunk if prefill_chunk > 1 else 0,
                        caches=list(layout.past), cache_shape=cache_shape,
-                       cache_dtype=layout.dtype, vocabulary=vocabulary)
+                       cache_dtype=layout.dtype, vocabulary=vocabulary,
+                       tail_chunk=tail_chunk)
     report = built.report if isinstance(built, QuantizedModel) else None
 
     def extras(directory: Path) -> None:

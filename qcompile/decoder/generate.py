@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .compile import PREFILL, DecoderInfo
+from .compile import PREFILL, PREFILL_TAIL, DecoderInfo
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Decoder:
         self._caches = [tvm.runtime.empty(tuple(info.cache_shape), info.cache_dtype,
                                           self._device) for _ in info.caches]
         self.past = 0
+        self._fed: list[int] = []  # the cached tokens' ids (a tail call may feed some again)
 
     def close(self) -> None:
         """Free the caches (the loaded model stays open)."""
@@ -55,6 +56,7 @@ class Decoder:
     def reset(self) -> None:
         """Forget the cached tokens (the caches are overwritten from position 0)."""
         self.past = 0
+        self._fed = []
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """Feed tokens after the cached ones (all at once); the logits for the position after
@@ -68,21 +70,37 @@ class Decoder:
             raise InputError(f"The conversation reached the {self.info.max_context} tokens "
                              "the model was compiled for. Compile it with a larger "
                              "--max-context, or start again with a shorter prompt.")
-        chunk = self.info.prefill_chunk
         logits = None
         while tokens:
-            # whole chunks through "prefill" (kernels for that many rows), the rest through
-            # "main" (any count; one token is the answer's step)
-            take = chunk if chunk and len(tokens) >= chunk else len(tokens)
-            ids = tvm.runtime.tensor(np.array([list(tokens[:take])], np.int64), self._device)
-            function = PREFILL if take == chunk else "main"
-            past = tvm.runtime.tensor(np.array([self.past], np.int64), self._device)
+            function, take, again = self._plan(len(tokens))
+            start = self.past - again
+            ids = tvm.runtime.tensor(np.array([self._fed[start:] + tokens[:take]], np.int64),
+                                     self._device)
+            past = tvm.runtime.tensor(np.array([start], np.int64), self._device)
             # a direct call: the caches go as they are (through RPC too, where set_input
             # would copy them and the writes would be lost)
             logits = self._vm[function](ids, *self._caches, past)
+            self._fed += tokens[:take]
             self.past += take
             tokens = tokens[take:]
         return logits.numpy()[0, -1]
+
+    def _plan(self, count: int) -> tuple[str, int, int]:
+        """(function, new tokens it takes, cached tokens it feeds again) for the next call of
+        `count` tokens to feed: whole chunks through "prefill" and then "prefill_tail"
+        (kernels compiled for that many rows: a few times faster per token than "main"'s);
+        fewer than a tail but at least half of one through the tail function too, its first
+        tokens the last cached ones fed again (their keys and values come out the same and
+        overwrite themselves); the rest through "main" (any count; one token is the answer's
+        step)."""
+        chunk, tail = self.info.prefill_chunk, self.info.tail_chunk
+        if chunk and count >= chunk:
+            return PREFILL, chunk, 0
+        if tail and count >= tail:
+            return PREFILL_TAIL, tail, 0
+        if tail and count > 1 and 2 * count >= tail and self.past + count >= tail:
+            return PREFILL_TAIL, count, tail - count
+        return "main", count, 0
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 64,
                  stop: Sequence[int] = (), temperature: float = 0.0, seed: int = 0,
