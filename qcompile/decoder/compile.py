@@ -198,6 +198,7 @@ def rounded_on(mode, calibration, model, graph, layout, target):
     functions' weights are rounded with them."""
     from ..modes import DynamicInt8, WeightOnlyInt8
     from ..quantize.hessians import weight_moments
+    from ..tvm_noise import quiet
     from .calibration import text_samples
 
     if not isinstance(mode, (DynamicInt8, WeightOnlyInt8)):
@@ -206,7 +207,9 @@ def rounded_on(mode, calibration, model, graph, layout, target):
     if isinstance(calibration, (str, Path)) and not str(calibration).endswith(".npz"):
         samples = text_samples(calibration, model, graph.inputs, layout)
     kind = "dynamic" if isinstance(mode, DynamicInt8) else "weight-only"
-    return replace(mode, calibration=weight_moments(graph, kind, mode.config, target, samples))
+    with quiet():  # building the float model for the samples prints TVM's take warning
+        moments = weight_moments(graph, kind, mode.config, target, samples)
+    return replace(mode, calibration=moments)
 
 
 def compile_decoder(model, target="host", out_dir="build", *, max_context: int = 512,
