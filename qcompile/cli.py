@@ -106,8 +106,9 @@ def _add_compile(sub) -> None:
                         "kept on the device; run it with `qcompile generate`")
     p.add_argument("--prefill-chunk", type=int, default=32, metavar="T",
                    help="with --max-context: a second function for the prompt, T tokens per "
-                        "call, its kernels compiled for T rows (default: 32; 0: none, the "
-                        "prompt goes through the any-length function)")
+                        "call, its kernels compiled for T rows, and a third for its last "
+                        "tokens, T/4 a call (default: 32; 0: none, the prompt goes through "
+                        "the any-length function)")
     logs = p.add_mutually_exclusive_group()
     logs.add_argument("--tuning-log", metavar="DIR",
                       help="apply the tuned schedules recorded in DIR by `qcompile tune` "
