@@ -259,6 +259,7 @@ def _conv_then(residual: bool):
                       [_w("w", (16, 16, 1, 1), 31, 0.2), _w("b", (16,), 32)])
 
 
+@pytest.mark.slow  # a tune or two of a minute: the slow tier
 def test_a_kernel_fused_differently_from_the_logs_is_left_untuned_and_said(save_model,
                                                                            tmp_path, caplog):
     """A log tuned on conv+ReLU, then a model whose same conv has a residual add fused in:
@@ -301,6 +302,7 @@ def test_a_model_with_nothing_to_tune_is_refused_without_leaving_a_log(save_mode
     assert "has no kernel to tune" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a tune or two of a minute: the slow tier
 def test_tunes_work_whatever_handlers_are_on_metaschedules_logger(save_model, tmp_path):
     """Handlers the application attached to MetaSchedule's logger, one unnamed (pytest's log
     capture attaches such a one to every logger that does not propagate) and one named: two
@@ -400,6 +402,7 @@ def test_devices_that_die_mid_tune_stop_it_with_a_clear_error(tracker, save_mode
     assert (log / RECORDS_FILE).read_text().count("\n") >= measured > 0
 
 
+@pytest.mark.slow  # a tune or two of a minute: the slow tier
 def test_ctrl_c_stops_the_tune_after_its_batch_and_it_resumes(save_model, tmp_path):
     """Ctrl-C during `qcompile tune` (MetaSchedule alone takes it for a failed build and goes
     on): the batch being measured is finished and kept, the command exits with 130 and says
