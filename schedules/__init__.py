@@ -24,3 +24,14 @@ from __future__ import annotations
 # counts them); a kernel that has it, or TVM's "tirx.is_scheduled", is not scheduled again.
 SCHEDULE_ATTR = "qcompile.default_schedule"
 
+
+
+def rewrite_relax_functions(mod, rewriter):
+    """`mod` with each of its Relax functions visited by `rewriter` (a relax.PyExprMutator
+    made on `mod`)."""
+    from tvm import relax
+
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()

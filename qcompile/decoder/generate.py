@@ -45,7 +45,6 @@ class Decoder:
         self._loaded = loaded
         self._caches = [tvm.runtime.empty(tuple(info.cache_shape), info.cache_dtype,
                                           self._device) for _ in info.caches]
-        self.past = 0
         self._fed: list[int] = []  # the cached tokens' ids (a tail call may feed some again)
 
     def close(self) -> None:
@@ -55,8 +54,12 @@ class Decoder:
 
     def reset(self) -> None:
         """Forget the cached tokens (the caches are overwritten from position 0)."""
-        self.past = 0
         self._fed = []
+
+    @property
+    def past(self) -> int:
+        """How many tokens the caches hold."""
+        return len(self._fed)
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """Feed tokens after the cached ones (all at once); the logits for the position after
@@ -81,7 +84,6 @@ class Decoder:
             # would copy them and the writes would be lost)
             logits = self._vm[function](ids, *self._caches, past)
             self._fed += tokens[:take]
-            self.past += take
             tokens = tokens[take:]
         return logits.numpy()[0, -1]
 

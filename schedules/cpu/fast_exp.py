@@ -15,12 +15,12 @@ def rewrite(mod):
     """`mod` with every relax exp, sigmoid and softmax computed by fast_exp."""
     from tvm import relax, topi, te
 
+    from .. import rewrite_relax_functions
+
     def fast_sigmoid(x):
         e = topi.fast_exp(topi.negative(x))
         one = te.const(1.0, x.dtype)
         return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid")
-
-    float32 = ("float32",)
 
     @relax.expr_functor.mutator
     class Rewrite(relax.PyExprMutator):
@@ -28,7 +28,7 @@ def rewrite(mod):
             call = super().visit_call_(call)
             name = getattr(call.op, "name", "")
             if name not in ("relax.exp", "relax.sigmoid", "relax.nn.softmax") or \
-                    str(getattr(call.ty, "dtype", "")) not in float32:
+                    str(getattr(call.ty, "dtype", "")) != "float32":
                 return call
             x = call.args[0]
             if name == "relax.exp":
@@ -38,11 +38,7 @@ def rewrite(mod):
             return self.builder_.call_te(topi.nn.fast_softmax, x, int(call.attrs.axis),
                                          primfunc_name_hint="softmax")
 
-    rewriter = Rewrite(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_relax_functions(mod, Rewrite(mod))
 
 
 __all__ = ["rewrite"]

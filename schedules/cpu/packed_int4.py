@@ -209,6 +209,7 @@ def repack(mod, dot: DotProduct):
     import tvm
     from tvm import relax, topi
 
+    from .. import rewrite_relax_functions
     from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR, TERMS_ATTR, GroupTerms
 
     chosen = dot if dot.rows == 1 else dot.fallback
@@ -260,11 +261,7 @@ def repack(mod, dot: DotProduct):
                                          [channels], [1], [axis],
                                          primfunc_name_hint="packed_channels")
 
-    rewriter = Repack(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, Repack(mod)))
 
 
 def schedule_kernel(sch, dot: DotProduct) -> bool:

@@ -28,9 +28,7 @@ def emit_grouped(r: Realizer, layer: LayerOp, gw, activations: str, label: str):
     its input quantized at run time in the same groups; the layer's result is `label`."""
     from ...schedules.int4_logical import GroupTerms
 
-    node = layer.node
-    rows = int(layer.weight.shape[0])
-    data, scales, sums = _grouped_input(r, r.float_of(node.args[0]), gw, rows, activations,
+    data, scales, sums = _grouped_input(r, r.float_of(layer.node.args[0]), gw, activations,
                                         gw.zero_points is not None)
     terms = {"row_scales": scales}
     stored = 0  # bytes of the per-output terms
@@ -45,11 +43,11 @@ def emit_grouped(r: Realizer, layer: LayerOp, gw, activations: str, label: str):
     result, last, fused = with_epilogue(r, layer, kernel(r, data, gw, GroupTerms(**terms)))
     r.layers.append(layer.result(
         label, weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
-        weight_bits=gw.stored_bits(rows, stored), fused=fused, output_var=last.var))
+        weight_bits=gw.stored_bits(int(layer.weight.shape[0]), stored), fused=fused, output_var=last.var))
     return result
 
 
-def _grouped_input(r: Realizer, x, gw, rows: int, activations: str, with_sums: bool):
+def _grouped_input(r: Realizer, x, gw, activations: str, with_sums: bool):
     """(the input's int8 codes as the instruction takes them [..., K_padded], their scales
     [..., groups], each group's sum of codes [..., groups] if `with_sums`, else None): x in
     groups of gw.group along its last axis (padded with zeros up to whole groups), scale
