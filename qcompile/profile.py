@@ -225,12 +225,14 @@ def _install_hook(vm, device, calls: list, repeat: int, model) -> None:
     and (kernel, seconds, argument dtypes, argument bytes) appended to `calls`."""
     import tvm
 
-    timer = vm.time_evaluator("invoke_closure", device, number=1, repeat=repeat,
-                              min_repeat_ms=MIN_REPEAT_MS)
-
     def hook(func, name, before, _result, *args):
         if before and not str(name).startswith("vm.builtin.") and args and \
                 all(isinstance(a, tvm.runtime.Tensor) for a in args):
+            # a new evaluator per call: TVM's keeps the call count it grew to reach
+            # min_repeat_ms on one kernel and starts the next kernel from it (after a kernel
+            # of a few nanoseconds, a 15 us kernel was called a million times per repeat)
+            timer = vm.time_evaluator("invoke_closure", device, number=1, repeat=repeat,
+                                      min_repeat_ms=MIN_REPEAT_MS)
             seconds = statistics.median(timer(func, *args).results)
             calls.append((str(name), seconds, [str(a.dtype) for a in args],
                           sum(math.prod(a.shape) * a.dtype.itemsize for a in args)))

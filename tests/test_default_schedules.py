@@ -105,31 +105,38 @@ def test_a_vector_axis_of_run_time_length_is_padded_not_bounds_checked():
         assert_close(out.numpy(), np.einsum("ahir,ahrj->ahij", a, b) * 0.5)
 
 
-def test_exponentials_are_vector_arithmetic(save_model, tmp_path):
-    """Sigmoid, softmax and exp (a SwiGLU, attention's softmax) are computed by TVM's
-    fast_exp, with no call of the C library's exp left in any kernel (it kept them scalar),
-    and give numpy's float64 values to float32 rounding, over inputs far into both tails."""
+def test_transcendentals_are_vector_arithmetic(save_model, tmp_path):
+    """Sigmoid, softmax, exp, erf and tanh (a SwiGLU, attention's softmax, BERT's GELU) are
+    computed by TVM's fast_exp, fast_erf and fast_tanh, with no call of the C library left in
+    any kernel (it kept them scalar), and give numpy's and scipy's float64 values to a few
+    float32 roundings, over inputs far into both tails."""
     import tvm
     from onnx import helper
+    from scipy.special import erf
 
     from models import make_model
     from qcompile.lower import kernels
     from qcompile.targets import load_target
 
+    shape = [3, 40]
     model = make_model([helper.make_node("Sigmoid", ["x"], ["s"]),
                         helper.make_node("Mul", ["s", "x"], ["silu"]),
                         helper.make_node("Softmax", ["x"], ["p"], axis=-1),
-                        helper.make_node("Exp", ["y"], ["e"])],
-                       [("x", [3, 40]), ("y", [3, 40])], [("silu", [3, 40]), ("p", [3, 40]),
-                                                           ("e", [3, 40])])
+                        helper.make_node("Exp", ["y"], ["e"]),
+                        helper.make_node("Erf", ["x"], ["erf"]),
+                        helper.make_node("Tanh", ["x"], ["tanh"])],
+                       [("x", shape), ("y", shape)],
+                       [(name, shape) for name in ("silu", "p", "e", "erf", "tanh")])
     path = save_model(model)
     fused = kernels(qcompile.import_onnx(path).mod, load_target("host"))
     text = "\n".join(f.script() for f in fused.functions.values()
                      if isinstance(f, tvm.tirx.PrimFunc))
-    assert "T.exp(" not in text and "T.sigmoid(" not in text
+    for call in ("T.exp(", "T.sigmoid(", "T.erf(", "T.tanh("):
+        assert call not in text
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((3, 40)) * 30).astype(np.float32)
-    y = rng.uniform(-80, 80, (3, 40)).astype(np.float32)
+    x = (rng.standard_normal(shape) * 30).astype(np.float32)
+    x[0] = np.geomspace(1e-6, 4, shape[1])  # erf and tanh near zero: relative error
+    y = rng.uniform(-80, 80, shape).astype(np.float32)
     with qcompile.load(qcompile.compile(path, "host", tmp_path / "out").directory) as loaded:
         out = loaded.run({"x": x, "y": y})
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
@@ -137,3 +144,5 @@ def test_exponentials_are_vector_arithmetic(save_model, tmp_path):
     np.testing.assert_allclose(out["silu"], x64 / (1 + np.exp(-x64)), rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(out["p"], p / p.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(out["e"], np.exp(y64), rtol=1e-6)
+    np.testing.assert_allclose(out["erf"], erf(x64), rtol=5e-7, atol=4e-7)
+    np.testing.assert_allclose(out["tanh"], np.tanh(x64), rtol=5e-7, atol=4e-7)

@@ -4,15 +4,15 @@ On a target with an integer dot-product instruction, the int8 graph is converted
 its conv2d/matmul legalized onto weights packed for that instruction (packed_int8.py), so that
 the innermost loop is the instruction. Default schedules tensorize those (int8_default.py) and
 register-tile every other conv/matmul (float_default.py); MetaSchedule searches the int8 ones
-in a space where every candidate builds (search_space.py). Exponentials are computed in
-vector arithmetic (fast_exp.py).
+in a space where every candidate builds (search_space.py). Exponentials, erf, tanh and the
+activations made of them are computed in vector arithmetic (fast_math.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from . import fast_exp, float_default, int8_default, search_space
+from . import fast_math, float_default, int8_default, search_space
 from .intrinsics import DotProduct, dot_product_for, register
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         if dot is not None:
             passes.append(tvm.transform.module_pass(lambda m, _ctx: repack(m, dot),
                                                     opt_level=0, name="PackInt4Weights"))
-        passes.append(tvm.transform.module_pass(lambda m, _ctx: fast_exp.rewrite(m),
-                                                opt_level=0, name="FastExp"))
+        passes.append(tvm.transform.module_pass(lambda m, _ctx: fast_math.rewrite(m),
+                                                opt_level=0, name="FastMath"))
         passes += library_dispatch_passes(tvm_target)
         passes += [relax.transform.LegalizeOps(legalize_map(dot) if dot is not None else None),
                    relax.transform.AnnotateTIROpPattern(),
