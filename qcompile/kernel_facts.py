@@ -87,6 +87,23 @@ def _ops_and_precision(func) -> tuple[int | None, str]:
     return None, precision_of(dtype for name, dtype in read.items() if name not in written)
 
 
+def _called(mod) -> set[str]:
+    """The names of the functions that `mod`'s Relax functions refer to."""
+    import tvm
+    from tvm import relax
+
+    found: set[str] = set()
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.GlobalVar):
+            found.add(expr.name_hint)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
 def describe(fused, lowered) -> dict[str, dict]:
     """The facts of every kernel of `lowered` (what tvm.compile builds), counted on the same
     kernel in `fused` (lower.kernels' output, unscheduled)."""
@@ -95,10 +112,11 @@ def describe(fused, lowered) -> dict[str, dict]:
     from .schedules import SCHEDULE_ATTR
 
     names = {gvar.name_hint for gvar in fused.get_global_vars()}
+    called = _called(lowered)
     facts = {}
     for gvar, func in lowered.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
+        if not isinstance(func, tvm.tirx.PrimFunc) or gvar.name_hint not in called:
+            continue  # a kernel that only reshapes became a view of its input: never called
         name = gvar.name_hint
         attrs = func.attrs if func.attrs is not None else {}
         ops, precision = None, None

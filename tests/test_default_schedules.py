@@ -146,3 +146,50 @@ def test_transcendentals_are_vector_arithmetic(save_model, tmp_path):
     np.testing.assert_allclose(out["e"], np.exp(y64), rtol=1e-6)
     np.testing.assert_allclose(out["erf"], erf(x64), rtol=5e-7, atol=4e-7)
     np.testing.assert_allclose(out["tanh"], np.tanh(x64), rtol=5e-7, atol=4e-7)
+
+
+def test_row_kernels_run_in_parallel_rows_of_vectors(save_model, tmp_path, caplog):
+    """Softmax, layer norm, a row maximum and a transpose (attention's heads) are scheduled row
+    by row (rows.py): vectorized, their reductions into vector partials, in parallel over the
+    rows; rows of a length the vector does not divide too. They give onnxruntime's outputs."""
+    import tvm
+    from onnx import helper, numpy_helper
+
+    from models import make_model
+    from qcompile.lower import kernels
+    from qcompile.targets import load_target
+
+    gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, 48, dtype=np.float32), "gamma")
+    beta = numpy_helper.from_array(np.linspace(-1, 1, 48, dtype=np.float32), "beta")
+    model = make_model([helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+                        helper.make_node("Softmax", ["r"], ["q"], axis=-1),
+                        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"],
+                                         axis=-1, epsilon=1e-5),
+                        helper.make_node("ReduceMax", ["x"], ["m"], axes=[-1], keepdims=0),
+                        helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1, 3])],
+                       [("s", [1, 4, 64, 64]), ("r", [1, 4, 64, 20]), ("x", [1, 96, 48])],
+                       [("p", [1, 4, 64, 64]), ("q", [1, 4, 64, 20]), ("n", [1, 96, 48]),
+                        ("m", [1, 96]), ("t", [1, 64, 4, 64])], [gamma, beta], opset=17)
+    path = save_model(model)
+    target = load_target("host")
+    fused = kernels(qcompile.import_onnx(path).mod, target)
+    kinds = {}
+    with target.to_tvm():
+        for gvar, func in fused.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                found = float_default.schedule(func)
+                kinds[gvar.name_hint] = found and (found[1], found[0].mod["main"].script())
+    for name, (kind, text) in kinds.items():
+        assert kind == "rows", name
+        assert "T.vectorized" in text and "T.parallel" in text, name
+    reductions = [text for kind, text in kinds.values() if "_rf" in text]
+    assert len(reductions) >= 2  # softmax over 64 and the layer norm: vector partials
+    artifact = _compile(path, "host", tmp_path / "out", caplog)
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(2):
+            feeds = random_inputs(model, seed)
+            feeds["s"] *= 10
+            expected = onnxruntime_outputs(model, feeds)
+            outputs = loaded.run(feeds)
+            for name, value in expected.items():
+                assert_close(outputs[name], value)

@@ -101,8 +101,9 @@ def test_the_roofline_follows_the_given_peaks(int8_profile):
 
 def test_fp32_conv_and_no_tuned_column_without_a_tuning_log(fp32_build, capsys):
     result = profile(fp32_build, repeat=2, peaks=PEAKS)
-    (conv,) = result.kernels
-    assert conv.precision == "fp32" and conv.ops == 2 * macs(conv_relu())["conv"]
+    # the conv, and the transposes to and from NHWC around it
+    (conv,) = [k for k in result.kernels if "conv2d" in k.name]
+    assert len(result.kernels) == 3 and conv.precision == "fp32" and conv.ops == 2 * macs(conv_relu())["conv"]
     assert result.tuning_log is None and conv.tuned is None
     assert main(["profile", str(fp32_build), "--repeat", "1", *PEAK_ARGS]) == 0  # random inputs
     header = capsys.readouterr().out.splitlines()[1]
@@ -160,11 +161,13 @@ def test_cli_prints_the_table_and_writes_every_row(int8_build, tmp_path, capsys)
     out = tmp_path / "profile.json"
     assert main(["profile", str(int8_build), "--inputs", str(tmp_path / "x.npz"), "--repeat",
                  "2", "--top", "3", "--json", str(out), *PEAK_ARGS]) == 0
+    kernels = len(json.loads((int8_build / "model.json").read_text())["kernels"]["functions"])
     printed = capsys.readouterr().out
-    assert "kernel" in printed and "GOPS" in printed and "(4 more kernels)" in printed
+    assert "kernel" in printed and "GOPS" in printed
+    assert f"({kernels - 3} more kernels)" in printed
     assert "given: int8, fp32, memory" in printed
     saved = json.loads(out.read_text())
-    assert len(saved["kernels"]) == 7 and saved["device"] == "this machine"
+    assert len(saved["kernels"]) == kernels >= 5 and saved["device"] == "this machine"
     assert sum(k["share"] for k in saved["kernels"]) == pytest.approx(1.0)
     assert {"name", "calls", "total_us", "precision", "ops", "bytes", "gops", "gbps",
             "bound", "of_peak", "tuned"} <= set(saved["kernels"][0])
@@ -223,7 +226,8 @@ def test_bench_saves_both_profiles_side_by_side(int8_build, tmp_path, monkeypatc
     ort_trace = json.loads((tmp_path / "profiles" / "small-onnxruntime.json").read_text())
     assert any(e.get("cat") == "Node" for e in ort_trace)
     ours = json.loads((tmp_path / "profiles" / "small-qcompile.json").read_text())
-    assert len(ours["kernels"]) == 7
+    functions = json.loads((int8_build / "model.json").read_text())["kernels"]["functions"]
+    assert len(ours["kernels"]) == len(functions) >= 5
     lines = text.splitlines()
     assert "qcompile kernels" in lines[0] and "onnxruntime ops" in lines[0]
     assert len(lines) == 6 and all(" | " in line for line in lines)

@@ -27,7 +27,8 @@ padded with zeros: a bounds check inside the vector loop (the fallback, where th
 cannot be done) keeps it scalar.
 
 Kernels without such a block (softmax, layer norm, reshapes) get the intermediate steps that
-one step reads inlined, and their outer loops run in parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
+one step reads inlined, and are scheduled row by row (rows.py): in parallel over the rows,
+vectorized along them; where that does not apply, their outer loops run in parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from __future__ import annotations
 import logging
 
 from .. import SCHEDULE_ATTR
+from . import rows
 from .tiles import accumulate_in_tile, inline_epilogue, largest_divisor, schedule_each
 
 log = logging.getLogger(__name__)
 
-KINDS = ("float", "parallel")  # SCHEDULE_ATTR's values on the kernels scheduled here
+KINDS = ("float", "rows", "parallel")  # SCHEDULE_ATTR's values on the kernels scheduled here
 VECTOR = 8    # output elements per vector tile (one AVX2 / two NEON fp32 registers)
 ROWS = 8      # rows of the register tile
 WIDE_VECTOR = 64  # output elements per tile when there are no rows to tile
@@ -62,11 +64,16 @@ def _tile(expr, size: int) -> int:
 
 
 def _anchor(sch):
-    """The kernel's one multiply-accumulate block, or None (no such block, or several)."""
+    """The kernel's one multiply-accumulate block, or None (no such block, or several): a block
+    with reduction axes that reads two or more buffers along them (a layer norm's sum of
+    squared deviations reads its mean once per row: not one)."""
     found = []
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         stmt = sch.get(block)
-        if any(iv.iter_type != 0 for iv in stmt.iter_vars) and len(stmt.reads) >= 2:
+        reduced = {iv.var.name for iv in stmt.iter_vars if iv.iter_type != 0}
+        along = [r for r in stmt.reads
+                 if any(_vars_of(e.min) & reduced for e in r.region)]
+        if reduced and len(along) >= 2:
             found.append(block)
     return found[0] if len(found) == 1 else None
 
@@ -244,7 +251,8 @@ def _pad_vector_axis(sch, block, width: int) -> bool:
 
 def schedule(func):
     """(the Schedule of `func`, "float") when it has a multiply-accumulate block to tile,
-    (the Schedule, "parallel") when only its outer loops run in parallel, or None."""
+    (the Schedule, "rows") when it runs row by row (rows.py), (the Schedule, "parallel") when
+    only its outer loops run in parallel, or None."""
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
@@ -256,6 +264,9 @@ def schedule(func):
         schedule_anchor(sch, block)
         return sch, "float"
     inline_single_use(sch)
+    by_rows = sch.copy()
+    if rows.schedule(by_rows, MIN_PARALLEL):
+        return by_rows, "rows"
     changed = [_parallel_outer(sch, child)
                for child in sch.get_child_blocks(sch.get_sblock("root"))]
     return (sch, "parallel") if any(changed) else None
