@@ -42,8 +42,8 @@ def test_fp32_kernels_get_a_schedule_and_match_onnxruntime(build, anchors, save_
 
 def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, caplog,
                                                        monkeypatch):
-    """The int8 graph's depthwise conv (NHWC, OHWI weights read across channels: copied into
-    HWIO by the schedule) computes exactly what TVM's unscheduled kernel computes."""
+    """The int8 graph's depthwise conv (NHWC, its weights HWIO since compile time) computes
+    exactly what TVM's unscheduled kernel computes."""
     model = packed_convnet()
     path = save_model(model)
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
