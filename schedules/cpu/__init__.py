@@ -3,8 +3,9 @@
 On a target with an integer dot-product instruction, the int8 graph is converted to NHWC and
 its conv2d/matmul legalized onto weights packed for that instruction (packed_int8.py), so that
 the innermost loop is the instruction. A float graph's convs go NHWC on every CPU; float and
-depthwise convs get their weights HWIO (conv_weight_layout.py). Default schedules tensorize those (int8_default.py) and
-register-tile every other conv/matmul (float_default.py); MetaSchedule searches the int8 ones
+depthwise convs get their weights HWIO (conv_weight_layout.py). Default schedules tensorize
+the packed kernels (int8_default.py), register-tile every other conv/matmul and run the rest
+row by row (float_default.py, rows.py); MetaSchedule searches the int8 ones
 in a space where every candidate builds (search_space.py). Exponentials, erf, tanh and the
 activations made of them are computed in vector arithmetic (fast_math.py).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from . import fast_math, conv_weight_layout, float_default, int8_default, search_space
+from . import conv_weight_layout, fast_math, float_default, int8_default, search_space
 from .intrinsics import DotProduct, dot_product_for, register
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
     with tvm_target:
         passes = [relax.transform.FoldConstant()]
         if packed_layout:
-            passes += [relax.transform.ConvertLayout(PACKED_LAYOUTS), relax.transform.FoldConstant(),
+            passes += [relax.transform.ConvertLayout(PACKED_LAYOUTS),
+                       relax.transform.FoldConstant(),
                        tvm.transform.module_pass(lambda m, _ctx: conv_weight_layout.rewrite(m),
                                                  opt_level=0, name="ConvWeightsHWIO"),
                        relax.transform.FoldConstant()]

@@ -28,7 +28,8 @@ cannot be done) keeps it scalar.
 
 Kernels without such a block (softmax, layer norm, reshapes) get the intermediate steps that
 one step reads inlined, and are scheduled row by row (rows.py): in parallel over the rows,
-vectorized along them; where that does not apply, their outer loops run in parallel. MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
+vectorized along them; where that does not apply, their outer loops run in parallel.
+MetaSchedule tuning replaces all of these with measured schedules (`qcompile tune`).
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def _vectorize_partials(sch, rf, row) -> None:
 
 def schedule(sch, min_parallel: int) -> bool:
     """Schedule the kernel in `sch` (its single-use steps already inlined) row by row, in
-    parallel when a step iterates at least `min_parallel` times; whether it could. `sch` is left half-done when it could not: schedule a copy."""
+    parallel when a step iterates at least `min_parallel` times; whether it could. `sch` is
+    left half-done when it could not: schedule a copy."""
     from tvm.s_tir import ScheduleError
 
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
