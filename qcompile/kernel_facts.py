@@ -90,7 +90,8 @@ def _ops_and_precision(func) -> tuple[int | None, str]:
 def _called(mod) -> set[str]:
     """The names of the functions that `mod`'s Relax functions refer to."""
     import tvm
-    from tvm import relax
+
+    from .schedules import visit_relax_functions
 
     found: set[str] = set()
 
@@ -98,9 +99,7 @@ def _called(mod) -> set[str]:
         if isinstance(expr, tvm.ir.GlobalVar):
             found.add(expr.name_hint)
 
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
+    visit_relax_functions(mod, visit)
     return found
 
 

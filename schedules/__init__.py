@@ -25,6 +25,14 @@ from __future__ import annotations
 SCHEDULE_ATTR = "qcompile.default_schedule"
 
 
+def visit_relax_functions(mod, visit) -> None:
+    """Call `visit` on every expression of each of `mod`'s Relax functions (post order)."""
+    from tvm import relax
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+
 
 def rewrite_relax_functions(mod, rewriter):
     """`mod` with each of its Relax functions visited by `rewriter` (a relax.PyExprMutator

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import math
 
-OPS = ("relax.exp", "relax.sigmoid", "relax.nn.softmax", "relax.nn.silu", "relax.erf",
-       "relax.tanh", "relax.nn.gelu", "relax.nn.gelu_tanh")
-
-
 def _in_float32(f):
     """f on a float32 tensor, or on a float16 one through float32."""
     from tvm import topi
@@ -79,8 +75,8 @@ def _lowerings():
 
 
 def rewrite(mod):
-    """`mod` with every relax op of OPS on a float32 or float16 tensor computed by TVM's fast
-    functions."""
+    """`mod` with every relax op that _lowerings names, on a float32 or float16 tensor,
+    computed by TVM's fast functions."""
     from tvm import relax
 
     from .. import rewrite_relax_functions
@@ -103,4 +99,4 @@ def rewrite(mod):
     return rewrite_relax_functions(mod, Rewrite(mod))
 
 
-__all__ = ["OPS", "rewrite"]
+__all__ = ["rewrite"]

@@ -218,18 +218,13 @@ def conv_weight_dtypes(mod) -> set[str]:
     """The dtypes of the weights of `mod`'s conv2d calls."""
     from tvm import relax
 
+    from .. import visit_relax_functions
+
     found: set[str] = set()
 
     def visit(expr):
         if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
             found.add(str(expr.args[1].ty.dtype))
 
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
+    visit_relax_functions(mod, visit)
     return found
-
-
-def has_int8_conv(mod) -> bool:
-    """Whether `mod` has a conv2d on int8 weights (then the graph goes NHWC, packed)."""
-    return "int8" in conv_weight_dtypes(mod)

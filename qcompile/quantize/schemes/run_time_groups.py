@@ -43,7 +43,8 @@ def emit_grouped(r: Realizer, layer: LayerOp, gw, activations: str, label: str):
     result, last, fused = with_epilogue(r, layer, kernel(r, data, gw, GroupTerms(**terms)))
     r.layers.append(layer.result(
         label, weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
-        weight_bits=gw.stored_bits(int(layer.weight.shape[0]), stored), fused=fused, output_var=last.var))
+        weight_bits=gw.stored_bits(int(layer.weight.shape[0]), stored), fused=fused,
+        output_var=last.var))
     return result
 
 
