@@ -8,7 +8,7 @@ import os
 import subprocess
 import tempfile
 
-BUILD_TIMEOUT_S = 180  # MetaSchedule's 30 s times out on 2 cores (each worker imports ~17 s)
+BUILD_TIMEOUT_S = 180  # MetaSchedule's 30 s timed out on 2 cores (its workers import ~17 s)
 WORKER_USES = 64  # builds per worker process before it is replaced (TVM's workers leak memory)
 
 
@@ -22,7 +22,10 @@ def export_library(module, cc: str | None) -> str:
 
 
 def _warm_worker() -> None:
-    import tvm.s_tir.tensor_intrin  # noqa: F401  what MetaSchedule's default build imports
+    """What MetaSchedule's default build imports, once per worker (its CPU intrinsics)."""
+    from ..schedules.cpu.intrinsics import import_tvm_cpu_intrinsics
+
+    import_tvm_cpu_intrinsics()
 
 
 def _build_gpu_candidate(mod, target, params, cc: str | None) -> str:
@@ -49,9 +52,9 @@ def builder(cc: str | None, gpu: bool = False):
     the candidates are OpenCL kernels (see _build_gpu_candidate).
 
     MetaSchedule's LocalBuilder starts new worker processes for every batch, and each spends
-    about 17 s importing TVM's tensor intrinsics: on 2 cores that was 30 s per batch, longer
-    than building and measuring it. These workers are kept, and replaced every WORKER_USES
-    builds."""
+    about 17 s importing all of TVM's tensor intrinsics: on 2 cores that was 30 s per batch,
+    longer than building and measuring it. These workers are kept, replaced every WORKER_USES
+    builds, and import only the CPU intrinsics (intrinsics.import_tvm_cpu_intrinsics)."""
     import functools
 
     from tvm.ir.utils import derived_object

@@ -47,6 +47,30 @@ SDOT = DotProduct(SDOT_INTRIN, "sdot", "int8", 4)
 SMMLA = DotProduct(SMMLA_INTRIN, "smmla", "int8", 2, reduce=8, rows=2, fallback=SDOT)
 
 _registered = False
+TVM_INTRINSICS = "tvm.s_tir.tensor_intrin"
+TVM_CPU_INTRINSICS = ("x86", "arm_cpu")  # the modules of it that our CPU targets use
+
+
+def import_tvm_cpu_intrinsics() -> None:
+    """Register TVM's own CPU tensor intrinsics (sdot, udot, VNNI) without its GPU ones.
+
+    `import tvm.s_tir.tensor_intrin` parses about 250 TVMScript functions, most of them CUDA's
+    tensor-core intrinsics: 15 s on this machine, in every process that tunes or opens a log
+    and in every build worker of a tune (MetaSchedule imports the package before it builds a
+    candidate). This puts the package in sys.modules without running its __init__, then
+    imports the CPU modules; a later `import tvm.s_tir.tensor_intrin` finds it there, and its
+    other modules can still be imported by name. No qcompile target tensorizes with the
+    others (our OpenCL spaces take MetaSchedule's "cuda" rules, which name no intrinsic).
+    Does nothing when the package was imported already."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if TVM_INTRINSICS not in sys.modules:
+        spec = importlib.util.find_spec(TVM_INTRINSICS)
+        sys.modules[TVM_INTRINSICS] = importlib.util.module_from_spec(spec)
+    for name in TVM_CPU_INTRINSICS:
+        importlib.import_module(f"{TVM_INTRINSICS}.{name}")
 
 
 def register() -> None:
@@ -54,7 +78,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    import tvm.s_tir.tensor_intrin  # noqa: F401  TVM's own (sdot, udot, ...)
+    import_tvm_cpu_intrinsics()  # TVM's own (sdot, udot, ...)
     from tvm.s_tir import TensorIntrin
 
     desc, impl = _vnni_16x4()
