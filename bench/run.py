@@ -1,6 +1,7 @@
 """Side-by-side benchmark: qcompile vs onnxruntime on the same machine, in one run.
 
-    python bench/run.py [--threads 2] [--repeat 30] [--models efficientnet-lite0,minilm-l3]
+    python bench/run.py [--threads 2] [--repeat 30] [--rounds 3]
+                        [--models efficientnet-lite0,minilm-l3]
                         [--out bench/results/latest.json] [--profile]
 
 For each model (MODELS) and each engine configuration it measures, with the same thread count:
@@ -12,7 +13,9 @@ Python), its Python runtime's beside it; onnxruntime's is its Python process's. 
 configuration is prepared (compiled or quantized, and packaged) in one fresh subprocess and run
 in another, so that each RSS is its own; the running RSS is taken after timing, before the
 held-out data is loaded for the accuracy. Each model's data is made once and shared by the
-subprocesses. Prints a Markdown table and writes JSON. No asserts: the figures are read off the
+subprocesses. The configurations are then timed again in turn, `--rounds` in all, each in a
+fresh process, and each latency is the median of its rounds' figures: on a shared machine whose
+speed drifts, a slow minute then falls on every engine instead of on one. Prints a Markdown table and writes JSON. No asserts: the figures are read off the
 table.
 
 Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8
@@ -244,13 +247,10 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
             "compile_rss_mb": _peak_rss_mb(), **extra}
 
 
-def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
-    """Load one prepared configuration in a fresh process and time it on one held-out sample;
-    the peak RSS is taken then (the runtime, the model and one input). Then run every
-    held-out sample and save the outputs beside the model's ONNX file for the accuracy."""
+def _load_for_timing(bench: BenchModel, config: str, work: Path, threads: int):
+    """(infer(feed) -> the output array, the model's size in bytes) for one prepared
+    configuration, loaded in this process."""
     directory = work / bench.name
-    with open(directory / "sample.pkl", "rb") as f:
-        sample = pickle.load(f)
     if config.startswith("onnxruntime"):
         path = directory / ("ort-int8.onnx" if config == "onnxruntime-int8" else "model.onnx")
         session = _ort_session(path, threads)
@@ -259,29 +259,45 @@ def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: in
         def infer(feed):
             return session.run([output], feed)[0]
 
-        size = path.stat().st_size
-    else:
-        import qcompile
+        return infer, path.stat().st_size
+    import qcompile
 
-        model = qcompile.load(directory / config)
-        output = bench.output
+    model = qcompile.load(directory / config)
+    output = bench.output
 
-        def infer(feed):
-            outputs = model.run(feed)
-            return outputs[output] if output else next(iter(outputs.values()))
+    def infer(feed):
+        outputs = model.run(feed)
+        return outputs[output] if output else next(iter(outputs.values()))
 
-        size = model.manifest.library_bytes
+    return infer, model.manifest.library_bytes
+
+
+def time_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
+    """Load one prepared configuration in a fresh process and time it on one held-out sample
+    (`repeat` runs, in Python, as a user's code calls it; a qcompile build also by its native
+    runner); the peak RSS is taken then (the runtime, the model and one input)."""
+    directory = work / bench.name
+    with open(directory / "sample.pkl", "rb") as f:
+        sample = pickle.load(f)
+    infer, size = _load_for_timing(bench, config, work, threads)
     times = _time(lambda: infer(sample), repeat)
     peak_rss = _peak_rss_mb()
     native = _native_run(directory, config, sample, threads, repeat) \
         if config.startswith("qcompile") else {}
-    _, held_out = _load_data(directory)
-    outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
-    np.save(directory / f"{config}.npy", outputs)
-    return {"config": config, "median_ms": float(np.median(times)),
-            "p90_ms": float(np.percentile(times, 90)), "size_bytes": size,
+    return {"config": config, "times_ms": times, "size_bytes": size,
             "peak_rss_mb": native.get("peak_rss_mb", peak_rss), "python_rss_mb": peak_rss,
             **{k: v for k, v in native.items() if k != "peak_rss_mb"}}
+
+
+def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
+    """time_one, then every held-out sample run and the outputs saved beside the model's ONNX
+    file for the accuracy."""
+    result = time_one(bench, config, work, threads, repeat)
+    infer, _ = _load_for_timing(bench, config, work, threads)
+    _, held_out = _load_data(work / bench.name)
+    outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
+    np.save(work / bench.name / f"{config}.npy", outputs)
+    return result
 
 
 def _native_run(directory: Path, config: str, sample: dict, threads: int, repeat: int) -> dict:
@@ -374,6 +390,15 @@ def _child(phase: str, config: str, bench: BenchModel, work: Path, args) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _round_figures(result: dict) -> dict:
+    """One timing round's median and p90 (and the native runner's median) of a child's result."""
+    times = result["times_ms"]
+    figures = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+    if "native_median_ms" in result:
+        figures["native_median_ms"] = result["native_median_ms"]
+    return figures
+
+
 def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     (work / bench.name).mkdir(parents=True, exist_ok=True)
     onnx_path = work / bench.name / "model.onnx"
@@ -394,7 +419,23 @@ def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
         for phase in ("prepare", "run"):
             row.update(_child(phase, config, bench, work, args))
         row["wall_s"] = time.perf_counter() - started
+        row["rounds"] = [_round_figures(row)]
         rows.append(row)
+    # The machine's speed drifts (other jobs on the host): the configurations are timed again
+    # in turn, round after round, and each figure is the median of its rounds' medians.
+    for number in range(2, args.rounds + 1):
+        print(f"bench: {bench.name}: timing round {number} of {args.rounds}", file=sys.stderr,
+              flush=True)
+        for row in rows:
+            row["rounds"].append(_round_figures(_child("time", row["config"], bench, work,
+                                                       args)))
+    for row in rows:
+        del row["times_ms"]  # the first round's; each round's figures are kept
+        row["median_ms"] = float(np.median([r["median_ms"] for r in row["rounds"]]))
+        row["p90_ms"] = float(np.median([r["p90_ms"] for r in row["rounds"]]))
+        if "native_median_ms" in row:
+            row["native_median_ms"] = float(np.median([r["native_median_ms"]
+                                                       for r in row["rounds"]]))
     reference = np.load(work / bench.name / "onnxruntime-fp32.npy")
     base = next(r for r in rows if r["config"] == "onnxruntime-fp32")
     base_int8 = next(r for r in rows if r["config"] == "onnxruntime-int8")
@@ -415,6 +456,10 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds: every configuration is timed in turn, ROUNDS "
+                             "times, and its latency is the median of the rounds' medians "
+                             "(this machine's speed drifts as other jobs come and go)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--phone", action=argparse.BooleanOptionalAction, default=True,
@@ -427,7 +472,7 @@ def main() -> int:
                              "both JSON files in profiles/ beside --out and print the top 5 of "
                              "each side by side")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--phase", choices=("prepare", "run"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("prepare", "run", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -436,12 +481,14 @@ def main() -> int:
 
     if args.one:  # child process: one configuration
         bench = MODELS[args.model]
-        if args.phase == "run" and args.one.startswith("qcompile"):
+        if args.phase in ("run", "time") and args.one.startswith("qcompile"):
             # tvm_ffi imports torch whenever it is installed (here: for the test models), which
             # adds about 530 MB and 2.4 s to a process that only runs a compiled model
             sys.modules["torch"] = None
         if args.phase == "prepare":
             result = prepare_one(bench, args.one, args.work)
+        elif args.phase == "time":
+            result = time_one(bench, args.one, args.work, args.threads, args.repeat)
         else:
             result = run_one(bench, args.one, args.work, args.threads, args.repeat)
         print(json.dumps(result))
