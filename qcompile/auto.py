@@ -1,7 +1,7 @@
 """--quantize auto: the precision mix chosen against an accuracy budget, built and checked.
 
 1. each layer's kernel timed in int8 and in the fallback precision on the target (here, or on
-   the device at the tracker): layers not faster in int8 stay in the fallback (layer_latency);
+   the device at the tracker): layers slower in int8 stay in the fallback (layer_latency);
 2. the mix searched in simulation (quantize/search.py);
 3. built, and on the host checked with the compiled model on the validation data; when the
    simulation was optimistic, the next most sensitive layers are kept too and it is built

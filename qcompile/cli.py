@@ -120,7 +120,7 @@ def _add_compile(sub) -> None:
     a = p.add_argument_group(
         "automatic precision (--quantize auto)", "Each layer's kernel is first timed in int8 "
         "and in --fallback-precision on the target (here for host; on a device with "
-        "--rpc-tracker/--rpc-key): layers not faster in int8 stay in the fallback precision. "
+        "--rpc-tracker/--rpc-key): layers slower in int8 stay in the fallback precision. "
         "Then each layer's sensitivity is measured in simulation (onnxruntime) on the "
         "calibration data; the fewest most-sensitive layers that meet the budget on "
         "--validation stay in --fallback-precision. The compiled model is then checked on "

@@ -103,12 +103,13 @@ def _inspect_build(directory: Path) -> str:
         lines.extend(f"{l['name'][:36]:<36} {l['op']:<7} {l['precision']}" for l in layers)
     search_path = directory / "search.json"
     if search_path.is_file():
-        from .quantize.search import weights_note
+        from .quantize.search import SLOWER_IN_INT8_KEY, weights_note
 
         search = _read_json(search_path, "Compile again into this directory, or delete it")
         kept = {k["layer"]: k["precision"] for k in search["kept_in_higher_precision"]}
-        slow = {k["layer"]: f"{k['precision']} (int8 not faster)"
-                for k in search.get("kept_because_int8_is_not_faster", [])}
+        slow = {k["layer"]: f"{k['precision']} (int8 slower)"
+                for k in search.get(SLOWER_IN_INT8_KEY,
+                                    search.get("kept_because_int8_is_not_faster", []))}
         fallback = search.get("fallback_precision", "fp32")
         lines.append("")
         lines.append(f"precision search: {search['metric']} budget {search['budget']}; all "
@@ -118,7 +119,7 @@ def _inspect_build(directory: Path) -> str:
                       is not None else ""))
         where = search.get("latency_measured_on")
         lines.append(f"{len(kept)} layer(s) in higher precision for accuracy, {len(slow)} "
-                     "because int8 is not faster" +
+                     "because int8 is slower" +
                      (f" (timed on {where})" if where else " (layers not timed)") +
                      f"; {search['int8_mac_fraction']:.1%} of MACs in int8"
                      + weights_note(search["int8_mac_fraction"],

@@ -1,5 +1,5 @@
 """Each layer's kernel time in int8 and in the fallback precision, on the target: what
-`--quantize auto` uses to keep a layer out of int8 where int8 is not faster.
+`--quantize auto` uses to keep a layer out of int8 where int8 is slower.
 
 A weighted layer (Conv/Gemm/MatMul with a constant weight), with the Relu/Clip that follows it
 (which fuses into its kernel), is cut out of the ONNX model as a one-layer model. That model is

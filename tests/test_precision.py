@@ -232,17 +232,18 @@ def test_int8_mac_fractions_count_the_layers_rules_fix():
     assert more.to_json()["int8_mac_fraction"] == pytest.approx(1 / 4)
 
 
-def test_layers_not_faster_in_int8_by_the_margin():
+def test_layers_slower_in_int8_by_the_margin():
     from qcompile.layer_latency import LayerLatency
-    from qcompile.quantize.search import not_faster_in_int8
+    from qcompile.quantize.search import slower_in_int8
 
     timed = {"slower": LayerLatency(100.0, 50.0, "fp32"),
              "faster": LayerLatency(50.0, 100.0, "fp32"),
-             "barely": LayerLatency(95.0, 100.0, "fp32"),  # 5% faster: within the margin
+             "barely": LayerLatency(105.0, 100.0, "fp32"),  # 5% slower: within the margin
+             "equal": LayerLatency(100.0, 100.0, "fp32"),
              "unmeasured": LayerLatency(None, 10.0, "fp32", "did not build")}
-    names = ["slower", "faster", "barely", "unmeasured", "absent"]
-    assert not_faster_in_int8(timed, names) == ["slower", "barely"]
-    assert not_faster_in_int8(timed, names, margin=0.0) == ["slower"]
+    names = ["slower", "faster", "barely", "equal", "unmeasured", "absent"]
+    assert slower_in_int8(timed, names) == ["slower"]
+    assert slower_in_int8(timed, names, margin=0.0) == ["slower", "barely"]
 
 
 def test_search_keeps_layers_slower_in_int8_in_the_fallback():
@@ -263,18 +264,18 @@ def test_search_keeps_layers_slower_in_int8_in_the_fallback():
     assert {n: s.precision for n, s in result.plan.items()} == {
         "conv1": "fp32", "conv2": "int8", "conv3": "fp32", "conv4": "int8"}
     assert "conv1" not in result.ranking
-    assert "1 because int8 is not faster (timed on host, this machine in 0 s)" in \
+    assert "1 because int8 is slower (timed on host, this machine in 0 s)" in \
         result.summary()
     data = result.to_json()
-    assert data["kept_because_int8_is_not_faster"] == [{"layer": "conv1", "precision": "fp32"}]
+    assert data["kept_because_int8_is_slower"] == [{"layer": "conv1", "precision": "fp32"}]
     row = next(r for r in data["sensitivity"] if r["layer"] == "conv1")
     assert row["int8_us"] == 80.0 and row["fallback_us"] == 40.0
-    assert "because int8 is not faster" in result.rules_text()
+    assert "because int8 is slower" in result.rules_text()
 
 
 def test_auto_times_each_layer_here_and_keeps_int8_where_faster(save_model, tmp_path):
     """--quantize auto on the host times every layer's kernel in int8 and fp32 (real builds,
-    real runs) and keeps in fp32 exactly the layers whose int8 kernel is not faster."""
+    real runs) and keeps in fp32 exactly the layers whose int8 kernel is slower."""
     from qcompile.quantize.search import LATENCY_MARGIN
 
     model = packed_convnet()
@@ -289,8 +290,8 @@ def test_auto_times_each_layer_here_and_keeps_int8_where_faster(save_model, tmp_
     assert set(rows) == {"conv3x3", "pointwise", "depthwise", "fc"}
     assert all(r["int8_us"] > 0 and r["fallback_us"] > 0 for r in rows.values()), rows
     slower = {name for name, r in rows.items()
-              if r["int8_us"] * (1 + LATENCY_MARGIN) > r["fallback_us"]}
-    assert {k["layer"] for k in search["kept_because_int8_is_not_faster"]} == slower
+              if r["int8_us"] > r["fallback_us"] * (1 + LATENCY_MARGIN)}
+    assert {k["layer"] for k in search["kept_because_int8_is_slower"]} == slower
     built = precisions(out)
     assert all(built[name] == "fp32" for name in slower), built
     assert "int8 us" in inspect_path(out) and "fp32 us" in inspect_path(out)
