@@ -15,8 +15,8 @@ in another, so that each RSS is its own; the running RSS is taken after timing, 
 held-out data is loaded for the accuracy. Each model's data is made once and shared by the
 subprocesses. The configurations are then timed again in turn, `--rounds` in all, each in a
 fresh process, and each latency is the median of its rounds' figures: on a shared machine whose
-speed drifts, a slow minute then falls on every engine instead of on one. Prints a Markdown table and writes JSON. No asserts: the figures are read off the
-table.
+speed drifts, a slow minute then falls on every engine instead of on one. Prints a Markdown
+table and writes JSON. No asserts: the figures are read off the table.
 
 Configurations: onnxruntime fp32 and int8 (its quantize_static: QDQ, per-channel, uint8
 activations, minmax), qcompile fp32, int8 with default schedules (no tuning log), int8 with
