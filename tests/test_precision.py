@@ -273,7 +273,7 @@ def test_search_keeps_layers_slower_in_int8_in_the_fallback():
     assert "because int8 is slower" in result.rules_text()
 
 
-def test_auto_times_each_layer_here_and_keeps_int8_where_faster(save_model, tmp_path):
+def test_auto_times_each_layer_here_and_leaves_int8_only_where_slower(save_model, tmp_path):
     """--quantize auto on the host times every layer's kernel in int8 and fp32 (real builds,
     real runs) and keeps in fp32 exactly the layers whose int8 kernel is slower."""
     from qcompile.quantize.search import LATENCY_MARGIN
