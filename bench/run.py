@@ -272,10 +272,10 @@ def _load_for_timing(bench: BenchModel, config: str, work: Path, threads: int):
     return infer, model.manifest.library_bytes
 
 
-def time_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
-    """Load one prepared configuration in a fresh process and time it on one held-out sample
-    (`repeat` runs, in Python, as a user's code calls it; a qcompile build also by its native
-    runner); the peak RSS is taken then (the runtime, the model and one input)."""
+def _timed(bench: BenchModel, config: str, work: Path, threads: int, repeat: int):
+    """(infer, the figures): one prepared configuration loaded in this process and timed on one
+    held-out sample (`repeat` runs, in Python, as a user's code calls it; a qcompile build also
+    by its native runner); the peak RSS is taken then (the runtime, the model and one input)."""
     directory = work / bench.name
     with open(directory / "sample.pkl", "rb") as f:
         sample = pickle.load(f)
@@ -284,16 +284,20 @@ def time_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: i
     peak_rss = _peak_rss_mb()
     native = _native_run(directory, config, sample, threads, repeat) \
         if config.startswith("qcompile") else {}
-    return {"config": config, "times_ms": times, "size_bytes": size,
-            "peak_rss_mb": native.get("peak_rss_mb", peak_rss), "python_rss_mb": peak_rss,
-            **{k: v for k, v in native.items() if k != "peak_rss_mb"}}
+    return infer, {"config": config, "times_ms": times, "size_bytes": size,
+                   "peak_rss_mb": native.get("peak_rss_mb", peak_rss), "python_rss_mb": peak_rss,
+                   **{k: v for k, v in native.items() if k != "peak_rss_mb"}}
+
+
+def time_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
+    """Load one prepared configuration in a fresh process and time it (_timed)."""
+    return _timed(bench, config, work, threads, repeat)[1]
 
 
 def run_one(bench: BenchModel, config: str, work: Path, threads: int, repeat: int) -> dict:
-    """time_one, then every held-out sample run and the outputs saved beside the model's ONNX
-    file for the accuracy."""
-    result = time_one(bench, config, work, threads, repeat)
-    infer, _ = _load_for_timing(bench, config, work, threads)
+    """time_one, then every held-out sample run by the same loaded model and the outputs saved
+    beside the model's ONNX file for the accuracy."""
+    infer, result = _timed(bench, config, work, threads, repeat)
     _, held_out = _load_data(work / bench.name)
     outputs = np.stack([np.asarray(infer(feed)) for feed in held_out])
     np.save(work / bench.name / f"{config}.npy", outputs)
