@@ -1,13 +1,16 @@
 """The real-model corpus (tests/corpus_models.py) timed against onnxruntime, side by side in one run.
 
     python bench/corpus.py [--models ppocr-det,silero-vad] [--threads 2] [--repeat 30]
-                           [--out bench/results/corpus.json]
+                           [--rounds 3] [--out bench/results/corpus.json]
 
 For each model: onnxruntime fp32 and int8 (quantize_static: QDQ, per-channel int8 weights,
 uint8 activations, minmax; the same calibration samples as qcompile), qcompile fp32 and int8
 (host, the shipped tuning log where it has records). Each configuration is built in this
 process and timed in a fresh subprocess (TVM's and onnxruntime's thread pools never share a
-process). Reports the median latency over `repeat` runs after warm-up, its ratio to
+process), then timed again in `rounds - 1` more rounds that take the configurations in turn
+(this machine's speed drifts by minutes: one round can favour whichever configuration ran in a
+quick minute). Reports the median over the rounds of each round's median latency over
+`repeat` runs after warm-up, its ratio to
 onnxruntime fp32 and int8, the file size, and each int8 build's task measure against fp32
 (the corpus' own: text-map IoU, CTC agreement, VAD decisions, score cosines) on held-out data.
 Prints a Markdown table and writes JSON. No asserts: the figures are read off the table.
@@ -86,9 +89,9 @@ def build(model, config: str, work: Path) -> tuple[Path, float]:
 
 
 def time_one(name: str, config: str, artifact: Path, threads: int, repeat: int,
-             out: Path) -> None:
-    """(In a subprocess.) The median latency (out.json) and the held-out outputs (out.npz:
-    array "i_j" is output j of sample i) of one build."""
+             out: Path, outputs: bool = True) -> None:
+    """(In a subprocess.) The median latency (out.json) and, with `outputs`, the held-out
+    outputs (out.npz: array "i_j" is output j of sample i) of one build."""
     from corpus_models import BY_NAME, HELD_OUT_SEEDS, held_out_outputs
 
     model = BY_NAME[name]
@@ -102,10 +105,21 @@ def time_one(name: str, config: str, artifact: Path, threads: int, repeat: int,
         start = time.perf_counter()
         run(feed)
         times.append((time.perf_counter() - start) * 1e3)
-    outputs = [[o] if model.sequence else o for o in held_out_outputs(model, run)]
-    np.savez(out.with_suffix(".npz"), **{f"{i}_{j}": np.asarray(v) for i, sample in
-                                         enumerate(outputs) for j, v in enumerate(sample)})
     out.with_suffix(".json").write_text(json.dumps({"median_ms": statistics.median(times)}))
+    if outputs:
+        held_out = [[o] if model.sequence else o for o in held_out_outputs(model, run)]
+        np.savez(out.with_suffix(".npz"), **{f"{i}_{j}": np.asarray(v) for i, sample in
+                                             enumerate(held_out) for j, v in enumerate(sample)})
+
+
+def _time_in_subprocess(name: str, config: str, artifact: Path, out: Path, args,
+                        outputs: bool) -> None:
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", name, config, str(artifact), str(out),
+         "--threads", str(args.threads), "--repeat", str(args.repeat)]
+        + ([] if outputs else ["--no-outputs"]), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip() or f"exit code {done.returncode}")
 
 
 def _read(out: Path, sequence: bool) -> dict:
@@ -126,13 +140,20 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(m.name for m in CORPUS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds, each configuration in turn (default 3)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "corpus.json"))
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # NAME CONFIG BUILD OUT
+    parser.add_argument("--no-outputs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, config, artifact, out = args.one
-        time_one(name, config, Path(artifact), args.threads, args.repeat, Path(out))
+        time_one(name, config, Path(artifact), args.threads, args.repeat, Path(out),
+                 outputs=not args.no_outputs)
         return 0
+    if args.rounds < 1:
+        print("bench/corpus.py: --rounds must be at least 1", file=sys.stderr)
+        return 2
     unknown = set(args.models.split(",")) - set(BY_NAME)
     if unknown:
         print(f"bench/corpus.py: no corpus model {', '.join(sorted(unknown))}; the corpus: "
@@ -142,27 +163,39 @@ def main() -> int:
     for name in args.models.split(","):
         model = BY_NAME[name]
         work = Path(tempfile.mkdtemp(prefix=f"corpus-{name}-"))
-        results = {}
+        results, artifacts = {}, {}
         for config in CONFIGS:
             print(f"corpus: {name} / {config} ...", file=sys.stderr, flush=True)
             row = {"model": name, "config": config}
             try:
                 artifact, size = build(model, config, work)
                 out = work / f"{config}-timed"
-                done = subprocess.run(
-                    [sys.executable, __file__, "--one", name, config, str(artifact), str(out),
-                     "--threads", str(args.threads), "--repeat", str(args.repeat)],
-                    capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(done.stderr.strip() or f"exit code {done.returncode}")
+                _time_in_subprocess(name, config, artifact, out, args, outputs=True)
                 result = _read(out, model.sequence is not None)
-                results[config] = result
-                row.update(size_mb=size, median_ms=result["median_ms"])
+                results[config], artifacts[config] = result, artifact
+                row.update(size_mb=size, rounds_ms=[result["median_ms"]])
             except Exception as exc:  # a configuration that fails is a row saying so
-                row["failed"] = str(exc).strip().splitlines()[-1][:160] if str(exc) else \
-                    type(exc).__name__
+                row["failed"] = _last_line(exc)
             rows.append(row)
-        base = {c: results.get(c, {}).get("median_ms") for c in CONFIGS}
+        by_config = {row["config"]: row for row in rows[-len(CONFIGS):]}
+        for round_ in range(2, args.rounds + 1):
+            for config, artifact in artifacts.items():
+                row = by_config[config]
+                if "failed" in row:
+                    continue
+                print(f"corpus: {name} / {config}: timing round {round_}/{args.rounds}",
+                      file=sys.stderr, flush=True)
+                out = work / f"{config}-round{round_}"
+                try:
+                    _time_in_subprocess(name, config, artifact, out, args, outputs=False)
+                    row["rounds_ms"].append(json.loads(out.with_suffix(".json").read_text())
+                                            ["median_ms"])
+                except Exception as exc:
+                    row["failed"] = _last_line(exc)
+        for config, row in by_config.items():
+            if "failed" not in row:
+                row["median_ms"] = statistics.median(row["rounds_ms"])
+        base = {c: by_config[c].get("median_ms") for c in CONFIGS}
         reference = results.get("onnxruntime-fp32", {}).get("outputs")
         for row in rows[-len(CONFIGS):]:
             if "median_ms" not in row:
@@ -175,14 +208,20 @@ def main() -> int:
         print(f"corpus: {name} done", file=sys.stderr, flush=True)
     _print(rows, args, BY_NAME)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds,
+                                          "rows": rows}, indent=1))
     print(f"\nwrote {args.out}")
     return 0
 
 
+def _last_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+
+
 def _print(rows, args, by_name) -> None:
-    print(f"\n{args.threads} threads, median of {args.repeat} runs; task measure of each build "
-          "against onnxruntime fp32 on held-out data\n")
+    print(f"\n{args.threads} threads, median over {args.rounds} round(s) of the median of "
+          f"{args.repeat} runs; task measure of each build against onnxruntime fp32 on "
+          "held-out data\n")
     print("| model | config | median ms | x ort fp32 | x ort int8 | size MB | task measure |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -165,8 +165,12 @@ def _layer_latencies(float_model, target: Target, fallback: str, activations: st
             raise
         log.warning("layers not timed, the precision mix is chosen for accuracy only: %s", exc)
         return {}, None
-    where = f"{target.name}, " + ("this machine" if rpc is None else
-                                  f"device '{rpc[1]}' at {rpc[0][0]}:{rpc[0][1]}")
+    if rpc is None:
+        from .devices import LocalDevice
+
+        where = f"{target.name}, this machine with {LocalDevice().threads()} thread(s)"
+    else:
+        where = f"{target.name}, device '{rpc[1]}' at {rpc[0][0]}:{rpc[0][1]}"
     return timed, where
 
 

@@ -35,9 +35,9 @@ from .devices.builder import builder_for
 from .frontend import FloatModel
 from .progress import progress_callback
 from .targets import Target
-from .tuning_log import (MODULE_EQUALITY, RECORDS_FILE, STAND_IN_KEY, TaskSummary, TuningLog,
-                         identity, incompatibility, open_database, read_info, repair,
-                         write_info)
+from .tuning_log import (MODULE_EQUALITY, RECORDS_FILE, STAND_IN_KEY, THREADS_KEY, TaskSummary,
+                         TuningLog, identity, incompatibility, open_database, read_info,
+                         repair, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     if devices.stand_in:
         write_info(log_dir, {**read_info(log_dir), STAND_IN_KEY: devices.where})
     database = open_database(log_dir, create=True)  # also registers our tensor intrinsics
+    where = _record_threads(log_dir, devices, database)
     tvm_target = target.to_tvm()
     mod = lower.kernels(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target, module_equality=MODULE_EQUALITY)
@@ -173,7 +174,7 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
     log.info("%d kernel(s) of %s for %s: %d already have %d records in %s, %d to tune with up "
              "to %d trials each, measured on %s%s", len(contexts), Path(model.source).name,
              target.name, len(contexts) - len(todo), trials, log_dir, len(todo), trials,
-             devices.where,
+             where,
              " (EMULATED: timings rank candidates but are not the phone's)"
              if devices.emulated else "")
     build = builder_for(target)
@@ -221,8 +222,26 @@ def _tune(model: FloatModel, target: Target, log_dir: Path, trials: int, devices
             tune_records.measured(database, context.mod, info) - before[context.task_name],
             seconds.get(context.task_name, 0.0),
             defaults[context.task_name] * 1e6 if context.task_name in defaults else None))
-    return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, devices.where,
+    return TuningLog(log_dir, read_info(log_dir), tuple(summaries), total, where,
                      devices.emulated)
+
+
+def _record_threads(log_dir: Path, devices: Device, database) -> str:
+    """Write into the log the thread count kernels are measured with here (when the device
+    says), warning when the log's earlier records were measured with another; returns where
+    the measurements happen, for messages."""
+    threads = devices.threads()
+    if threads is None:
+        return devices.where
+    info = read_info(log_dir)
+    earlier = info.get(THREADS_KEY)
+    if earlier is not None and earlier != threads and len(database):
+        log.warning("tuning log %s holds times measured with %d thread(s), and this run "
+                    "measures with %d: they do not compare. Set TVM_NUM_THREADS=%d to go on "
+                    "as before, or tune into another --log.", log_dir, earlier, threads,
+                    earlier)
+    write_info(log_dir, {**info, THREADS_KEY: threads})
+    return f"{devices.where} with {threads} thread(s)"
 
 
 def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:

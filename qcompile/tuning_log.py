@@ -178,6 +178,9 @@ PRUNED_KEY = "pruned_trials"  # qcompile-log.json: {workload_key: candidates pru
 DEFAULTS_KEY = "default_schedules_us"
 # qcompile-log.json: what measured a GPU log's records instead of the GPU (tune --pocl)
 STAND_IN_KEY = "measured_on_stand_in"
+# qcompile-log.json: the threads each kernel ran on when measured on this machine (times taken
+# with another count do not compare: a kernel's best schedule depends on it)
+THREADS_KEY = "measured_threads"
 
 
 def read_info(directory: Path) -> dict[str, Any] | None:

@@ -14,7 +14,9 @@ import qcompile
 from models import packed_convnet, random_inputs
 from qcompile.cli import main
 from qcompile.errors import InputError
-from qcompile.tuning_log import INFO_FILE, RECORDS_FILE
+from qcompile.devices import LocalDevice
+from qcompile.tune import _record_threads
+from qcompile.tuning_log import INFO_FILE, RECORDS_FILE, open_database
 
 TRIALS = 4
 
@@ -60,10 +62,28 @@ def test_tune_records_every_kernel_and_what_it_was_measured_for(tuned):
     assert sum(t.new_trials for t in first.tasks) == sum(t.records for t in first.tasks)
     info = json.loads((tuned["log"] / INFO_FILE).read_text())
     assert info["target"] == "host" and info["tvm"] and info["module_equality"]
+    # measured on the thread count this process's runtime runs models with
+    threads = LocalDevice().threads()
+    assert info["measured_threads"] == threads >= 1
     # a line per batch: kernel, trials done / budget, best latency, GOPS, ETA
     assert f"/{TRIALS} trials, best " in tuned["progress"] and "GOPS" in tuned["progress"]
     table = first.describe()
     assert "new measurement" in table and "GOPS" in table and str(tuned["log"]) in table
+    assert f"on this machine with {threads} thread(s)" in table
+
+
+def test_tuning_with_another_thread_count_than_the_log_warns(tuned, tmp_path, caplog):
+    log = tmp_path / "log"
+    shutil.copytree(tuned["log"], log)
+    threads = LocalDevice().threads()
+    info = json.loads((log / INFO_FILE).read_text())
+    (log / INFO_FILE).write_text(json.dumps({**info, "measured_threads": threads + 1}))
+    with caplog.at_level("WARNING", logger="qcompile"):
+        where = _record_threads(log, LocalDevice(), open_database(log))
+    assert where == f"this machine with {threads} thread(s)"
+    assert f"measured with {threads + 1} thread(s), and this run measures with {threads}" \
+        in caplog.text and f"TVM_NUM_THREADS={threads + 1}" in caplog.text
+    assert json.loads((log / INFO_FILE).read_text())["measured_threads"] == threads
 
 
 def test_a_second_tune_resumes_from_the_log(tuned):

@@ -25,6 +25,11 @@ class Device:
     def runner(self):
         raise NotImplementedError
 
+    def threads(self) -> int | None:
+        """The threads each kernel measured here runs on, when known (None: the device's
+        runtime decides, out of sight)."""
+        return None
+
     def check_alive(self) -> None:
         """After a batch in which every candidate failed: raise DeviceError when no device is
         left to measure on (a single local device always is)."""

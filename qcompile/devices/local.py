@@ -14,6 +14,13 @@ class LocalDevice(Device):
         return ms.runner.LocalRunner(evaluator_config=self.evaluator(),
                                      timeout_sec=RUN_TIMEOUT_S)
 
+    def threads(self) -> int:
+        """The runtime's thread count in this process, which the runner's worker processes
+        inherit (TVM_NUM_THREADS; unset, half the CPUs on x86)."""
+        import tvm
+
+        return int(tvm.get_global_func("runtime.NumThreads")())
+
     def load(self, directory):
         from ..runtime import load
 
