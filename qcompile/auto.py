@@ -73,7 +73,7 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
                  "input, so it is never faster than int8")
         latency = False
     latencies, where = _layer_latencies(float_model, target, fallback, activations, fixed,
-                                        rpc) if latency else ({}, None)
+                                        rpc, tuning_log) if latency else ({}, None)
     result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
                     metric, budget, fallback, fixed, config.bias_correction,
                     config.weight_rounding, latencies, where, time.perf_counter() - timing,
@@ -148,7 +148,7 @@ def _save_choice(directory: Path, result) -> None:
 
 
 def _layer_latencies(float_model, target: Target, fallback: str, activations: str,
-                     fixed, rpc) -> tuple[dict, str | None]:
+                     fixed, rpc, tuning_log: TuningLog | None) -> tuple[dict, str | None]:
     """({layer: LayerLatency}, where they were timed) for the layers the search chooses, or
     ({}, None) when no tracker is given and the target cannot run here (a tracker that
     fails is an error: the user asked for it)."""
@@ -159,7 +159,7 @@ def _layer_latencies(float_model, target: Target, fallback: str, activations: st
     layers = [l for l in weighted_layers(float_model.onnx) if l.name not in fixed]
     try:
         timed = layer_latency.measure(float_model.onnx, layers, target, fallback, activations,
-                                      rpc)
+                                      rpc, tuning_log=tuning_log)
     except DeviceError as exc:
         if rpc is not None:
             raise

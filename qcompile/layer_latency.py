@@ -5,9 +5,9 @@ A weighted layer (Conv/Gemm/MatMul with a constant weight), with the Relu/Clip t
 (which fuses into its kernel), is cut out of the ONNX model as a one-layer model. That model is
 compiled twice, in int8 (quantized with random calibration data: the scales do not change the
 code) and in the fallback precision, as compile would (the same legalization, layouts, packing
-and fusion). The kernel that holds the layer's conv/matmul gets the schedule compile gives a
-kernel without a tuning record (schedules/: our default schedules; dlight's on a GPU) and is
-timed like a tuning candidate: on this machine for the host target, or on the device through
+and fusion). The kernel that holds the layer's conv/matmul gets the schedule compile will give
+it: its best record in the tuning log the build applies, else the schedule of a kernel without
+one (schedules/: our default schedules; dlight's on a GPU); it is timed like a tuning candidate: on this machine for the host target, or on the device through
 the RPC tracker (a GPU target's OpenCL kernels on the phone's GPU).
 Quantize/dequantize kernels at the one-layer model's edges are not counted: inside an int8
 model, int8 layers pass integers to each other.
@@ -142,14 +142,15 @@ def _kernels(onnx_path: Path, target: Target, fallback: str, activations: str,
 def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32",
             activations: str = "uint8",
             rpc: tuple[tuple[str, int], str] | None = None,
-            pocl: bool = False) -> dict[str, LayerLatency]:
+            pocl: bool = False, tuning_log=None) -> dict[str, LayerLatency]:
     """{layer name: LayerLatency} for `layers` (simulate.SimLayer) of `onnx_model` (the
     simplified model with static shapes), measured on the target: here for the host target,
     else through `rpc` ((tracker host, port), key); a GPU target's kernels (scheduled by
     dlight, as compile does without a record) on its GPU, or with `pocl` on pocl (the flow
     without a phone; the times are not the GPU's). Raises DeviceError before any work when the
     target cannot be measured (a cross or GPU target without a tracker, no device at the
-    tracker)."""
+    tracker). `tuning_log` (a TuningLog): the log the build will apply; a kernel with a record
+    in it is timed with that schedule."""
     from .devices import device_for
     from .devices.builder import builder_for
     from .devices.timing import time_kernels
@@ -176,6 +177,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
              " (EMULATED: these times are not the phone's)" if devices.emulated else "")
     work = Path(tempfile.mkdtemp(prefix="qcompile-layers-"))
     schedules, errors = [], {}
+    with_records = 0  # kernels timed with their tuning record
     try:
         for i, (signature, one) in enumerate(models.items(), start=1):
             path = work / f"layer{i}.onnx"
@@ -184,6 +186,12 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
                 with _quiet("qcompile.quantize", "qcompile.frontend"):
                     kernels = _kernels(path, target, fallback, activations, packed_layout)
                 for kernel in kernels:
+                    tuned = lower.tuned_schedule(kernel, target, tuning_log) \
+                        if tuning_log is not None else None
+                    if tuned is not None:
+                        schedules.append((signature, tuned))
+                        with_records += 1
+                        continue
                     sch = lower.default_schedule(kernel, target)
                     schedules.append((signature, sch.mod if sch is not None else kernel))
             except Exception as exc:  # noqa: BLE001 - one layer's failure is data
@@ -213,8 +221,9 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
         log.warning("layer latency: %s not timed, it stays int8 unless accuracy says "
                     "otherwise: %s", ", ".join(groups[signature]), error)
     measured = sum(1 for v in latencies.values() if v.int8_us and v.fallback_us)
-    log.info("layer latency: %d of %d layer(s) measured in both precisions in %.0f s",
-             measured, len(layers), time.perf_counter() - start)
+    log.info("layer latency: %d of %d layer(s) measured in both precisions in %.0f s "
+             "(%d of %d kernels with their record in the tuning log)", measured, len(layers),
+             time.perf_counter() - start, with_records, len(schedules))
     return latencies
 
 

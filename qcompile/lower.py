@@ -77,6 +77,15 @@ def dot_product(target: Target):
     return dot_product_for(target.to_tvm())
 
 
+def tuned_schedule(kernel, target: Target, tuning_log: TuningLog):
+    """One kernel (an IRModule with "main") with its best record in `tuning_log`, as compile
+    would give it; None when the log has no record that replays on it."""
+    with target.to_tvm():
+        applied = apply_tuning_log(kernel, tuning_log)
+    attrs = applied["main"].attrs
+    return applied if attrs is not None and "tirx.is_scheduled" in attrs else None
+
+
 def default_schedule(kernel, target: Target):
     """Our default schedule of one kernel (an IRModule with "main"), as `schedule` gives it
     without a record, or None when it has none worth measuring."""
@@ -160,4 +169,5 @@ def kernel_counts(mod, target: Target) -> KernelCounts:
 
 
 __all__ = ["KernelCounts", "apply_tuning_log", "code_defect", "default_schedule", "dot_product",
-           "finish", "kernel_counts", "kernels", "lower", "schedule", "schedules_of", "search_space"]
+           "finish", "kernel_counts", "kernels", "lower", "schedule", "schedules_of", "search_space",
+           "tuned_schedule"]

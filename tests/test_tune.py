@@ -5,6 +5,7 @@ refused (damaged ones: test_bad_logs.py). Tuning over RPC on the emulated phone 
 test_device.py."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from qcompile.cli import main
 from qcompile.errors import InputError
 from qcompile.devices import LocalDevice
 from qcompile.tune import _record_threads
-from qcompile.tuning_log import INFO_FILE, RECORDS_FILE, open_database
+from qcompile.tuning_log import INFO_FILE, RECORDS_FILE, open_database, open_log
 
 TRIALS = 4
 
@@ -450,3 +451,22 @@ def test_ctrl_c_stops_the_tune_after_its_batch_and_it_resumes(save_model, tmp_pa
     assert 0 < measured < 64
     info = json.loads((log / INFO_FILE).read_text())
     assert info["tuning_seconds"] > 0
+
+
+def test_layer_latency_times_a_kernel_with_its_record_in_the_log(tuned, caplog):
+    """--quantize auto times each layer with the schedule the build will give it: a kernel
+    with a record in the tuning log the build applies is timed with that record."""
+    import onnx
+
+    from qcompile import layer_latency
+    from qcompile.quantize.onnx_view import weighted_layers
+    from qcompile.targets import load_target
+
+    model = onnx.load(str(tuned["path"]))
+    layers = weighted_layers(model)
+    with caplog.at_level("INFO", logger="qcompile"):
+        timed = layer_latency.measure(model, layers, load_target("host"),
+                                      tuning_log=open_log(tuned["log"]))
+    assert all(v.int8_us and v.fallback_us for v in timed.values()), timed
+    found = re.search(r"\((\d+) of (\d+) kernels with their record", caplog.text)
+    assert found and int(found.group(1)) >= 2, caplog.text  # the int8 convs were tuned
