@@ -15,41 +15,51 @@ class KernelTime:
     did not build or run."""
 
     args: list                      # its arguments (MetaSchedule ArgInfo)
-    run_secs: list | None = None
+    run_secs: list | None = None    # one mean per timing pass
     build_error: str | None = None  # the last line of the builder's message
     run_error: str | None = None    # the last line of the runner's message
 
     @property
     def seconds(self) -> float | None:
-        return mean_seconds(self.run_secs) if self.run_secs else None
+        """The fastest pass: a pass can only be slowed by other work on the device."""
+        times = [t for t in (mean_seconds([s]) for s in self.run_secs or []) if t is not None]
+        return min(times) if times else None
 
 
-def time_kernels(mods, tvm_target, build, runner) -> list[KernelTime]:
+def time_kernels(mods, tvm_target, build, runner, passes: int = 1) -> list[KernelTime]:
     """Build the scheduled kernels `mods` (IRModules with a "main" PrimFunc) with `build` (all
     at once, in parallel) and time each with `runner` (one after the other, so that they do
-    not share the cores), removing each built library after its run."""
+    not share the cores), in `passes` passes over all of them: kernels compared with each other
+    are then timed minutes apart several times, and a slow minute on a shared machine does not
+    decide. The built libraries are removed at the end."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
 
     built = build.build([ms.builder.BuilderInput(mod, tvm_target) for mod in mods])
     device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
-    times = []
-    for mod, result in zip(mods, built):
-        timed = KernelTime(ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-        if result.error_msg:
-            timed.build_error = last_line(result.error_msg)
-        else:
-            try:
+    times = [KernelTime(ms.arg_info.ArgInfo.from_prim_func(mod["main"])) for mod in mods]
+    try:
+        for _ in range(passes):
+            for timed, result in zip(times, built):
+                if result.error_msg:
+                    timed.build_error = last_line(result.error_msg)
+                    continue
+                if timed.run_error:
+                    continue
                 ran = runner.run([ms.runner.RunnerInput(result.artifact_path, device,
                                                         timed.args)])[0].result()
-            finally:
+                if ran.error_msg:
+                    timed.run_error = last_line(ran.error_msg)
+                    timed.run_secs = None
+                else:
+                    mean = mean_seconds([float(t) for t in ran.run_secs])
+                    timed.run_secs = (timed.run_secs or []) + [mean if mean is not None
+                                                               else float(ran.run_secs[0])]
+    finally:
+        for result in built:
+            if not result.error_msg:
                 shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
-            if ran.error_msg:
-                timed.run_error = last_line(ran.error_msg)
-            else:
-                timed.run_secs = [float(t) for t in ran.run_secs]
-        times.append(timed)
     return times
 
 
