@@ -7,14 +7,15 @@ compiled twice, in int8 (quantized with random calibration data: the scales do n
 code) and in the fallback precision, as compile would (the same legalization, layouts, packing
 and fusion). The kernel that holds the layer's conv/matmul gets the schedule compile will give
 it: its best record in the tuning log the build applies, else the schedule of a kernel without
-one (schedules/: our default schedules; dlight's on a GPU); it is timed like a tuning candidate: on this machine for the host target, or on the device through
-the RPC tracker (a GPU target's OpenCL kernels on the phone's GPU).
+one (schedules/: our default schedules; dlight's on a GPU). It is timed like a tuning
+candidate: on this machine for the host target, or on the device through the RPC tracker (a
+GPU target's OpenCL kernels on the phone's GPU).
 Quantize/dequantize kernels at the one-layer model's edges are not counted: inside an int8
 model, int8 layers pass integers to each other.
 
 Layers with the same shapes and attributes are measured once, in three passes over all the
-kernels (the fastest pass counts). Measuring EfficientNet-Lite0's
-50 layers takes a few minutes on 2 cores, mostly compiling.
+kernels (the fastest pass counts). Measuring EfficientNet-Lite0's 50 layers takes a few
+minutes on 2 cores, mostly compiling.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 2
 # Every kernel is timed in this many passes over all of them, and its fastest pass counts: on
-# this shared 2-core machine a single pass put EfficientNet-Lite0's 1x1 int8 convs at up to 5x
-# their time in the whole model, and moved the search's choice between 55% and 85% of MACs
-# in int8 from one run to the next.
+# a shared 2-core machine a single pass put two of EfficientNet-Lite0's 1x1 int8 convs at 4x
+# their quiet time, and the search at 55% and 68% of the MACs in int8 in two runs, where three
+# passes give 86%.
 TIMING_PASSES = 3
 
 
