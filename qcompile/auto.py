@@ -168,7 +168,7 @@ def _layer_latencies(float_model, target: Target, fallback: str, activations: st
     if rpc is None:
         from .devices import LocalDevice
 
-        where = f"{target.name}, this machine with {LocalDevice().threads()} thread(s)"
+        where = f"{target.name}, {LocalDevice().describe()}"
     else:
         where = f"{target.name}, device '{rpc[1]}' at {rpc[0][0]}:{rpc[0][1]}"
     return timed, where

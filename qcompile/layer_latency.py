@@ -180,7 +180,7 @@ def measure(onnx_model, layers: Sequence, target: Target, fallback: str = "fp32"
         groups.setdefault(signature, []).append(layer.name)
         models.setdefault(signature, one)
     log.info("layer latency: %d layer(s), %d distinct, in int8 and %s, measured on %s%s",
-             len(layers), len(groups), fallback, devices.where,
+             len(layers), len(groups), fallback, devices.describe(),
              " (EMULATED: these times are not the phone's)" if devices.emulated else "")
     work = Path(tempfile.mkdtemp(prefix="qcompile-layers-"))
     schedules, errors = [], {}

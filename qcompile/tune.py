@@ -241,7 +241,7 @@ def _record_threads(log_dir: Path, devices: Device, database) -> str:
                     "as before, or tune into another --log.", log_dir, earlier, threads,
                     earlier)
     write_info(log_dir, {**info, THREADS_KEY: threads})
-    return f"{devices.where} with {threads} thread(s)"
+    return devices.describe()
 
 
 def _tune_contexts(tasks, target: Target, log_dir: Path) -> tuple[list, list[float]]:

@@ -8,10 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import GENERIC_TARGET
 from models import conv_relu, gemm_matmul
 from qcompile.cli import main
-
-GENERIC_TARGET = 'description = "any x86 or ARM CPU"\nrpc_key = "cpu"\n[target]\nkind = "llvm"\n'
 
 
 def refused(capsys, argv, *words) -> str:

@@ -12,9 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import GENERIC_TARGET
 from qcompile.cli import main
-
-GENERIC_TARGET = 'description = "any x86 or ARM CPU"\nrpc_key = "cpu"\n[target]\nkind = "llvm"\n'
 
 
 def graph(nodes, inputs, outputs, initializers=(), opset=17):

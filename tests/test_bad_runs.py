@@ -18,12 +18,9 @@ import numpy as np
 import pytest
 
 import qcompile
-from conftest import free_port
+from conftest import GENERIC_TARGET, free_port
 from models import conv_relu, random_inputs
 from qcompile.cli import main
-
-# this machine's CPU without its name: no shipped tuning log, about 2 s a build
-GENERIC = 'description = "generic x86"\nrpc_key = "generic"\n[target]\nkind = "llvm"\n'
 
 
 def _error(capsys, argv, code: int = 2) -> str:
@@ -40,7 +37,7 @@ def work(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("bad-runs")
     onnx.save(conv_relu(), str(work / "model.onnx"))
-    (work / "generic.toml").write_text(GENERIC)
+    (work / "generic.toml").write_text(GENERIC_TARGET)
     qcompile.compile(work / "model.onnx", work / "generic.toml", work / "out")
     np.savez(work / "calib.npz", x=np.stack([random_inputs(conv_relu(), seed=i)["x"]
                                              for i in range(4)]))

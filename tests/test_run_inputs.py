@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 
 import qcompile
+from conftest import GENERIC_TARGET
 from models import conv_relu, random_inputs
 
-GENERIC = 'description = "generic x86"\nrpc_key = "generic"\n[target]\nkind = "llvm"\n'
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def built(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("run-inputs")
     onnx.save(conv_relu(), str(work / "model.onnx"))
-    (work / "generic.toml").write_text(GENERIC)
+    (work / "generic.toml").write_text(GENERIC_TARGET)
     qcompile.compile(work / "model.onnx", work / "generic.toml", work / "out")
     session = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
     return qcompile.load(work / "out"), session

@@ -30,6 +30,11 @@ class Device:
         runtime decides, out of sight)."""
         return None
 
+    def describe(self) -> str:
+        """Where measurements happen, with the thread count when known (for messages)."""
+        threads = self.threads()
+        return self.where if threads is None else f"{self.where} with {threads} thread(s)"
+
     def check_alive(self) -> None:
         """After a batch in which every candidate failed: raise DeviceError when no device is
         left to measure on (a single local device always is)."""

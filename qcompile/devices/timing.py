@@ -39,13 +39,13 @@ def time_kernels(mods, tvm_target, build, runner, passes: int = 1) -> list[Kerne
     built = build.build([ms.builder.BuilderInput(mod, tvm_target) for mod in mods])
     device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
     times = [KernelTime(ms.arg_info.ArgInfo.from_prim_func(mod["main"])) for mod in mods]
+    for timed, result in zip(times, built):
+        if result.error_msg:
+            timed.build_error = last_line(result.error_msg)
     try:
         for _ in range(passes):
             for timed, result in zip(times, built):
-                if result.error_msg:
-                    timed.build_error = last_line(result.error_msg)
-                    continue
-                if timed.run_error:
+                if timed.build_error or timed.run_error:
                     continue
                 ran = runner.run([ms.runner.RunnerInput(result.artifact_path, device,
                                                         timed.args)])[0].result()
@@ -53,9 +53,8 @@ def time_kernels(mods, tvm_target, build, runner, passes: int = 1) -> list[Kerne
                     timed.run_error = last_line(ran.error_msg)
                     timed.run_secs = None
                 else:
-                    mean = mean_seconds([float(t) for t in ran.run_secs])
-                    timed.run_secs = (timed.run_secs or []) + [mean if mean is not None
-                                                               else float(ran.run_secs[0])]
+                    values = [float(t) for t in ran.run_secs]
+                    timed.run_secs = (timed.run_secs or []) + [sum(values) / len(values)]
     finally:
         for result in built:
             if not result.error_msg:
