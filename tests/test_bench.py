@@ -40,3 +40,12 @@ def test_the_corpus_bench_refuses_an_unknown_model_before_any_work():
     assert proc.returncode == 2
     assert "no corpus model resnet" in proc.stderr and "silero-vad" in proc.stderr
     assert " / onnxruntime-fp32 ..." not in proc.stderr  # nothing was built
+
+
+def test_the_corpus_bench_refuses_fewer_than_one_timing_round_before_any_work():
+    corpus = BENCH.parent / "corpus.py"
+    proc = subprocess.run([sys.executable, str(corpus), "--models", "ppocr-det", "--rounds",
+                           "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--rounds must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert " / onnxruntime-fp32 ..." not in proc.stderr  # nothing was built
