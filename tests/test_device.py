@@ -87,6 +87,36 @@ def test_auto_times_each_layer_on_the_device(arm64_device, save_model, tmp_path)
     assert len(rows) == 4 and all(r["int8_us"] > 0 and r["fallback_us"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
+def test_depthwise_kernels_match_numpy_on_the_device(arm64_device, tmp_path, target):
+    """Int8 depthwise convs (test_int8_kernels.DEPTHWISE_CASES), legalized and scheduled as
+    qcompile builds them for the target (4 taps per sdot), run on the emulated phone: exactly
+    the integer sums of their definition."""
+    import tvm
+    from tvm import relax
+    from tvm.support import cc
+
+    from test_int8_kernels import depthwise_module, instruction_counts
+    from qcompile.lower import lower
+    from qcompile.targets import load_target
+
+    mod, images, expected = depthwise_module("int8", seed=1)
+    target = load_target(target).with_compiler()
+    executable = tvm.compile(lower(mod, target), target.to_tvm(), relax_pipeline=None)
+    library = tmp_path / "depthwise.so"
+    executable.export_library(str(library), fcompile=cc.cross_compiler(target.cc))
+    assert instruction_counts(library, "aarch64-linux-gnu-objdump")["sdot"] > 0
+
+    session = request_session(parse_tracker(arm64_device["tracker"]), arm64_device["key"])
+    session.upload(str(library))
+    device = session.cpu()
+    vm = relax.VirtualMachine(session.load_module("depthwise.so"), device)
+    vm.set_input("main", *[tvm.runtime.tensor(x, device) for x in images])
+    vm.invoke_stateful("main")
+    for value, want in zip(vm.get_outputs("main"), expected):
+        assert np.array_equal(value.numpy(), want)
+
+
 def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
     """An int8 matmul and a 3x3 conv, legalized and scheduled the way qcompile builds them
     for arm64-i8mm (packed 2x8 weight blocks, two rows per smmla), run on the emulated phone:

@@ -32,6 +32,76 @@ def host_has_vnni() -> bool:
     return intrinsics.dot_product_for(load_target("host").to_tvm()) is intrinsics.VNNI
 
 
+# Depthwise convs the packed kernel must get exactly right: 3x3 and 5x5 windows, strides 1 and
+# 2, symmetric and one-sided (TF "SAME") padding, widths that do not fill 8-pixel tiles, a
+# window of 4 (no zero taps, no padding).
+DEPTHWISE_CASES = [  # (height, width, channels, kernel, stride, [top, left, bottom, right])
+    (9, 10, 32, 3, 1, [1, 1, 1, 1]), (12, 12, 16, 3, 2, [0, 0, 1, 1]),
+    (11, 7, 16, 5, 1, [2, 2, 2, 2]), (14, 13, 48, 5, 2, [1, 2, 2, 1]),
+    (6, 8, 16, 4, 1, [0, 0, 0, 0])]
+
+
+def depthwise_module(activation_dtype: str, seed: int = 0):
+    """(a Relax module of int8 NHWC depthwise convs, DEPTHWISE_CASES, its inputs, the int32
+    outputs numpy computes from the definition)."""
+    from tvm import relax
+
+    rng = np.random.default_rng(seed)
+    low, high = (0, 256) if activation_dtype == "uint8" else (-128, 128)
+    images, weights, expected = [], [], []
+    for h, w, c, k, stride, (top, left, bottom, right) in DEPTHWISE_CASES:
+        image = rng.integers(low, high, (1, h, w, c)).astype(activation_dtype)
+        weight = rng.integers(-128, 128, (c, 1, k, k)).astype("int8")  # OIHW, one per group
+        padded = np.pad(image.astype(np.int64), [(0, 0), (top, bottom), (left, right), (0, 0)])
+        out_h = (h + top + bottom - k) // stride + 1
+        out_w = (w + left + right - k) // stride + 1
+        sums = np.zeros((1, out_h, out_w, c), np.int64)
+        for r in range(k):
+            for s in range(k):
+                sums += padded[:, r:r + stride * out_h:stride, s:s + stride * out_w:stride] \
+                    * weight[:, 0, r, s]
+        images.append(image)
+        weights.append(weight)
+        expected.append(sums.astype(np.int32))
+    params = [relax.Var(f"x{i}", relax.TensorType(x.shape, activation_dtype))
+              for i, x in enumerate(images)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            outs = [bb.emit(relax.op.nn.conv2d(
+                x, relax.const(weight), strides=[stride, stride], padding=pad, groups=c,
+                data_layout="NHWC", kernel_layout="OIHW", out_dtype="int32"))
+                for x, weight, (_, _, c, _, stride, pad) in zip(params, weights,
+                                                                DEPTHWISE_CASES)]
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    return bb.get(), images, expected
+
+
+@pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+def test_depthwise_kernels_match_numpy(tmp_path):
+    """Int8 depthwise convs, legalized and scheduled as qcompile builds them for the host
+    (4 taps per vpdpbusd): exactly the integer sums of their definition."""
+    import tvm
+
+    from qcompile.lower import lower
+
+    mod, images, expected = depthwise_module("uint8")
+    target = load_target("host")
+    lowered = lower(mod, target)
+    names = [gv.name_hint for gv, f in lowered.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("packed_depthwise" in n for n in names) == len(DEPTHWISE_CASES), names
+    executable = tvm.compile(lowered, target.to_tvm(), relax_pipeline=None)
+    library = tmp_path / "depthwise.so"
+    executable.export_library(str(library))
+    assert instruction_counts(library)["vpdpbusd"] > 0
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(x) for x in images])
+    for case, value, want in zip(DEPTHWISE_CASES, got, expected):
+        assert np.array_equal(value.numpy(), want), case
+
+
 def test_packing_blocks():
     from qcompile.schedules.cpu.packed_int8 import pack_conv_weight, pack_matmul_weight
 
@@ -45,11 +115,11 @@ def test_packing_blocks():
 
 
 @pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("model, packed_kernels", [(packed_convnet, 3), (padded_channels, 2)])
+@pytest.mark.parametrize("model, packed_kernels", [(packed_convnet, 4), (padded_channels, 2)])
 def test_host_int8_uses_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path, model,
                                                               packed_kernels):
-    """packed_convnet: 2 convs and the fc fill the blocks. padded_channels: the 24- and
-    40-channel convs are packed with zero channels, the 10-class fc is not."""
+    """packed_convnet: 2 convs, the depthwise conv and the fc fill the blocks. padded_channels:
+    the 24- and 40-channel convs are packed with zero channels, the 10-class fc is not."""
     path = save_model(model())
     packed = compile_int8(path, "host", tmp_path / "packed", model)
     # the same model for an x86 CPU without VNNI: TVM's own (unpacked) int8 kernels

@@ -7,7 +7,12 @@ tuned one would be, with fixed tile sizes instead of searched ones:
 - conv2d: parallel over image rows; per row, tiles of up to 8 pixels x `lanes` output
   channels accumulate in a small int32 buffer, the inner `lanes` x 4 block is the dot-product
   instruction, and the epilogue runs on each tile while it is still in cache;
-- matmul: the same with tiles of rows x `lanes` columns, parallel over tiles.
+- matmul: the same with tiles of rows x `lanes` columns, parallel over tiles;
+- depthwise conv2d: parallel over image rows; per row and 16 channels, the padded input rows
+  the window reads are copied (vectorized) into a small buffer, then tiles of up to 8 pixels
+  accumulate in int32, each kernel row's taps 4 at a time through the depthwise intrinsic,
+  and the epilogue runs on each tile. (The epilogue's loop over the tile's pixels is
+  unrolled: left a loop of 8, LLVM turned its stores into byte scatters, 3x slower.)
 
 MetaSchedule tuning replaces these with measured ones (`qcompile tune`).
 """
@@ -16,16 +21,17 @@ from __future__ import annotations
 
 import logging
 
-from .intrinsics import DotProduct, register
+from .intrinsics import DEPTHWISE_INTRIN, DEPTHWISE_LANES, DotProduct, register
 from .. import SCHEDULE_ATTR
 from .tiles import (accumulate_in_tile, inline_epilogue, largest_divisor, row_tile,
                     schedule_each)
 from . import packed_int4
-from .packed_int8 import CONV_BLOCK, MATMUL_BLOCK, block_name
+from .packed_int8 import CONV_BLOCK, DEPTHWISE_BLOCK, MATMUL_BLOCK, block_name
 
 PACKED = "packed-int8"  # SCHEDULE_ATTR's value on the kernels scheduled here
 TILE_PIXELS = 8
 TILE_ROWS = 8
+PAD_BLOCK = "PadInput"  # topi.nn.pad's block
 
 
 def packed_block(sch, dot: DotProduct):
@@ -107,12 +113,62 @@ def schedule_matmul_pairs(sch, block, dot: DotProduct) -> None:
     sch.tensorize(m2, dot.intrin)
 
 
+def depthwise_block(sch):
+    """The kernel's packed depthwise block, or None."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint == DEPTHWISE_BLOCK:
+            return block
+    return None
+
+
+def schedule_depthwise(sch, block, dot: DotProduct) -> None:
+    from tvm.s_tir import ScheduleError
+
+    keep = (DEPTHWISE_BLOCK, PAD_BLOCK)
+    changed = True
+    while changed:  # the epilogue inlined; the padding stays a step of its own
+        changed = False
+        for other in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get(other).name_hint in keep:
+                continue
+            try:
+                sch.compute_inline(other)
+                changed = True
+                break
+            except ScheduleError:
+                pass
+    pads = [b for b in sch.get_producers(block) if sch.get(b).name_hint == PAD_BLOCK]
+    n, y, x, c, r, g, k = sch.get_loops(block)
+    xo, xi = sch.split(x, [None, largest_divisor(int(sch.get(x).extent), TILE_PIXELS)])
+    co, ci = sch.split(c, [None, DEPTHWISE_LANES])
+    sch.reorder(n, y, co, xo, r, g, xi, ci, k)
+    accumulate_in_tile(sch, block, xo)
+    for consumer in sch.get_consumers(block):
+        loops = sch.get_loops(consumer)
+        if len(loops) >= 2:
+            sch.unroll(loops[-2])
+    rows = sch.fuse(n, y)
+    if pads:
+        pad = pads[0]
+        sch.compute_at(pad, co, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    sch.parallel(rows)
+    init = sch.decompose_reduction(block, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ci, DEPTHWISE_INTRIN[dot.instruction])
+    sch.unroll(xi)
+
+
 def schedule(func, dot: DotProduct):
     """The Schedule of `func` on our default schedule, or None when it has no packed int8
     block."""
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
+    depthwise = depthwise_block(sch)
+    if depthwise is not None:
+        schedule_depthwise(sch, depthwise, dot)
+        return sch
     block, is_conv, chosen = packed_block(sch, dot)
     if block is None:
         inline_epilogue_int4(sch)

@@ -24,6 +24,10 @@ VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
 SMMLA_INTRIN = "qcompile_smmla_2x2x8_i8i8i32"
+DEPTHWISE_INTRIN = {"vpdpbusd": "qcompile_depthwise_16x4_u8i8i32_vnni",
+                    "sdot": "qcompile_depthwise_16x4_i8i8i32_sdot",
+                    "smmla": "qcompile_depthwise_16x4_i8i8i32_sdot"}
+DEPTHWISE_LANES = 16  # channels per depthwise intrinsic
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ def register() -> None:
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(TVM_VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(SMMLA_INTRIN, *_smmla_2x2x8(), override=True)
+    TensorIntrin.register(DEPTHWISE_INTRIN["vpdpbusd"], *_depthwise_16x4("uint8", _vpdpbusd),
+                          override=True)
+    TensorIntrin.register(DEPTHWISE_INTRIN["sdot"], *_depthwise_16x4("int8", _sdot_x4),
+                          override=True)
     _registered = True
 
 
@@ -177,5 +185,68 @@ def _smmla_2x2x8():
                 B.vload([0, 0], "int8x16"), dtype="int32x4")
             C[0, T.ramp(T.int32(0), 1, 2)] = T.Shuffle([acc], [0, 1])
             C[1, T.ramp(T.int32(0), 1, 2)] = T.Shuffle([acc], [2, 3])
+
+    return desc, impl
+
+
+def _vpdpbusd(acc, a, b):
+    """One `vpdpbusd`: 16 int32 lanes += 4 u8 x s8 products each."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                   acc, a, b, dtype="int32x16")
+
+
+def _sdot_x4(acc, a, b):
+    """Four `sdot`s, one per quarter of the 16 lanes: the same sums as `_vpdpbusd`, s8 x s8."""
+    from tvm.script import tirx as T
+
+    quarters = []
+    for q in range(4):
+        quarters.append(T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            T.Shuffle([acc], list(range(4 * q, 4 * q + 4))),
+            T.Shuffle([a], list(range(16 * q, 16 * q + 16))),
+            T.Shuffle([b], list(range(16 * q, 16 * q + 16))), dtype="int32x4"))
+    return T.Shuffle(quarters, list(range(16)))
+
+
+def _depthwise_16x4(a_dtype: str, instruction):
+    """C[i] += sum_k A[k, i] * B[i, k], i < 16, k < 4: 16 channels' sums over 4 taps.
+    A's rows (taps) lie a stride apart; they are interleaved so that lane i holds
+    A[0..3, i], the layout of B's row i."""
+    from tvm.script import tirx as T
+
+    lanes = DEPTHWISE_LANES
+    interleave = [k * lanes + i for i in range(lanes) for k in range(4)]
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4, lanes), a_dtype, offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk, vi], "int32") * T.cast(B[vi, vk], "int32")
+
+    vector = f"{a_dtype}x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4, lanes), a_dtype, offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = instruction(
+                C.vload([0], dtype="int32x16"),
+                T.Shuffle([A.vload([0, 0], vector), A.vload([1, 0], vector),
+                           A.vload([2, 0], vector), A.vload([3, 0], vector)], interleave),
+                B.vload([0, 0], dtype="int8x64"))
 
     return desc, impl
