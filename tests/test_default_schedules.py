@@ -3,6 +3,7 @@
 are those of TVM's unscheduled code."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -42,22 +43,58 @@ def test_fp32_kernels_get_a_schedule_and_match_onnxruntime(build, anchors, save_
 
 def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, caplog,
                                                        monkeypatch):
-    """The int8 graph's depthwise conv (NHWC, its weights HWIO since compile time) computes
+    """On an x86 CPU without VNNI (AVX2), the int8 graph's depthwise conv (NHWC, its weights
+    HWIO since compile time) is not packed for a dot product: its default schedule computes
     exactly what TVM's unscheduled kernel computes."""
     model = packed_convnet()
     path = save_model(model)
+    target = tmp_path / "x86-avx2.toml"
+    target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
+                      '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
-    scheduled = _compile(path, "host", tmp_path / "scheduled", caplog, quantize="int8",
+    scheduled = _compile(path, str(target), tmp_path / "scheduled", caplog, quantize="int8",
                          calibration=calibration)
-    assert scheduled.manifest.kernels["float_default_schedules"] >= 1
+    assert scheduled.manifest.kernels["int8_default_schedules"] == 0
+    assert scheduled.manifest.kernels["float_default_schedules"] >= 4
     monkeypatch.setattr(float_default, "apply", lambda mod: mod)
-    plain = qcompile.compile(path, "host", tmp_path / "plain", tuning_log=False,
+    plain = qcompile.compile(path, str(target), tmp_path / "plain", tuning_log=False,
                              quantize="int8", calibration=calibration)
     assert plain.manifest.kernels["float_default_schedules"] == 0
     with qcompile.load(scheduled.directory) as a, qcompile.load(plain.directory) as b:
         for seed in range(3):
             feeds = random_inputs(model, seed)
             assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
+
+
+def test_a_one_row_matmul_reads_its_weight_in_panels():
+    """A float matrix-vector product on a constant [K, N] weight (a classifier's last layer)
+    gets it packed into panels of the default tile's width ([N/P, K, P], P = 50 for N = 1000),
+    read contiguously; its outputs are numpy's. Several rows keep the plain layout."""
+    import tvm
+    from tvm import relax
+
+    from qcompile.lower import lower
+    from qcompile.targets import load_target
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 1000)).astype("float32")
+    shapes = {}
+    for rows in (1, 4):
+        x = rng.standard_normal((rows, 96)).astype("float32")
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.matmul(xv, relax.const(w))))
+            bb.emit_func_output(out)
+        target = load_target("host")
+        lowered = lower(bb.get(), target)
+        shapes[rows] = re.sub(r"T\.int64\((\d+)\)", r"\1", lowered.script())
+        executable = tvm.compile(lowered, target.to_tvm(), relax_pipeline=None)
+        got = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        np.testing.assert_allclose(got.numpy(), x @ w, rtol=1e-4, atol=1e-4)
+    assert "(20, 96, 50)" in shapes[1] and "(96, 1000)" not in shapes[1]
+    assert "(96, 1000)" in shapes[4]
 
 
 def test_arm64_builds_schedule_every_kernel(save_model, tmp_path, caplog):

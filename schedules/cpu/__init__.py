@@ -38,7 +38,7 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
     from tvm.relax.backend.cpu_generic import library_dispatch_passes
 
     from .packed_int4 import repack
-    from .packed_int8 import conv_weight_dtypes, legalize_map
+    from .packed_int8 import conv_weight_dtypes
 
     dot = dot_product_for(tvm_target)
     if packed_layout is None:
@@ -59,12 +59,24 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         passes.append(tvm.transform.module_pass(lambda m, _ctx: fast_math.rewrite(m),
                                                 opt_level=0, name="FastMath"))
         passes += library_dispatch_passes(tvm_target)
-        passes += [relax.transform.LegalizeOps(legalize_map(dot) if dot is not None else None),
+        passes += [relax.transform.LegalizeOps(_legalize_map(dot)),
                    relax.transform.AnnotateTIROpPattern(),
                    relax.transform.FoldConstant(),
                    relax.transform.FuseOps(),
                    relax.transform.FuseTIR()]
         return tvm.transform.Sequential(passes)(mod)
+
+
+def _legalize_map(dot):
+    """LegalizeOps overrides: int8 conv2d/matmul packed for `dot` (if any), float matmuls on
+    packed weight panels (packed_float.py); TVM's own legalization for the rest."""
+    from .packed_float import legalize_matmul
+    from .packed_int8 import default_legalize, legalize_map
+
+    overrides = legalize_map(dot) if dot is not None else {}
+    int8_matmul = overrides.get("relax.matmul", default_legalize)
+    overrides["relax.matmul"] = lambda bb, call: legalize_matmul(bb, call, int8_matmul)
+    return overrides
 
 
 def apply(mod, tvm_target):

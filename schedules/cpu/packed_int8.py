@@ -40,7 +40,7 @@ DEPTHWISE_BLOCK = "qcompile_packed_depthwise"
 TAPS = 4  # taps of a depthwise window per intrinsic
 
 
-def _default_legalize(bb, call):
+def default_legalize(bb, call):
     import tvm
 
     return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
@@ -244,11 +244,11 @@ def legalize_map(dot: DotProduct) -> dict:
         if (weight is None or not _is_int8_layer(call, dot) or int(attrs.groups) != 1
                 or attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI"
                 or attrs.out_layout != "NHWC"):
-            return _default_legalize(bb, call)
+            return default_legalize(bb, call)
         fits = [d for d in dot.choices() if _pads_little(weight.shape[0], d.lanes)
                 and not weight.shape[3] % d.reduce and _pairs_pixels(call, d)]
         if not fits:
-            return _default_legalize(bb, call)
+            return default_legalize(bb, call)
         chosen = fits[0]
         packed = pack_conv_weight(weight, chosen.lanes, chosen.reduce)
         out = bb.call_te(conv2d_te, call.args[0], relax.const(packed, "int8"),
@@ -261,12 +261,12 @@ def legalize_map(dot: DotProduct) -> dict:
     def matmul(bb, call):
         weight = _constant(call.args[1])
         if weight is None or weight.ndim != 2 or not _is_int8_layer(call, dot):
-            return _default_legalize(bb, call)
+            return default_legalize(bb, call)
         fits = [d for d in dot.choices() if _pads_little(weight.shape[1], d.lanes)
                 and not weight.shape[0] % d.reduce
                 and (d.rows == 1 or (_rows(call) or 1) % d.rows == 0)]
         if not fits:
-            return _default_legalize(bb, call)
+            return default_legalize(bb, call)
         chosen = fits[0]
         packed = pack_matmul_weight(weight, chosen.lanes, chosen.reduce)
         out = bb.call_te(matmul_te, call.args[0], relax.const(packed, "int8"),
