@@ -1,6 +1,6 @@
-"""The benchmarks' command lines (bench/run.py, bench/error_budget.py, bench/corpus.py): what
-they measure is read off their tables, but a wrong model name must fail at once with the names
-it knows, before any work."""
+"""The benchmarks' command lines (bench/run.py, bench/error_budget.py, bench/corpus.py,
+bench/compare_builds.py): what they measure is read off their tables, but a wrong model name
+must fail at once with the names it knows, before any work."""
 
 import subprocess
 import sys
@@ -49,3 +49,40 @@ def test_the_corpus_bench_refuses_fewer_than_one_timing_round_before_any_work():
     assert proc.returncode == 2
     assert "--rounds must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
     assert " / onnxruntime-fp32 ..." not in proc.stderr  # nothing was built
+
+
+def test_compare_builds_times_builds_side_by_side_and_compares_their_outputs(save_model,
+                                                                             tmp_path):
+    """Two fp32 builds of one model and an fp16 build: the table has a row per build, the
+    first two identical, the fp16 one not; a directory that is not a build is one paragraph,
+    exit 2."""
+    import json
+
+    import numpy as np
+
+    import qcompile
+    from models import conv_relu, random_inputs
+
+    model = conv_relu()
+    path = save_model(model)
+    builds = [qcompile.compile(path, "host", tmp_path / name, **options).directory
+              for name, options in (("a", {}), ("b", {}), ("fp16", {"quantize": "fp16"}))]
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, **random_inputs(model))
+    script = BENCH.parent / "compare_builds.py"
+    out = tmp_path / "compare.json"
+    proc = subprocess.run([sys.executable, str(script), *map(str, builds), "--inputs",
+                           str(inputs), "--rounds", "2", "--repeat", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if str(tmp_path) in line]
+    assert len(lines) == 3
+    assert "identical" in lines[0] and "identical" in lines[1]
+    assert "max |diff|" in lines[2]
+    rows = json.loads(out.read_text())["builds"]
+    assert [len(r["rounds_ms"]) for r in rows] == [2, 2, 2]
+    assert rows[2]["max_abs_diff_vs_first"] > 0
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--inputs", str(inputs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a compiled model" in proc.stderr
+    assert "Traceback" not in proc.stderr
