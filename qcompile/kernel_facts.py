@@ -8,7 +8,7 @@ manifest (`kernels.functions`), since the compiled library no longer has the TIR
 MACs are counted on the fused kernel before scheduling, where each multiply-accumulate block
 iterates over its whole domain: a block that reduces `acc += a * b` over two different buffers
 does one MAC per point of its domain (a packed int8 conv computes its padded output channels
-too). The precision is that of the operands the conv/matmul multiplies, or for other kernels
+too, a packed depthwise conv the zero taps that fill its windows' groups of 4). The precision is that of the operands the conv/matmul multiplies, or for other kernels
 that of the buffers they read: int8 if any is an 8-bit integer, else fp16, else fp32.
 `qcompile profile` joins these facts to the times it measures.
 """

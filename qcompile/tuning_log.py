@@ -276,9 +276,33 @@ def shipped_log(target: Target) -> TuningLog | None:
     return TuningLog(directory, info)
 
 
-def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
+def sums_in_float(mod) -> bool:
+    """Whether a kernel (a log's workload) reduces in floating point: a tuned schedule of it may
+    add its terms in another order than the default, so its results may differ in the last
+    bits. An integer kernel's sums are exact in any order."""
+    import tvm
+    from tvm.s_tir import Schedule
+    from tvm.tirx import IterVar
+
+    sch = Schedule(mod)
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch.work_on(gvar.name_hint)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            stmt = sch.get(block)
+            if any(int(iv.iter_type) == IterVar.CommReduce for iv in stmt.iter_vars) and \
+                    any("float" in str(w.source.dtype) for w in stmt.writes):
+                return True
+    return False
+
+
+def prune(source: str | Path, destination: str | Path, keep: int = 4,
+          exact: bool = False) -> int:
     """Copy the `keep` best valid records of each kernel of the log `source` into a new log
-    `destination` (what ships in tuning_logs/: compile applies only the best one). Returns the
+    `destination` (what ships in tuning_logs/: compile applies only the best one). `exact`:
+    only the kernels whose results do not depend on the schedule (`sums_in_float` is false),
+    so that a build with the log computes bit for bit what it computes without. Returns the
     number of records kept."""
     from tvm.s_tir.meta_schedule.database import TuningRecord
 
@@ -294,8 +318,12 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
     out = open_database(destination, create=True)
     kept = 0
     earlier = dict((log_.info or {}).get(PRUNED_KEY, {}))
-    pruned = {}
+    pruned: dict[str, int] = {}
+    dropped: set[str] = set()
     for key, workload in workloads.items():
+        if exact and sums_in_float(workload.mod):
+            dropped.add(key)
+            continue
         records = database.get_top_k(workload, 1_000_000)
         best = [r for r in records[:keep] if mean_seconds(r.run_secs) is not None]
         if best:
@@ -306,7 +334,11 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4) -> int:
                 kept += 1
             pruned[workload_key(copied.mod)] = earlier.get(key, 0) + len(records) - len(best)
     if log_.info is not None:
-        write_info(destination, {**log_.info, PRUNED_KEY: pruned})
+        info = {**log_.info, PRUNED_KEY: pruned}
+        if DEFAULTS_KEY in info:  # a dropped kernel's default is measured again by a tune
+            info[DEFAULTS_KEY] = {k: v for k, v in info[DEFAULTS_KEY].items()
+                                  if k not in dropped}
+        write_info(destination, info)
     return kept
 
 

@@ -58,7 +58,7 @@ def test_tune_records_every_kernel_and_what_it_was_measured_for(tuned):
     # our default schedule of each conv/matmul kernel was measured as its first candidate
     assert all(t.default_us is not None and t.best_us <= t.default_us for t in convs)
     assert all(t.default_us is None for t in first.tasks if "conv2d" not in t.name
-               and "matmul" not in t.name)
+               and "matmul" not in t.name and "depthwise" not in t.name)
     assert all(t.records >= 1 for t in first.tasks)
     assert sum(t.new_trials for t in first.tasks) == sum(t.records for t in first.tasks)
     info = json.loads((tuned["log"] / INFO_FILE).read_text())
@@ -474,3 +474,34 @@ def test_layer_latency_times_a_kernel_with_its_record_in_the_log(tuned, tmp_path
     assert all(v.int8_us and v.fallback_us for v in timed.values()), timed
     found = re.search(r"\((\d+) of (\d+) kernels with their record", caplog.text)
     assert found and int(found.group(1)) >= 1, caplog.text
+
+
+def test_an_exact_log_keeps_only_kernels_whose_results_do_not_depend_on_the_schedule(
+        tuned, tmp_path):
+    """prune(exact=True), as the shipped logs are made: the kernels that sum in floating point
+    (the global average pool of packed_convnet's int8 build) are left out, every integer
+    kernel keeps its records, and a build with the log computes bit for bit what the untuned
+    build computes."""
+    from qcompile.tuning_log import open_log, prune, sums_in_float, workload_key
+
+    def workloads(directory):
+        records = open_log(directory).database().get_all_tuning_records()
+        return {workload_key(r.workload.mod): r.workload.mod for r in records}
+
+    full = workloads(tuned["log"])
+    floats = {key for key, mod in full.items() if sums_in_float(mod)}
+    assert floats and len(floats) < len(full)
+    prune(tuned["log"], tmp_path / "exact", keep=1, exact=True)
+    assert set(workloads(tmp_path / "exact")) == set(full) - floats
+    info = json.loads((tmp_path / "exact" / INFO_FILE).read_text())
+    assert not floats & set(info["default_schedules_us"]) and not floats & set(
+        info["pruned_trials"])
+    exact = qcompile.compile(tuned["path"], "host", tmp_path / "tuned", quantize="int8",
+                             calibration=calibration(), tuning_log=tmp_path / "exact")
+    assert 0 < exact.manifest.kernels["tuned"] < exact.manifest.kernels["total"]
+    plain = qcompile.compile(tuned["path"], "host", tmp_path / "plain", quantize="int8",
+                             calibration=calibration(), tuning_log=False)
+    for seed in range(3):
+        feeds = random_inputs(packed_convnet(), seed=seed)
+        with qcompile.load(exact.directory) as a, qcompile.load(plain.directory) as b:
+            assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
