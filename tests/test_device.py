@@ -87,13 +87,34 @@ def test_auto_times_each_layer_on_the_device(arm64_device, save_model, tmp_path)
     assert len(rows) == 4 and all(r["int8_us"] > 0 and r["fallback_us"] > 0 for r in rows)
 
 
+def _run_on_device(device_fixture, library, inputs) -> list:
+    """Run a Relax VM library's "main" on the emulated phone: its outputs as numpy arrays. The
+    session is released before this returns (the VM and the session reference each other: left
+    to the garbage collector, the device stayed busy for the next test's minute of waiting)."""
+    import gc
+
+    import tvm
+    from tvm import relax
+
+    session = request_session(parse_tracker(device_fixture["tracker"]), device_fixture["key"])
+    try:
+        session.upload(str(library))
+        device = session.cpu()
+        vm = relax.VirtualMachine(session.load_module(library.name), device)
+        vm.set_input("main", *[tvm.runtime.tensor(x, device) for x in inputs])
+        vm.invoke_stateful("main")
+        return [value.numpy() for value in vm.get_outputs("main")]
+    finally:
+        vm = device = session = None
+        gc.collect()
+
+
 @pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
 def test_depthwise_kernels_match_numpy_on_the_device(arm64_device, tmp_path, target):
     """Int8 depthwise convs (test_int8_kernels.DEPTHWISE_CASES), legalized and scheduled as
     qcompile builds them for the target (4 taps per sdot), run on the emulated phone: exactly
     the integer sums of their definition."""
     import tvm
-    from tvm import relax
     from tvm.support import cc
 
     from test_int8_kernels import depthwise_module, instruction_counts
@@ -107,14 +128,8 @@ def test_depthwise_kernels_match_numpy_on_the_device(arm64_device, tmp_path, tar
     executable.export_library(str(library), fcompile=cc.cross_compiler(target.cc))
     assert instruction_counts(library, "aarch64-linux-gnu-objdump")["sdot"] > 0
 
-    session = request_session(parse_tracker(arm64_device["tracker"]), arm64_device["key"])
-    session.upload(str(library))
-    device = session.cpu()
-    vm = relax.VirtualMachine(session.load_module("depthwise.so"), device)
-    vm.set_input("main", *[tvm.runtime.tensor(x, device) for x in images])
-    vm.invoke_stateful("main")
-    for value, want in zip(vm.get_outputs("main"), expected):
-        assert np.array_equal(value.numpy(), want)
+    for value, want in zip(_run_on_device(arm64_device, library, images), expected):
+        assert np.array_equal(value, want)
 
 
 def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
@@ -151,13 +166,7 @@ def test_smmla_kernel_matches_numpy_on_the_device(arm64_device, tmp_path):
     executable.export_library(str(library), fcompile=cc.cross_compiler(target.cc))
     assert instruction_counts(library, "aarch64-linux-gnu-objdump")["smmla"] > 0
 
-    session = request_session(parse_tracker(arm64_device["tracker"]), arm64_device["key"])
-    session.upload(str(library))
-    device = session.cpu()
-    vm = relax.VirtualMachine(session.load_module("smmla.so"), device)
-    vm.set_input("main", tvm.runtime.tensor(x, device), tvm.runtime.tensor(image, device))
-    vm.invoke_stateful("main")
-    got_mm, got_conv = (value.numpy() for value in vm.get_outputs("main"))
+    got_mm, got_conv = _run_on_device(arm64_device, library, [x, image])
     assert np.array_equal(got_mm, x.astype(np.int32) @ w.astype(np.int32))
     padded = np.pad(image.astype(np.int32), [(0, 0), (1, 1), (1, 1), (0, 0)])
     expected = np.zeros((1, 10, 12, 8), np.int32)
