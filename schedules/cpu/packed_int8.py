@@ -9,20 +9,20 @@ On TVM's default layouts nothing tensorizes and tuned int8 is slower than tuned 
   between layers), weight OHWI packed as [O/lanes, KH, KW, I/reduce, lanes, reduce];
 - matmul: weight [K, N] packed as [N/lanes, K/reduce, lanes, reduce].
 
-(lanes x reduce: 16 x 4 for VNNI, 4 x 4 for sdot, 2 x 8 for smmla.)
-
-- depthwise conv2d (one channel per group): data NHWC, weight HWIO packed as
-  [C/16, KH, ceil(KW/4), 16, 4]: each kernel row's taps in groups of 4 (zero weights fill the
-  last group), for the depthwise intrinsic (intrinsics.py), which takes 4 neighbouring
-  pixels' bytes of 16 channels. The input gets as many more columns of padding as the last
-  group has zero taps, so that every group reads inside it. Integer sums as before; faster
-  than the unpacked kernel (int32 multiplies) by 1.3-2.4x on EfficientNet-Lite0's convs here
-  (docs/studies/2026-12-06-depthwise-int8.md). smmla also takes two
+(lanes x reduce: 16 x 4 for VNNI, 4 x 4 for sdot, 2 x 8 for smmla.) smmla also takes two
 activation rows at a time, so a layer uses it only when its output pixels per image row (a conv
 with a horizontal stride of 1) or its rows (matmul) pair up; otherwise the target's next
 instruction (sdot). The block of an smmla kernel is named after it
 (`qcompile_packed_conv2d_smmla`): that is how the default schedules (int8_default.py) know
 which instruction to emit.
+
+A depthwise conv (one channel per group, no dilation, channels a multiple of 16): data NHWC,
+weight HWIO packed as [C/16, KH, ceil(KW/4), 16, 4], each kernel row's taps in groups of 4
+(zero weights fill the last group), for the depthwise intrinsic (intrinsics.py), which takes 4
+neighbouring pixels' bytes of 16 channels: one vpdpbusd, or four sdot (smmla targets too). The
+input gets as many more columns of padding as the last group has zero taps, so that every
+group reads inside it. The integer sums are the unpacked kernel's; EfficientNet-Lite0's
+depthwise convs ran 1.1-2.5x faster than unpacked (docs/studies/2026-12-06-depthwise-int8.md).
 
 Weights are constants: they are packed here, at compile time, in numpy. A layer whose channels
 do not divide into blocks, or whose weight is not a constant, keeps TVM's own legalization.
