@@ -12,21 +12,9 @@ from pathlib import Path
 from . import lower
 from .devices.timing import time_kernels
 from .targets import Target
-from .tuning_log import DEFAULTS_KEY, read_info, workload_key, write_info
+from .tuning_log import DEFAULTS_KEY, kernel_blocks, read_info, workload_key, write_info
 
 log = logging.getLogger(__name__)
-
-
-def _blocks(mod):
-    """The top-level blocks of every kernel in `mod`."""
-    import tvm
-    from tvm.s_tir import Schedule
-
-    sch = Schedule(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc):
-            sch.work_on(gvar.name_hint)
-            yield from (sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def has_reduction(mod) -> bool:
@@ -36,7 +24,7 @@ def has_reduction(mod) -> bool:
     from tvm.tirx import IterVar
 
     return any(int(iv.iter_type) == IterVar.CommReduce
-               for block in _blocks(mod) for iv in block.iter_vars)
+               for block in kernel_blocks(mod) for iv in block.iter_vars)
 
 
 def unmeasured(database, contexts, foreign, log_dir: Path) -> set[str]:

@@ -276,25 +276,27 @@ def shipped_log(target: Target) -> TuningLog | None:
     return TuningLog(directory, info)
 
 
+def kernel_blocks(mod):
+    """The top-level blocks of every kernel in `mod` (a log's workload, or a tuning task's)."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch.work_on(gvar.name_hint)
+            yield from (sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
 def sums_in_float(mod) -> bool:
     """Whether a kernel (a log's workload) reduces in floating point: a tuned schedule of it may
     add its terms in another order than the default, so its results may differ in the last
     bits. An integer kernel's sums are exact in any order."""
-    import tvm
-    from tvm.s_tir import Schedule
     from tvm.tirx import IterVar
 
-    sch = Schedule(mod)
-    for gvar, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        sch.work_on(gvar.name_hint)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            stmt = sch.get(block)
-            if any(int(iv.iter_type) == IterVar.CommReduce for iv in stmt.iter_vars) and \
-                    any("float" in str(w.source.dtype) for w in stmt.writes):
-                return True
-    return False
+    return any(any(int(iv.iter_type) == IterVar.CommReduce for iv in block.iter_vars)
+               and any("float" in str(w.source.dtype) for w in block.writes)
+               for block in kernel_blocks(mod))
 
 
 def prune(source: str | Path, destination: str | Path, keep: int = 4,

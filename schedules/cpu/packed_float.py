@@ -32,16 +32,6 @@ def panel_width(columns: int) -> int:
     return largest_divisor(columns, WIDE_VECTOR)
 
 
-def _rows(data) -> int | None:
-    rows = 1
-    for dim in list(data.ty.shape)[:-1]:
-        value = getattr(dim, "value", None)
-        if not isinstance(value, int):
-            return None
-        rows *= value
-    return rows
-
-
 def pack_weight(w_kn: np.ndarray, panel: int) -> np.ndarray:
     """[K, N] -> [N/panel, K, panel]."""
     k, n = w_kn.shape
@@ -69,17 +59,20 @@ def legalize_matmul(bb, call, otherwise):
     import tvm
     from tvm import relax
 
+    from .packed_int8 import matmul_rows
+
     weight = call.args[1]
     data_dtype, weight_dtype = str(call.args[0].ty.dtype), str(weight.ty.dtype)
     out_dtype = str(call.attrs.out_dtype or "") or data_dtype
     out_dtype = data_dtype if out_dtype == "void" else out_dtype
     if not isinstance(weight, tvm.ir.expr.GenericConst) or "float" not in weight_dtype or \
             data_dtype != weight_dtype or out_dtype != data_dtype or \
-            len(weight.ty.shape) != 2 or _rows(call.args[0]) != 1:
+            len(weight.ty.shape) != 2 or matmul_rows(call) != 1:
         return otherwise(bb, call)
-    w = weight.value.numpy()
-    panel = panel_width(w.shape[1])
-    if panel == w.shape[1]:  # one panel: the plain layout already
+    columns = int(weight.ty.shape[1])
+    panel = panel_width(columns)
+    if panel == columns:  # one panel: the plain layout already (and no copy of the weight)
         return otherwise(bb, call)
-    return bb.call_te(matmul_te, call.args[0], relax.const(pack_weight(w, panel), weight_dtype),
-                      out_dtype, primfunc_name_hint="matmul")
+    packed = pack_weight(weight.value.numpy(), panel)
+    return bb.call_te(matmul_te, call.args[0], relax.const(packed, weight_dtype), out_dtype,
+                      primfunc_name_hint="matmul")

@@ -184,7 +184,7 @@ def _pairs_pixels(call, dot: DotProduct) -> bool:
                              and _conv_out_width(call) % dot.rows == 0)
 
 
-def _rows(call) -> int | None:
+def matmul_rows(call) -> int | None:
     """The matmul's rows, or None when they are known only at run time."""
     rows = 1
     for dim in list(call.args[0].ty.shape)[:-1]:
@@ -264,7 +264,7 @@ def legalize_map(dot: DotProduct) -> dict:
             return default_legalize(bb, call)
         fits = [d for d in dot.choices() if _pads_little(weight.shape[1], d.lanes)
                 and not weight.shape[0] % d.reduce
-                and (d.rows == 1 or (_rows(call) or 1) % d.rows == 0)]
+                and (d.rows == 1 or (matmul_rows(call) or 1) % d.rows == 0)]
         if not fits:
             return default_legalize(bb, call)
         chosen = fits[0]
