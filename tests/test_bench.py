@@ -54,8 +54,8 @@ def test_the_corpus_bench_refuses_fewer_than_one_timing_round_before_any_work():
 def test_compare_builds_times_builds_side_by_side_and_compares_their_outputs(save_model,
                                                                              tmp_path):
     """Two fp32 builds of one model and an fp16 build: the table has a row per build, the
-    first two identical, the fp16 one not; a directory that is not a build is one paragraph,
-    exit 2."""
+    first two identical, the fp16 one not; a directory that is not a build, or no rounds, is
+    one paragraph, exit 2."""
     import json
 
     import numpy as np
@@ -86,3 +86,7 @@ def test_compare_builds_times_builds_side_by_side_and_compares_their_outputs(sav
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a compiled model" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(script), *map(str, builds), "--inputs",
+                           str(inputs), "--rounds", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "--rounds and --repeat must be at least 1" in proc.stderr
