@@ -2,7 +2,8 @@
 
 1. each layer's kernel timed in int8 and in the fallback precision on the target (here, or on
    the device at the tracker): layers slower in int8 stay in the fallback (layer_latency);
-2. the mix searched in simulation (quantize/search.py);
+2. the mix searched in simulation (quantize/search.py); with --weight-bits 4, then as many of
+   its int8 layers with 4-bit weights as the budget allows (quantize/search_bits.py);
 3. built, and on the host checked with the compiled model on the validation data; when the
    simulation was optimistic, the next most sensitive layers are kept too and it is built
    again (up to VERIFY_ROUNDS), keeping the best build.
@@ -74,17 +75,20 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
         latency = False
     latencies, where = _layer_latencies(float_model, target, fallback, activations, fixed,
                                         rpc, tuning_log) if latency else ({}, None)
-    result = search(float_model.onnx, feeds, held_out, config.base_settings(activations),
-                    metric, budget, fallback, fixed, config.bias_correction,
-                    config.weight_rounding, latencies, where, time.perf_counter() - timing,
-                    config.table_precision)
+    base = config.base_settings(activations)  # int4 with --weight-bits 4: its candidates
+    four_bits = base if base.precision == "int4" else None
+    result = search(float_model.onnx, feeds, held_out,
+                    dataclasses.replace(base, precision="int8"), metric, budget, fallback,
+                    fixed, config.bias_correction, config.weight_rounding, latencies, where,
+                    time.perf_counter() - timing, config.table_precision, four_bits)
     reference = onnxruntime_outputs(float_model.onnx, held_out)
     runs_here = target.name == "host"
     best = None  # (compiled metric, round, result, build directory)
     table = None  # calibrated once, for every round's plan
     for round_ in range(1, (VERIFY_ROUNDS if runs_here else 1) + 1):
         rules = PrecisionRules.from_dict(tomllib.loads(result.rules_text()), RULES_FILE)
-        round_plan = plan(float_model, dataclasses.replace(config, rules=rules), target)
+        round_plan = plan(float_model, dataclasses.replace(config, rules=rules, weight_bits=8),
+                          target)
         if table is None:
             table = calibrate(round_plan.with_int8_everywhere(), feeds)
         quantized = realize(round_plan, table, measure_on=feeds)

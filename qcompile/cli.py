@@ -215,13 +215,14 @@ def _quantize_args(p, auto: bool) -> None:
                         "rounding direction so that the layer's outputs on the calibration data "
                         "stay closest to fp32; nearest rounds each weight on its own")
     q.add_argument("--weight-bits", type=int, default=8, choices=[8, 4],
-                   help="4: MatMul/Gemm weights in 4 bits with a scale per group of "
-                        "--group-size reduction elements, multiplied with the int8 input on the "
-                        "dot-product instructions (W4A8: --quantize int8, calibrated, or "
-                        "int8-dynamic, quantized per token and group at run time), or widened "
-                        "to float inside float kernels (W4A16; --quantize int8-weights); "
-                        "convolutions stay int8. A rule's precision = \"int4\" does the same "
-                        "per layer")
+                   help="4: MatMul/Gemm and 1x1 convolution weights in 4 bits with a scale "
+                        "per group of --group-size reduction elements, multiplied with the int8 "
+                        "input on the dot-product instructions (W4A8: --quantize int8, "
+                        "calibrated, or int8-dynamic, quantized per token and group at run "
+                        "time), or widened to float inside float kernels (W4A16; --quantize "
+                        "int8-weights); other convolutions stay int8. With --quantize auto: "
+                        "4 bits on as many int8 layers as the accuracy budget allows, the "
+                        "fewest bytes first. A rule's precision = \"int4\" sets it per layer")
     q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit weights: reduction elements per scale (default 32: 4.5 bits per "
                         "weight with the fp16 scales)")

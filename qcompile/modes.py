@@ -128,7 +128,8 @@ class DynamicInt8(Mode):
 @dataclass(frozen=True)
 class AutoPrecision(Mode):
     """int8 where `budget` on `metric` allows (measured on `validation`, held out from the
-    calibration samples), `fallback` elsewhere; `latency`: time each layer first."""
+    calibration samples), `fallback` elsewhere; `latency`: time each layer first. With
+    config.weight_bits 4, then 4-bit weights on as many int8 layers as the budget allows."""
 
     name = "auto"
     calibration: Any = None
@@ -154,10 +155,6 @@ class AutoPrecision(Mode):
                              f"with 16-bit inputs, but --activations {self.config.activations} "
                              "gives every layer 16-bit inputs already: drop one of the two, "
                              "or fall back to fp16 or fp32.")
-        if self.config.weight_bits == 4:
-            raise InputError("--quantize auto searches int8 against a fallback precision; it "
-                             "does not choose 4-bit weights yet. Use --quantize int8 with "
-                             "--weight-bits 4, or precision = \"int4\" in --precision-rules.")
         self.config.check()
         object.__setattr__(self, "metric", load_metric(self.metric))  # a bad one fails now
 

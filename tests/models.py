@@ -142,6 +142,27 @@ def outlier_chain() -> onnx.ModelProto:
          _w("w4", (16, 16, 1, 1), 35), _w("b4", (16,), 36)])
 
 
+def pointwise_chain() -> onnx.ModelProto:
+    """Three 1x1 convs (the second with stride 2, and one input channel of its weights 12x
+    the others) and a Gemm of 2560 weights: every layer has a 4-bit kernel, the Gemm loses
+    least per byte in 4 bits."""
+    w2 = _rng(52).standard_normal((64, 64, 1, 1)).astype(np.float32) * 0.2
+    w2[:, 5] *= 12.0
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2]),
+         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+         helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3"),
+         helper.make_node("Flatten", ["c3"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w4", "b4"], ["y"], name="fc", transB=1)],
+        [("x", [1, 32, 8, 8])], [("y", [1, 10])],
+        [_w("w1", (64, 32, 1, 1), 51, 0.2), _w("b1", (64,), 53, 0.1),
+         numpy_helper.from_array(w2, "w2"), _w("b2", (64,), 54, 0.1),
+         _w("w3", (16, 64, 1, 1), 55, 0.2), _w("b3", (16,), 56, 0.1),
+         _w("w4", (10, 256), 57, 0.1), _w("b4", (10,), 58, 0.1)])
+
+
 def spiky_chain() -> onnx.ModelProto:
     """Three 1x1 convs; the first reads an input with rare spikes (spiky_inputs) and is
     clipped to [0, 6] after it, so only the first conv's input range is wide: in 8 bits its

@@ -10,9 +10,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import qcompile
-from models import conv_relu, make_model, random_inputs
+from models import _w, conv_relu, make_model, pointwise_chain, random_inputs
 from qcompile.cli import main
 from qcompile.quantize import QuantConfig
+from qcompile.quantize.rules import PrecisionRules
 from qcompile.quantize.weights import quantize_groups
 from qcompile.schedules.cpu.packed_int4 import pack_codes, unpack_logical
 from test_int8_kernels import host_has_vnni, instruction_counts
@@ -106,6 +107,119 @@ def test_w4a8_matches_the_integer_reference(k, n, group, save_model, tmp_path):
         assert artifact.manifest.kernels["int8_default_schedules"] == 1
 
 
+def pointwise_model(stride: int, k: int = 80, n: int = 40) -> onnx.ModelProto:
+    """A 1x1 conv with bias and ReLU of the given stride: K = 80 channels in, 2.5 groups of
+    32; N = 40 channels out, 2.5 blocks of 16 lanes."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="pointwise",
+                          strides=[stride, stride]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        [("x", [1, k, 10, 10])], [("y", [1, n, 10 // stride, 10 // stride])],
+        [_w("w", (n, k, 1, 1), 5, 0.1), _w("b", (n,), 6, 0.1)])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_w4a8_pointwise_conv_matches_the_integer_reference(stride, save_model, tmp_path):
+    """A 1x1 conv runs on the 4-bit matmul kernel with its pixels as rows (NHWC): the
+    reference's integers on every stride-th pixel, the output back in NCHW, ReLU applied."""
+    model = pointwise_model(stride)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
+    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                                calibration=calibration,
+                                quant_config=QuantConfig(weight_bits=4, weight_rounding="nearest",
+                                                         bias_correction=False))
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == "int4-g32"
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(2):
+            x = random_inputs(model, seed=seed)["x"][:, :, ::stride, ::stride]
+            got = loaded.run({"x": random_inputs(model, seed=seed)["x"]})["y"]
+            x_rows = x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+            expected = w4a8_ref(x_rows, init["w"][:, :, 0, 0].T, init["b"], row["input"], 32)
+            expected = np.maximum(expected, 0).reshape(1, *x.shape[2:], -1).transpose(0, 3, 1, 2)
+            np.testing.assert_allclose(got, expected, rtol=2e-5,
+                                       atol=2e-5 * np.abs(expected).max())
+    if host_has_vnni():
+        assert instruction_counts(artifact.library)["vpdpbusd"] > 0
+        assert artifact.manifest.kernels["int8_default_schedules"] == 1
+
+
+def test_w4a16_pointwise_conv_widens_its_codes(save_model, tmp_path):
+    """--quantize int8-weights --weight-bits 4 on a 1x1 conv: the float input times the
+    weights as their 4-bit codes give them back (symmetric, max |w| / 7 per group of 32)."""
+    model = pointwise_model(1)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8-weights",
+                     quant_config=QuantConfig(weight_bits=4))
+    codes, scales = symmetric_codes(init["w"][:, :, 0, 0].T, 32)
+    w = (codes * np.repeat(scales, 32, axis=0))[:80]
+    x = random_inputs(model, seed=3)["x"]
+    expected = np.maximum(np.einsum("nkhw,kc->nchw", x, w) + init["b"][None, :, None, None], 0)
+    with qcompile.load(tmp_path / "out") as loaded:
+        got = loaded.run({"x": x})["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_search_gives_4_bits_to_the_cheapest_layers_the_budget_allows():
+    """After the int8 mix, 4-bit weights go to the layers that lose least output SQNR per byte
+    saved, as many as the budget allows: the Gemm first and not every layer at a tight
+    budget, every layer at a loose one; none when the int8 mix itself misses the budget."""
+    from qcompile.quantize.metrics import load_metric
+    from qcompile.quantize.rules import LayerSettings
+    from qcompile.quantize.search import search
+
+    model = pointwise_chain()
+    calibration = [random_inputs(model, s) for s in range(16)]
+    validation = [random_inputs(model, 100 + s) for s in range(16)]
+    int8, int4 = LayerSettings("int8", activations="uint8"), LayerSettings("int4",
+                                                                           activations="uint8")
+    cosine = load_metric("cosine")
+    tight = search(model, calibration, validation, int8, cosine, 0.99, four_bits=int4)
+    costs = tight.four_bit_costs
+    assert set(costs) == {"conv1", "conv2", "conv3", "fc"} and tight.kept == []
+    chosen = tight.four_bit
+    assert chosen == sorted(costs, key=costs.get)[:len(chosen)] and chosen[0] == "fc"
+    assert 1 <= len(chosen) < 4
+    assert {n for n, s in tight.plan.items() if s.precision == "int4"} == set(chosen)
+    assert {s.precision for n, s in tight.plan.items() if n not in chosen} == {"int8"}
+    assert 0.99 <= tight.estimate < tight.all_int8
+    assert f"{len(chosen)} of them with 4-bit weights" in tight.summary()
+    assert tight.to_json()["four_bit_weights"] == chosen
+    loose = search(model, calibration, validation, int8, cosine, 0.95, four_bits=int4)
+    assert sorted(loose.four_bit) == ["conv1", "conv2", "conv3", "fc"]
+    assert loose.int8_mac_fraction == 1.0  # W4A8 multiplies int8 by int8
+    # the int8 mix needs an fp32 layer for this budget: the rest stays int8, no 4 bits
+    exact = search(model, calibration, validation, int8, cosine, 0.99999, four_bits=int4)
+    assert exact.four_bit == [] and exact.estimate >= 0.99999
+
+
+def test_auto_with_4_bit_weights_builds_the_mix_it_chose(save_model, tmp_path):
+    """--quantize auto --weight-bits 4: the compiled model has 4-bit weights on the layers the
+    search chose (pointwise convs and Gemm alike), int8 elsewhere, and its rules file gives
+    the same mix with --quantize int8."""
+    model = pointwise_chain()
+    path = save_model(model)
+    calibration = [random_inputs(model, s) for s in range(16)]
+    out = tmp_path / "auto"
+    qcompile.compile(path, "host", out, quantize="auto", calibration=calibration,
+                     validation=[random_inputs(model, 100 + s) for s in range(16)],
+                     accuracy_budget=0.97, metric="cosine", latency=False,
+                     quant_config=QuantConfig(weight_bits=4))
+    search = json.loads((out / "search.json").read_text())
+    precisions = {r["layer"]: r["precision"] for r in
+                  json.loads((out / "quantization.json").read_text())["layers"]}
+    assert sorted(search["four_bit_weights"]) == sorted(
+        n for n, p in precisions.items() if p == "int4-g32") != []
+    assert search["verified"] >= 0.97
+    again = tmp_path / "again"
+    qcompile.compile(path, "host", again, quantize="int8", calibration=calibration,
+                     quant_config=QuantConfig(rules=PrecisionRules.load(
+                         out / "precision-rules.toml")))
+    assert {r["layer"]: r["precision"] for r in json.loads(
+        (again / "quantization.json").read_text())["layers"]} == precisions
+
+
 @pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])
 def test_arm64_int4_uses_sdot(target, save_model, tmp_path):
     """The 4-bit kernel multiplies one row at a time, so an i8mm CPU runs it on sdot too."""
@@ -164,12 +278,10 @@ def test_bad_4bit_options(save_model, tmp_path, capsys):
     conv_rules.write_text('[[rule]]\nop = "Conv"\nprecision = "int4"\n')
     int8 = ["--quantize", "int8", "--calibration", str(calibration)]
     cases = [
-        (path, ["--quantize", "auto", "--calibration", str(calibration), "--accuracy-budget",
-                "0.99", "--weight-bits", "4"], "does not choose 4-bit weights yet"),
         (path, [*int8, "--precision-rules", str(rules)], "group_size must be one of 32, 64, 128"),
         (path, [*int8, "--group-size", "48"], "invalid choice"),
         (conv, ["--quantize", "int8", "--calibration", str(conv_calibration),
-                "--precision-rules", str(conv_rules)], "(a convolution) to int4"),
+                "--precision-rules", str(conv_rules)], "(a convolution other than 1x1) to int4"),
     ]
     for model_path, extra, message in cases:
         try:

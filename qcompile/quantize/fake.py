@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .observers import WIDE_DTYPES as WIDE, QParams
+from .onnx_view import takes_rows
 
 if TYPE_CHECKING:
     from .onnx_view import SimLayer
@@ -91,6 +92,7 @@ class FakeLayer:
         self.bias = np.broadcast_to(sim.inits[node.input[2]].astype(np.float32).reshape(-1),
                                     (channels,)) if self.has_bias else None
         self.source = node.input[0]
+        self.takes_rows = takes_rows(node, weight.shape)
         self.moments = sim.moments.get(layer.name)
         self.means = sim.means.get(self.source) if sim.bias_correction else None
 

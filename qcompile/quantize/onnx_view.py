@@ -86,6 +86,16 @@ def conv_shape(node, weight_shape) -> ConvShape | None:
                      tuple(_attr(node, "dilations", [1, 1])), int(_attr(node, "group", 1)))
 
 
+def takes_rows(node, weight_shape) -> bool:
+    """Whether the 4-bit kernels take the weighted node: a MatMul/Gemm, or a Conv with a 1x1
+    kernel, one group and no padding (as ops.linear.LayerOp.takes_rows decides in Relax)."""
+    if node.op_type != "Conv":
+        return True
+    shape = conv_shape(node, weight_shape)
+    return shape is not None and shape.kernel == (1, 1) and shape.groups == 1 and \
+        not any(shape.padding)
+
+
 def _attr(node, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -110,5 +120,5 @@ def value_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-__all__ = ["ONNX_KINDS", "SimLayer", "conv_shape", "kind", "onnx_flow", "value_shapes",
-           "weighted_layers"]
+__all__ = ["ONNX_KINDS", "SimLayer", "conv_shape", "kind", "onnx_flow", "takes_rows",
+           "value_shapes", "weighted_layers"]

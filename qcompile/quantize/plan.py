@@ -20,6 +20,7 @@ from .graph import Graph, constant_value, read_graph
 from .calibrate import LayerInput
 from .config import QuantConfig, activation_dtype_for
 from .rounding import conv_shape
+from .ops.linear import is_pointwise
 from .rules import LayerSettings, PrecisionRules, Rule
 from .schemes import SCHEMES, Fp32, Scheme, scheme_for
 
@@ -151,17 +152,17 @@ def _given_four_bits(graph: Graph, settings, codes) -> dict:
 
 
 def _check_int4(graph: Graph, names, settings, explicit) -> None:
-    """4-bit weights are MatMul/Gemm kernels (W4A8 with calibrated or run-time int8 inputs,
-    or W4A16 in weight-only mode): a rule may not ask for them on a convolution (the
-    whole-model option leaves convolutions int8)."""
-    int4 = [var for var, s in settings.items() if s.precision == "int4"]
-    kinds = {n.name: n.kind for n in graph.nodes}
-    for var in int4:
-        if kinds.get(var) == "conv2d" and names[var] in explicit:
-            raise InputError(f"A precision rule sets layer '{names[var]}' (a convolution) to "
-                             "int4, but 4-bit weights have kernels for MatMul and Gemm only. "
-                             "Make the rule match those ops (op = [\"MatMul\", \"Gemm\"]) or "
-                             "keep the layer int8.")
+    """4-bit weights are matmul kernels (W4A8 with calibrated or run-time int8 inputs, or W4A16
+    in weight-only mode), for MatMul/Gemm and pointwise convolutions: a rule may not ask for
+    them on another convolution (the whole-model option leaves those int8)."""
+    int4 = {var for var, s in settings.items() if s.precision == "int4"}
+    for node in graph.nodes:
+        if node.name in int4 and node.kind == "conv2d" and names[node.name] in explicit \
+                and not is_pointwise(node):
+            raise InputError(f"A precision rule sets layer '{names[node.name]}' (a convolution "
+                             "other than 1x1) to int4, but 4-bit weights have kernels for "
+                             "MatMul, Gemm and 1x1 convolutions (one group, no padding) only. "
+                             "Make the rule match those layers or keep this one int8.")
 
 
 def layer_plan(model: FloatModel, config, activations: str,

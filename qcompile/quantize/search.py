@@ -37,6 +37,8 @@ from .metrics import Metric
 from .report import finite
 from .rules import FALLBACKS, LayerSettings, rules_toml
 from .schemes import Int8A16, scheme_for
+from .onnx_view import takes_rows
+from .search_bits import choose_four_bits
 from .simulate import Simulator
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class SearchResult:
     slower_in_int8: list[str] = field(default_factory=list)  # in fallback for latency
     latency_where: str | None = None     # where the layers were timed (None: not timed)
     latency_seconds: float = 0.0         # how long timing them took (before the search)
+    four_bit: list[str] = field(default_factory=list)  # int8 layers given 4-bit weights
+    four_bit_costs: dict[str, float] = field(default_factory=dict)  # dB lost per kB saved
 
     @property
     def int8_mac_fraction(self) -> float:
@@ -128,7 +132,7 @@ class SearchResult:
             f"{'>=' if self.higher_is_better else '<='} {self.budget:g}: {len(self.kept)} "
             f"layer(s) kept in higher precision for accuracy, {len(self.slower_in_int8)} "
             f"because int8 is slower, {self.int8_mac_fraction:.1%} of the MACs "
-            f"in int8{self._weights_note()}.\nCompile with --quantize int8 --precision-rules "
+            f"in int8{self._weights_note()}{self._four_bit_note()}.\nCompile with --quantize int8 --precision-rules "
             "THIS_FILE to get the same mix without searching."))
 
     def to_json(self) -> dict:
@@ -151,6 +155,8 @@ class SearchResult:
             "calibration_samples": self.calibration_samples,
             "validation_samples": self.validation_samples,
             "fallback_precision": self.fallback, "rounds": self.rounds,
+            "four_bit_weights": self.four_bit,
+            "four_bit_cost_db_per_kb": self.four_bit_costs,
             "sensitivity": [s.to_json() for s in self.sensitivities],
         }
 
@@ -164,7 +170,7 @@ class SearchResult:
                  + (f" (timed on {self.latency_where} in {self.latency_seconds:.0f} s)"
                     if self.latency_where else " (not timed)")
                  + f"; {self.int8_mac_fraction:.1%} of the MACs in int8"
-                 f"{self._weights_note()}; "
+                 f"{self._weights_note()}{self._four_bit_note()}; "
                  f"{self.evaluations} evaluations in {self.seconds:.0f} s",
                  f"{'rank':>4} {'layer':<32} {'op':<7} {'MACs':>8} {'alone dB':>9} "
                  f"{'fallback dB':>11} {'int8 us':>8} {self.fallback + ' us':>8}  precision"]
@@ -179,6 +185,9 @@ class SearchResult:
 
     def _weights_note(self) -> str:
         return weights_note(self.int8_mac_fraction, self.int8_weight_mac_fraction)
+
+    def _four_bit_note(self) -> str:
+        return f", {len(self.four_bit)} of them with 4-bit weights" if self.four_bit else ""
 
 
 def weights_note(int8_mac_fraction: float, int8_weight_mac_fraction: float | None) -> str:
@@ -230,10 +239,13 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
            fixed: Mapping[str, LayerSettings] | None = None,
            bias_correction: bool = True, weight_rounding: str = "gptq",
            latencies: Mapping | None = None, latency_where: str | None = None,
-           latency_seconds: float = 0.0, tables: str | None = "int8") -> SearchResult:
+           latency_seconds: float = 0.0, tables: str | None = "int8",
+           four_bits: LayerSettings | None = None) -> SearchResult:
     """Choose each layer's precision. `fixed` layers (set by the user's rules) keep their
     settings and are not searched. `latencies` ({layer: layer_latency.LayerLatency}, timed
-    on `latency_where`): layers whose int8 kernel is slower stay in `fallback`."""
+    on `latency_where`): layers whose int8 kernel is slower stay in `fallback`. `four_bits`
+    (int4 settings): then give as many int8 layers 4-bit weights as the budget allows
+    (search_bits.py)."""
     start = time.perf_counter()
     fixed = dict(fixed or {})
     kept_settings = fallback_settings(base, fallback)
@@ -347,6 +359,14 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
                 log.info("precision search: %s goes back to int8 (%s %.4f)", name,
                          metric.name, value)
     plan = plan_with(set(kept))
+    four = None
+    if four_bits is not None:
+        candidates = [(l.name, int(np.prod(l.weight_shape))) for l in searched
+                      if plan[l.name] == base and takes_rows(sim.nodes[l.node_index],
+                                                             l.weight_shape)]
+        four = choose_four_bits(plan, candidates, four_bits, metric, budget, estimate, score,
+                                sqnr)
+        plan, estimate = four.plan, four.estimate if four.layers else estimate
     result = SearchResult(
         plan=plan, base=base, metric=metric.name, budget=budget,
         higher_is_better=metric.higher_is_better, all_int8=all_int8, estimate=estimate,
@@ -355,7 +375,9 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         evaluations=evaluations, seconds=time.perf_counter() - start,
         calibration_samples=len(calibration), validation_samples=len(validation),
         fallback=fallback, slower_in_int8=[s.name for s in sensitivities if s.name in slow],
-        latency_where=latency_where if latencies else None, latency_seconds=latency_seconds)
+        latency_where=latency_where if latencies else None, latency_seconds=latency_seconds,
+        four_bit=four.layers if four is not None else [],
+        four_bit_costs=four.costs if four is not None else {})
     log.info("%s", result.summary())
     return result
 
@@ -375,7 +397,12 @@ def int8_fraction(plan: Mapping[str, LayerSettings], macs: Mapping[str, int],
 
 def keep_more(result: SearchResult, count: int) -> SearchResult:
     """The result with the next `count` layers of the ranking also kept in higher precision
-    (after the compiled model missed the budget that the simulation met)."""
+    (after the compiled model missed the budget that the simulation met); with 4-bit layers,
+    the costlier half of those back in int8 instead."""
+    if result.four_bit:
+        back = result.four_bit[len(result.four_bit) // 2:]
+        plan = {**result.plan, **{name: result.base for name in back}}
+        return replace(result, plan=plan, four_bit=result.four_bit[:len(result.four_bit) // 2])
     extra = [n for n in result.ranking if n not in result.kept][:count]
     kept = result.kept + extra
     plan = dict(result.plan)

@@ -160,6 +160,37 @@ class GroupWeight:
         return np.ascontiguousarray(pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8)
 
 
+# the fractions of a group's largest magnitude / qmax tried as its scale (with calibration):
+# a smaller step rounds the bulk of the weights finer and clips the few largest
+SCALE_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def fitted_group_scales(w: np.ndarray, group: int, qmin: int, qmax: int,
+                        diagonal: np.ndarray | None, dtype: str) -> np.ndarray:
+    """[groups, N] scales of w [K_padded, N]: max |w| / qmax per group, or, given the
+    layer input's second moments (`diagonal`, [K_padded]: E[x_k^2]), the fraction of it
+    (SCALE_FRACTIONS) whose rounding to nearest leaves the least error on the output,
+    sum_k E[x_k^2] (w - s q)^2, per group. A scale that underflows fp16 (a dead channel's
+    near-zero weights) becomes 1: the codes are 0."""
+    blocks = w.reshape(-1, group, w.shape[1]).astype(np.float64)
+    bound = np.abs(blocks).max(axis=1)
+    fractions = SCALE_FRACTIONS if diagonal is not None else SCALE_FRACTIONS[:1]
+    weight = diagonal.reshape(-1, group, 1) if diagonal is not None else 1.0
+    best = best_error = None
+    for fraction in fractions:
+        scales = np.where(bound > 0, bound * fraction / qmax, 1.0).astype(dtype)
+        scales = np.where(scales > 0, scales, 1.0).astype(dtype)
+        step = scales.astype(np.float64)[:, None, :]
+        error = (weight * (blocks - np.clip(np.round(blocks / step), qmin, qmax) * step)
+                 ** 2).sum(axis=1)
+        if best is None:
+            best, best_error = scales, error
+        else:
+            better = error < best_error
+            best, best_error = np.where(better, scales, best), np.minimum(error, best_error)
+    return best.astype(dtype)
+
+
 GROUP_SIZES = (32, 64, 128)
 WEIGHT_BITS = (4, 8)
 
@@ -168,15 +199,19 @@ def quantize_groups(weight: np.ndarray, group: int, *, bits: int = 4,
                     moments: InputMoments | None = None,
                     scale_dtype: str = "float16") -> GroupWeight:
     """A matmul weight [K, N] in symmetric `bits`-bit codes, one scale per group of `group`
-    reduction elements (the group's largest magnitude maps to the largest code), rounded by
-    GPTQ when the layer input's moments are given, else to nearest."""
+    reduction elements, rounded by GPTQ when the layer input's moments are given, else to
+    nearest. The group's largest magnitude maps to the largest code; with the moments and
+    fewer than 8 bits, the scale is fitted (fitted_group_scales)."""
     k, n = weight.shape
     padded = -(-k // group) * group
     w = np.zeros((padded, n), np.float32)
     w[:k] = weight
     qmax, qmin = (1 << (bits - 1)) - 1, -(1 << (bits - 1))
-    bound = np.abs(w.reshape(-1, group, n)).max(axis=1)
-    scales = np.where(bound > 0, bound / qmax, 1.0).astype(scale_dtype)
+    diagonal = None
+    if moments is not None and bits < 8:  # 8 bits: the largest magnitude's step is fine
+        diagonal = np.zeros(padded, np.float64)
+        diagonal[:k] = np.diagonal(moments.hessian()[0])
+    scales = fitted_group_scales(w, group, qmin, qmax, diagonal, scale_dtype)
     per_weight = np.repeat(scales.astype(np.float32), group, axis=0)
     if moments is not None:
         codes = gptq_group_codes(weight, per_weight[:k], moments, qmin, qmax)

@@ -43,6 +43,40 @@ class LayerOp:
     def channels(self) -> int:
         return int(self.weight.shape[self.channel_axis])
 
+    @property
+    def takes_rows(self) -> bool:
+        """Whether the layer is a matmul over its input's last axis, as the group-wise 4-bit
+        kernels take it: a MatMul/Gemm, or a pointwise conv (`is_pointwise`) read as NHWC."""
+        return self.weight is not None and (self.kind == "matmul" or is_pointwise(self.node))
+
+    def row_weight(self) -> np.ndarray:
+        """The weight as a [K, N] matmul weight (a pointwise conv's OIHW [N, K, 1, 1]
+        transposed)."""
+        return self.weight[:, :, 0, 0].T if self.kind == "conv2d" else self.weight
+
+    def rows_of(self, r: Realizer, data):
+        """The layer's input as rows [..., K]: a pointwise conv's NCHW input transposed to
+        NHWC (every stride-th pixel) and its pixels made one axis of rows, [N*H*W, C] (the
+        lowering fuses the transpose into the producer's epilogue)."""
+        if self.kind != "conv2d":
+            return data
+        op = r.relax.op
+        rows = op.permute_dims(data, [0, 2, 3, 1])
+        n, c, h, w = (int(d) for d in data.ty.shape)
+        sh, sw = (int(s) for s in self.node.attr("strides"))
+        if (sh, sw) != (1, 1):
+            rows = op.strided_slice(rows, axes=[1, 2], begin=[0, 0], end=[h, w],
+                                    strides=[sh, sw])
+        return r._emit(op.reshape(rows, [n * (-(-h // sh)) * (-(-w // sw)), c]))
+
+    def from_rows(self, r: Realizer, out):
+        """The inverse of `rows_of` on the layer's output: a conv's rows back to NCHW."""
+        if self.kind != "conv2d":
+            return out
+        op = r.relax.op
+        n, _, h, w = (int(d) for d in self.node.var.ty.shape)
+        return op.permute_dims(op.reshape(out, [n, h, w, self.channels]), [0, 3, 1, 2])
+
     def accumulate(self, r: Realizer, xq: QValue, codes: np.ndarray,
                    split: Callable[[Any], Any] | None = None):
         """The int8 x int8 -> int32 kernel on the integer input `xq` and the int8 `codes`.
@@ -90,6 +124,17 @@ class LayerOp:
                               if precision.startswith("int8") else
                               16.0 if precision == "fp16" else 32.0)
         return LayerResult(self.node.name, self.kind, precision, **fields)
+
+
+def is_pointwise(node: Node) -> bool:
+    """A conv2d with a constant 1x1 kernel, one group and no padding: at each (stride-th)
+    pixel, a matmul of the input channels by the weight."""
+    if node.kind != "conv2d":
+        return False
+    weight = constant_value(node.args[1])
+    return weight is not None and weight.ndim == 4 and tuple(weight.shape[2:]) == (1, 1) and \
+        int(node.attr("groups")) == 1 and not any(int(p) for p in node.attr("padding")) and \
+        node.attr("data_layout") == "NCHW" and node.attr("kernel_layout") == "OIHW"
 
 
 def layer_op(node: Node) -> LayerOp:
@@ -144,4 +189,4 @@ def fused_chain(r: Realizer, node: Node, channels: int):
     return current, bias, lo, hi, absorbed
 
 
-__all__ = ["LayerOp", "fused_chain", "handle_layer", "layer_op"]
+__all__ = ["LayerOp", "fused_chain", "handle_layer", "is_pointwise", "layer_op"]

@@ -21,6 +21,7 @@ class SimLayerOp(Protocol):
     weight: np.ndarray          # the float weight, in the layout quantize_weight takes
     bias: np.ndarray | None     # the float bias per output channel (None: none)
     kind: str                   # conv2d | matmul
+    takes_rows: bool            # a matmul or a pointwise conv (ops.linear.LayerOp.takes_rows)
     moments: object             # the layer input's rounding.InputMoments (None: not collected)
     means: np.ndarray | None    # the layer input's channel means, for bias correction
 

@@ -9,8 +9,9 @@ accumulates each group exactly in int32 and scales the groups' sums in float; th
 scale, the bias and the following ReLU/clip bounds are applied after it, and the output is
 float.
 
-MatMul/Gemm only: a convolution planned int4 by the whole-model option stays int8 (a warning
-names it; a rule asking for it is refused by the plan).
+MatMul/Gemm, and pointwise convolutions (1x1, one group, no padding: a matmul over the
+channels of each pixel, read as NHWC). Any other convolution planned int4 by the whole-model
+option stays int8 (a warning names it; a rule asking for it is refused by the plan).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from ..ops.linear import fused_chain
 from ..weights import quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
-from .int4_weights import model_codes
+from .int4_weights import fake_groups, model_codes
 from .int8 import Int8
 
 if TYPE_CHECKING:
@@ -67,18 +68,20 @@ class Int4(Scheme):
         node = layer.node
         x = node.args[0]
         given_qp = r.config.input_qparams.get(node.name)
-        if layer.kind != "matmul" or (given_qp is not None and given_qp.bits == 16):
+        if not layer.takes_rows or (given_qp is not None and given_qp.bits == 16):
             log.warning("layer %s: no 4-bit kernel for a %s; it stays int8", node.name,
-                        "16-bit input" if layer.kind == "matmul" else "convolution")
+                        "16-bit input" if layer.takes_rows else
+                        "convolution other than 1x1 (one group, no padding)")
             return self._int8().emit(r, layer)
         if not r.has_qparams(x) and given_qp is None:
             return stays_float(r, layer, "its input has no calibration")
         xq = r.quant_of(x, given_qp)
         if xq.qp.bits == 16:
             return self._int8().emit(r, layer)
-        gw = model_codes(r, layer.weight) or quantize_groups(
-            layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
-        data = _padded(r, xq.expr, gw, int(layer.weight.shape[0]),
+        weight = layer.row_weight()
+        gw = model_codes(r, weight) or quantize_groups(
+            weight, self.group_size, moments=r.config.input_moments.get(node.name))
+        data = _padded(r, layer.rows_of(r, xq.expr), gw, int(weight.shape[0]),
                        float(xq.qp.zero_point))
         out = kernel(r, data, gw)
         op = r.relax.op
@@ -90,31 +93,31 @@ class Int4(Scheme):
         result, last, fused = with_epilogue(r, layer, real)
         r.layers.append(layer.result(
             f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
-            rounding=gw.rounding, weight_bits=stored_bits(gw, int(layer.weight.shape[0])),
+            rounding=gw.rounding, weight_bits=stored_bits(gw, int(weight.shape[0])),
             fused=fused, output_var=last.var))
         return result
 
     def fake(self, sim: SimLayerOp) -> None:
-        if sim.kind != "matmul":
+        if not sim.takes_rows:
             return self._int8().fake(sim)
         qp = sim.input_qparams(self)
         if qp.bits == 16:
             return self._int8().fake(sim)
         sim.round_input(qp)
-        gw = quantize_groups(sim.weight, self.group_size, moments=sim.moments)
-        sim.set_weight(gw.dequantized(sim.weight.shape[0]))
+        sim.set_weight(fake_groups(sim, self.group_size))
 
 
 def with_epilogue(r: Realizer, layer: LayerOp, real):
-    """The layer's float output `real` with the bias and the bounds of the ops it absorbs
-    (ops.linear.fused_chain) applied: (the result, the last node absorbed, their names)."""
+    """The layer's float output `real` (rows: LayerOp.rows_of) with the bias and the bounds of
+    the ops it absorbs (ops.linear.fused_chain) applied, in the layer's output layout: (the
+    result, the last node absorbed, their names)."""
     op = r.relax.op
     last, bias, lo, hi, absorbed = fused_chain(r, layer.node, layer.channels)
     if bias is not None:
         real = op.add(real, r._const(bias, "float32"))
     if lo is not None or hi is not None:
         real = r.clamp(real, lo, hi)
-    result = r._emit(real)
+    result = r._emit(layer.from_rows(r, r._emit(real)) if layer.kind == "conv2d" else real)
     r.absorbed.update(absorbed)
     r.env[last.var] = result
     return result, last, tuple(r.graph.nodes[i].name for i in absorbed)

@@ -5,8 +5,8 @@ fp32. No calibration data: the weight-only 4-bit mode (--quantize int8-weights -
 4), and how a model that arrives with 4-bit weights (MatMulNBits, blocked DequantizeLinear)
 runs with its own codes, scales and zero points, computing what onnxruntime computes.
 
-MatMul/Gemm only: a convolution planned for it by the whole-model option keeps int8 weights
-(a warning names it).
+MatMul/Gemm and pointwise convolutions (as in int4.py); another convolution planned for it by
+the whole-model option keeps int8 weights (a warning names it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..weights import GroupWeight, quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
@@ -46,24 +48,35 @@ class Int4Weights(Scheme):
     def emit(self, r: Realizer, layer: LayerOp):
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
-        if layer.kind != "matmul":
-            log.warning("layer %s: no 4-bit kernel for a convolution; it keeps int8 weights",
-                        layer.node.name)
+        if not layer.takes_rows:
+            log.warning("layer %s: no 4-bit kernel for a convolution other than 1x1 (one "
+                        "group, no padding); it keeps int8 weights", layer.node.name)
             return WeightOnly(self.per_channel).emit(r, layer)
         node = layer.node
-        gw = model_codes(r, layer.weight) or quantize_groups(
-            layer.weight, self.group_size, moments=r.config.input_moments.get(node.name))
-        out = r._emit(_kernel(r, r.float_of(node.args[0]), gw, int(layer.weight.shape[0])))
+        weight = layer.row_weight()
+        gw = model_codes(r, weight) or quantize_groups(
+            weight, self.group_size, moments=r.config.input_moments.get(node.name))
+        rows = layer.rows_of(r, r.float_of(node.args[0]))
+        out = r._emit(_kernel(r, rows, gw, int(weight.shape[0])))
+        out = r._emit(layer.from_rows(r, out)) if layer.kind == "conv2d" else out
         r.layers.append(layer.result(
             f"int4-g{gw.group}-weights", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
-            output_var=node.var, weight_bits=gw.stored_bits(int(layer.weight.shape[0]))))
+            output_var=node.var, weight_bits=gw.stored_bits(int(weight.shape[0]))))
         return out
 
     def fake(self, sim: SimLayerOp) -> None:
-        if sim.kind != "matmul":
+        if not sim.takes_rows:
             return WeightOnly(self.per_channel).fake(sim)
-        sim.set_weight(quantize_groups(sim.weight, self.group_size).dequantized(
-            sim.weight.shape[0]))
+        sim.set_weight(fake_groups(sim, self.group_size))
+
+
+def fake_groups(sim: SimLayerOp, group: int) -> np.ndarray:
+    """The simulated layer's weight (a matmul's [K, N] or a pointwise conv's OIHW) as its
+    4-bit groups give it back."""
+    weight = sim.weight
+    rows = weight[:, :, 0, 0].T if weight.ndim == 4 else weight
+    values = quantize_groups(rows, group, moments=sim.moments).dequantized(rows.shape[0])
+    return values.T.reshape(weight.shape) if weight.ndim == 4 else values
 
 
 def model_codes(r: Realizer, weight) -> GroupWeight | None:
@@ -92,4 +105,4 @@ def _kernel(r: Realizer, x, gw: GroupWeight, rows: int):
     return r.bb.call_te(te_func, *args, primfunc_name_hint=KERNEL)
 
 
-__all__ = ["Int4Weights", "model_codes"]
+__all__ = ["Int4Weights", "fake_groups", "model_codes"]
