@@ -1,7 +1,7 @@
 """Side-by-side benchmark: qcompile vs onnxruntime on the same machine, in one run.
 
     python bench/run.py [--threads 2] [--repeat 30] [--rounds 3]
-                        [--models efficientnet-lite0,minilm-l3]
+                        [--models efficientnet-lite0,minilm-l3] [--configs CONFIGS]
                         [--out bench/results/latest.json] [--profile]
 
 For each model (MODELS) and each engine configuration it measures, with the same thread count:
@@ -62,6 +62,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the sentences and the small models live with the tests
 sys.path.insert(0, str(ROOT))  # this checkout's qcompile, installed or not
+BASE_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8")
 ALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
                "qcompile-int8-tuned", "qcompile-int4", "qcompile-auto")
 
@@ -430,7 +431,8 @@ def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     print(f"bench: {bench.name}: {len(calibration)} calibration and {len(held_out)} held-out "
           f"samples ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     rows = []
-    for config in bench.configs:
+    wanted = set(args.configs.split(",")) if args.configs else set(bench.configs)
+    for config in [c for c in bench.configs if c in wanted | set(BASE_CONFIGS)]:
         print(f"bench: {bench.name} / {config} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         row = {"model": bench.name}
@@ -460,7 +462,9 @@ def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     for row in rows:
         outputs = np.load(work / bench.name / f"{row['config']}.npy")
         row["top1_agreement"], row["cosine"] = _agreement(outputs, reference)
-        if row["config"] == "qcompile-auto":  # the half the search never saw
+        if row["config"] == "qcompile-auto" or (row["config"] == "qcompile-int4" and
+                                                bench.int4_budget is not None):
+            # the half the search never saw
             row["untouched_top1"], row["untouched_cosine"] = _agreement(outputs[1::2],
                                                                         reference[1::2])
         row["latency_vs_ort_fp32"] = row["median_ms"] / base["median_ms"]
@@ -480,6 +484,10 @@ def main() -> int:
                              "(this machine's speed drifts as other jobs come and go)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--configs",
+                        help=f"comma-separated, from: {', '.join(ALL_CONFIGS)} (default: each "
+                             f"model's own; {' and '.join(BASE_CONFIGS)} always run: the "
+                             "ratios are to them)")
     parser.add_argument("--phone", action=argparse.BooleanOptionalAction, default=True,
                         help="the emulated-phone section: EfficientNet-Lite0 built for ARM64 "
                              "and run under qemu (about 4 min; on by default)")
