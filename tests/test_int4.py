@@ -3,6 +3,7 @@ numpy reference of the same integer arithmetic written here from the definitions
 dot-product instruction in the code, GPTQ against round-to-nearest, and the options' errors."""
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -159,6 +160,18 @@ def test_w4a16_pointwise_conv_widens_its_codes(save_model, tmp_path):
     with qcompile.load(tmp_path / "out") as loaded:
         got = loaded.run({"x": x})["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_whole_model_4_bits_keep_other_convolutions_int8_and_say_which(save_model, tmp_path,
+                                                                       caplog):
+    model = conv_relu()  # one 3x3 convolution (on the image: int8 only when asked)
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
+                         calibration=[random_inputs(model, seed=s) for s in range(4)],
+                         quant_config=QuantConfig(weight_bits=4, float_stem=False))
+    row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
+    assert row["precision"] == "int8"
+    assert "1 convolution(s) keep int8 weights" in caplog.text and ": conv" in caplog.text
 
 
 def test_search_gives_4_bits_to_the_cheapest_layers_the_budget_allows():

@@ -156,13 +156,21 @@ def _check_int4(graph: Graph, names, settings, explicit) -> None:
     in weight-only mode), for MatMul/Gemm and pointwise convolutions: a rule may not ask for
     them on another convolution (the whole-model option leaves those int8)."""
     int4 = {var for var, s in settings.items() if s.precision == "int4"}
+    stay = []
     for node in graph.nodes:
-        if node.name in int4 and node.kind == "conv2d" and names[node.name] in explicit \
-                and not is_pointwise(node):
+        if node.name not in int4 or node.kind != "conv2d" or is_pointwise(node):
+            continue
+        stay.append(names[node.name])
+        if names[node.name] in explicit:
             raise InputError(f"A precision rule sets layer '{names[node.name]}' (a convolution "
                              "other than 1x1) to int4, but 4-bit weights have kernels for "
                              "MatMul, Gemm and 1x1 convolutions (one group, no padding) only. "
                              "Make the rule match those layers or keep this one int8.")
+    if stay:
+        log.warning("%d convolution(s) keep int8 weights: 4-bit kernels take MatMul, Gemm and "
+                    "1x1 convolutions (one group, no padding) only: %s", len(stay),
+                    ", ".join(stay[:6]) + (f" and {len(stay) - 6} more" if len(stay) > 6
+                                           else ""))
 
 
 def layer_plan(model: FloatModel, config, activations: str,

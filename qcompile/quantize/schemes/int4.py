@@ -69,9 +69,9 @@ class Int4(Scheme):
         x = node.args[0]
         given_qp = r.config.input_qparams.get(node.name)
         if not layer.takes_rows or (given_qp is not None and given_qp.bits == 16):
-            log.warning("layer %s: no 4-bit kernel for a %s; it stays int8", node.name,
-                        "16-bit input" if layer.takes_rows else
-                        "convolution other than 1x1 (one group, no padding)")
+            if layer.takes_rows:  # the plan names the convolutions that stay int8
+                log.warning("layer %s: no 4-bit kernel for a 16-bit input; it stays int8",
+                            node.name)
             return self._int8().emit(r, layer)
         if not r.has_qparams(x) and given_qp is None:
             return stays_float(r, layer, "its input has no calibration")

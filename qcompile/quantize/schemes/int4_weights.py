@@ -11,7 +11,6 @@ the whole-model option keeps int8 weights (a warning names it).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,8 +23,6 @@ from .weight_only import WeightOnly
 if TYPE_CHECKING:
     from ..ops.linear import LayerOp
     from ..realize import Realizer
-
-log = logging.getLogger(__name__)
 
 KERNEL = "int4_float_matmul"
 
@@ -48,9 +45,7 @@ class Int4Weights(Scheme):
     def emit(self, r: Realizer, layer: LayerOp):
         if layer.unsupported is not None:
             return stays_float(r, layer, layer.unsupported)
-        if not layer.takes_rows:
-            log.warning("layer %s: no 4-bit kernel for a convolution other than 1x1 (one "
-                        "group, no padding); it keeps int8 weights", layer.node.name)
+        if not layer.takes_rows:  # the plan names the convolutions that keep int8
             return WeightOnly(self.per_channel).emit(r, layer)
         node = layer.node
         weight = layer.row_weight()
