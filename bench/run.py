@@ -569,8 +569,9 @@ def main() -> int:
             cosine += f" ({r['untouched_cosine']:.4f}*)"
         compile_s = f"{r['compile_s']:.1f}"
         if "int8_mac_fraction" in r:
-            compile_s += f" (search {r['search_s']:.0f}, {r['int8_mac_fraction']:.0%} MACs int8" + \
-                (f", {r['four_bit_layers']} layer(s) 4-bit" if r.get("four_bit_layers") else "") + ")"
+            four = r.get("four_bit_layers")
+            compile_s += (f" (search {r['search_s']:.0f}, {r['int8_mac_fraction']:.0%} MACs int8"
+                          + (f", {four} layer(s) 4-bit" if four else "") + ")")
         print(f"| {r['model']} | {r['config']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
               f"{r['latency_vs_ort_fp32']:.2f} | {r['latency_vs_ort_int8']:.2f} | "
               f"{r['size_bytes'] / 1e6:.1f} | {r['size_vs_ort_fp32']:.2f} | {top1} | {cosine} | "

@@ -132,7 +132,8 @@ class SearchResult:
             f"{'>=' if self.higher_is_better else '<='} {self.budget:g}: {len(self.kept)} "
             f"layer(s) kept in higher precision for accuracy, {len(self.slower_in_int8)} "
             f"because int8 is slower, {self.int8_mac_fraction:.1%} of the MACs "
-            f"in int8{self._weights_note()}{self._four_bit_note()}.\nCompile with --quantize int8 --precision-rules "
+            f"in int8{self._weights_note()}{self._four_bit_note()}.\n"
+            "Compile with --quantize int8 --precision-rules "
             "THIS_FILE to get the same mix without searching."))
 
     def to_json(self) -> dict:

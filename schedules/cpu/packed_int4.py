@@ -108,11 +108,17 @@ def unpack_logical(codes_logical: np.ndarray) -> np.ndarray:
     return np.stack([low, high], axis=-1).reshape(codes_logical.shape[0], -1)
 
 
-BLOCKS_PER_TILE = 4  # column blocks a tile of rows interleaves: each unpacked block feeds
-                     # every row (one row at a time: 1; 2 and 4 measured slower there)
+# A tile of rows: up to ROWS_PER_TILE rows by BLOCKS_PER_TILE column blocks, 16 accumulator
+# registers. Each unpacked weight block feeds every row of the tile: 8 rows by 2 blocks
+# unpack half as often per multiply as 4 by 4 did, and a row count of 49 or 196 (a 7x7 or
+# 14x14 image) tiles by 7 rows where 4 found no divisor. 1x1 convolution shapes ran 1.2-2.5x
+# faster, transformer shapes (K of 384-1536) the same; 24 or 32 accumulators (8 by 3 or 4)
+# were slower there (docs/studies/2026-12-06-4bit-convolutions.md).
+ROWS_PER_TILE = 8
+BLOCKS_PER_TILE = 2  # one row at a time: 1 (2 and 4 measured slower there)
 
 
-def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
+def schedule(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> None:
     """Default schedule of a packed int4 kernel: `schedule_tiles` when its row count is known
     and above one (a prompt's chunk, a sentence, a conv's pixels), else `schedule_rows` (a
     language model's tokens, known only at run time: usually one, bound by reading and
@@ -130,7 +136,7 @@ def schedule(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
         schedule_rows(sch, block, dot)
 
 
-def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = 4) -> None:
+def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> None:
     """Parallel over tiles of up to `rows_tile` rows by BLOCKS_PER_TILE column blocks. Per
     tile and group, the weight blocks are unpacked once and each feeds every row's
     accumulators (rows x blocks x `lanes` int32, in registers: the loops over them are

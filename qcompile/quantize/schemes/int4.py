@@ -7,7 +7,7 @@ else round to nearest): 4.5 bits per weight with groups of 32. The kernel (emitt
 logical form, schedules/cpu/packed_int4.py; packed for the target's instruction when lowered)
 accumulates each group exactly in int32 and scales the groups' sums in float; the input's
 scale, the bias and the following ReLU/clip bounds are applied after it, and the output is
-float.
+float, or, where the next ops take integers, quantized to their parameters in the same kernel.
 
 MatMul/Gemm, and pointwise convolutions (1x1, one group, no padding: a matmul over the
 channels of each pixel, read as NHWC). Any other convolution planned int4 by the whole-model
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ops.linear import fused_chain
+from ..values import QValue
 from ..weights import quantize_groups
 from .base import Scheme, SimLayerOp, stays_float
 from .int4_weights import fake_groups, model_codes
@@ -90,11 +91,12 @@ class Int4(Scheme):
             out = op.add(out, zero_point_term(r, data, gw))
         real = op.multiply(op.subtract(out, r._const(shift.astype(np.float32), "float32")),
                            r._const(np.float32(xq.qp.scale), "float32"))
-        result, last, fused = with_epilogue(r, layer, real)
+        result, last, fused = with_epilogue(r, layer, real, integers=True)
         r.layers.append(layer.result(
             f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
             rounding=gw.rounding, weight_bits=stored_bits(gw, int(weight.shape[0])),
-            fused=fused, output_var=last.var))
+            fused=fused, output_var=last.var,
+            output_qp=result.qp if isinstance(result, QValue) else None))
         return result
 
     def fake(self, sim: SimLayerOp) -> None:
@@ -107,17 +109,28 @@ class Int4(Scheme):
         sim.set_weight(fake_groups(sim, self.group_size))
 
 
-def with_epilogue(r: Realizer, layer: LayerOp, real):
+def with_epilogue(r: Realizer, layer: LayerOp, real, integers: bool = False):
     """The layer's float output `real` (rows: LayerOp.rows_of) with the bias and the bounds of
     the ops it absorbs (ops.linear.fused_chain) applied, in the layer's output layout: (the
-    result, the last node absorbed, their names)."""
+    result, the last node absorbed, their names). `integers`: where the next ops take integers
+    (flow.py), the result is quantized here, inside the kernel (a QValue), as the next layer
+    would have quantized the float: the same integers, without a float tensor between."""
     op = r.relax.op
     last, bias, lo, hi, absorbed = fused_chain(r, layer.node, layer.channels)
     if bias is not None:
         real = op.add(real, r._const(bias, "float32"))
-    if lo is not None or hi is not None:
-        real = r.clamp(real, lo, hi)
-    result = r._emit(layer.from_rows(r, r._emit(real)) if layer.kind == "conv2d" else real)
+    qp = r.qparams.get(last.var) if integers and r.wants_integers(last) else None
+    if qp is not None:
+        lo_q = None if lo is None else qp.zero_point + int(np.round(lo / qp.scale))
+        hi_q = None if hi is None else qp.zero_point + int(np.round(hi / qp.scale))
+        rows = r.requantize_float(op.divide(real, r._const(qp.scale, "float32")), qp, lo_q,
+                                  hi_q)
+        result = QValue(r._emit(layer.from_rows(r, rows)) if layer.kind == "conv2d" else rows,
+                        qp)
+    else:
+        if lo is not None or hi is not None:
+            real = r.clamp(real, lo, hi)
+        result = r._emit(layer.from_rows(r, r._emit(real)) if layer.kind == "conv2d" else real)
     r.absorbed.update(absorbed)
     r.env[last.var] = result
     return result, last, tuple(r.graph.nodes[i].name for i in absorbed)
