@@ -70,3 +70,40 @@ def test_gptq_codes_and_given_codes():
                             given=given)
     assert model.rounding == "model" and np.all(model.codes == 1)
     np.testing.assert_array_equal(model.bias, np.ones(4))  # a model's codes: no correction
+
+
+def test_4_bit_group_scales_fitted_to_the_inputs_moments():
+    """Without calibration a group's scale is max |w| / 7 (fp16); with the input's moments it
+    is the fraction of that (SCALE_FRACTIONS) whose rounding leaves the least error weighted
+    by E[x_k^2], never more than absmax's; a group of weights below fp16's resolution gets
+    scale 1 and codes 0 instead of NaN."""
+    from qcompile.quantize.weights import SCALE_FRACTIONS, fitted_group_scales, quantize_groups
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    w[5] *= 6.0  # one large weight per column in the first group: absmax wastes its steps
+    absmax = fitted_group_scales(w, 32, -8, 7, None, "float16")
+    bound = np.abs(w.reshape(2, 32, 8)).max(axis=1)
+    np.testing.assert_array_equal(absmax, (bound / 7).astype(np.float16))
+    diagonal = rng.uniform(0.5, 2.0, 64)
+
+    def error(scales):
+        step = scales.astype(np.float64)[:, None, :]
+        blocks = w.reshape(2, 32, 8).astype(np.float64)
+        q = np.clip(np.round(blocks / step), -8, 7)
+        return (diagonal.reshape(2, 32, 1) * (blocks - q * step) ** 2).sum(axis=1)
+
+    fitted = fitted_group_scales(w, 32, -8, 7, diagonal, "float16")
+    assert np.all(error(fitted) <= error(absmax) + 1e-12)
+    assert np.any(fitted < absmax)  # the outlier group clips
+    ratios = fitted.astype(np.float64) / (bound / 7)
+    assert np.all((ratios > min(SCALE_FRACTIONS) - 0.01) & (ratios < 1.01))
+
+    moments = InputMoments(None)
+    moments.update(rng.standard_normal((256, 64)).astype(np.float32))
+    gw = quantize_groups(w, 32, moments=moments)
+    assert gw.rounding == "gptq" and np.all(gw.scales <= absmax)
+
+    tiny = np.full((32, 2), 1e-9, np.float32)  # / 7 underflows fp16
+    dead = quantize_groups(tiny, 32)
+    assert np.all(dead.scales == 1) and np.all(dead.values() == 0)
