@@ -367,7 +367,7 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
                                                              l.weight_shape)]
         four = choose_four_bits(plan, candidates, four_bits, metric, budget, estimate, score,
                                 sqnr)
-        plan, estimate = four.plan, four.estimate if four.layers else estimate
+        plan, estimate = four.plan, four.estimate
     result = SearchResult(
         plan=plan, base=base, metric=metric.name, budget=budget,
         higher_is_better=metric.higher_is_better, all_int8=all_int8, estimate=estimate,

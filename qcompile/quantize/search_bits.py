@@ -33,7 +33,7 @@ Plan = Mapping[str, LayerSettings]
 class FourBitChoice:
     plan: dict[str, LayerSettings]
     layers: list[str]          # the layers given 4-bit weights, cheapest first
-    estimate: float | None     # the metric of `plan` (simulated); None: nothing changed
+    estimate: float            # the metric of `plan` (simulated)
     costs: dict[str, float]    # {candidate: dB of output SQNR lost per kB saved}
 
 
@@ -52,7 +52,7 @@ def choose_four_bits(plan: Plan, candidates: Sequence[tuple[str, int]], four: La
     data; `sqnr`: its output SQNR on the calibration data."""
     plan = dict(plan)
     if not candidates or not metric.meets(start_value, budget):
-        return FourBitChoice(plan, [], None, {})
+        return FourBitChoice(plan, [], start_value, {})
     base_db = sqnr(plan)
     costs = {}
     for name, weights in candidates:
@@ -89,7 +89,7 @@ def choose_four_bits(plan: Plan, candidates: Sequence[tuple[str, int]], four: La
              "of weights saved", len(chosen), len(ranking), metric.name, results[low],
              metric.describe(budget),
              sum(saved_bytes(w, four.group_size) for n, w in candidates if n in chosen) / 1e6)
-    return FourBitChoice(with_prefix(low), chosen, results[low] if chosen else None,
+    return FourBitChoice(with_prefix(low), chosen, results[low],
                          {n: float(np.round(c, 4)) for n, c in costs.items()})
 
 

@@ -172,14 +172,19 @@ def fitted_group_scales(w: np.ndarray, group: int, qmin: int, qmax: int,
     (SCALE_FRACTIONS) whose rounding to nearest leaves the least error on the output,
     sum_k E[x_k^2] (w - s q)^2, per group. A scale that underflows fp16 (a dead channel's
     near-zero weights) becomes 1: the codes are 0."""
-    blocks = w.reshape(-1, group, w.shape[1]).astype(np.float64)
-    bound = np.abs(blocks).max(axis=1)
-    fractions = SCALE_FRACTIONS if diagonal is not None else SCALE_FRACTIONS[:1]
-    weight = diagonal.reshape(-1, group, 1) if diagonal is not None else 1.0
-    best = best_error = None
-    for fraction in fractions:
+    bound = np.abs(w.reshape(-1, group, w.shape[1])).max(axis=1)
+
+    def scales_at(fraction: float) -> np.ndarray:
         scales = np.where(bound > 0, bound * fraction / qmax, 1.0).astype(dtype)
-        scales = np.where(scales > 0, scales, 1.0).astype(dtype)
+        return np.where(scales > 0, scales, 1.0).astype(dtype)
+
+    if diagonal is None:
+        return scales_at(1.0)
+    blocks = w.reshape(-1, group, w.shape[1]).astype(np.float64)
+    weight = diagonal.reshape(-1, group, 1)
+    best = best_error = None
+    for fraction in SCALE_FRACTIONS:
+        scales = scales_at(fraction)
         step = scales.astype(np.float64)[:, None, :]
         error = (weight * (blocks - np.clip(np.round(blocks / step), qmin, qmax) * step)
                  ** 2).sum(axis=1)

@@ -70,12 +70,13 @@ class LayerOp:
         return r._emit(op.reshape(rows, [n * (-(-h // sh)) * (-(-w // sw)), c]))
 
     def from_rows(self, r: Realizer, out):
-        """The inverse of `rows_of` on the layer's output: a conv's rows back to NCHW."""
+        """The inverse of `rows_of` on the layer's (emitted) output: a conv's rows back to
+        NCHW; a matmul's output as it is."""
         if self.kind != "conv2d":
             return out
         op = r.relax.op
         n, _, h, w = (int(d) for d in self.node.var.ty.shape)
-        return op.permute_dims(op.reshape(out, [n, h, w, self.channels]), [0, 3, 1, 2])
+        return r._emit(op.permute_dims(op.reshape(out, [n, h, w, self.channels]), [0, 3, 1, 2]))
 
     def accumulate(self, r: Realizer, xq: QValue, codes: np.ndarray,
                    split: Callable[[Any], Any] | None = None):
@@ -129,11 +130,14 @@ class LayerOp:
 def is_pointwise(node: Node) -> bool:
     """A conv2d with a constant 1x1 kernel, one group and no padding: at each (stride-th)
     pixel, a matmul of the input channels by the weight."""
-    if node.kind != "conv2d":
+    import tvm
+
+    weight = node.args[1] if node.kind == "conv2d" else None
+    if not isinstance(weight, tvm.ir.expr.GenericConst):
         return False
-    weight = constant_value(node.args[1])
-    return weight is not None and weight.ndim == 4 and tuple(weight.shape[2:]) == (1, 1) and \
-        int(node.attr("groups")) == 1 and not any(int(p) for p in node.attr("padding")) and \
+    shape = [int(d) for d in weight.ty.shape]  # the constant's type: no copy of its values
+    return len(shape) == 4 and shape[2:] == [1, 1] and int(node.attr("groups")) == 1 and \
+        not any(int(p) for p in node.attr("padding")) and \
         node.attr("data_layout") == "NCHW" and node.attr("kernel_layout") == "OIHW"
 
 

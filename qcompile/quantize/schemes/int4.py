@@ -125,12 +125,11 @@ def with_epilogue(r: Realizer, layer: LayerOp, real, integers: bool = False):
         hi_q = None if hi is None else qp.zero_point + int(np.round(hi / qp.scale))
         rows = r.requantize_float(op.divide(real, r._const(qp.scale, "float32")), qp, lo_q,
                                   hi_q)
-        result = QValue(r._emit(layer.from_rows(r, rows)) if layer.kind == "conv2d" else rows,
-                        qp)
+        result = QValue(layer.from_rows(r, rows), qp)
     else:
         if lo is not None or hi is not None:
             real = r.clamp(real, lo, hi)
-        result = r._emit(layer.from_rows(r, r._emit(real)) if layer.kind == "conv2d" else real)
+        result = layer.from_rows(r, r._emit(real))
     r.absorbed.update(absorbed)
     r.env[last.var] = result
     return result, last, tuple(r.graph.nodes[i].name for i in absorbed)

@@ -52,8 +52,7 @@ class Int4Weights(Scheme):
         gw = model_codes(r, weight) or quantize_groups(
             weight, self.group_size, moments=r.config.input_moments.get(node.name))
         rows = layer.rows_of(r, r.float_of(node.args[0]))
-        out = r._emit(_kernel(r, rows, gw, int(weight.shape[0])))
-        out = r._emit(layer.from_rows(r, out)) if layer.kind == "conv2d" else out
+        out = layer.from_rows(r, r._emit(_kernel(r, rows, gw, int(weight.shape[0]))))
         r.layers.append(layer.result(
             f"int4-g{gw.group}-weights", weight_sqnr_db=gw.sqnr_db, rounding=gw.rounding,
             output_var=node.var, weight_bits=gw.stored_bits(int(weight.shape[0]))))
