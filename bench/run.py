@@ -200,6 +200,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _searched(bench: BenchModel, config: str) -> bool:
+    """Whether the configuration is a precision search, validated on half the held-out data."""
+    return config == "qcompile-auto" or (config == "qcompile-int4" and
+                                         bench.int4_budget is not None)
+
+
 def _load_data(directory: Path) -> tuple[list[dict], list[dict]]:
     with open(directory / "data.pkl", "rb") as f:
         return pickle.load(f)
@@ -227,18 +233,17 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
         elif config.startswith("qcompile-int8"):
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
-        elif config == "qcompile-int4" and bench.int4_budget is not None:
-            from qcompile.quantize import QuantConfig  # 4 bits where the budget allows
-
-            options.update(quantize="auto", calibration=calibration,
-                           validation=held_out[::2], accuracy_budget=bench.int4_budget,
-                           metric=bench.metric, tuning_log=False,
-                           quant_config=QuantConfig(weight_bits=4))
-        elif config == "qcompile-int4":  # 4-bit weights wherever a kernel takes them
+        elif config == "qcompile-int4":
             from qcompile.quantize import QuantConfig
 
-            options.update(quantize="int8", calibration=calibration, tuning_log=False,
-                           quant_config=QuantConfig(weight_bits=4, tables="int4"))
+            if _searched(bench, config):  # 4 bits where the budget allows
+                options.update(quantize="auto", calibration=calibration,
+                               validation=held_out[::2], accuracy_budget=bench.int4_budget,
+                               metric=bench.metric, tuning_log=False,
+                               quant_config=QuantConfig(weight_bits=4))
+            else:  # 4-bit weights wherever a kernel takes them
+                options.update(quantize="int8", calibration=calibration, tuning_log=False,
+                               quant_config=QuantConfig(weight_bits=4, tables="int4"))
         del held_out
         artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
         from qcompile.deploy import package
@@ -462,9 +467,7 @@ def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     for row in rows:
         outputs = np.load(work / bench.name / f"{row['config']}.npy")
         row["top1_agreement"], row["cosine"] = _agreement(outputs, reference)
-        if row["config"] == "qcompile-auto" or (row["config"] == "qcompile-int4" and
-                                                bench.int4_budget is not None):
-            # the half the search never saw
+        if _searched(bench, row["config"]):  # the half the search never saw
             row["untouched_top1"], row["untouched_cosine"] = _agreement(outputs[1::2],
                                                                         reference[1::2])
         row["latency_vs_ort_fp32"] = row["median_ms"] / base["median_ms"]
@@ -524,6 +527,10 @@ def main() -> int:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
+    unknown = [c for c in (args.configs or "").split(",") if c and c not in ALL_CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}: choose from "
+                     f"{', '.join(ALL_CONFIGS)}")
     started = time.perf_counter()
     rows, side_by_side = [], []
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as tmp:

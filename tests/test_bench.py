@@ -1,6 +1,6 @@
 """The benchmarks' command lines (bench/run.py, bench/error_budget.py, bench/corpus.py,
-bench/compare_builds.py): what they measure is read off their tables, but a wrong model name
-must fail at once with the names it knows, before any work."""
+bench/compare_builds.py): what they measure is read off their tables, but a wrong model or
+configuration name must fail at once with the names it knows, before any work."""
 
 import subprocess
 import sys
@@ -16,6 +16,16 @@ def test_an_unknown_model_is_refused_with_the_known_names():
     assert proc.returncode == 2
     assert "unknown model 'resnet'" in proc.stderr
     assert "efficientnet-lite0" in proc.stderr and "minilm-l3" in proc.stderr
+    assert "bench:" not in proc.stderr  # nothing was measured
+
+
+def test_an_unknown_configuration_is_refused_with_the_known_names():
+    proc = subprocess.run([sys.executable, str(BENCH), "--models", "small-matmul", "--configs",
+                           "qcompile-int8,qcompile-int3"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "unknown configuration 'qcompile-int3'" in proc.stderr
+    assert "qcompile-int4" in proc.stderr and "qcompile-auto" in proc.stderr
     assert "bench:" not in proc.stderr  # nothing was measured
 
 
