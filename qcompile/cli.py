@@ -231,6 +231,15 @@ def _quantize_args(p, auto: bool) -> None:
                         "int8 with one scale per row (default; a BERT-style model's word "
                         "embedding is most of its bytes), int4 with a scale per 32 values, "
                         "or fp32")
+    q.add_argument("--reconstruct", action="store_true",
+                   help="--quantize int8: refit each quantized layer, in order, so that it "
+                        "gives the fp32 model's outputs from the inputs the quantized layers "
+                        "before it give it (least squares on the calibration data, regularized "
+                        "by cross-validation), then round it for those inputs. Most useful "
+                        "with 4-bit weights; two runs of the calibration data per layer")
+    q.add_argument("--reconstruct-seconds", type=float, metavar="S",
+                   help="a time budget for --reconstruct: layers after it is spent keep "
+                        "their weights")
 
 
 def _cc_arg(p) -> None:
@@ -594,7 +603,9 @@ def _quant_config(args):
                            float_stem=not args.int8_stem, rules=rules,
                            bias_correction=args.bias_correction,
                            weight_rounding=args.weight_rounding, tables=args.tables,
-                           weight_bits=args.weight_bits, group_size=args.group_size)
+                           weight_bits=args.weight_bits, group_size=args.group_size,
+                           reconstruct=args.reconstruct,
+                           reconstruct_seconds=args.reconstruct_seconds)
     if args.calibration:
         raise InputError("--calibration is given but --quantize is not: add --quantize int8 "
                          "(calibrated activations), or int8-dynamic or int8-weights (the "
@@ -602,6 +613,9 @@ def _quant_config(args):
     if args.precision_rules:
         raise InputError("--precision-rules needs --quantize (int8, auto, int8-dynamic or "
                          "int8-weights).")
+    if args.reconstruct or args.reconstruct_seconds is not None:
+        raise InputError("--reconstruct refits the layers that calibrated int8 quantizes: add "
+                         "--quantize int8 --calibration SAMPLES.npz.")
     return None
 
 

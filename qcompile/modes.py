@@ -81,6 +81,14 @@ class StaticInt8(Mode):
         return quantize(model, self.calibration, self.config, target)
 
 
+def _no_reconstruction(mode) -> None:
+    if mode.config.reconstruct:
+        raise InputError(f"--reconstruct refits layers to the inputs that calibrated int8 "
+                         f"activations give them; --quantize {mode.name} quantizes no "
+                         "activations ahead of time. Use --quantize int8 --calibration "
+                         "SAMPLES.npz --reconstruct, or drop --reconstruct.")
+
+
 def _rounding_calibration(mode) -> None:
     if mode.calibration is not None and mode.config.weight_rounding != "gptq":
         raise InputError(f"--quantize {mode.name} uses calibration data only to round the "
@@ -100,6 +108,7 @@ class WeightOnlyInt8(Mode):
     def __post_init__(self):
         self.config.check()
         _rounding_calibration(self)
+        _no_reconstruction(self)
 
     def apply(self, model: FloatModel, target):
         return quantize_weights(model, "weight-only", self.config, target, self.calibration)
@@ -116,6 +125,7 @@ class DynamicInt8(Mode):
     def __post_init__(self):
         self.config.check()
         _rounding_calibration(self)
+        _no_reconstruction(self)
         if self.config.activations in WIDE_DTYPES:
             raise InputError(f"Dynamic quantization quantizes activations to 8 bits at run "
                              f"time; --activations {self.config.activations} needs static int8 "
@@ -156,6 +166,11 @@ class AutoPrecision(Mode):
                              "gives every layer 16-bit inputs already: drop one of the two, "
                              "or fall back to fp16 or fp32.")
         self.config.check()
+        if self.config.reconstruct:
+            raise InputError("--reconstruct refits the layers of one precision mix, and "
+                             "--quantize auto tries many: compile with --quantize auto first, "
+                             "then with --quantize int8 --precision-rules "
+                             "OUT_DIR/precision-rules.toml --reconstruct (the mix it chose).")
         object.__setattr__(self, "metric", load_metric(self.metric))  # a bad one fails now
 
     def apply(self, model: FloatModel, target):

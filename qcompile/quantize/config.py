@@ -38,6 +38,10 @@ class QuantConfig:
     # int8-dynamic: each int8 layer's input quantized per row in groups of group_size, its
     # weights scaled per group (the 4-bit layers' kernel), instead of one scale per row
     input_groups: bool = False
+    # static int8: refit each quantized layer's float weights, in order, to the fp32 model's
+    # outputs from the quantized model's inputs, on the calibration data (reconstruct.py)
+    reconstruct: bool = False
+    reconstruct_seconds: float | None = None  # its time budget (None: every layer)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +60,12 @@ class QuantConfig:
         if self.tables not in TABLE_PRECISIONS:
             raise InputError(f"Lookup tables are stored in {', '.join(TABLE_PRECISIONS[:-1])} "
                              f"or {TABLE_PRECISIONS[-1]}, not '{self.tables}' (--tables).")
+        if self.reconstruct_seconds is not None and (not self.reconstruct or
+                                                     not self.reconstruct_seconds > 0):
+            raise InputError(f"--reconstruct-seconds is the time budget of --reconstruct: a "
+                             f"positive number of seconds with --reconstruct, not "
+                             f"{self.reconstruct_seconds}"
+                             + ("" if self.reconstruct else " without it") + ".")
         if self.activations not in (None, *ACTIVATION_DTYPES):
             raise InputError(f"Activations must be uint8, int8, uint16 or int16, not "
                              f"'{self.activations}'.")

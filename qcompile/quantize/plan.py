@@ -67,6 +67,18 @@ class QuantPlan:
         return dataclasses.replace(self, settings={
             var: dataclasses.replace(s, precision="int8") for var, s in self.settings.items()})
 
+    def onnx_settings(self) -> dict[str, LayerSettings]:
+        """{ONNX layer name: settings}, a plan as the simulator takes it; a layer the plan
+        keeps in float (the image stem) with its float precision."""
+        settings = {}
+        for var, scheme in self.schemes().items():
+            if var in self.names:
+                own = self.settings.get(var, self.base)
+                if scheme.name in ("fp32", "fp16"):
+                    own = dataclasses.replace(own, precision=scheme.name)
+                settings[self.names[var]] = own
+        return settings
+
     def weighted(self) -> dict[str, Any]:
         """{relax layer: its graph node}."""
         return {n.name: n for n in self.graph.nodes if n.kind in LAYER_KINDS}

@@ -82,6 +82,16 @@ class QuantReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     tables: list[dict[str, Any]] = field(default_factory=list)  # lookup tables (embeddings)
+    reconstruction: dict[str, Any] | None = None  # reconstruct.Reconstruction.to_json()
+
+    def add_reconstruction(self, reconstruction: dict[str, Any]) -> None:
+        """Record what reconstruction did: in total, and on each refitted layer's row."""
+        self.reconstruction = {k: v for k, v in reconstruction.items() if k != "layers"}
+        by_layer = {layer["layer"]: layer for layer in reconstruction["layers"]}
+        for row in self.rows:
+            fit = by_layer.get(row["layer"])
+            if fit is not None:
+                row["reconstruction"] = {k: v for k, v in fit.items() if k != "layer"}
 
     @classmethod
     def build(cls, model, results, layer_names, errors, config, activations, samples,
@@ -118,7 +128,8 @@ class QuantReport:
         return {"method": self.method, "activations": self.activations,
                 "weights": "per-channel" if self.per_channel else "per-tensor",
                 "calibration_samples": self.samples, "layers": self.rows,
-                "tables": self.tables, "outputs": self.outputs}
+                "tables": self.tables, "outputs": self.outputs,
+                **({"reconstruction": self.reconstruction} if self.reconstruction else {})}
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / REPORT_FILE
@@ -152,8 +163,21 @@ class QuantReport:
                   f"{t['precision']}" + (f" (SQNR {t['sqnr_db']:.1f} dB)"
                                          if isinstance(t["sqnr_db"], float) else "")
                   for t in self.tables]
-        return "\n".join([head, weights_line(self.rows), *tables,
-                          *layer_table(self.rows, self.outputs)])
+        return "\n".join([head, weights_line(self.rows), *reconstruction_line(self.rows),
+                          *tables, *layer_table(self.rows, self.outputs)])
+
+
+def reconstruction_line(rows: list[dict]) -> list[str]:
+    """What reconstruction changed: the refitted layers' output error against fp32 on the
+    calibration data (relative to the output), their median before and after."""
+    fits = [r["reconstruction"] for r in rows if r.get("reconstruction")]
+    pairs = [(f["error_before"], f["error_after"]) for f in fits
+             if f["error_before"] is not None and f["error_after"] is not None]
+    if not pairs:
+        return []
+    before, after = (float(np.median(v)) for v in zip(*pairs))
+    return [f"reconstruction: {len(fits)} layers refitted on the calibration data; their output "
+            f"error (relative to fp32), median {before:.3g} -> {after:.3g}"]
 
 
 def weights_line(rows: list[dict]) -> str:

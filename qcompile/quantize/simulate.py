@@ -45,6 +45,7 @@ class Simulator:
         from onnx import numpy_helper
 
         self.model = model
+        self._own_model = False  # replace() copies it first
         self.threads = threads
         self.bias_correction = bias_correction
         self.weight_rounding = weight_rounding
@@ -100,6 +101,29 @@ class Simulator:
         LayerSettings or an int8 scheme: method, activations, symmetric)."""
         return activation_qparams(choose_range(self.observers[tensor], settings.method),
                                   settings.activations, settings.symmetric)
+
+    def replace(self, name: str, value: np.ndarray) -> None:
+        """Simulate the model with initializer `name` (a weight, a bias) set to `value`: the
+        caller's model is not changed, the observers and moments stay as calibrated, and
+        `reference` gives the changed model's outputs."""
+        import onnx
+        from onnx import numpy_helper
+
+        if not self._own_model:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            self.model, self._own_model = model, True
+        init = next(i for i in self.model.graph.initializer if i.name == name)
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.inits[name] = value
+
+    def weights_model(self):
+        """The simulated model in float: the given one with the replaced initializers."""
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return model
 
     # -- a plan ---------------------------------------------------------------------------
     def fake_quantized(self, plan: Mapping[str, LayerSettings]):

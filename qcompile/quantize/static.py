@@ -56,13 +56,44 @@ def realize(plan: QuantPlan, table: CalibrationTable,
 
 
 def quantize(model, calibration, config=None, target=None):
-    """Static int8 post-training quantization of `model` with `calibration` samples."""
+    """Static int8 post-training quantization of `model` with `calibration` samples; with
+    config.reconstruct, of the model reconstruction refits for its plan."""
     from .plan import plan as make_plan
 
     p = make_plan(model, config, target)
     feeds = _feeds(p, calibration)
+    refitted = None
+    if p.config.reconstruct:
+        refitted = _reconstruct(p, feeds)
+        p = make_plan(_reimport(model, refitted.onnx), config, target)
     table, probe = _calibrate(p, feeds)
-    return _realize(p, table, feeds[:MEASURE_SAMPLES], probe)
+    if refitted is not None:  # GPTQ rounds for the quantized inputs the refit saw
+        table = dataclasses.replace(table, moments={**table.moments, **{
+            var: refitted.moments[name] for var, name in p.names.items()
+            if name in refitted.moments}})
+    result = _realize(p, table, feeds[:MEASURE_SAMPLES], probe)
+    if refitted is not None:
+        result.report.add_reconstruction(refitted.to_json())
+    return result
+
+
+def _reconstruct(plan: QuantPlan, feeds: list):
+    from .reconstruct import reconstruct
+
+    config = plan.config
+    return reconstruct(plan.model.onnx, plan.onnx_settings(), feeds, base=plan.base,
+                       bias_correction=config.bias_correction,
+                       weight_rounding=config.weight_rounding, tables=config.table_precision,
+                       seconds=config.reconstruct_seconds)
+
+
+def _reimport(model, onnx_model):
+    """The FloatModel of `model`'s source with the weights of `onnx_model` (the same graph)."""
+    from ..frontend import import_onnx
+
+    refitted = import_onnx(model.source, {s.name: s.shape for s in model.inputs},
+                           loaded=onnx_model)
+    return dataclasses.replace(refitted, onnx=onnx_model, sha256=model.sha256)
 
 
 def _feeds(plan: QuantPlan, samples) -> list:
