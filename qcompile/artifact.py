@@ -23,7 +23,7 @@ MANIFEST_FILE = "model.json"
 # settings: decoder/compile.py, decoder/text.py): one of an earlier build that the new build does not
 # write is removed when the new one is published, so that no report outlives its library.
 OWN_FILES = (LIBRARY_FILE, MANIFEST_FILE, "quantization.json", "precision-rules.toml",
-             "search.json", "decoder.json", "tokenizer.json", "generation.json")
+             "search.json", "decoder.json", "tokenizer.json", "generation.json", "pruning.json")
 MANIFEST_FORMAT = 1
 
 

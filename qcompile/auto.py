@@ -48,7 +48,7 @@ VERIFY_ROUNDS = 3
 
 
 def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: AutoPrecision,
-                 tuning_log: TuningLog | None, rpc) -> Artifact:
+                 tuning_log: TuningLog | None, rpc, save_more=None) -> Artifact:
     """--quantize auto: time each layer in int8 and in the fallback precision (`latency`, on
     the device at `rpc` or here), search the precision mix in simulation, build it, check the
     budget with the compiled model (host targets), keep more layers in higher precision if
@@ -98,6 +98,8 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
 
         def extras(staging: Path, report=report, choice=choice) -> None:
             report.save(staging)
+            if save_more is not None:  # another stage's report (pruning)
+                save_more(staging)
             if choice is not None:  # known now: no compiled check follows
                 _save_choice(staging, choice)
 

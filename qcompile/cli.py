@@ -146,6 +146,16 @@ def _add_compile(sub) -> None:
                         "takes about 2 s per distinct layer shape)")
     _device_args(a, "time the layers on a device registered at this RPC tracker (targets "
                     "other than host cannot be timed here)")
+    r = p.add_argument_group(
+        "pruning", "Whole hidden channels (an inverted bottleneck's expanded channels, a "
+        "transformer FFN's neurons) removed before quantization, the channels whose removal "
+        "the next layer can best make up for first, that layer refitted on --calibration. "
+        "Writes OUT_DIR/pruning.json.")
+    r.add_argument("--prune", choices=["structured"],
+                   help="structured: remove hidden channels; the kernels stay dense")
+    r.add_argument("--macs-budget", type=float, metavar="F",
+                   help="with --prune: the fraction of the layers' multiply-adds to keep "
+                        "(e.g. 0.8)")
     p.set_defaults(func=_cmd_compile)
 
 
@@ -576,6 +586,9 @@ def _cmd_compile(args) -> int:
     if args.max_context is not None:
         from .decoder.command import compile_decoder_command
 
+        if args.prune or args.macs_budget is not None:
+            raise InputError("--prune works on models compiled without --max-context; a "
+                             "language model's layers are not pruned yet.")
         return compile_decoder_command(args, config)
     artifact = compile_model(args.model, args.target, args.out_dir, input_shapes=shapes,
                              cc=args.cc, tuning_log=args.tuning_log, quantize=args.quantize,
@@ -583,7 +596,8 @@ def _cmd_compile(args) -> int:
                              validation=args.validation, accuracy_budget=args.accuracy_budget,
                              metric=args.metric, fallback_precision=args.fallback_precision,
                              latency=args.latency, rpc_tracker=args.rpc_tracker,
-                             rpc_key=args.rpc_key)
+                             rpc_key=args.rpc_key, prune=args.prune,
+                             macs_budget=args.macs_budget)
     print(f"wrote {artifact.library} ({artifact.manifest.library_bytes / 1e6:.1f} MB) and "
           f"{artifact.directory / 'model.json'}")
     return 0
@@ -606,7 +620,7 @@ def _quant_config(args):
                            weight_bits=args.weight_bits, group_size=args.group_size,
                            reconstruct=args.reconstruct,
                            reconstruct_seconds=args.reconstruct_seconds)
-    if args.calibration:
+    if args.calibration and not getattr(args, "prune", None):
         raise InputError("--calibration is given but --quantize is not: add --quantize int8 "
                          "(calibrated activations), or int8-dynamic or int8-weights (the "
                          "weights rounded by GPTQ on it).")

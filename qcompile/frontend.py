@@ -18,7 +18,7 @@ import io
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -338,6 +338,15 @@ def import_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | No
                       onnx=model, source=str(path),
                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                       weight_codes=weight_codes)
+
+
+def reimport(model: FloatModel, onnx_model) -> FloatModel:
+    """`model` with its ONNX graph replaced by `onnx_model` (a transform's result: refitted
+    weights, removed channels; the same inputs and outputs), imported again. The source and
+    its checksum stay the original file's."""
+    changed = import_onnx(model.source, {s.name: s.shape for s in model.inputs},
+                          loaded=onnx_model)
+    return replace(changed, onnx=onnx_model, sha256=model.sha256)
 
 
 _TIR_BOUND = re.compile(r"^(maximum|minimum)\d*$")

@@ -45,6 +45,8 @@ def compile(  # noqa: A001 - the verb users know
     metric: str = "top1",
     fallback_precision: str = "fp32",
     latency: bool = True,
+    prune: str | None = None,
+    macs_budget: float | None = None,
 ) -> Artifact:
     """Compile an ONNX model into OUT_DIR/model.so + OUT_DIR/model.json.
 
@@ -63,28 +65,71 @@ def compile(  # noqa: A001 - the verb users know
     transforms: FloatModel -> FloatModel steps run after import, before quantization (e.g.
       pruning).
     rpc_tracker, rpc_key: auto's per-layer timing on a device instead of this machine.
+    prune: "structured" removes hidden channels (prune/) until the layers' MACs are at most
+      `macs_budget` (a fraction) of the model's, chosen and compensated on `calibration`,
+      before quantization; OUT_DIR/pruning.json says what went.
     """
     resolved = load_target(target).with_compiler(cc)  # fail on a missing compiler before work
     check_out_dir(out_dir)
     log_ = _tuning_log(tuning_log, resolved)
     rpc = _rpc(rpc_tracker, rpc_key, resolved)
+    _check_prune(prune, macs_budget, calibration)
     mode = quantize if isinstance(quantize, Mode) else mode_from(
-        quantize, calibration, quant_config, validation, accuracy_budget, metric,
-        fallback_precision, latency, tracker=rpc is not None)
+        quantize, calibration if quantize is not None or prune is None else None,
+        quant_config, validation, accuracy_budget, metric, fallback_precision, latency,
+        tracker=rpc is not None)
     graph = _import(model, input_shapes)
     for transform in transforms:
         graph = transform(graph)
+    pruned = None
+    if prune is not None:
+        graph, pruned = _prune(graph, calibration, macs_budget)
     if isinstance(mode, AutoPrecision) and not graph.prequantized:
         from .auto import compile_auto
 
-        return compile_auto(graph, resolved, Path(out_dir), mode, log_, rpc)
+        return compile_auto(graph, resolved, Path(out_dir), mode, log_, rpc,
+                            save_more=pruned.save if pruned is not None else None)
     built = apply_mode(mode, graph, resolved)
     report = built.report if isinstance(built, QuantizedModel) else None
-    artifact = build(built, resolved, out_dir, tuning_log=log_,
-                     extras=report.save if report is not None else None)
+
+    def extras(staging: Path) -> None:
+        for part in (report, pruned):
+            if part is not None:
+                part.save(staging)
+
+    artifact = build(built, resolved, out_dir, tuning_log=log_, extras=extras)
     if report is not None:
         log.info("quantization report: %s", artifact.directory / REPORT_FILE)
     return artifact
+
+
+def _check_prune(prune: str | None, macs_budget: float | None, calibration) -> None:
+    from .prune import METHODS, check_budget
+
+    if prune is None:
+        if macs_budget is not None:
+            raise InputError("--macs-budget is the budget of --prune: add --prune structured.")
+        return
+    if prune not in METHODS:
+        raise InputError(f"Unknown --prune method '{prune}': use {', '.join(METHODS)} (whole "
+                         "hidden channels removed, the layers stay dense).")
+    if macs_budget is None:
+        raise InputError("--prune structured needs --macs-budget F: the fraction of the layers' "
+                         "multiply-adds to keep (e.g. 0.8).")
+    check_budget(macs_budget)
+    if calibration is None:
+        raise InputError("--prune structured chooses the channels to remove, and compensates "
+                         "for them, on calibration data: pass --calibration SAMPLES.npz.")
+
+
+def _prune(graph: FloatModel, calibration, macs_budget: float):
+    from .prune import prune
+
+    if graph.prequantized:
+        raise InputError("--prune removes channels of a float model; this one arrived "
+                         "quantized (its codes and scales fix its channels). Prune the float "
+                         "model, then quantize it with qcompile.")
+    return prune(graph, calibration, macs_budget)
 
 
 def _tuning_log(tuning_log, target: Target) -> TuningLog | None:

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import InputError, last_line
-from ..frontend import Layer
+from ..frontend import Layer, reimport
 from ..relax_main import rebuild_main
 from .calibrate import CalibrationTable, calibrate as run_calibration
 from .calibration_data import load_calibration
@@ -65,7 +65,7 @@ def quantize(model, calibration, config=None, target=None):
     refitted = None
     if p.config.reconstruct:
         refitted = _reconstruct(p, feeds)
-        p = make_plan(_reimport(model, refitted.onnx), config, target)
+        p = make_plan(reimport(model, refitted.onnx), config, target)
     table, probe = _calibrate(p, feeds)
     if refitted is not None:  # GPTQ rounds for the quantized inputs the refit saw
         table = dataclasses.replace(table, moments={**table.moments, **{
@@ -87,13 +87,6 @@ def _reconstruct(plan: QuantPlan, feeds: list):
                        seconds=config.reconstruct_seconds)
 
 
-def _reimport(model, onnx_model):
-    """The FloatModel of `model`'s source with the weights of `onnx_model` (the same graph)."""
-    from ..frontend import import_onnx
-
-    refitted = import_onnx(model.source, {s.name: s.shape for s in model.inputs},
-                           loaded=onnx_model)
-    return dataclasses.replace(refitted, onnx=onnx_model, sha256=model.sha256)
 
 
 def _feeds(plan: QuantPlan, samples) -> list:

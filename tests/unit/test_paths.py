@@ -37,10 +37,11 @@ def test_every_report_a_build_writes_is_one_it_owns():
     from qcompile.auto import RULES_FILE, SEARCH_FILE
     from qcompile.decoder.compile import DECODER_FILE
     from qcompile.decoder.text import GENERATION, TOKENIZER
+    from qcompile.prune import REPORT_FILE as PRUNING
     from qcompile.quantize.report import REPORT_FILE
 
     assert {"model.so", "model.json", REPORT_FILE, RULES_FILE, SEARCH_FILE, DECODER_FILE,
-            TOKENIZER, GENERATION} == set(OWN_FILES)
+            TOKENIZER, GENERATION, PRUNING} == set(OWN_FILES)
 
 
 @pytest.mark.parametrize("text, expected", [
