@@ -298,9 +298,9 @@ NUMERIC_MODELS = {
 
 def bottleneck_ffn() -> onnx.ModelProto:
     """An inverted bottleneck (1x1 expand to 64, ReLU6, depthwise 3x3, ReLU6, 1x1 project,
-    residual add), then pooled features through a transformer-style FFN (MatMul to 64 with
-    bias, GELU as x * (1 + erf(x / sqrt 2)) / 2, MatMul back, residual add): two groups of 64
-    hidden channels, a quarter of each expanded channel's weights 20x smaller."""
+    residual add), then its 196 pixels as tokens through a transformer-style FFN (MatMul to 64
+    with bias, GELU as x * (1 + erf(x / sqrt 2)) / 2, MatMul back, residual add): two groups
+    of 64 hidden channels, a quarter of each one's producer weights 20x smaller."""
     rng = _rng(61)
     expand = rng.standard_normal((64, 16, 1, 1)).astype(np.float32) * 0.3
     expand[48:] *= 0.05
@@ -315,8 +315,8 @@ def bottleneck_ffn() -> onnx.ModelProto:
          helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="depthwise_relu6"),
          helper.make_node("Conv", ["d6", "wp", "bp"], ["p"], name="project"),
          helper.make_node("Add", ["p", "x"], ["r"], name="residual"),
-         helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
-         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+         helper.make_node("Reshape", ["r", "tokens"], ["t"], name="to_tokens"),
+         helper.make_node("Transpose", ["t"], ["f"], name="tokens_last", perm=[1, 0]),
          helper.make_node("MatMul", ["f", "w1"], ["h"], name="ffn_in"),
          helper.make_node("Add", ["h", "b1"], ["hb"], name="ffn_in_bias"),
          helper.make_node("Div", ["hb", "sqrt2"], ["hs"], name="gelu_div"),
@@ -327,14 +327,15 @@ def bottleneck_ffn() -> onnx.ModelProto:
          helper.make_node("MatMul", ["hg", "w2"], ["o"], name="ffn_out"),
          helper.make_node("Add", ["o", "b2"], ["ob"], name="ffn_out_bias"),
          helper.make_node("Add", ["ob", "f"], ["y"], name="ffn_residual")],
-        [("x", [1, 16, 14, 14])], [("y", [1, 16])],
+        [("x", [1, 16, 14, 14])], [("y", [196, 16])],
         [numpy_helper.from_array(expand, "we"), _w("be", (64,), 62, 0.5),
          _w("wd", (64, 1, 3, 3), 63, 0.3), _w("bd", (64,), 64, 0.5),
          _w("wp", (16, 64, 1, 1), 65, 0.2), _w("bp", (16,), 66, 0.1),
          numpy_helper.from_array(w1, "w1"), _w("b1", (64,), 67, 0.3),
          _w("w2", (64, 16), 68, 0.2), _w("b2", (16,), 69, 0.1),
          const("lo", 0.0), const("hi", 6.0), const("sqrt2", np.sqrt(2.0)),
-         const("one", 1.0), const("half", 0.5)])
+         const("one", 1.0), const("half", 0.5),
+         numpy_helper.from_array(np.array([16, 196], np.int64), "tokens")])
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from models import (bottleneck_ffn, onnxruntime_outputs, packed_convnet, pointwi
                     random_inputs)
 from qcompile.cli import main
 from qcompile.prune.channels import find_groups
+from qcompile.prune import structured
 from qcompile.prune.structured import prune_structured
 
 
@@ -27,8 +28,8 @@ def test_hidden_groups_and_why_others_stay():
     assert sorted(expand.slices) == [("bd", 0), ("be", 0), ("wd", 0), ("we", 0)]
     assert len(expand.depthwise) == 1 and sorted(ffn.slices) == [("b1", 0), ("w1", 1)]
     # one channel: the expand row (16 MACs), 9 depthwise taps, the project column (16), at
-    # 14 x 14 pixels; an FFN neuron: its column of w1 and its row of w2 (16 + 16)
-    assert expand.macs_per_channel == 14 * 14 * (16 + 9 + 16) and ffn.macs_per_channel == 32
+    # 14 x 14 pixels; an FFN neuron: its column of w1 and its row of w2, for 196 tokens
+    assert expand.macs_per_channel == 196 * (16 + 9 + 16) and ffn.macs_per_channel == 196 * 32
     assert refused == {
         "project": "its channels reach Add node 'residual' (a tensor from outside the "
                    "channels' path)",
@@ -79,7 +80,7 @@ def test_budget_met_in_whole_widths_and_the_refit_helps():
     result = prune_structured(model, calibration, 0.8)
     assert result.macs_after <= 0.8 * result.macs_before
     removed = {g["layer"]: g["channels"] - g["kept"] for g in result.groups}
-    assert removed == {"expand": 16, "ffn_in": 0}  # the FFN's 32 MACs a channel barely count
+    assert removed == {"expand": 16, "ffn_in": 16}
     original = numpy_helper.to_array(model.graph.initializer[0])
     we = numpy_helper.to_array(next(i for i in result.onnx.graph.initializer
                                     if i.name == "we"))
@@ -95,6 +96,19 @@ def test_budget_met_in_whole_widths_and_the_refit_helps():
     assert refit < 0.5 * alone, (refit, alone)
     report = result.to_json()
     assert report["macs_fraction"] <= 0.8 and len(report["kept_whole"]) == 2
+
+
+def test_too_few_calibration_rows_keep_a_group(monkeypatch):
+    """With 4 calibration rows needed a channel, 2 samples give each consumer 2 x 196 rows for
+    64 channels, enough; 1 does not: then the channels stay, and the report says why."""
+    monkeypatch.setattr(structured, "ROWS_PER_CHANNEL", 4)
+    model = bottleneck_ffn()
+    result = prune_structured(model, [random_inputs(model, s) for s in range(2)], 0.5)
+    assert all(g["kept"] < 64 for g in result.groups) and "expand" not in result.refused
+    result = prune_structured(model, [random_inputs(model, 0)], 0.5)
+    assert "its consumer saw 196 calibration rows for 64 channels" in result.refused["expand"]
+    assert all(g["kept"] == 64 for g in result.groups)
+    assert result.macs_after == result.macs_before
 
 
 def test_at_most_three_quarters_of_a_group_and_a_matmul_gets_its_bias():
@@ -134,7 +148,7 @@ def test_pruned_and_quantized_model_builds(save_model, tmp_path):
     assert project["weights"] == 16 * kept < 16 * 64
     feeds = [random_inputs(model, 200 + s) for s in range(8)]
     with qcompile.load(out) as loaded:
-        outputs = [loaded.run(feed)["y"] for feed in feeds]
+        outputs = [loaded.run(feed)["y"] for feed in feeds]  # tokens x channels
     reference = [onnxruntime_outputs(model, feed)["y"] for feed in feeds]
     error = sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs, reference)) / \
         sum(float(np.sum(r ** 2)) for r in reference)
