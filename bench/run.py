@@ -63,8 +63,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the sentences and the small models live with the tests
 sys.path.insert(0, str(ROOT))  # this checkout's qcompile, installed or not
 BASE_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8")
+# run only when --configs names them: reconstruction and pruning take minutes a model
+OPT_IN_CONFIGS = ("qcompile-int4-refit", "qcompile-int8-pruned")
 ALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
-               "qcompile-int8-tuned", "qcompile-int4", "qcompile-auto")
+               "qcompile-int8-tuned", "qcompile-int4", "qcompile-auto", *OPT_IN_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class BenchModel:
     # qcompile-int4: None, every layer with a 4-bit kernel in 4 bits (--weight-bits 4 --tables
     # int4); a budget, 4 bits where `metric` stays above it (--quantize auto --weight-bits 4)
     int4_budget: float | None = None
+    # qcompile-int8-pruned: --prune structured --macs-budget this, then int8
+    prune_budget: float = 0.9
 
 
 def _effnet_export(path: Path) -> None:
@@ -148,7 +152,8 @@ MODELS = {m.name: m for m in (
     BenchModel("minilm-l3", _minilm_export, _sentences, output="461",
                input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)},
                configs=("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32",
-                        "qcompile-int8", "qcompile-int4", "qcompile-auto"), metric="cosine"),
+                        "qcompile-int8", "qcompile-int4", "qcompile-auto",
+                        "qcompile-int8-pruned"), metric="cosine"),
     _tests_model("small-convnet", "packed_convnet"),
     _tests_model("small-matmul", "gemm_matmul"),
 )}
@@ -230,6 +235,14 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
             options.update(quantize="auto", calibration=calibration,
                            validation=held_out[::2], accuracy_budget=bench.budget,
                            metric=bench.metric, tuning_log=None)
+        elif config == "qcompile-int8-pruned":
+            options.update(quantize="int8", calibration=calibration, tuning_log=False,
+                           prune="structured", macs_budget=bench.prune_budget)
+        elif config == "qcompile-int4-refit":  # every 4-bit kernel, reconstruction
+            from qcompile.quantize import QuantConfig
+
+            options.update(quantize="int8", calibration=calibration, tuning_log=False,
+                           quant_config=QuantConfig(weight_bits=4, reconstruct=True))
         elif config.startswith("qcompile-int8"):
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
@@ -436,7 +449,8 @@ def _bench_model(bench: BenchModel, work: Path, args) -> list[dict]:
     print(f"bench: {bench.name}: {len(calibration)} calibration and {len(held_out)} held-out "
           f"samples ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     rows = []
-    wanted = set(args.configs.split(",")) if args.configs else set(bench.configs)
+    wanted = set(args.configs.split(",")) if args.configs else \
+        set(bench.configs) - set(OPT_IN_CONFIGS)
     for config in [c for c in bench.configs if c in wanted | set(BASE_CONFIGS)]:
         print(f"bench: {bench.name} / {config} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()

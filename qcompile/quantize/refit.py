@@ -79,7 +79,7 @@ def refit(rows: np.ndarray, folds: list[FitStats], free: int = 0) -> Refit:
         fitted_on = rest[0]
         for f in rest[1:]:
             fitted_on = fitted_on + f
-        constant = np.einsum("grk,gkl,grl->g", rows, fold.f, rows)
+        constant = _quadratic(rows, fold.f)
         for i, ridge in enumerate(RIDGE):
             scores[i] += _error(_fit(rows, fitted_on, ridge, free), rows, fold) + constant
     best = scores.argmin(axis=0)
@@ -87,7 +87,7 @@ def refit(rows: np.ndarray, folds: list[FitStats], free: int = 0) -> Refit:
     best[scores[best, np.arange(len(best))] > (1.0 - MARGIN) * scores[keep]] = keep
     fits = {i: _fit(rows, every, RIDGE[i], free) for i in set(best.tolist())}
     new = np.stack([fits[b][g] for g, b in enumerate(best)])
-    target = np.einsum("grk,gkl,grl->", rows, every.f, rows)
+    target = float(_quadratic(rows, every.f).sum())
     before = _error(rows, rows, every).sum() + target
     after = _error(new, rows, every).sum() + target
     scale = max(target, 1e-30)
@@ -114,8 +114,13 @@ def _fit(rows: np.ndarray, stats: FitStats, ridge: float | None, free: int) -> n
 
 def _error(new: np.ndarray, rows: np.ndarray, stats: FitStats) -> np.ndarray:
     """Per group, sum || W' x~ - W x ||^2 less sum || W x ||^2 (the same for every W')."""
-    return np.einsum("grk,gkl,grl->g", new, stats.h, new) - \
-        2.0 * np.einsum("grk,glk,grl->g", new, stats.c, rows)
+    return _quadratic(new, stats.h) - 2.0 * np.sum((rows @ stats.c) * new, axis=(1, 2))
+
+
+def _quadratic(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per group, sum over rows of w H w^T (as matmuls: einsum's three operands loop in C
+    without BLAS, 100 s for a 1000 x 1280 classifier's folds)."""
+    return np.sum((w @ h) * w, axis=(1, 2))
 
 
 __all__ = ["FOLDS", "FitStats", "MARGIN", "RIDGE", "Refit", "refit"]
