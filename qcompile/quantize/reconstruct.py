@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from .onnx_view import conv_shape
 from .refit import FOLDS, MARGIN, FitStats, refit
 from .rounding import InputMoments, conv_patches
@@ -73,11 +74,10 @@ def reconstruct(onnx_model, plan: Mapping[str, LayerSettings],
     from .simulate import Simulator, ort_session
 
     if len(calibration) < FOLDS:
-        from ..errors import InputError
-
         raise InputError(f"Reconstruction needs at least {FOLDS} calibration samples (it "
-                         f"checks its fit on half of them); got {len(calibration)}. Pass more "
-                         "samples with --calibration.")
+                         f"checks each fit on the samples it was not fitted on, in {FOLDS} "
+                         f"parts); got {len(calibration)}. Pass more samples with "
+                         "--calibration.")
     start = time.perf_counter()
     sim = Simulator(onnx_model, calibration, base=base, bias_correction=bias_correction,
                     weight_rounding=weight_rounding, tables=tables)

@@ -81,7 +81,9 @@ def _reconstruct(plan: QuantPlan, feeds: list):
     from .reconstruct import reconstruct
 
     config = plan.config
-    return reconstruct(plan.model.onnx, plan.onnx_settings(), feeds, base=plan.base,
+    # the settings of the integer ops between layers, as the search gives the simulator
+    base = dataclasses.replace(plan.base, precision="int8")
+    return reconstruct(plan.model.onnx, plan.onnx_settings(), feeds, base=base,
                        bias_correction=config.bias_correction,
                        weight_rounding=config.weight_rounding, tables=config.table_precision,
                        seconds=config.reconstruct_seconds)
