@@ -21,6 +21,34 @@ ONNX_KINDS = {"Conv": "conv2d", "Gemm": "matmul", "MatMul": "matmul", "Add": "ad
               "QuantizeLinear": "quantize", "DequantizeLinear": "dequantize"}
 
 
+def gemm_inputs_untransposed(model):
+    """`model` with every Gemm that reads its data input transposed (transA = 1, which onnxsim
+    makes of a Transpose before a MatMul) reading it through a Transpose node instead: the same
+    model, whose layers all reduce over their input's last axis, as realize sees them (TVM's
+    importer emits the same permute). Returned as it is when there is none."""
+    import onnx
+    from onnx import helper
+
+    if not any(n.op_type == "Gemm" and _attr(n, "transA", 0) for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = []
+    for node in copy.graph.node:
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            transposed = f"{node.input[0]}__transposed"
+            nodes.append(helper.make_node("Transpose", [node.input[0]], [transposed],
+                                          name=f"{node.name}__transpose_a", perm=[1, 0]))
+            node.input[0] = transposed
+            for a in node.attribute:
+                if a.name == "transA":
+                    a.i = 0
+        nodes.append(node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
 def kind(op_type: str) -> str:
     return ONNX_KINDS.get(op_type, "other")
 
@@ -120,5 +148,5 @@ def value_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-__all__ = ["ONNX_KINDS", "SimLayer", "conv_shape", "kind", "onnx_flow", "takes_rows",
-           "value_shapes", "weighted_layers"]
+__all__ = ["ONNX_KINDS", "SimLayer", "conv_shape", "gemm_inputs_untransposed", "kind",
+           "onnx_flow", "takes_rows", "value_shapes", "weighted_layers"]

@@ -105,7 +105,7 @@ def reconstruct(onnx_model, plan: Mapping[str, LayerSettings],
         shape = conv_shape(node, layer.weight_shape) if layer.op == "Conv" else None
         has_bias = _bias(sim, layer, node) is not None
         quantized = ort_session(_with_output(fake, quant_input), sim.threads)
-        reference = ort_session(_with_output(onnx_model, node.input[0]), sim.threads)
+        reference = ort_session(_with_output(sim.float_model, node.input[0]), sim.threads)
         for i, feed in enumerate(calibration):
             x = reference.run([node.input[0]], dict(feed))[0]
             xq = quantized.run([quant_input], dict(feed))[0]

@@ -27,7 +27,7 @@ from .calibrate import LayerInput, calibrate
 from .fake import FakeLayer, Rewrite
 from .flow import BOUND_KINDS, RESCALED_KINDS, SAME_PARAMS_KINDS, integer_tensors, wide_tensors
 from .observers import WIDE_DTYPES as WIDE, Observer, QParams, activation_qparams, choose_range
-from .onnx_view import conv_shape, kind, onnx_flow, weighted_layers
+from .onnx_view import conv_shape, gemm_inputs_untransposed, kind, onnx_flow, weighted_layers
 from .rules import LayerSettings
 from .schemes import scheme_for
 from .weights import is_table, stored_table
@@ -44,7 +44,9 @@ class Simulator:
                  tables: str | None = "int8"):
         from onnx import numpy_helper
 
+        model = gemm_inputs_untransposed(model)
         self.model = model
+        self.float_model = model  # as given (less Gemm's transA): replace() does not change it
         self._own_model = False  # replace() copies it first
         self.threads = threads
         self.bias_correction = bias_correction
