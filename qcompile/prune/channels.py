@@ -73,7 +73,7 @@ def find_groups(model) -> tuple[list[HiddenGroup], dict[str, str]]:
     outputs = {o.name for o in model.graph.output}
     groups, refused = [], {}
     for i, node in enumerate(nodes):
-        channels, why = _producer(node, inits)
+        channels = _producer(node, inits)
         if channels is None:
             continue
         name = layer_name(node, i)
@@ -88,20 +88,20 @@ def find_groups(model) -> tuple[list[HiddenGroup], dict[str, str]]:
     return groups, refused
 
 
-def _producer(node, inits) -> tuple[int | None, str]:
+def _producer(node, inits) -> int | None:
     """The output channel count of a layer whose outputs can be removed (None: not one)."""
     if len(node.input) < 2 or node.input[1] not in inits:
-        return None, ""
+        return None
     dims = list(inits[node.input[1]].dims)
     attrs = _attrs(node)
     if node.op_type == "Conv" and attrs.get("group", 1) == 1 and len(dims) == 4:
-        return dims[0], ""
+        return dims[0]
     if node.op_type == "MatMul" and len(dims) == 2:
-        return dims[1], ""
+        return dims[1]
     if node.op_type == "Gemm" and not attrs.get("transA", 0) and \
             attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
-        return (dims[0] if attrs.get("transB", 0) else dims[1]), ""
-    return None, ""
+        return dims[0] if attrs.get("transB", 0) else dims[1]
+    return None
 
 
 def _walk(nodes, start, channels, inits, constants, shapes, readers, outputs):
