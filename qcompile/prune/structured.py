@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..quantize.onnx_view import conv_shape, weighted_layers
 from ..quantize.rounding import conv_patches
-from .channels import HiddenGroup, find_groups
+from .channels import HiddenGroup, _attrs, find_groups
 from .select import WIDTH, allocate, limit_for, removal_order
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _consumer_rows(node, inits, channels: int) -> np.ndarray:
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
     if node.op_type == "Conv":
         rows = w.reshape(w.shape[0], channels)
-    elif node.op_type == "Gemm" and _attr(node, "transB"):
+    elif node.op_type == "Gemm" and _attrs(node).get("transB", 0):
         rows = w
     else:
         rows = w.T
@@ -163,15 +163,6 @@ def _consumer_rows(node, inits, channels: int) -> np.ndarray:
         bias = np.broadcast_to(numpy_helper.to_array(inits[node.input[2]]).reshape(-1),
                                (rows.shape[0],)).astype(np.float64)
     return np.concatenate([rows, bias[:, None]], axis=1)
-
-
-def _attr(node, name: str, default=0):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _apply(model, nodes, inits, groups, removals, chosen):
@@ -193,7 +184,7 @@ def _apply(model, nodes, inits, groups, removals, chosen):
         old = arrays[consumer.input[1]]
         if consumer.op_type == "Conv":
             arrays[consumer.input[1]] = rows.reshape(old.shape).astype(np.float32)
-        elif consumer.op_type == "Gemm" and _attr(consumer, "transB"):
+        elif consumer.op_type == "Gemm" and _attrs(consumer).get("transB", 0):
             arrays[consumer.input[1]] = rows.astype(np.float32)
         else:
             arrays[consumer.input[1]] = rows.T.astype(np.float32)
@@ -223,7 +214,7 @@ def _apply(model, nodes, inits, groups, removals, chosen):
             arrays[name] = np.take(arrays[name], keep, axis=axis)
         consumer = new_nodes[g.consumer]
         in_axis = 1 if consumer.op_type == "Conv" or (consumer.op_type == "Gemm" and
-                                                       _attr(consumer, "transB")) else 0
+                                                       _attrs(consumer).get("transB", 0)) else 0
         arrays[consumer.input[1]] = np.take(arrays[consumer.input[1]], keep, axis=in_axis)
         for index in g.depthwise:
             for a in new_nodes[index].attribute:
