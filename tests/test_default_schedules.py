@@ -56,7 +56,7 @@ def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, cap
                          calibration=calibration)
     assert scheduled.manifest.kernels["int8_default_schedules"] == 0
     assert scheduled.manifest.kernels["float_default_schedules"] >= 4
-    monkeypatch.setattr(float_default, "apply", lambda mod: mod)
+    monkeypatch.setattr(float_default, "apply", lambda mod, *_: mod)
     plain = qcompile.compile(path, str(target), tmp_path / "plain", tuning_log=False,
                              quantize="int8", calibration=calibration)
     assert plain.manifest.kernels["float_default_schedules"] == 0
@@ -230,3 +230,74 @@ def test_row_kernels_run_in_parallel_rows_of_vectors(save_model, tmp_path, caplo
             outputs = loaded.run(feeds)
             for name, value in expected.items():
                 assert_close(outputs[name], value)
+
+
+def _conv_transpose(kernel, strides, pads=(0, 0, 0, 0), output_padding=(0, 0), cin=16,
+                    cout=8):
+    """A conv (NHWC in the float graph) then a ConvTranspose with bias and a ReLU."""
+    from models import _w, make_model
+    from onnx import helper
+
+    attrs = {"strides": list(strides), "pads": list(pads)}
+    if any(output_padding):
+        attrs["output_padding"] = list(output_padding)
+    height, width = 6, 5
+    out_h = (height - 1) * strides[0] - pads[0] - pads[2] + kernel[0] + output_padding[0]
+    out_w = (width - 1) * strides[1] - pads[1] - pads[3] + kernel[1] + output_padding[1]
+    return make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ConvTranspose", ["c", "wt", "bt"], ["u"], name="up", **attrs),
+         helper.make_node("Relu", ["u"], ["y"], name="relu")],
+        [("x", [1, 4, height, width])], [("y", [1, cout, out_h, out_w])],
+        [_w("w", (cin, 4, 3, 3), 40), _w("wt", (cin, cout, *kernel), 41), _w("bt", (cout,), 42)])
+
+
+@pytest.mark.parametrize("kernel, strides, pads, output_padding, rewritten", [
+    ((2, 2), (2, 2), (0, 0, 0, 0), (0, 0), True),     # 2x upsampling: a 1x1 conv, reshuffled
+    ((2, 3), (2, 3), (0, 0, 0, 0), (0, 0), True),     # blocks of 2 x 3 pixels
+    ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),    # overlapping windows: TVM's lowering
+    ((2, 2), (2, 2), (1, 1, 1, 1), (0, 0), False)])   # cropped
+def test_transposed_convs_with_blocks_of_their_own_become_1x1_convs(
+        kernel, strides, pads, output_padding, rewritten, save_model, tmp_path, caplog):
+    from qcompile.lower import kernels
+    from qcompile.targets import load_target
+
+    model = _conv_transpose(kernel, strides, pads, output_padding)
+    path = save_model(model)
+    fused = kernels(qcompile.import_onnx(path).mod, load_target("host"))
+    names = [gvar.name_hint for gvar in fused.functions]
+    assert any("conv2d_transpose" in n for n in names) != rewritten, names
+    artifact = _compile(path, "host", tmp_path / "out", caplog)
+    with qcompile.load(artifact.directory) as loaded:
+        feeds = random_inputs(model, 5)
+        assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+
+
+def test_pools_put_the_channels_in_the_vector_lanes(save_model, tmp_path, caplog):
+    """Max, average and global average pools of an NHWC float graph get the window schedule
+    (channels vectorized under the window's loops) and match onnxruntime."""
+    import tvm
+
+    from qcompile.lower import kernels
+    from qcompile.targets import load_target
+
+    from models import residual_pool_concat
+
+    model = residual_pool_concat()
+    path = save_model(model)
+    target = load_target("host")
+    fused = kernels(qcompile.import_onnx(path).mod, target)
+    kinds = {}
+    with target.to_tvm():
+        for gvar, func in fused.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc) and ("pool" in gvar.name_hint or
+                                                       "mean" in gvar.name_hint):
+                found = float_default.schedule(func, 16)
+                kinds[gvar.name_hint] = found and found[1]
+                assert "T.vectorized" in found[0].mod["main"].script()
+    assert len(kinds) >= 3 and set(kinds.values()) == {"windows"}, kinds
+    artifact = _compile(path, "host", tmp_path / "out", caplog)
+    with qcompile.load(artifact.directory) as loaded:
+        for seed in range(2):
+            feeds = random_inputs(model, seed)
+            assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])

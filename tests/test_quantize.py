@@ -202,9 +202,10 @@ def test_a_gate_split_between_int8_layers_is_realized(save_model, tmp_path):
             assert float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e))) > 0.99, name
 
 
-def test_a_conv_transpose_after_int8_convs_stays_float_in_its_layout(save_model, tmp_path):
-    """The packed int8 graph is NHWC; a ConvTranspose after it (which TVM lowers only in NCHW)
-    runs in float in NCHW, and the model stays close to fp32."""
+def test_a_conv_transpose_after_int8_convs_stays_float(save_model, tmp_path):
+    """The packed int8 graph is NHWC; a ConvTranspose after it stays float (as a 1x1 conv and
+    a reshuffle when its windows do not overlap, else in NCHW, the only layout TVM lowers it
+    in), and the model stays close to fp32."""
     model = conv_upsample()
     loaded, rows, _ = compile_int8(model, save_model, tmp_path / "out")
     assert rows["conv2"]["precision"] == "int8"

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from . import conv_weight_layout, fast_math, float_default, int8_default, search_space
+from . import (conv_transpose, conv_weight_layout, fast_math, float_default, int8_default,
+               search_space)
 from .intrinsics import DotProduct, dot_product_for, register
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         packed_layout = (dot is not None and "int8" in weights) or \
             (bool(weights) and all("float" in w for w in weights))
     with tvm_target:
-        passes = [relax.transform.FoldConstant()]
+        passes = [relax.transform.FoldConstant(),
+                  tvm.transform.module_pass(lambda m, _ctx: conv_transpose.rewrite(m),
+                                            opt_level=0, name="ConvTransposeAsConv"),
+                  relax.transform.FoldConstant()]
         if packed_layout:
             passes += [relax.transform.ConvertLayout(PACKED_LAYOUTS),
                        relax.transform.FoldConstant(),
@@ -85,7 +89,7 @@ def apply(mod, tvm_target):
     dot = dot_product_for(tvm_target)
     if dot is not None:
         mod = int8_default.apply(mod, dot)
-    return float_default.apply(mod)
+    return float_default.apply(mod, float_default.lanes_of(tvm_target))
 
 
 def default(kernel, tvm_target):
@@ -98,7 +102,7 @@ def default(kernel, tvm_target):
         sch = int8_default.schedule(func, dot)
         if sch is not None:
             return sch
-    found = float_default.schedule(func)
+    found = float_default.schedule(func, float_default.lanes_of(tvm_target))
     return found[0] if found is not None and found[1] == "float" else None
 
 

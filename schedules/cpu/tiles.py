@@ -14,6 +14,14 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def fewest_tiles(n: int, at_most: int) -> int:
+    """The smallest tile of at most `at_most` that covers `n` in as few tiles as possible: a
+    divisor where one does (12 -> 6, 56 -> 8), else the last tile is cut short (13 -> 7, two
+    tiles of which the second has 6 rows, where the largest divisor, 1, gives 13 tiles)."""
+    tiles = -(-n // min(n, at_most))
+    return -(-n // tiles)
+
+
 def row_tile(extent, at_most: int) -> int:
     """Rows per tile of a packed kernel: the largest divisor of the rows' extent up to
     `at_most`, or 1 when the extent is known only at run time (a language model's tokens:
