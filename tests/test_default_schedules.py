@@ -301,3 +301,34 @@ def test_pools_put_the_channels_in_the_vector_lanes(save_model, tmp_path, caplog
         for seed in range(2):
             feeds = random_inputs(model, seed)
             assert_close(loaded.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
+
+
+@pytest.mark.parametrize("rows, depth, columns, panels_outside", [
+    (64, 384, 1536, True),     # a transformer's FFN: weights 2.4 MB, input 98 KB
+    (3136, 32, 96, False)])    # an early 1x1 conv: input 400 KB, weights 12 KB
+def test_the_larger_operand_is_read_once(rows, depth, columns, panels_outside):
+    """The tile loop over the larger operand goes outside the other: a matmul whose weights
+    outweigh its input walks the weights' column panels outermost (each read once, used for
+    every row tile), a conv whose input outweighs its weights walks the pixels outermost. The
+    result is the matmul either way."""
+    import tvm
+    from tvm import te
+
+    from qcompile.targets import load_target
+
+    a = te.placeholder((rows, depth), name="a")
+    b = te.placeholder((depth, columns), name="b")
+    k = te.reduce_axis((0, depth), "k")
+    c = te.compute((rows, columns), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    sch, kind = float_default.schedule(te.create_prim_func([a, b, c]), 16)
+    assert kind == "float"
+    text = sch.mod["main"].script()
+    fused = re.search(r"for (\w+) in T\.parallel", text).group(1)
+    assert fused.startswith("j_0" if panels_outside else "i_0"), fused
+    kernel = tvm.compile(sch.mod, target=load_target("host").to_tvm())
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, depth)).astype(np.float32)
+    w = rng.standard_normal((depth, columns)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((rows, columns), np.float32))
+    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-3)

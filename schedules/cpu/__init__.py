@@ -3,9 +3,11 @@
 On a target with an integer dot-product instruction, the int8 graph is converted to NHWC and
 its conv2d/matmul legalized onto weights packed for that instruction (packed_int8.py), so that
 the innermost loop is the instruction. A float graph's convs go NHWC on every CPU; float and
-depthwise convs get their weights HWIO (conv_weight_layout.py). Default schedules tensorize
-the packed kernels (int8_default.py), register-tile every other conv/matmul and run the rest
-row by row (float_default.py, rows.py); MetaSchedule searches the int8 ones
+depthwise convs get their weights HWIO (conv_weight_layout.py); a transposed conv whose
+windows do not overlap becomes a 1x1 conv (conv_transpose.py). Default schedules tensorize
+the packed kernels (int8_default.py), register-tile every other conv/matmul, vectorize pools
+along the channels (windows.py) and run the rest row by row (float_default.py, rows.py);
+MetaSchedule searches the int8 ones
 in a space where every candidate builds (search_space.py). Exponentials, erf, tanh and the
 activations made of them are computed in vector arithmetic (fast_math.py).
 """
