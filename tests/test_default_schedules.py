@@ -66,10 +66,11 @@ def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, cap
             assert np.array_equal(a.run(feeds)["y"], b.run(feeds)["y"])
 
 
-def test_a_one_row_matmul_reads_its_weight_in_panels():
-    """A float matrix-vector product on a constant [K, N] weight (a classifier's last layer)
-    gets it packed into panels of the default tile's width ([N/P, K, P], P = 50 for N = 1000),
-    read contiguously; its outputs are numpy's. Several rows keep the plain layout."""
+def test_matmuls_read_their_weights_in_panels():
+    """A float matmul on a constant [K, N] weight gets it packed into panels of the default
+    tile's width, read contiguously: [N/P, K, P], P = 50 for N = 1000 in a matrix-vector
+    product (a classifier's last layer), P = 8 with several rows (the vector tile: 1000 is
+    not a multiple of 16). Its outputs are numpy's."""
     import tvm
     from tvm import relax
 
@@ -94,7 +95,35 @@ def test_a_one_row_matmul_reads_its_weight_in_panels():
         got = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
         np.testing.assert_allclose(got.numpy(), x @ w, rtol=1e-4, atol=1e-4)
     assert "(20, 96, 50)" in shapes[1] and "(96, 1000)" not in shapes[1]
-    assert "(96, 1000)" in shapes[4]
+    assert "(125, 96, 8)" in shapes[4] and "(96, 1000)" not in shapes[4]
+
+
+@pytest.mark.parametrize("target", ["host", "arm64-dotprod"])
+def test_float_convs_read_their_weights_in_panels(target, save_model, tmp_path):
+    """A float conv's constant weight is packed as [O/P, KH, KW, I, P], P the target's vector
+    tile (16 floats on AVX-512, 8 on NEON, for 48 output channels); its outputs are
+    onnxruntime's (on the host)."""
+    from models import _w, make_model
+    from onnx import helper
+
+    from qcompile.lower import lower
+    from qcompile.schedules.cpu.float_default import lanes_of
+    from qcompile.targets import load_target
+
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [("x", [1, 3, 10, 10])], [("y", [1, 48, 10, 10])], [_w("w", (48, 3, 3, 3), 3)])
+    path = save_model(model)
+    loaded = load_target(target)
+    panel = 16 if lanes_of(loaded.to_tvm()) >= 16 else 8
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", lower(qcompile.import_onnx(path).mod,
+                                                        loaded).script())
+    assert f"({48 // panel}, 3, 3, 3, {panel})" in text
+    if target == "host":
+        artifact = qcompile.compile(path, target, tmp_path / "out", tuning_log=False)
+        with qcompile.load(artifact.directory) as compiled:
+            feeds = random_inputs(model, 0)
+            assert_close(compiled.run(feeds)["y"], onnxruntime_outputs(model, feeds)["y"])
 
 
 def test_arm64_builds_schedule_every_kernel(save_model, tmp_path, caplog):

@@ -65,7 +65,8 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         passes.append(tvm.transform.module_pass(lambda m, _ctx: fast_math.rewrite(m),
                                                 opt_level=0, name="FastMath"))
         passes += library_dispatch_passes(tvm_target)
-        passes += [relax.transform.LegalizeOps(_legalize_map(dot)),
+        passes += [relax.transform.LegalizeOps(
+                       _legalize_map(dot, float_default.lanes_of(tvm_target))),
                    relax.transform.AnnotateTIROpPattern(),
                    relax.transform.FoldConstant(),
                    relax.transform.FuseOps(),
@@ -73,15 +74,19 @@ def fuse(mod, tvm_target, packed_layout: bool | None = None):
         return tvm.transform.Sequential(passes)(mod)
 
 
-def _legalize_map(dot):
-    """LegalizeOps overrides: int8 conv2d/matmul packed for `dot` (if any), float matmuls on
-    packed weight panels (packed_float.py); TVM's own legalization for the rest."""
-    from .packed_float import legalize_matmul
+def _legalize_map(dot, lanes: int):
+    """LegalizeOps overrides: int8 conv2d/matmul packed for `dot` (if any), float matmuls and
+    convs on weight panels of the vector tile's width for `lanes` (packed_float.py); TVM's
+    own legalization for the rest."""
+    from .packed_float import legalize_conv2d, legalize_matmul
     from .packed_int8 import default_legalize, legalize_map
 
     overrides = legalize_map(dot) if dot is not None else {}
     int8_matmul = overrides.get("relax.matmul", default_legalize)
-    overrides["relax.matmul"] = lambda bb, call: legalize_matmul(bb, call, int8_matmul)
+    int8_conv2d = overrides.get("relax.nn.conv2d", default_legalize)
+    overrides["relax.matmul"] = lambda bb, call: legalize_matmul(bb, call, int8_matmul, lanes)
+    overrides["relax.nn.conv2d"] = lambda bb, call: legalize_conv2d(bb, call, int8_conv2d,
+                                                                    lanes)
     return overrides
 
 

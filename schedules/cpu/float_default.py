@@ -55,6 +55,9 @@ ROWS = 8      # rows of the register tile
 WIDE_VECTOR = 64  # output elements per tile when there are no rows to tile
 # (EfficientNet-Lite0 fp32 here: 8 x 8 35 ms, 4 x 8 38 ms, 4 x 16 45 ms, 8 x 16 47 ms)
 MIN_PARALLEL = 4096  # elements of output below which a kernel stays on one thread
+# ... unless it does this many multiply-adds: EfficientNet-Lite0's classifier (1000 outputs,
+# a 5 MB weight) ran on one thread, 0.45 ms against onnxruntime's 0.08
+MIN_PARALLEL_MACS = 1 << 18
 SYMBOLIC = 1 << 20   # the size assumed for an extent known only at run time (a sequence)
 
 
@@ -71,12 +74,20 @@ def _tile(expr, size: int) -> int:
     return largest_divisor(int(value), size) if isinstance(value, int) else size
 
 
-def _vector_tile(expr, lanes: int) -> int:
-    """The vector tile of an output axis: `lanes` (the CPU's register width in floats) when
-    it is wider than VECTOR and divides the axis, else as `_tile` with VECTOR."""
-    if lanes > VECTOR and _extent(expr) % lanes == 0:
+def vector_tile(extent: int, lanes: int) -> int:
+    """The vector tile of an output axis of `extent` elements (known at compile time): `lanes`
+    (the CPU's register width in floats) when it is wider than VECTOR and divides the axis,
+    else the largest divisor up to VECTOR. The packed float weights (packed_float.py) are cut
+    into panels of this width."""
+    if lanes > VECTOR and extent % lanes == 0:
         return lanes
-    return _tile(expr, VECTOR)
+    return largest_divisor(extent, VECTOR)
+
+
+def _vector_tile(expr, lanes: int) -> int:
+    """`vector_tile` of a loop extent; VECTOR for one known only at run time."""
+    extent = _extent(expr)
+    return VECTOR if extent == SYMBOLIC else vector_tile(extent, lanes)
 
 
 def lanes_of(tvm_target) -> int:
@@ -231,7 +242,10 @@ def schedule_anchor(sch, block, lanes: int = VECTOR) -> None:
         sch.reorder(*outer, vo, *reduction, vi)
         tile_outer = [*outer, vo]
     accumulate_in_tile(sch, block, tile_outer[-1])
-    if output_elements >= MIN_PARALLEL:
+    macs = output_elements
+    for loop in reduction:
+        macs *= _extent(sch.get(loop).extent)
+    if output_elements >= MIN_PARALLEL or macs >= MIN_PARALLEL_MACS:
         sch.parallel(sch.fuse(*tile_outer) if len(tile_outer) > 1 else tile_outer[0])
     if ti is not None:
         sch.unroll(ti)
