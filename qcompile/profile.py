@@ -5,9 +5,14 @@ kernels are timed here. The VM's instrument hook is called before every call the
 each kernel call (a fused PrimFunc of the library) it times the kernel with the runtime's time
 evaluator on the very arguments the call is about to get (the model's own intermediate tensors
 for the given inputs), then lets the call run. A call's time is the median of `repeat`
-repeats, each of back-to-back calls filling at least 1 ms: steady state, caches warm. The whole
-model is also timed as `qcompile run` times it; what it takes beyond the kernels' sum is the
-VM's own work (allocations, calls) and colder caches.
+repeats, each of back-to-back calls filling at least 1 ms: steady state, caches warm. Then the
+model runs `repeat` more times with a hook that only reads the clock before and after each
+kernel call: each kernel's time "in the model", where its weights and inputs come from
+wherever the previous kernels left them (a layer whose weight no longer is in the core's
+cache can take twice its warm time: EfficientNet-Lite0's late 1x1 convs in fp32 did, before
+their weights were packed in panels). That time includes the hook's own call (a few
+microseconds). The whole model is also timed as `qcompile run` times it; what it takes beyond
+the in-model times' sum is the VM's own work (allocations, calls).
 
 Per kernel: calls per run, time per run and its share of the kernels' total, precision,
 operations (2 x MACs of its conv/matmul) and bytes (its arguments, read + written), GOPS, GB/s,
@@ -61,6 +66,7 @@ class KernelTime:
     tuned: bool | None    # a tuning-log record scheduled it; None: no log, or not recorded
     bound: str | None = None      # roofline: "compute" or "memory"; None: no peak to judge by
     of_peak: float | None = None  # the fraction of the attainable peak it reaches
+    in_model_us: float | None = None  # per run, its calls timed as the model runs them
 
     @property
     def gops(self) -> float | None:
@@ -107,31 +113,41 @@ class Profile:
     tuning_log: str | None = None  # the build's; the tuned column is shown when it is known
     method: str = field(default=(
         "each kernel call timed in place by the runtime's time evaluator on its real arguments "
-        "(through the Relax VM's instrument hook), median of the repeats, caches warm"))
+        "(through the Relax VM's instrument hook), median of the repeats, caches warm; in "
+        "model: each call's wall time as the model runs, median over the runs"))
 
     @property
     def kernels_ms(self) -> float:
         return sum(k.total_us for k in self.kernels) / 1e3
 
+    @property
+    def in_model_ms(self) -> float:
+        return sum(k.in_model_us or 0.0 for k in self.kernels) / 1e3
+
     def table(self, top: int = 15) -> str:
         tuned = self.tuning_log is not None and any(k.tuned is not None for k in self.kernels)
-        head = (f"{'kernel':<44} {'calls':>5} {'ms/run':>8} {'share':>6} {'prec':<5} "
+        head = (f"{'kernel':<44} {'calls':>5} {'ms/run':>8} {'in model':>8} {'share':>6} "
+                f"{'prec':<5} "
                 f"{'GOPS':>7} {'GB/s':>7}  {'roofline':<14}" + (" tuned" if tuned else ""))
         lines = [f"profile of {self.directory} on {self.device}", head]
         for k in self.kernels[:top]:
             name = k.name if len(k.name) <= 44 else k.name[:43] + "~"
             roof = f"{k.of_peak:.0%} {k.bound}" if k.of_peak is not None else "-"
-            line = (f"{name:<44} {k.calls:>5} {k.total_us / 1e3:>8.3f} {k.share:>6.1%} "
-                    f"{k.precision:<5} {_num(k.gops):>7} {_num(k.gbps):>7}  {roof:<14}")
+            in_model = f"{k.in_model_us / 1e3:.3f}" if k.in_model_us is not None else "-"
+            line = (f"{name:<44} {k.calls:>5} {k.total_us / 1e3:>8.3f} {in_model:>8} "
+                    f"{k.share:>6.1%} {k.precision:<5} {_num(k.gops):>7} {_num(k.gbps):>7}  "
+                    f"{roof:<14}")
             lines.append(line + (f" {'yes' if k.tuned else 'no'}" if tuned else ""))
         rest = self.kernels[top:]
         if rest:
+            in_model = sum(k.in_model_us or 0.0 for k in rest) / 1e3
             lines.append(f"{f'({len(rest)} more kernels)':<44} {sum(k.calls for k in rest):>5} "
-                         f"{sum(k.total_us for k in rest) / 1e3:>8.3f} "
+                         f"{sum(k.total_us for k in rest) / 1e3:>8.3f} {in_model:>8.3f} "
                          f"{sum(k.share for k in rest):>6.1%}")
-        notes = [f"{len(self.kernels)} kernels: {self.kernels_ms:.3f} ms per run; the whole "
-                 f"model {self.run_ms:.3f} ms (median of {self.repeat}, as `qcompile run` times "
-                 "it; the difference is the VM's own work and colder caches)",
+        notes = [f"{len(self.kernels)} kernels: {self.kernels_ms:.3f} ms per run warm, "
+                 f"{self.in_model_ms:.3f} ms in the model; the whole model {self.run_ms:.3f} "
+                 f"ms (median of {self.repeat}, as `qcompile run` times it; beyond the "
+                 "in-model sum, the VM's own work)",
                  f"times: {self.method}"]
         if self.peaks is not None:
             notes.append(self.peaks.describe() + "; a kernel whose data stays in cache between "
@@ -143,7 +159,8 @@ class Profile:
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.directory, "device": self.device, "run_ms": self.run_ms,
-                "kernels_ms": self.kernels_ms, "repeat": self.repeat, "method": self.method,
+                "kernels_ms": self.kernels_ms, "in_model_ms": self.in_model_ms,
+                "repeat": self.repeat, "method": self.method,
                 "tuning_log": self.tuning_log,
                 "peaks": asdict(self.peaks) if self.peaks is not None else None,
                 "kernels": [k.to_json() for k in self.kernels]}
@@ -197,6 +214,7 @@ def profile(out_dir: str | Path, inputs: Mapping[str, Any] | None = None, *, rep
         with model._device_errors():
             vm.set_input("main", *[tvm.runtime.tensor(a, device) for a in arrays])
             vm.invoke_stateful("main")
+            in_model = _time_in_model(vm, repeat)
         artifact, where = model.artifact, model.where
     facts = artifact.manifest.kernels or {}
     rows = _rows(calls, facts.get("functions") or {}, facts.get("tuning_log") is not None)
@@ -207,7 +225,8 @@ def profile(out_dir: str | Path, inputs: Mapping[str, Any] | None = None, *, rep
     for name, count, seconds, precision, ops, nbytes, tuned in rows:
         bound, of_peak = _roofline(ops, nbytes, seconds / count, precision, found)
         kernels.append(KernelTime(name, count, seconds * 1e6, seconds / total, precision,
-                                  nbytes, ops, tuned, bound, of_peak))
+                                  nbytes, ops, tuned, bound, of_peak,
+                                  in_model.get(name, 0.0) * 1e6))
     kernels.sort(key=lambda k: -k.total_us)
     return Profile(str(artifact.directory), where, tuple(kernels), run_ms, repeat, found,
                    facts.get("tuning_log"))
@@ -220,14 +239,45 @@ def _random_inputs(specs) -> dict[str, np.ndarray]:
                      else rng.integers(0, 2, s.shape)).astype(s.dtype) for s in specs}
 
 
+def _is_kernel_call(name, args) -> bool:
+    import tvm
+
+    return not str(name).startswith("vm.builtin.") and bool(args) and \
+        all(isinstance(a, tvm.runtime.Tensor) for a in args)
+
+
+def _time_in_model(vm, repeat: int) -> dict[str, float]:
+    """Per kernel, its calls' seconds per run as the model runs them in order (the clock read
+    before and after each call), the median over `repeat` runs after one to warm up. `vm` has
+    its inputs set."""
+    started: list[float] = []
+    run: dict[str, float] = {}
+
+    def hook(_func, name, before, _result, *args):
+        if _is_kernel_call(name, args):
+            if before:
+                started.append(time.perf_counter())
+            else:
+                seconds = time.perf_counter() - started.pop()
+                run[str(name)] = run.get(str(name), 0.0) + seconds
+        return 0
+
+    vm.set_instrument(hook)
+    runs: list[dict[str, float]] = []
+    for _ in range(repeat + 1):
+        run.clear()
+        vm.invoke_stateful("main")
+        runs.append(dict(run))
+    runs = runs[1:]
+    return {name: statistics.median(r.get(name, 0.0) for r in runs) for name in runs[0]}
+
+
 def _install_hook(vm, device, calls: list, repeat: int, model) -> None:
     """Set `vm`'s instrument hook: each kernel call is timed on its arguments before it runs,
     and (kernel, seconds, argument dtypes, argument bytes) appended to `calls`."""
-    import tvm
 
     def hook(func, name, before, _result, *args):
-        if before and not str(name).startswith("vm.builtin.") and args and \
-                all(isinstance(a, tvm.runtime.Tensor) for a in args):
+        if before and _is_kernel_call(name, args):
             # a new evaluator per call: TVM's keeps the call count it grew to reach
             # min_repeat_ms on one kernel and starts the next kernel from it (after a kernel
             # of a few nanoseconds, a 15 us kernel was called a million times per repeat)

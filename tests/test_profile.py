@@ -72,6 +72,9 @@ def test_every_kernel_has_a_row_and_the_shares_add_up(int8_build, int8_profile):
     for k in int8_profile.kernels:
         assert k.calls == 1 and k.bytes > 0 and 0 < k.share <= 1
         assert k.gbps == pytest.approx(k.bytes / (k.total_us * 1e3))
+        assert k.in_model_us > 0  # each call timed again as the model runs it
+    assert int8_profile.in_model_ms == pytest.approx(
+        sum(k.in_model_us for k in int8_profile.kernels) / 1e3)
     assert int8_profile.run_ms > 0 and int8_profile.device == "this machine"
 
 
@@ -167,14 +170,15 @@ def test_cli_prints_the_table_and_writes_every_row(int8_build, tmp_path, capsys)
                  "2", "--top", "3", "--json", str(out), *PEAK_ARGS]) == 0
     kernels = len(json.loads((int8_build / "model.json").read_text())["kernels"]["functions"])
     printed = capsys.readouterr().out
-    assert "kernel" in printed and "GOPS" in printed
+    assert "kernel" in printed and "GOPS" in printed and "in model" in printed
     assert f"({kernels - 3} more kernels)" in printed
     assert "given: int8, fp32, memory" in printed
     saved = json.loads(out.read_text())
     assert len(saved["kernels"]) == kernels >= 5 and saved["device"] == "this machine"
     assert sum(k["share"] for k in saved["kernels"]) == pytest.approx(1.0)
     assert {"name", "calls", "total_us", "precision", "ops", "bytes", "gops", "gbps",
-            "bound", "of_peak", "tuned"} <= set(saved["kernels"][0])
+            "bound", "of_peak", "tuned", "in_model_us"} <= set(saved["kernels"][0])
+    assert saved["in_model_ms"] > 0
 
 
 def _error(capsys, argv) -> str:

@@ -173,7 +173,7 @@ def schedule(func, dot: DotProduct):
     if block is None:
         inline_epilogue_int4(sch)
         return sch if packed_int4.schedule_kernel(sch, dot) else None
-    inline_epilogue(sch, block)
+    inline_epilogue(sch, block, keep_producers=True)
     (schedule_conv if is_conv else schedule_matmul)(sch, block, chosen)
     return sch
 

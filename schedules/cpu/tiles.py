@@ -30,22 +30,27 @@ def row_tile(extent, at_most: int) -> int:
     return largest_divisor(int(value), at_most) if isinstance(value, int) else 1
 
 
-def inline_epilogue(sch, keep) -> None:
+def inline_epilogue(sch, keep, keep_producers: bool = False) -> None:
     """Inline the elementwise epilogue steps after `keep` (the kernel's conv/matmul block)
     into the kernel's final output block. Its producers (pad, reshape) are skipped in the first
     pass only: each inlining rewrites the blocks, the skip compares the old ones, and a pad is
     inlined as a bounds check once an epilogue step was. Kept, as measured: a separate padding
     step (parallel, not vectorized) made EfficientNet-Lite0 slower, 2.46 -> 2.67 ms in int8 and
-    6.47 -> 7.71 ms in fp32 (docs/studies/2026-12-06-cpu-kernels.md)."""
+    6.47 -> 7.71 ms in fp32 (docs/studies/2026-12-06-cpu-kernels.md).
+    `keep_producers`: never inline them (a tensorized block must read its input as the
+    instruction does, without a bounds check: a packed int8 conv whose padded output channels
+    are sliced off had its padding inlined, and kept TVM's scalar code)."""
     from tvm.s_tir import ScheduleError
 
     producers = {sch.get(b) for b in sch.get_producers(keep)}
+    producer_names = {p.name_hint for p in producers}
     changed = True
     while changed:
         changed = False
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             stmt = sch.get(block)
-            if stmt.same_as(sch.get(keep)) or any(stmt.same_as(p) for p in producers):
+            if stmt.same_as(sch.get(keep)) or any(stmt.same_as(p) for p in producers) or \
+                    (keep_producers and stmt.name_hint in producer_names):
                 continue
             try:
                 sch.compute_inline(block)
