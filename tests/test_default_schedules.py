@@ -25,6 +25,26 @@ def _compile(path, target, out, caplog, **options):
     return artifact
 
 
+def _default_schedules(path, lanes=float_default.VECTOR, keep=lambda name: True):
+    """{kernel name: (kind, scheduled TIR text) or None} of the float default schedule of each
+    kernel of the host build of `path` whose name `keep` accepts."""
+    import tvm
+
+    from qcompile.lower import kernels
+    from qcompile.targets import load_target
+
+    target = load_target("host")
+    fused = kernels(qcompile.import_onnx(path).mod, target)
+    found = {}
+    with target.to_tvm():
+        for gvar, func in fused.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc) and keep(gvar.name_hint):
+                scheduled = float_default.schedule(func, lanes)
+                found[gvar.name_hint] = scheduled and (scheduled[1],
+                                                       scheduled[0].mod["main"].script())
+    return found
+
+
 @pytest.mark.parametrize("build, anchors", [(conv_relu, 1), (depthwise_grouped, 2),
                                             (gemm_matmul, 2), (packed_convnet, 4)])
 def test_fp32_kernels_get_a_schedule_and_match_onnxruntime(build, anchors, save_model, tmp_path,
@@ -218,12 +238,9 @@ def test_row_kernels_run_in_parallel_rows_of_vectors(save_model, tmp_path, caplo
     """Softmax, layer norm, a row maximum and a transpose (attention's heads) are scheduled row
     by row (rows.py): vectorized, their reductions into vector partials, in parallel over the
     rows; rows of a length the vector does not divide too. They give onnxruntime's outputs."""
-    import tvm
     from onnx import helper, numpy_helper
 
     from models import make_model
-    from qcompile.lower import kernels
-    from qcompile.targets import load_target
 
     gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, 48, dtype=np.float32), "gamma")
     beta = numpy_helper.from_array(np.linspace(-1, 1, 48, dtype=np.float32), "beta")
@@ -237,14 +254,7 @@ def test_row_kernels_run_in_parallel_rows_of_vectors(save_model, tmp_path, caplo
                        [("p", [1, 4, 64, 64]), ("q", [1, 4, 64, 20]), ("n", [1, 96, 48]),
                         ("m", [1, 96]), ("t", [1, 64, 4, 64])], [gamma, beta], opset=17)
     path = save_model(model)
-    target = load_target("host")
-    fused = kernels(qcompile.import_onnx(path).mod, target)
-    kinds = {}
-    with target.to_tvm():
-        for gvar, func in fused.functions.items():
-            if isinstance(func, tvm.tirx.PrimFunc):
-                found = float_default.schedule(func)
-                kinds[gvar.name_hint] = found and (found[1], found[0].mod["main"].script())
+    kinds = _default_schedules(path)
     for name, (kind, text) in kinds.items():
         assert kind == "rows", name
         assert "T.vectorized" in text and "T.parallel" in text, name
@@ -305,25 +315,13 @@ def test_transposed_convs_with_blocks_of_their_own_become_1x1_convs(
 def test_pools_put_the_channels_in_the_vector_lanes(save_model, tmp_path, caplog):
     """Max, average and global average pools of an NHWC float graph get the window schedule
     (channels vectorized under the window's loops) and match onnxruntime."""
-    import tvm
-
-    from qcompile.lower import kernels
-    from qcompile.targets import load_target
-
     from models import residual_pool_concat
 
     model = residual_pool_concat()
     path = save_model(model)
-    target = load_target("host")
-    fused = kernels(qcompile.import_onnx(path).mod, target)
-    kinds = {}
-    with target.to_tvm():
-        for gvar, func in fused.functions.items():
-            if isinstance(func, tvm.tirx.PrimFunc) and ("pool" in gvar.name_hint or
-                                                       "mean" in gvar.name_hint):
-                found = float_default.schedule(func, 16)
-                kinds[gvar.name_hint] = found and found[1]
-                assert "T.vectorized" in found[0].mod["main"].script()
+    found = _default_schedules(path, 16, lambda name: "pool" in name or "mean" in name)
+    kinds = {name: kind for name, (kind, _) in found.items()}
+    assert all("T.vectorized" in text for _, text in found.values())
     assert len(kinds) >= 3 and set(kinds.values()) == {"windows"}, kinds
     artifact = _compile(path, "host", tmp_path / "out", caplog)
     with qcompile.load(artifact.directory) as loaded:

@@ -42,7 +42,7 @@ import logging
 from .. import SCHEDULE_ATTR
 from . import rows, windows
 from .tiles import (accumulate_in_tile, fewest_tiles, inline_epilogue, largest_divisor,
-                    schedule_each)
+                    schedule_each, vars_of)
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +108,15 @@ def _anchor(sch):
         stmt = sch.get(block)
         reduced = {iv.var.name for iv in stmt.iter_vars if iv.iter_type != 0}
         along = [r for r in stmt.reads
-                 if any(_vars_of(e.min) & reduced for e in r.region)]
+                 if any(vars_of(e.min) & reduced for e in r.region)]
         if reduced and len(along) >= 2:
             found.append(block)
     return found[0] if len(found) == 1 else None
 
 
-def _vars_of(expr) -> set:
-    from tvm.tirx.analysis import undefined_vars
-
-    return {v.name for v in undefined_vars(expr, [])}
-
-
 def _dims_using(region, var_name: str) -> list[int]:
     """The dimensions of a buffer region whose index uses `var_name`."""
-    return [d for d, r in enumerate(region.region) if var_name in _vars_of(r.min)]
+    return [d for d, r in enumerate(region.region) if var_name in vars_of(r.min)]
 
 
 def _make_contiguous(sch, block, var_name: str, output_elements: int) -> None:
@@ -211,7 +205,7 @@ def schedule_anchor(sch, block, lanes: int = VECTOR) -> None:
     used = set()
     for read in contiguous:
         for r in read.region:
-            used |= _vars_of(r.min)
+            used |= vars_of(r.min)
     t_index = None
     # rows of a run-time extent (tokens) are not tiled: one token must not pay for ROWS
     for i, (_, iv) in reversed(list(enumerate(spatial[:-1]))):
@@ -260,7 +254,7 @@ def _operand_bytes(stmt, var_name: str, other_name: str) -> int:
     for read in stmt.reads:
         used = set()
         for r in read.region:
-            used |= _vars_of(r.min)
+            used |= vars_of(r.min)
         if var_name in used and other_name not in used:
             size = read.source.dtype.bits // 8
             for extent in read.source.shape:

@@ -137,16 +137,12 @@ def legalize_conv2d(bb, call, otherwise, lanes: int | None = None):
             attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC" or \
             any(getattr(d, "value", None) is None for d in call.args[0].ty.shape):
         return otherwise(bb, call)
-    n, height, width, _ = [int(d) for d in call.args[0].ty.shape]
-    kh, kw, _, columns = [int(d) for d in call.args[1].ty.shape]
-    top, left, bottom, right = [int(v) for v in attrs.padding]
-    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
-    rows = n * ((height + top + bottom - (kh - 1) * dh - 1) // sh + 1) * \
-        ((width + left + right - (kw - 1) * dw - 1) // sw + 1)
-    panel = panel_width(columns, rows, lanes)
+    n, out_h, out_w, columns = [int(d) for d in call.ty.shape]  # the conv's NHWC output
+    panel = panel_width(columns, n * out_h * out_w, lanes)
     if panel == columns:
         return otherwise(bb, call)
     packed = pack_conv_weight(call.args[1].value.numpy(), panel)
     return bb.call_te(conv2d_te, call.args[0], relax.const(packed, dtype),
-                      [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
-                      [int(v) for v in attrs.dilation], dtype, primfunc_name_hint="conv2d")
+                      *([int(v) for v in values] for values in
+                        (attrs.strides, attrs.padding, attrs.dilation)),
+                      dtype, primfunc_name_hint="conv2d")

@@ -14,6 +14,13 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def vars_of(expr) -> set:
+    """The names of the variables an index expression uses."""
+    from tvm.tirx.analysis import undefined_vars
+
+    return {v.name for v in undefined_vars(expr, [])}
+
+
 def fewest_tiles(n: int, at_most: int) -> int:
     """The smallest tile of at most `at_most` that covers `n` in as few tiles as possible: a
     divisor where one does (12 -> 6, 56 -> 8), else the last tile is cut short (13 -> 7, two

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from .tiles import accumulate_in_tile, largest_divisor
+from .tiles import accumulate_in_tile, largest_divisor, vars_of
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,8 @@ def _last_dim_var(region, name: str) -> bool:
 
 
 def _uses(region, names: set[str]) -> bool:
-    from tvm.tirx.analysis import undefined_vars
-
-    return any(v.name in names for r in region.region[:-1] for v in undefined_vars(r.min, []))
+    """Whether a dimension before the region's last is indexed by one of `names`."""
+    return any(vars_of(r.min) & names for r in region.region[:-1])
 
 
 def _window_block(sch):
