@@ -31,3 +31,46 @@ def test_vector_tiles_take_the_register_width_only_where_it_divides(extent, lane
     from tvm.tirx import IntImm
 
     assert float_default._vector_tile(IntImm("int64", extent), lanes) == tile
+
+
+@pytest.mark.parametrize("width, blocks, rows", [
+    (112, 1, 112), (56, 2, 56), (28, 3, 28), (28, 15, 28), (14, 30, 14), (7, 72, 7),
+    (7, 80, 7), (13, 12, 13), (1, 80, 1), (1, 63, 1), (3, 7, 1)])
+def test_int8_conv_tiles_read_the_fewest_operands_per_instruction(width, blocks, rows):
+    """A packed int8 conv tile (int8_default.conv_tile) against its definition, by brute
+    force over every pair of divisors."""
+    from qcompile.schedules.cpu import int8_default as d
+
+    pixels, per = d.conv_tile(width, blocks, rows)
+    assert width % pixels == 0 and blocks % per == 0 and pixels <= d.TILE_PIXELS_MOST
+
+    def allowed(p, c):
+        most = d.ALL_BLOCKS if c == blocks else d.ACCUMULATORS
+        return p * c <= most and rows * (blocks // c) >= min(d.MIN_PARALLEL, rows * blocks)
+
+    assert allowed(pixels, per)
+    loads = (pixels + per) / (pixels * per)
+    for p in range(1, d.TILE_PIXELS_MOST + 1):
+        for c in range(1, blocks + 1):
+            if width % p == 0 and blocks % c == 0 and allowed(p, c):
+                other = (p + c) / (p * c)
+                assert loads < other or loads == other and pixels * per >= p * c
+
+
+@pytest.mark.parametrize("width, blocks, rows, tile", [
+    (28, 3, 28, (7, 3)), (7, 72, 7, (7, 2)), (28, 15, 28, (4, 3)), (112, 1, 112, (16, 1))])
+def test_int8_conv_tiles_of_efficientnet_shapes(width, blocks, rows, tile):
+    from qcompile.schedules.cpu.int8_default import conv_tile
+
+    assert conv_tile(width, blocks, rows) == tile
+
+
+@pytest.mark.parametrize("blocks, rows, per", [(63, 1, 7), (24, 64, 2), (24, 8, 2), (8, 1, 1)])
+def test_int8_matmul_tiles_keep_enough_parallel_tasks(blocks, rows, per):
+    """Output blocks per matmul tile: up to 16 accumulators with the tile's rows, at least 8
+    tasks (a one-row product of 1000 columns: 63 blocks in 9 tasks of 7)."""
+    from qcompile.schedules.cpu.int8_default import TILE_ROWS, column_blocks
+    from qcompile.schedules.cpu.tiles import largest_divisor
+
+    tile = largest_divisor(rows, TILE_ROWS)
+    assert column_blocks(blocks, tile, rows // tile) == per
