@@ -115,7 +115,13 @@ def unpack_logical(codes_logical: np.ndarray) -> np.ndarray:
 # faster, transformer shapes (K of 384-1536) the same; 24 or 32 accumulators (8 by 3 or 4)
 # were slower there (docs/studies/2026-12-06-4bit-convolutions.md).
 ROWS_PER_TILE = 8
-BLOCKS_PER_TILE = 2  # one row at a time: 1 (2 and 4 measured slower there)
+BLOCKS_PER_TILE = 2
+# One row at a time (a decoded token), each task reads STREAMS column blocks side by side, each
+# its own run of memory and its own chain of instructions: with one, the 4096 x 4096 product
+# read its weights at 17 GB/s from memory (one sequential stream per core), with 4, 30 GB/s
+# (bench/int4.py). At least MIN_TASKS tasks are left for the threads.
+STREAMS = 4
+MIN_TASKS = 8
 
 
 def schedule(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> None:
@@ -165,19 +171,29 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) 
 
 
 def schedule_rows(sch, block, dot: DotProduct) -> None:
-    """Parallel over rows and column blocks; per block and group, its `lanes` int32
-    accumulators are filled by the instruction from a just-unpacked weight block; then the
-    block's float sums over the groups, while its accumulators are still in cache."""
+    """Parallel over rows and groups of STREAMS column blocks; per group of weights, each
+    block's `lanes` int32 accumulators are filled by the instruction from a just-unpacked
+    weight block; then the blocks' float sums over the groups, while their accumulators are
+    still in cache, `lanes` at a time (the scales of one block are contiguous)."""
+    from .tiles import largest_divisor
+
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    no, ni = sch.split(cols, [None, dot.lanes])
-    sch.reorder(rows, no, g, kb, h, ni, r)
+    total = int(sch.get(cols).extent) // dot.lanes
+    blocks = largest_divisor(total, STREAMS)
+    while blocks > 1 and total // blocks < MIN_TASKS:
+        blocks = largest_divisor(total, blocks - 1)
+    no, nb, ni = sch.split(cols, [None, blocks, dot.lanes])
+    sch.reorder(rows, no, g, kb, h, nb, ni, r)
     _unpack_at(sch, block, h)
+    sch.unroll(nb)
     epilogue = sch.get_consumers(groups_block)
     sch.reverse_compute_at(groups_block, no, preserve_unit_loops=True)
     *_, lanes_loop, g_loop = sch.get_loops(groups_block)
-    sch.reorder(g_loop, lanes_loop)
+    column_block, lanes_loop = sch.split(lanes_loop, [None, dot.lanes])
+    sch.reorder(g_loop, column_block, lanes_loop)
+    sch.unroll(column_block)
     _epilogue_at(sch, epilogue, no)
     sch.vectorize(lanes_loop)
     sch.parallel(sch.fuse(rows, no))
