@@ -86,6 +86,12 @@ def main() -> int:
     from qcompile.tuning_log import DEFAULTS_KEY
 
     log = Path(args.log)
+    if not (log / "database_tuning_record.json").is_file() or \
+            not (log / "qcompile-log.json").is_file():
+        print(f"tuned_vs_default: {log} is not a qcompile tuning log (it needs "
+              "database_tuning_record.json and qcompile-log.json, as `qcompile tune --log DIR` "
+              "writes them). Give a log directory, e.g. tuning_logs/host.", file=sys.stderr)
+        return 2
     logged = json.loads((log / "qcompile-log.json").read_text()).get(DEFAULTS_KEY, {})
     target = load_target("host").to_tvm()
     dot, device = dot_product_for(target), tvm.cpu()

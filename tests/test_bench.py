@@ -100,3 +100,31 @@ def test_compare_builds_times_builds_side_by_side_and_compares_their_outputs(sav
                            str(inputs), "--rounds", "0"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "--rounds and --repeat must be at least 1" in proc.stderr
+
+
+def test_tuned_vs_default_builds_each_record_and_the_default_alike(tmp_path):
+    """bench/tuned_vs_default.py on the shipped host log: every packed kernel built with its
+    record and with today's default schedule computes the same outputs (the log was pruned to
+    kernels whose results do not depend on their schedule); a directory that is not a log is
+    one paragraph, exit 2."""
+    import json
+
+    import pytest
+
+    from test_int8_kernels import host_has_vnni
+
+    if not host_has_vnni():
+        pytest.skip("the shipped host log is for AVX-512 VNNI CPUs")
+    script = BENCH.parent / "tuned_vs_default.py"
+    out = tmp_path / "tuned.json"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 30 and all(r["same_outputs"] for r in rows)
+    assert all(r["default_us"] > 0 and r["tuned_us"] > 0 for r in rows)
+    assert proc.stdout.count("| yes |") == len(rows)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "not a qcompile tuning log" in proc.stderr
+    assert "Traceback" not in proc.stderr
