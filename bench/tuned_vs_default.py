@@ -27,24 +27,18 @@ sys.path.insert(0, str(ROOT))
 
 def best_records(log: Path) -> dict:
     """{workload key: (mean seconds, record)} of the log's fastest valid record per kernel."""
-    from tvm.s_tir import meta_schedule as ms
+    from qcompile.tuning_log import mean_seconds, open_database, workload_key
 
-    from qcompile.schedules.cpu.intrinsics import register
-    from qcompile.tuning_log import workload_key
-
-    register()
-    database = ms.database.JSONDatabase(str(log / "database_workload.json"),
-                                        str(log / "database_tuning_record.json"),
-                                        module_equality="anchor-block")
-    best = {}
+    database = open_database(log)
+    workloads = {}
     for record in database.get_all_tuning_records():
-        times = [float(t) for t in record.run_secs or []]
-        if not times or max(times) >= 1e9:
-            continue
-        key = workload_key(record.workload.mod)
-        seconds = sum(times) / len(times)
-        if key not in best or seconds < best[key][0]:
-            best[key] = (seconds, record)
+        workloads.setdefault(workload_key(record.workload.mod), record.workload)
+    best = {}
+    for key, workload in workloads.items():
+        top = database.get_top_k(workload, 1)
+        seconds = mean_seconds(top[0].run_secs) if top else None
+        if seconds is not None:
+            best[key] = (seconds, top[0])
     return best
 
 
@@ -83,16 +77,16 @@ def main() -> int:
     from qcompile.schedules.cpu import int8_default
     from qcompile.schedules.cpu.intrinsics import dot_product_for
     from qcompile.targets import load_target
-    from qcompile.tuning_log import DEFAULTS_KEY
+    from qcompile.tuning_log import DEFAULTS_KEY, INFO_FILE
+    from qcompile.tuning_log_check import RECORDS_FILE
 
     log = Path(args.log)
-    if not (log / "database_tuning_record.json").is_file() or \
-            not (log / "qcompile-log.json").is_file():
+    if not (log / RECORDS_FILE).is_file() or not (log / INFO_FILE).is_file():
         print(f"tuned_vs_default: {log} is not a qcompile tuning log (it needs "
               "database_tuning_record.json and qcompile-log.json, as `qcompile tune --log DIR` "
               "writes them). Give a log directory, e.g. tuning_logs/host.", file=sys.stderr)
         return 2
-    logged = json.loads((log / "qcompile-log.json").read_text()).get(DEFAULTS_KEY, {})
+    logged = json.loads((log / INFO_FILE).read_text()).get(DEFAULTS_KEY, {})
     target = load_target("host").to_tvm()
     dot, device = dot_product_for(target), tvm.cpu()
     rows = []

@@ -26,8 +26,8 @@ import logging
 
 from .intrinsics import DEPTHWISE_INTRIN, DEPTHWISE_LANES, DotProduct, register
 from .. import SCHEDULE_ATTR
-from .tiles import (accumulate_in_tile, inline_epilogue, largest_divisor, row_tile,
-                    schedule_each)
+from .tiles import (accumulate_in_tile, blocks_per_task, inline_epilogue, largest_divisor,
+                    row_tile, schedule_each)
 from . import packed_int4
 from .packed_int8 import CONV_BLOCK, DEPTHWISE_BLOCK, MATMUL_BLOCK, block_name
 
@@ -75,10 +75,7 @@ def conv_tile(width: int, blocks: int, rows: int) -> tuple[int, int]:
 def column_blocks(blocks: int, tile: int, outer: int) -> int:
     """Output blocks per tile beside `tile` rows: as many as give up to ACCUMULATORS
     accumulators while the `outer` x blocks / that tiles still give MIN_PARALLEL tasks."""
-    chosen = largest_divisor(blocks, max(1, ACCUMULATORS // tile))
-    while chosen > 1 and outer * (blocks // chosen) < MIN_PARALLEL:
-        chosen = largest_divisor(blocks, chosen - 1)
-    return chosen
+    return blocks_per_task(blocks, ACCUMULATORS // tile, outer, MIN_PARALLEL)
 
 
 def schedule_conv(sch, block, dot: DotProduct) -> None:
@@ -106,10 +103,9 @@ def schedule_matmul(sch, block, dot: DotProduct) -> None:
     loops = sch.get_loops(block)
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    tile = row_tile(sch.get(rows).extent, TILE_ROWS)
-    extent = getattr(sch.get(rows).extent, "value", 1)
+    tile = row_tile(sch.get(rows).extent, TILE_ROWS)  # 1 for rows known only at run time
     per_tile = column_blocks(int(sch.get(cols).extent) // dot.lanes, tile,
-                             extent // tile if isinstance(extent, int) else 1)
+                             getattr(sch.get(rows).extent, "value", 1) // tile)
     mo, mi = sch.split(rows, [None, tile])
     no, nb, ni = sch.split(cols, [None, per_tile, dot.lanes])
     sch.reorder(mo, no, ko, mi, nb, ni, ki)

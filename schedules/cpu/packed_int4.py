@@ -175,15 +175,12 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     block's `lanes` int32 accumulators are filled by the instruction from a just-unpacked
     weight block; then the blocks' float sums over the groups, while their accumulators are
     still in cache, `lanes` at a time (the scales of one block are contiguous)."""
-    from .tiles import largest_divisor
+    from .tiles import blocks_per_task
 
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    total = int(sch.get(cols).extent) // dot.lanes
-    blocks = largest_divisor(total, STREAMS)
-    while blocks > 1 and total // blocks < MIN_TASKS:
-        blocks = largest_divisor(total, blocks - 1)
+    blocks = blocks_per_task(int(sch.get(cols).extent) // dot.lanes, STREAMS, 1, MIN_TASKS)
     no, nb, ni = sch.split(cols, [None, blocks, dot.lanes])
     sch.reorder(rows, no, g, kb, h, nb, ni, r)
     _unpack_at(sch, block, h)

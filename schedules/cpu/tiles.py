@@ -14,6 +14,15 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def blocks_per_task(blocks: int, at_most: int, outer: int, min_tasks: int) -> int:
+    """The largest divisor of `blocks` up to `at_most` that still leaves `outer` x (blocks /
+    it) >= `min_tasks` parallel tasks (1 when none does)."""
+    chosen = largest_divisor(blocks, max(1, at_most))
+    while chosen > 1 and outer * (blocks // chosen) < min_tasks:
+        chosen = largest_divisor(blocks, chosen - 1)
+    return chosen
+
+
 def vars_of(expr) -> set:
     """The names of the variables an index expression uses."""
     from tvm.tirx.analysis import undefined_vars
