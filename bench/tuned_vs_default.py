@@ -1,6 +1,7 @@
 """What a tuning log's records gain over qcompile's default schedules, kernel by kernel.
 
     python bench/tuned_vs_default.py [LOG_DIR] [--threads 2] [--out bench/results/tuned.json]
+                                     [--drop-slower NEW_LOG_DIR]
 
 For every packed int8 kernel of the log (tuning_logs/host by default) that has a measured
 record, the kernel is built twice for this machine: with today's default schedule
@@ -9,6 +10,10 @@ process on the same random inputs (the runtime's time evaluator, median of 20 re
 runs). Beside them, the default schedule's time as the tune measured it (`qcompile-log.json`,
 the default of the commit that tuned). Prints a Markdown table, largest gain first, checks that
 both builds compute the same outputs, and writes JSON. Read the figures as ratios within one run.
+
+--drop-slower writes a copy of the log without the kernels whose record ran more than
+SLOWER_MARGIN slower than today's default schedule in this run (after the defaults improved,
+a record tuned against the old ones can lose): compile then uses the default for them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+SLOWER_MARGIN = 0.05  # two timings of one kernel here differ by a few percent
 
 
 def best_records(log: Path) -> dict:
@@ -69,6 +75,8 @@ def main() -> int:
     parser.add_argument("log", nargs="?", default=str(ROOT / "tuning_logs" / "host"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tuned.json"))
+    parser.add_argument("--drop-slower", metavar="NEW_LOG_DIR",
+                        help="write the log without the records that lose to the default")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import tvm
@@ -123,6 +131,15 @@ def main() -> int:
     Path(args.out).write_text(json.dumps({"log": str(log), "threads": args.threads,
                                           "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.drop_slower:
+        from qcompile.tuning_log import prune
+
+        slower = frozenset(r["kernel"] for r in rows
+                           if r["tuned_us"] > r["default_us"] * (1 + SLOWER_MARGIN))
+        kept = prune(log, args.drop_slower, keep=1_000_000, drop=slower)
+        print(f"wrote {args.drop_slower}: {kept} records, without the {len(slower)} kernels "
+              f"whose record lost to the default by more than {SLOWER_MARGIN:.0%}",
+              file=sys.stderr)
     return 0 if all(r["same_outputs"] for r in rows) else 1
 
 

@@ -300,12 +300,13 @@ def sums_in_float(mod) -> bool:
 
 
 def prune(source: str | Path, destination: str | Path, keep: int = 4,
-          exact: bool = False) -> int:
+          exact: bool = False, drop: frozenset[str] = frozenset()) -> int:
     """Copy the `keep` best valid records of each kernel of the log `source` into a new log
     `destination` (what ships in tuning_logs/: compile applies only the best one). `exact`:
     only the kernels whose results do not depend on the schedule (`sums_in_float` is false),
-    so that a build with the log computes bit for bit what it computes without. Returns the
-    number of records kept."""
+    so that a build with the log computes bit for bit what it computes without. `drop`: the
+    `workload_key`s of kernels left out (their records lost to the default schedule; a later
+    tune searches them again). Returns the number of records kept."""
     from tvm.s_tir.meta_schedule.database import TuningRecord
 
     source, destination = Path(source), Path(destination)
@@ -323,7 +324,7 @@ def prune(source: str | Path, destination: str | Path, keep: int = 4,
     pruned: dict[str, int] = {}
     dropped: set[str] = set()
     for key, workload in workloads.items():
-        if exact and sums_in_float(workload.mod):
+        if key in drop or (exact and sums_in_float(workload.mod)):
             dropped.add(key)
             continue
         records = database.get_top_k(workload, 1_000_000)

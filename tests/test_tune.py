@@ -154,6 +154,26 @@ def test_a_pruned_log_keeps_the_best_record_of_every_kernel(tuned, tmp_path):
     assert any(full[t.name].records >= TRIALS > t.records for t in again.tasks)
 
 
+def test_a_dropped_kernel_leaves_the_log_and_is_tuned_again(tuned, tmp_path):
+    """prune(drop=...) (bench/tuned_vs_default.py --drop-slower: records that lost to a newer
+    default schedule): the kernel has no record left, its default runs, and a tune on the
+    pruned log searches it again while the other kernels keep their records."""
+    from qcompile.tuning_log import open_database, prune, workload_key
+
+    keys = sorted({workload_key(r.workload.mod)
+                   for r in open_database(tuned["log"]).get_all_tuning_records()})
+    dropped = keys[0]
+    prune(tuned["log"], tmp_path / "pruned", keep=1, drop=frozenset([dropped]))
+    left = {workload_key(r.workload.mod)
+            for r in open_database(tmp_path / "pruned").get_all_tuning_records()}
+    assert left == set(keys) - {dropped}
+    info = json.loads((tmp_path / "pruned" / INFO_FILE).read_text())
+    assert dropped not in info["pruned_trials"]
+    artifact = qcompile.compile(tuned["path"], "host", tmp_path / "out", quantize="int8",
+                                calibration=calibration(), tuning_log=tmp_path / "pruned")
+    assert artifact.manifest.kernels["tuned"] == artifact.manifest.kernels["total"] - 1
+
+
 def test_records_that_do_not_replay_leave_the_build_working(tuned, tmp_path):
     """Records keyed by anchor block can match a kernel they cannot be replayed on (here the
     fp32 model's pooling matches the int8 one's, whose epilogue differs): TVM's pass would
