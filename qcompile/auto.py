@@ -5,7 +5,7 @@
 2. the mix searched in simulation (quantize/search.py); with --weight-bits 4, then as many of
    its int8 layers with 4-bit weights as the budget allows (quantize/search_bits.py);
 3. built, and on the host checked with the compiled model on the validation data; when the
-   simulation was optimistic, the next most sensitive layers are kept too and it is built
+   simulation was optimistic, the next layers of the ranking are kept too and it is built
    again (up to VERIFY_ROUNDS), keeping the best build.
 
 The choice is written beside the library as precision-rules.toml (reusable with --quantize

@@ -176,9 +176,9 @@ def _quantize_args(p, auto: bool) -> None:
     modes = ["int8", "auto", "int8-dynamic", "int8-weights", "fp16"]
     q.add_argument("--quantize", choices=modes,
                    help="int8: static, calibrated (needs --calibration), the fastest; "
-                        + ("auto: int8 wherever --accuracy-budget allows, the most sensitive "
-                           "layers in --fallback-precision (searched, then checked on "
-                           "--validation with the compiled model); " if auto else
+                        + ("auto: int8 wherever --accuracy-budget allows, the layers whose int8 "
+                           "noise costs least to remove in --fallback-precision (searched, "
+                           "then checked on --validation with the compiled model); " if auto else
                            "auto: not here; tune with the --precision-rules file that "
                            "`compile --quantize auto` wrote; ")
                         + "int8-dynamic: MatMul/Gemm in int8, activations quantized at run time "
