@@ -8,7 +8,7 @@ calibrate, the other 277 to evaluate), each layer's output SQNR with only that l
 in fp32: the fraction of MACs left in int8, the logits' SQNR on the calibration photos and the
 top-1 agreement with fp32 on the held-out ones. The rankings: by the SQNR alone (lowest first),
 and qcompile's (quantize/search.py `rank`: the noise each layer brings per MAC, untimed). The
-better ranking reaches a higher SQNR at the same fraction of MACs. About 4 minutes.
+better ranking reaches a higher SQNR at the same fraction of MACs. About 3 minutes.
 """
 
 from __future__ import annotations

@@ -223,8 +223,6 @@ def slower_in_int8(latencies: Mapping, names: Sequence[str],
     return slow
 
 
-
-
 def rank(sensitivities: Sequence[LayerSensitivity], slow=frozenset()) -> list[str]:
     """The layers not in `slow`, the most worth keeping out of int8 first: the highest output
     noise (relative to the signal, 10^(-alone dB / 10)) per unit of cost. The cost is the time
@@ -346,8 +344,8 @@ def search(onnx_model, calibration: Sequence[Mapping], validation: Sequence[Mapp
         def prefix_meets(k: int) -> bool:
             if k not in results:
                 results[k] = score(plan_with(set(ranking[:k])))
-                log.info("precision search: the first %d layer(s) of the ranking in %s: %s %.4f", k,
-                         fallback, metric.name, results[k])
+                log.info("precision search: the first %d layer(s) of the ranking in %s: "
+                         "%s %.4f", k, fallback, metric.name, results[k])
             return metric.meets(results[k], budget)
 
         low, high, k = 0, len(ranking), 1
