@@ -29,6 +29,7 @@ import numpy as np
 
 from .intrinsics import DotProduct
 from .packed_int8 import _constant, _pad_rows
+from .tiles import blocks_per_task, largest_divisor, row_tile
 
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
@@ -129,8 +130,6 @@ def schedule(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> Non
     and above one (a prompt's chunk, a sentence, a conv's pixels), else `schedule_rows` (a
     language model's tokens, known only at run time: usually one, bound by reading and
     unpacking the weights)."""
-    from .tiles import largest_divisor
-
     *batch, _, _, _, _, _ = sch.get_loops(block)
     rows = 1
     for loop in batch:
@@ -147,8 +146,6 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) 
     tile and group, the weight blocks are unpacked once and each feeds every row's
     accumulators (rows x blocks x `lanes` int32, in registers: the loops over them are
     unrolled); the group's float sums are taken right after, from those accumulators."""
-    from .tiles import largest_divisor, row_tile
-
     groups_block = sch.get_consumers(block)[0]
     epilogue = sch.get_consumers(groups_block)
     *batch, cols, g = sch.get_loops(groups_block)
@@ -175,8 +172,6 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     block's `lanes` int32 accumulators are filled by the instruction from a just-unpacked
     weight block; then the blocks' float sums over the groups, while their accumulators are
     still in cache, `lanes` at a time (the scales of one block are contiguous)."""
-    from .tiles import blocks_per_task
-
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
