@@ -77,8 +77,13 @@ def test_codes_groups_and_packing():
     codes = np.arange(32 * 16).reshape(32, 16) % 16          # [N, K]
     packed = pack_codes(codes, lanes=16, reduce=4)
     assert packed.shape == (2, 2, 16, 4)
-    # byte (block 1 of row block 1, lane 5, r 3): k = 8 + 3 (low nibble), 8 + 4 + 3 (high)
-    assert packed[1, 1, 5, 3] == codes[21, 11] | (codes[21, 15] << 4)
+    # byte (block 1 of row block 1, lane 5, r 3): k = 8 + 3 (low nibble), 8 + 4 + 3 (high),
+    # each nibble the value c - 8 in two's complement, which is c ^ 8
+    assert packed[1, 1, 5, 3] == (codes[21, 11] ^ 8) | ((codes[21, 15] ^ 8) << 4)
+    low = (packed << 4).view(np.int8).astype(np.int32)       # the kernel reads 16 times the value
+    high = (packed & 0xF0).view(np.int8).astype(np.int32)
+    assert low[1, 1, 5, 3] == 16 * (codes[21, 11] - 8)
+    assert high[1, 1, 5, 3] == 16 * (codes[21, 15] - 8)
 
 
 @pytest.mark.parametrize("k, n, group", [(100, 40, 32), (576, 64, 64), (256, 48, 128)])

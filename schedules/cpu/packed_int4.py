@@ -13,10 +13,13 @@ by realize: schedules/int4_logical.py).
 module is correct on any target before lowering. On a CPU with a dot-product instruction,
 `repack` rewrites each such kernel onto weights packed for the instruction, still two per byte:
 [N/lanes, K/(2 reduce), lanes, reduce], the low nibbles one block of `reduce` reduction
-elements and the high nibbles the next, so that one shift and one mask give the instruction's
-int8 weight block. The default schedule (`schedule`) unpacks each block into a 64-byte (VNNI)
-or 16-byte (sdot) buffer right before the instruction consumes it, for every row of its tile:
-the weights cross memory in 4 bits.
+elements and the high nibbles the next, each nibble the value c - 8 in two's complement (c ^ 8).
+The kernel reads a byte's low nibble shifted up by 4 and its high nibble masked with 0xF0, as
+int8: 16 times the two values, one instruction each (a shift by 4 and an `and`; x86 has no byte
+shift, so LLVM makes it a `vgf2p8affineqb`), where unpacking c and subtracting 8 took two; each
+group's exact int32 sum is shifted down by 4 before its scale. The default schedule
+(`schedule`) unpacks each block into a 64-byte (VNNI) or 16-byte (sdot) buffer right before the
+instruction consumes it, for every row of its tile: the weights cross memory in 4 bits.
 
 8-bit weights in groups (int8 codes [N, K] in the logical kernel: a decoder's int8 layers,
 their input quantized per group) are packed the same way, each half block a byte of its
@@ -29,7 +32,7 @@ import numpy as np
 
 from .intrinsics import DotProduct
 from .packed_int8 import _constant, _pad_rows
-from .tiles import blocks_per_task, largest_divisor, row_tile
+from .tiles import even_blocks_per_task, largest_divisor, row_tile, target_threads
 
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
@@ -48,11 +51,12 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
     blocks = int(packed.shape[1])          # byte blocks: 2 * reduce reduction elements each
     per_group = group // (2 * reduce)      # byte blocks per group
     groups = int(scales.shape[1])
-    unpacked = packed if str(packed.dtype) == "int8" else te.compute(
+    four = str(packed.dtype) != "int8"
+    unpacked = packed if not four else te.compute(
         (int(packed.shape[0]), blocks, 2, lanes, reduce),
-        lambda nb, b, h, lane, r: (
-            (packed[nb, b, lane, r] >> (h * 4).astype("uint8")) & 15).astype("int8")
-        - te.const(8, "int8"),
+        lambda nb, b, h, lane, r: te.if_then_else(
+            h == 0, packed[nb, b, lane, r] << te.const(4, "uint8"),
+            packed[nb, b, lane, r] & te.const(0xF0, "uint8")).astype("int8"),
         name="qcompile_int4_unpack")
     kb = te.reduce_axis((0, per_group), "kb")
     h = te.reduce_axis((0, 2), "h")
@@ -76,9 +80,12 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
     def block(t, n):
         return t[n // lanes, g, n % lanes]
 
+    def sixteenths(a):  # 4-bit weights were read as 16 times their value
+        return a >> 4 if four else a
+
     return te.compute(
         (*rows, channels),
-        lambda *idx: te.sum(extra.term(acc[(*idx[:-1], g, idx[-1])],
+        lambda *idx: te.sum(extra.term(sixteenths(acc[(*idx[:-1], g, idx[-1])]),
                                        block(scales, idx[-1]).astype("float32"), idx[:-1], g,
                                        lambda t: block(t, idx[-1])), axis=[g]),
         name=PACKED + "_groups")
@@ -90,7 +97,8 @@ def pack_codes(codes: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
     n, k = codes.shape
     blocks = codes.reshape(n // lanes, lanes, k // (2 * reduce), 2, reduce)
     low, high = blocks[:, :, :, 0, :], blocks[:, :, :, 1, :]
-    packed = (low.astype(np.uint8) | (high.astype(np.uint8) << 4))
+    low, high = low.astype(np.uint8) ^ 8, high.astype(np.uint8) ^ 8  # c - 8, two's complement
+    packed = low | (high << 4)
     return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
 
 
@@ -120,7 +128,9 @@ BLOCKS_PER_TILE = 2
 # One row at a time (a decoded token), each task reads STREAMS column blocks side by side, each
 # its own run of memory and its own chain of instructions: with one, the 4096 x 4096 product
 # read its weights at 17 GB/s from memory (one sequential stream per core), with 4, 30 GB/s
-# (bench/int4.py). At least MIN_TASKS tasks are left for the threads.
+# (bench/int4.py). At least MIN_TASKS tasks are left for the threads, and fewer streams are
+# taken where that splits the tasks evenly over the target's cores (tiles.even_blocks_per_task:
+# 576 outputs, 36 blocks, run as 12 tasks of 3, not 9 of 4; 1536 x 576 went 15.8 -> 13.3 us).
 STREAMS = 4
 MIN_TASKS = 8
 
@@ -168,14 +178,15 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) 
 
 
 def schedule_rows(sch, block, dot: DotProduct) -> None:
-    """Parallel over rows and groups of STREAMS column blocks; per group of weights, each
+    """Parallel over rows and groups of up to STREAMS column blocks; per group of weights, each
     block's `lanes` int32 accumulators are filled by the instruction from a just-unpacked
     weight block; then the blocks' float sums over the groups, while their accumulators are
     still in cache, `lanes` at a time (the scales of one block are contiguous)."""
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    blocks = blocks_per_task(int(sch.get(cols).extent) // dot.lanes, STREAMS, 1, MIN_TASKS)
+    blocks = even_blocks_per_task(int(sch.get(cols).extent) // dot.lanes, STREAMS,
+                                  MIN_TASKS, target_threads())
     no, nb, ni = sch.split(cols, [None, blocks, dot.lanes])
     sch.reorder(rows, no, g, kb, h, nb, ni, r)
     _unpack_at(sch, block, h)

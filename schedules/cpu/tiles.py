@@ -23,6 +23,30 @@ def blocks_per_task(blocks: int, at_most: int, outer: int, min_tasks: int) -> in
     return chosen
 
 
+def even_blocks_per_task(blocks: int, at_most: int, min_tasks: int, threads: int) -> int:
+    """Of the divisors of `blocks` up to `at_most` that leave at least `min_tasks` tasks, the
+    one whose tasks split most evenly over `threads` (the largest of those that split as
+    evenly): 36 blocks of at most 4 make 12 tasks of 3 on 2 or 4 threads, where 9 tasks of 4
+    leave a thread idle for a ninth of the time."""
+    def idle(d):
+        tasks = blocks // d
+        return -(-tasks // threads) * threads / tasks
+    fits = [d for d in range(1, min(blocks, max(1, at_most)) + 1)
+            if blocks % d == 0 and blocks // d >= min_tasks]
+    if not fits:
+        return 1
+    return min(fits, key=lambda d: (idle(d), -d))
+
+
+def target_threads() -> int:
+    """The current TVM target's core count (`num-cores`), else 1."""
+    from tvm.target import Target
+
+    target = Target.current(allow_none=True)
+    cores = target.attrs.get("num-cores") if target is not None else None
+    return max(1, int(cores)) if cores else 1
+
+
 def vars_of(expr) -> set:
     """The names of the variables an index expression uses."""
     from tvm.tirx.analysis import undefined_vars

@@ -74,3 +74,28 @@ def test_int8_matmul_tiles_keep_enough_parallel_tasks(blocks, rows, per):
 
     tile = largest_divisor(rows, TILE_ROWS)
     assert column_blocks(blocks, tile, rows // tile) == per
+
+
+@pytest.mark.parametrize("blocks, threads", [(36, 2), (36, 4), (36, 8), (96, 2), (3072, 4),
+                                             (256, 2), (7, 2), (12, 8), (40, 3)])
+def test_one_row_tasks_split_as_evenly_as_any_divisor_allows(blocks, threads):
+    """Of the ways to cut `blocks` column blocks into tasks of at most 4 (at least 8 tasks),
+    the chosen one leaves no more of the threads' time idle than any other, and takes the
+    most blocks per task among those that idle as little."""
+    from qcompile.schedules.cpu.tiles import even_blocks_per_task
+
+    def idle(d):
+        tasks = blocks // d
+        return -(-tasks // threads) * threads - tasks
+
+    chosen = even_blocks_per_task(blocks, 4, 8, threads)
+    assert blocks % chosen == 0 and chosen <= 4
+    others = [d for d in range(1, 5) if blocks % d == 0 and blocks // d >= 8]
+    if not others:
+        assert chosen == 1
+        return
+    assert idle(chosen) / (blocks // chosen) <= min(idle(d) / (blocks // d) for d in others)
+    assert chosen == max(d for d in others
+                         if idle(d) / (blocks // d) == idle(chosen) / (blocks // chosen))
+    if (blocks, threads) == (36, 2):
+        assert chosen == 3                      # 12 tasks of 3, not 9 of 4
