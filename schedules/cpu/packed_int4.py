@@ -133,6 +133,15 @@ BLOCKS_PER_TILE = 2
 # 576 outputs, 36 blocks, run as 12 tasks of 3, not 9 of 4; 1536 x 576 went 15.8 -> 13.3 us).
 STREAMS = 4
 MIN_TASKS = 8
+# A column block of a short reduction is a short run of memory (K = 576: 4.6 KB), and a stream
+# that ends soon is one the hardware prefetcher has barely started on. Where there are many
+# blocks (at least ROUND_TASKS tasks left), each stream reads adjacent blocks in turn, so that
+# it runs for about STREAM_BYTES: the 576 x 49152 product (an LM head) took 619-687 us a layer
+# with streams of 4 blocks against 709-761 with one (pairs of runs in the same hour). Not on
+# fewer blocks: 576 x 1536 with 2 blocks per stream (12 tasks) took 20 us against 14; and not
+# on long columns: 4096 x 4096's blocks are 32 KB, and 4 per stream took 373 us against 344.
+STREAM_BYTES = 16 * 1024
+ROUND_TASKS = 128
 
 
 def schedule(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> None:
@@ -178,17 +187,23 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) 
 
 
 def schedule_rows(sch, block, dot: DotProduct) -> None:
-    """Parallel over rows and groups of up to STREAMS column blocks; per group of weights, each
-    block's `lanes` int32 accumulators are filled by the instruction from a just-unpacked
-    weight block; then the blocks' float sums over the groups, while their accumulators are
-    still in cache, `lanes` at a time (the scales of one block are contiguous)."""
+    """Parallel over rows and groups of up to STREAMS streams, each reading `_rounds` adjacent
+    column blocks in turn; per group of weights, each block's `lanes` int32 accumulators are
+    filled by the instruction from a just-unpacked weight block; then the blocks' float sums
+    over the groups, while their accumulators are still in cache, `lanes` at a time (the
+    scales of one block are contiguous)."""
     groups_block = sch.get_consumers(block)[0]
     *batch, g, cols, kb, h, r = sch.get_loops(block)
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    blocks = even_blocks_per_task(int(sch.get(cols).extent) // dot.lanes, STREAMS,
-                                  MIN_TASKS, target_threads())
-    no, nb, ni = sch.split(cols, [None, blocks, dot.lanes])
-    sch.reorder(rows, no, g, kb, h, nb, ni, r)
+    total = int(sch.get(cols).extent) // dot.lanes
+    reduction = 1
+    for loop in (g, kb, h, r):
+        reduction *= int(sch.get(loop).extent)
+    four = any(sch.get(p).name_hint == "qcompile_int4_unpack" for p in sch.get_producers(block))
+    turns = _rounds(total, reduction * dot.lanes // (2 if four else 1))
+    blocks = even_blocks_per_task(total // turns, STREAMS, MIN_TASKS, target_threads())
+    no, nb, rounds, ni = sch.split(cols, [None, blocks, turns, dot.lanes])
+    sch.reorder(rows, no, rounds, g, kb, h, nb, ni, r)
     _unpack_at(sch, block, h)
     sch.unroll(nb)
     epilogue = sch.get_consumers(groups_block)
@@ -201,6 +216,16 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     sch.vectorize(lanes_loop)
     sch.parallel(sch.fuse(rows, no))
     _instruction_at(sch, block, kb, ni, dot)
+
+
+def _rounds(total: int, block_bytes: int) -> int:
+    """How many adjacent column blocks (of `block_bytes` each) each stream reads in turn: up
+    to STREAM_BYTES of weights, a divisor of the `total` blocks that still leaves ROUND_TASKS
+    tasks of STREAMS streams (1 where none does)."""
+    turns = largest_divisor(total, max(1, -(-STREAM_BYTES // block_bytes)))
+    while turns > 1 and total // turns < STREAMS * ROUND_TASKS:
+        turns = largest_divisor(total, turns - 1)
+    return turns
 
 
 def _unpack_at(sch, block, loop) -> None:
