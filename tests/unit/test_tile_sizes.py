@@ -99,3 +99,16 @@ def test_one_row_tasks_split_as_evenly_as_any_divisor_allows(blocks, threads):
                          if idle(d) / (blocks // d) == idle(chosen) / (blocks // chosen))
     if (blocks, threads) == (36, 2):
         assert chosen == 3                      # 12 tasks of 3, not 9 of 4
+
+
+@pytest.mark.parametrize("k, n, turns", [(576, 49152, 4), (576, 1536, 1), (576, 576, 1),
+                                         (4096, 4096, 1), (1536, 49152, 2), (128, 65536, 8)])
+def test_one_row_streams_read_adjacent_blocks_only_on_wide_layers_of_short_columns(k, n, turns):
+    """A column block of 16 outputs holds k * 8 bytes of 4-bit weights; a stream reads adjacent
+    blocks in turn up to about 16 KB, where enough blocks remain for 128 tasks of 4 streams."""
+    from qcompile.schedules.cpu.packed_int4 import STREAMS, _rounds
+
+    blocks = n // 16
+    chosen = _rounds(blocks, k * 8)
+    assert chosen == turns
+    assert blocks % chosen == 0 and (chosen == 1 or blocks // chosen >= STREAMS * 128)
