@@ -32,7 +32,8 @@ import numpy as np
 
 from .intrinsics import DotProduct
 from .packed_int8 import _constant, _pad_rows
-from .tiles import even_blocks_per_task, largest_divisor, row_tile, target_threads
+from .tiles import (blocks_per_task, even_blocks_per_task, largest_divisor, row_tile,
+                    target_threads)
 
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
@@ -222,10 +223,7 @@ def _rounds(total: int, block_bytes: int) -> int:
     """How many adjacent column blocks (of `block_bytes` each) each stream reads in turn: up
     to STREAM_BYTES of weights, a divisor of the `total` blocks that still leaves ROUND_TASKS
     tasks of STREAMS streams (1 where none does)."""
-    turns = largest_divisor(total, max(1, -(-STREAM_BYTES // block_bytes)))
-    while turns > 1 and total // turns < STREAMS * ROUND_TASKS:
-        turns = largest_divisor(total, turns - 1)
-    return turns
+    return blocks_per_task(total, -(-STREAM_BYTES // block_bytes), 1, STREAMS * ROUND_TASKS)
 
 
 def _unpack_at(sch, block, loop) -> None:
