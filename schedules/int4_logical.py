@@ -7,7 +7,8 @@ packs it (cpu/packed_int4.py):
     acc[m, g, n] = sum_{k in g} x[m, k] * (c[n, k] - 8)      (exact, int32)
 
 x: the (u)int8 input; c: codes in [0, 15], two per byte in [N, K/2] (code 2j in the low
-nibble); scale: [K/group, N]. The input's zero point is not subtracted here: its share,
+nibble); scale: [K/group, N]. With a palette p (16 int8 values), c[n, k] - 8 is p[c[n, k]].
+The input's zero point is not subtracted here: its share,
 zx * sum_g scale[g, n] * sum_{k in g} (c[n, k] - 8), is a constant per output that the caller
 folds into the bias, so the kernel reads nothing per group but the codes and the scales.
 
@@ -32,6 +33,7 @@ LOGICAL = "qcompile_int4_matmul"   # the logical kernel's accumulation block
 FUNC_ATTR = "qcompile.int4_matmul"  # on its PrimFunc: its group size
 FLOAT = "qcompile_int4_float_matmul"  # the W4A16 kernel's block (float_te)
 TERMS_ATTR = "qcompile.int4_terms"  # on its PrimFunc: GroupTerms.present(), comma-separated
+PALETTE_ATTR = "qcompile.int4_palette"  # on its PrimFunc: its last input is a palette
 
 
 class GroupTerms:
@@ -69,11 +71,12 @@ class GroupTerms:
         return value
 
 
-def logical_te(data, codes, scales, group: int, *terms, names=()):
+def logical_te(data, codes, scales, group: int, *terms, names=(), palette=None):
     """[..., K] (u)int8 x codes [N, K/2] (two 4-bit codes per byte) -> [..., N] float32, one
     scale per group of `group` reduction elements (scales: [K/group, N]; fp16 is widened);
     `terms`: the GroupTerms named by `names`. Codes of type int8 [N, K] are 8-bit weights
-    (their values), taken the same way."""
+    (their values), taken the same way. `palette` (int8 [16]): each 4-bit code's value is its
+    entry (quantize/palettes.py), not the code less 8."""
     from tvm import te
 
     eight = str(codes.dtype) == "int8"
@@ -85,7 +88,10 @@ def logical_te(data, codes, scales, group: int, *terms, names=()):
         if eight:
             return codes[n, j].astype("int32")
         byte = codes[n, j // 2]
-        return ((byte >> ((j % 2) * 4).astype("uint8")) & 15).astype("int32") - 8
+        nibble = (byte >> ((j % 2) * 4).astype("uint8")) & 15
+        if palette is not None:
+            return palette[nibble.astype("int32")].astype("int32")
+        return nibble.astype("int32") - 8
 
     rows = tuple(data.shape[:-1])
     acc = te.compute(
@@ -167,5 +173,6 @@ def float_te(data, codes, scales, zeros, group: int, rows: int):
                       name=FLOAT)
 
 
-__all__ = ["FLOAT", "FUNC_ATTR", "GroupTerms", "LOGICAL", "TERMS_ATTR", "float_te",
+__all__ = ["FLOAT", "FUNC_ATTR", "GroupTerms", "LOGICAL", "PALETTE_ATTR", "TERMS_ATTR",
+           "float_te",
            "group_quantize_te", "logical_te"]

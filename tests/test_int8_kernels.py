@@ -12,7 +12,7 @@ from models import gemm_matmul, packed_convnet, padded_channels, random_inputs
 from qcompile.schedules.cpu import intrinsics
 from qcompile.targets import load_target
 
-INSTRUCTIONS = ("vpdpbusd", "sdot", "udot", "smmla", "ummla")
+INSTRUCTIONS = ("vpdpbusd", "sdot", "udot", "smmla", "ummla", "vpshufb", "tbl")
 
 
 def instruction_counts(library, objdump: str = "objdump") -> dict[str, int]:

@@ -21,7 +21,7 @@ from .calibrate import LayerInput
 from .config import QuantConfig, activation_dtype_for
 from .rounding import conv_shape
 from .ops.linear import is_pointwise
-from .rules import LayerSettings, PrecisionRules, Rule
+from .rules import FOUR_BITS, LayerSettings, PrecisionRules, Rule
 from .schemes import SCHEMES, Fp32, Scheme, scheme_for
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _check_int4(graph: Graph, names, settings, explicit) -> None:
     """4-bit weights are matmul kernels (W4A8 with calibrated or run-time int8 inputs, or W4A16
     in weight-only mode), for MatMul/Gemm and pointwise convolutions: a rule may not ask for
     them on another convolution (the whole-model option leaves those int8)."""
-    int4 = {var for var, s in settings.items() if s.precision == "int4"}
+    int4 = {var: s.precision for var, s in settings.items() if s.precision in FOUR_BITS}
     stay = []
     for node in graph.nodes:
         if node.name not in int4 or node.kind != "conv2d" or is_pointwise(node):
@@ -175,8 +175,9 @@ def _check_int4(graph: Graph, names, settings, explicit) -> None:
         stay.append(names[node.name])
         if names[node.name] in explicit:
             raise InputError(f"A precision rule sets layer '{names[node.name]}' (a convolution "
-                             "other than 1x1) to int4, but 4-bit weights have kernels for "
-                             "MatMul, Gemm and 1x1 convolutions (one group, no padding) only. "
+                             f"other than 1x1) to {int4[node.name]}, but 4-bit weights have "
+                             "kernels for MatMul, Gemm and 1x1 convolutions (one group, no "
+                             "padding) only. "
                              "Make the rule match those layers or keep this one int8.")
     if stay:
         log.warning("%d convolution(s) keep int8 weights: 4-bit kernels take MatMul, Gemm and "

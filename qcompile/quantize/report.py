@@ -138,7 +138,7 @@ class QuantReport:
 
     def summary(self) -> str:
         int8 = sum(1 for r in self.rows if r["precision"].startswith("int8"))
-        four = sum(1 for r in self.rows if r["precision"].startswith("int4"))
+        four = sum(1 for r in self.rows if r["precision"].startswith(("int4", "lut4")))
         if self.method.startswith("none ("):
             mode = self.method[len("none ("):-1]
             head = (f"{mode} int8: {int8 + four} of {len(self.rows)} layers with int8 weights "

@@ -1,5 +1,5 @@
-"""Precision rules: which layers run in int8, int4, fp16 or fp32, and how each integer layer
-is quantized.
+"""Precision rules: which layers run in int8, int4, lut4 (palettes), fp16 or fp32, and how
+each integer layer is quantized.
 
 A rules file is TOML, read top to bottom:
 
@@ -44,7 +44,9 @@ from .schemes import RULE_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = RULE_PRECISIONS  # int8, fp16, fp32: every scheme a rule may name
+PRECISIONS = RULE_PRECISIONS  # int8, fp16, fp32, int4, lut4: every scheme a rule may name
+FOUR_BITS = ("int4", "lut4")  # the precisions whose weights come in groups (group_size)
+INTEGER = ("int8", *FOUR_BITS)  # the precisions the calibration options apply to
 # what --quantize auto keeps a sensitive layer in: int8-a16 is int8 with 16-bit inputs
 FALLBACKS = ("fp32", "fp16", "int8-a16")
 SELECTORS = ("name", "op", "first", "last")
@@ -63,7 +65,7 @@ class LayerSettings:
     per_channel: bool = True          # weight scales per output channel
     activations: str = "uint8"        # the layer's input integer type: (u)int8 | (u)int16
     symmetric: bool = False
-    group_size: int = 32              # int4: reduction elements per weight scale
+    group_size: int = 32              # int4, lut4: reduction elements per weight scale
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
         diff = []
         if settings.precision != base.precision:
             diff.append(("precision", settings.precision))
-        if settings.precision in ("int8", "int4"):
+        if settings.precision in INTEGER:
             if settings.method != base.method:
                 diff.append(("calibration", settings.method))
             if settings.per_channel != base.per_channel:
@@ -280,7 +282,7 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
                 diff.append(("activations", settings.activations))
             if settings.symmetric != base.symmetric:
                 diff.append(("symmetric", settings.symmetric))
-        if settings.precision == "int4" and settings.group_size != base.group_size:
+        if settings.precision in FOUR_BITS and settings.group_size != base.group_size:
             diff.append(("group_size", settings.group_size))
         if diff:
             groups.setdefault(tuple(diff), []).append(name)

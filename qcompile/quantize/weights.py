@@ -111,13 +111,17 @@ class GroupWeight:
     rounding: str                # gptq | nearest | given (the model's own codes)
     sqnr_db: float
     zero_points: np.ndarray | None = None  # [groups, N]; None: the offset
+    palette: np.ndarray | None = None  # int8 [2^bits]: the value of each code (palettes.py)
 
     @property
     def offset(self) -> int:
         return 1 << (self.bits - 1)
 
     def values(self) -> np.ndarray:
-        """The codes less the offset [K_padded, N] (what the W4A8 kernel multiplies)."""
+        """The codes less the offset, or the palette's values of the codes, [K_padded, N]:
+        what the W4A8 kernel multiplies."""
+        if self.palette is not None:
+            return self.palette.astype(np.int32)[self.codes]
         return self.codes.astype(np.int32) - self.offset
 
     def zeros(self) -> np.ndarray:
@@ -129,7 +133,10 @@ class GroupWeight:
     def dequantized(self, rows: int | None = None) -> np.ndarray:
         """The approximated weight [rows, N] (rows: the unpadded K; None: all), computed as
         onnxruntime does: (code - zero) * scale in float32."""
-        centred = self.codes.astype(np.float32) - np.repeat(self.zeros(), self.group, axis=0)
+        if self.palette is not None:
+            centred = self.values().astype(np.float32)
+        else:
+            centred = self.codes.astype(np.float32) - np.repeat(self.zeros(), self.group, axis=0)
         w = centred * np.repeat(self.scales.astype(np.float32), self.group, axis=0)
         return w[:rows].astype(np.float32)
 
@@ -150,7 +157,8 @@ class GroupWeight:
         instead)."""
         if zero_bytes is None:
             zero_bytes = 0 if self.zero_points is None else self.zero_points.nbytes
-        stored = self.codes.size * self.bits // 8 + self.scales.nbytes + zero_bytes
+        stored = self.codes.size * self.bits // 8 + self.scales.nbytes + zero_bytes + (
+            0 if self.palette is None else self.palette.nbytes)
         return 8.0 * stored / (rows * self.codes.shape[1])
 
     def packed_columns(self) -> np.ndarray:

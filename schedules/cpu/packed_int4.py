@@ -37,28 +37,39 @@ from .tiles import (blocks_per_task, even_blocks_per_task, largest_divisor, row_
 
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
+UNPACK = "qcompile_int4_unpack"  # its weight blocks, unpacked to int8 right before use
+LOOKUP = "qcompile_palette_unpack"  # the same for palette weights, by a table lookup
 
 
 def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int,
-              *terms, names=()):
+              *terms, names=(), palette=None):
     """The same on weights packed for an instruction: packed [N/lanes, K/(2 reduce), lanes,
     reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales and the
     per-output group terms [N/lanes, K/group, lanes] (each column block's together). 8-bit
-    weights come as int8 [N/lanes, K/(2 reduce), 2, lanes, reduce], read as they are."""
+    weights come as int8 [N/lanes, K/(2 reduce), 2, lanes, reduce], read as they are.
+    `palette` (int8 [16]): the nibbles index it (palette_lookup)."""
     from tvm import te
 
     from ..int4_logical import GroupTerms
+    from .palette_lookup import value
 
     blocks = int(packed.shape[1])          # byte blocks: 2 * reduce reduction elements each
     per_group = group // (2 * reduce)      # byte blocks per group
     groups = int(scales.shape[1])
-    four = str(packed.dtype) != "int8"
-    unpacked = packed if not four else te.compute(
-        (int(packed.shape[0]), blocks, 2, lanes, reduce),
-        lambda nb, b, h, lane, r: te.if_then_else(
-            h == 0, packed[nb, b, lane, r] << te.const(4, "uint8"),
-            packed[nb, b, lane, r] & te.const(0xF0, "uint8")).astype("int8"),
-        name="qcompile_int4_unpack")
+    four = str(packed.dtype) != "int8" and palette is None
+    if palette is not None:
+        unpacked = te.compute(
+            (int(packed.shape[0]), blocks, 2, lanes, reduce),
+            lambda nb, b, h, lane, r: value(packed[nb, b, lane, r], palette, h), name=LOOKUP)
+    elif four:
+        unpacked = te.compute(
+            (int(packed.shape[0]), blocks, 2, lanes, reduce),
+            lambda nb, b, h, lane, r: te.if_then_else(
+                h == 0, packed[nb, b, lane, r] << te.const(4, "uint8"),
+                packed[nb, b, lane, r] & te.const(0xF0, "uint8")).astype("int8"),
+            name=UNPACK)
+    else:
+        unpacked = packed
     kb = te.reduce_axis((0, per_group), "kb")
     h = te.reduce_axis((0, 2), "h")
     r = te.reduce_axis((0, reduce), "r")
@@ -92,13 +103,14 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
         name=PACKED + "_groups")
 
 
-def pack_codes(codes: np.ndarray, lanes: int, reduce: int) -> np.ndarray:
+def pack_codes(codes: np.ndarray, lanes: int, reduce: int, centre: int = 8) -> np.ndarray:
     """Codes [N, K] (0..15, N a multiple of `lanes`, K of 2 `reduce`) -> [N/lanes,
-    K/(2 reduce), lanes, reduce] uint8: low nibble block 2b, high nibble block 2b + 1."""
+    K/(2 reduce), lanes, reduce] uint8: low nibble block 2b, high nibble block 2b + 1; each
+    nibble c ^ `centre` (8: c - 8 in two's complement; 0: a palette's index as it is)."""
     n, k = codes.shape
     blocks = codes.reshape(n // lanes, lanes, k // (2 * reduce), 2, reduce)
     low, high = blocks[:, :, :, 0, :], blocks[:, :, :, 1, :]
-    low, high = low.astype(np.uint8) ^ 8, high.astype(np.uint8) ^ 8  # c - 8, two's complement
+    low, high = low.astype(np.uint8) ^ centre, high.astype(np.uint8) ^ centre
     packed = low | (high << 4)
     return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
 
@@ -178,7 +190,7 @@ def schedule_tiles(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) 
     row, _, col, kb, h, r = sch.get_loops(block)[-6:]
     col_block, lane = sch.split(col, [None, dot.lanes])
     sch.reorder(kb, h, row, col_block, lane, r)
-    _unpack_at(sch, block, h)
+    _unpack_at(sch, block, kb, h, dot)
     _epilogue_at(sch, epilogue, no)
     sch.vectorize(ni)
     sch.parallel(sch.fuse(mo, no))
@@ -200,12 +212,12 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     reduction = 1
     for loop in (g, kb, h, r):
         reduction *= int(sch.get(loop).extent)
-    four = any(sch.get(p).name_hint == "qcompile_int4_unpack" for p in sch.get_producers(block))
+    four = any(sch.get(p).name_hint in (UNPACK, LOOKUP) for p in sch.get_producers(block))
     turns = _rounds(total, reduction * dot.lanes // (2 if four else 1))
     blocks = even_blocks_per_task(total // turns, STREAMS, MIN_TASKS, target_threads())
     no, nb, rounds, ni = sch.split(cols, [None, blocks, turns, dot.lanes])
     sch.reorder(rows, no, rounds, g, kb, h, nb, ni, r)
-    _unpack_at(sch, block, h)
+    _unpack_at(sch, block, kb, h, dot)
     sch.unroll(nb)
     epilogue = sch.get_consumers(groups_block)
     sch.reverse_compute_at(groups_block, no, preserve_unit_loops=True)
@@ -226,13 +238,23 @@ def _rounds(total: int, block_bytes: int) -> int:
     return blocks_per_task(total, -(-STREAM_BYTES // block_bytes), 1, STREAMS * ROUND_TASKS)
 
 
-def _unpack_at(sch, block, loop) -> None:
-    """Unpack each weight block under `loop`, right before the instruction consumes it."""
+def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
+    """Unpack each weight block right before the instruction consumes it: a 4-bit block's half
+    under `h`; a palette block's two halves under `kb`, by the lookup instruction (where the
+    target has one: palette_lookup)."""
+    from .palette_lookup import INTRIN, register
+
     for producer in sch.get_producers(block):
-        if sch.get(producer).name_hint == "qcompile_int4_unpack":
-            sch.compute_at(producer, loop, preserve_unit_loops=True)
+        name = sch.get(producer).name_hint
+        if name == UNPACK:
+            sch.compute_at(producer, h, preserve_unit_loops=True)
             inner = sch.get_loops(producer)
             sch.vectorize(sch.fuse(inner[-2], inner[-1]))
+        elif name == LOOKUP:
+            sch.compute_at(producer, kb, preserve_unit_loops=True)
+            if dot.instruction in INTRIN:
+                register()
+                sch.tensorize(sch.get_loops(producer)[-3], INTRIN[dot.instruction])
 
 
 def _instruction_at(sch, block, reduction, lanes, dot: DotProduct) -> None:
@@ -258,7 +280,7 @@ def repack(mod, dot: DotProduct):
     from tvm import relax, topi
 
     from .. import rewrite_relax_functions
-    from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR, TERMS_ATTR, GroupTerms
+    from ..int4_logical import FUNC_ATTR as LOGICAL_ATTR, PALETTE_ATTR, TERMS_ATTR, GroupTerms
 
     chosen = dot if dot.rows == 1 else dot.fallback
     logical = {gv: func for gv, func in mod.functions.items()
@@ -276,6 +298,7 @@ def repack(mod, dot: DotProduct):
                 return call
             data, codes, scales, *terms = call.args[1].fields
             attrs = logical[call.args[0]].attrs
+            palette = terms.pop() if PALETTE_ATTR in attrs else None
             group = int(attrs[LOGICAL_ATTR])
             names = [n for n in str(attrs.get(TERMS_ATTR, "")).split(",") if n]
             pairs, scale = _constant(codes), _constant(scales)
@@ -288,8 +311,11 @@ def repack(mod, dot: DotProduct):
             codes_nk = pairs if eight else unpack_logical(pairs)
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
                               constant_values=0 if eight else 8)
-            packed = (pack_values if eight else pack_codes)(codes_nk, chosen.lanes,
-                                                            chosen.reduce)
+            if eight:
+                packed = pack_values(codes_nk, chosen.lanes, chosen.reduce)
+            else:
+                packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce,
+                                    centre=8 if palette is None else 0)
 
             def blocks(expr):  # [groups, N] -> [N padded / lanes, groups, lanes]
                 value = _pad_rows(_constant(expr), 1, chosen.lanes)
@@ -301,7 +327,8 @@ def repack(mod, dot: DotProduct):
             out = self.builder_.call_te(
                 packed_te, data, relax.const(packed, str(packed.dtype)), blocks(scales), group,
                 codes_nk.shape[0], chosen.lanes, chosen.reduce, *terms, names=names,
-                primfunc_name_hint="packed_int4_matmul")
+                primfunc_name_hint="packed_int4_matmul",
+                **({} if palette is None else {"palette": palette}))
             if codes_nk.shape[0] == channels:
                 return out
             axis = len(data.ty.shape) - 1

@@ -11,7 +11,7 @@ from qcompile.quantize.search import int8_fraction, precision_label
 
 def test_every_scheme_is_registered_under_its_name():
     assert all(cls.name == name for name, cls in SCHEMES.items())
-    assert set(PRECISIONS) == {"int8", "int4", "fp16", "fp32"}
+    assert set(PRECISIONS) == {"int8", "int4", "lut4", "fp16", "fp32"}
 
 
 @pytest.mark.parametrize("settings, mode, expected", [

@@ -16,6 +16,7 @@ line in SCHEMES.
     int4          W4A8: group-wise 4-bit weights on the int8 dot-product instructions
     int4-weights  W4A16: group-wise 4-bit weights widened in fp32 kernels
     int4-dynamic  W4A8 with the input quantized at run time, per row and group
+    lut4          W4A8 on palette weights: 4-bit codes indexing 16 int8 values per layer
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .int4_dynamic import Int4Dynamic
 from .int4_weights import Int4Weights
 from .int8 import Int8
 from .int8_a16 import Int8A16
+from .lut4 import Lut4
 from .weight_only import WeightOnly
 
 SCHEMES: dict[str, type[Scheme]] = {
@@ -41,6 +43,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "int4": Int4,
     "int4-weights": Int4Weights,
     "int4-dynamic": Int4Dynamic,
+    "lut4": Lut4,
 }
 # what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
@@ -67,5 +70,6 @@ def scheme_for(settings, mode: str = "static", input_groups: bool = False) -> Sc
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Dynamic", "Int4Weights", "Int8", "Int8A16", "RULE_PRECISIONS", "SCHEMES",
-           "Scheme", "SimLayerOp", "WeightOnly", "scheme_for"]
+__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Dynamic", "Int4Weights", "Int8", "Int8A16",
+           "Lut4", "RULE_PRECISIONS", "SCHEMES", "Scheme", "SimLayerOp", "WeightOnly",
+           "scheme_for"]

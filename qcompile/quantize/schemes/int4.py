@@ -80,8 +80,7 @@ class Int4(Scheme):
         if xq.qp.bits == 16:
             return self._int8().emit(r, layer)
         weight = layer.row_weight()
-        gw = model_codes(r, weight) or quantize_groups(
-            weight, self.group_size, moments=r.config.input_moments.get(node.name))
+        gw = self.group_weight(r, weight, node.name)
         data = _padded(r, layer.rows_of(r, xq.expr), gw, int(weight.shape[0]),
                        float(xq.qp.zero_point))
         out = kernel(r, data, gw)
@@ -93,7 +92,7 @@ class Int4(Scheme):
                            r._const(np.float32(xq.qp.scale), "float32"))
         result, last, fused = with_epilogue(r, layer, real, integers=True)
         r.layers.append(layer.result(
-            f"int4-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
+            f"{self.name}-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
             rounding=gw.rounding, weight_bits=stored_bits(gw, int(weight.shape[0])),
             fused=fused, output_var=last.var,
             output_qp=result.qp if isinstance(result, QValue) else None))
@@ -106,7 +105,16 @@ class Int4(Scheme):
         if qp.bits == 16:
             return self._int8().fake(sim)
         sim.round_input(qp)
-        sim.set_weight(fake_groups(sim, self.group_size))
+        sim.set_weight(self.fake_weight(sim))
+
+    def group_weight(self, r: Realizer, weight: np.ndarray, layer: str):
+        """The layer's weight [K, N] in groups: the model's own 4-bit codes, else ours."""
+        return model_codes(r, weight) or quantize_groups(
+            weight, self.group_size, moments=r.config.input_moments.get(layer))
+
+    def fake_weight(self, sim: SimLayerOp) -> np.ndarray:
+        """The simulated layer's weight as its groups give it back."""
+        return fake_groups(sim, self.group_size)
 
 
 def with_epilogue(r: Realizer, layer: LayerOp, real, integers: bool = False):
@@ -146,19 +154,25 @@ def _padded(r: Realizer, data, gw, k: int, zero_point: float):
 
 
 def kernel(r: Realizer, data, gw, terms=None):
-    """The logical W4A8 kernel (for 8-bit weights, the same on their values) on the integer
-    input `data` (its reduction whole groups): float sums of each group's int32 dot product
+    """The logical W4A8 kernel (for 8-bit weights, the same on their values; for palette
+    codes, on the palette's values) on the integer input `data` (its reduction whole groups):
+    float sums of each group's int32 dot product
     times its scale, and `terms` (int4_logical.GroupTerms of relax exprs) if given."""
     from ...schedules.int4_logical import FUNC_ATTR, TERMS_ATTR, logical_te
 
+    from ...schedules.int4_logical import PALETTE_ATTR
+
     names = terms.present() if terms is not None else []
     codes = gw.packed_pairs() if gw.bits == 4 else gw.values().T.astype(np.int8)
+    palette = {} if gw.palette is None else {"palette": r.relax.const(gw.palette, "int8")}
     call = r.bb.call_te(logical_te, data, r.relax.const(np.ascontiguousarray(codes)),
                         r.relax.const(gw.scales, str(gw.scales.dtype)), gw.group,
                         *(terms.args() if terms is not None else []), names=names,
-                        primfunc_name_hint=KERNEL)
+                        primfunc_name_hint=KERNEL, **palette)
     gvar = call.args[0]
     func = r.bb.get()[gvar].with_attr(FUNC_ATTR, gw.group)
+    if gw.palette is not None:
+        func = func.with_attr(PALETTE_ATTR, 1)
     r.bb.update_func(gvar, func.with_attr(TERMS_ATTR, ",".join(names)))
     return r._emit(call)
 

@@ -64,12 +64,12 @@ class Int4Weights(Scheme):
         sim.set_weight(fake_groups(sim, self.group_size))
 
 
-def fake_groups(sim: SimLayerOp, group: int) -> np.ndarray:
+def fake_groups(sim: SimLayerOp, group: int, quantize=quantize_groups) -> np.ndarray:
     """The simulated layer's weight (a matmul's [K, N] or a pointwise conv's OIHW) as its
-    4-bit groups give it back."""
+    4-bit groups give it back (`quantize`: how a [K, N] weight becomes a GroupWeight)."""
     weight = sim.weight
     rows = weight[:, :, 0, 0].T if weight.ndim == 4 else weight
-    values = quantize_groups(rows, group, moments=sim.moments).dequantized(rows.shape[0])
+    values = quantize(rows, group, moments=sim.moments).dequantized(rows.shape[0])
     return values.T.reshape(weight.shape) if weight.ndim == 4 else values
 
 
