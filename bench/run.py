@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the sentences and the small models li
 sys.path.insert(0, str(ROOT))  # this checkout's qcompile, installed or not
 BASE_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8")
 # run only when --configs names them: reconstruction and pruning take minutes a model
-OPT_IN_CONFIGS = ("qcompile-int4-refit", "qcompile-int8-pruned")
+OPT_IN_CONFIGS = ("qcompile-int4-refit", "qcompile-int8-pruned", "qcompile-lut4")
 ALL_CONFIGS = ("onnxruntime-fp32", "onnxruntime-int8", "qcompile-fp32", "qcompile-int8",
                "qcompile-int8-tuned", "qcompile-int4", "qcompile-auto", *OPT_IN_CONFIGS)
 
@@ -81,8 +81,9 @@ class BenchModel:
     configs: tuple[str, ...] = ALL_CONFIGS
     metric: str = "top1"           # the --quantize auto budget's metric
     budget: float = 0.99
-    # qcompile-int4: None, every layer with a 4-bit kernel in 4 bits (--weight-bits 4 --tables
-    # int4); a budget, 4 bits where `metric` stays above it (--quantize auto --weight-bits 4)
+    # qcompile-int4 (and -lut4, with --palettes): None, every layer with a 4-bit kernel in 4
+    # bits (--weight-bits 4 --tables int4); a budget, 4 bits where `metric` stays above it
+    # (--quantize auto --weight-bits 4)
     int4_budget: float | None = None
     # qcompile-int8-pruned: --prune structured --macs-budget this, then int8
     prune_budget: float = 0.9
@@ -207,7 +208,7 @@ def _peak_rss_mb() -> float:
 
 def _searched(bench: BenchModel, config: str) -> bool:
     """Whether the configuration is a precision search, validated on half the held-out data."""
-    return config == "qcompile-auto" or (config == "qcompile-int4" and
+    return config == "qcompile-auto" or (config in ("qcompile-int4", "qcompile-lut4") and
                                          bench.int4_budget is not None)
 
 
@@ -246,17 +247,18 @@ def prepare_one(bench: BenchModel, config: str, work: Path) -> dict:
         elif config.startswith("qcompile-int8"):
             options.update(quantize="int8", calibration=calibration,
                            tuning_log=None if config.endswith("tuned") else False)
-        elif config == "qcompile-int4":
+        elif config in ("qcompile-int4", "qcompile-lut4"):  # uniform codes, or palettes
             from qcompile.quantize import QuantConfig
 
+            four = {"weight_bits": 4, "palettes": config == "qcompile-lut4"}
             if _searched(bench, config):  # 4 bits where the budget allows
                 options.update(quantize="auto", calibration=calibration,
                                validation=held_out[::2], accuracy_budget=bench.int4_budget,
                                metric=bench.metric, tuning_log=False,
-                               quant_config=QuantConfig(weight_bits=4))
+                               quant_config=QuantConfig(**four))
             else:  # 4-bit weights wherever a kernel takes them
                 options.update(quantize="int8", calibration=calibration, tuning_log=False,
-                               quant_config=QuantConfig(weight_bits=4, tables="int4"))
+                               quant_config=QuantConfig(**four, tables="int4"))
         del held_out
         artifact = qcompile.compile(onnx_path, "host", directory / config, **options)
         from qcompile.deploy import package

@@ -28,7 +28,7 @@ from .frontend import FloatModel
 from .modes import AutoPrecision
 from .quantize import (activation_dtype_for, calibrate, layer_plan, load_calibration, plan,
                        realize)
-from .quantize.rules import PrecisionRules
+from .quantize.rules import FOUR_BITS, PrecisionRules
 from .quantize.search import keep_more, search
 from .quantize.simulate import onnxruntime_outputs
 from .runtime import load as load_model
@@ -76,7 +76,7 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
     latencies, where = _layer_latencies(float_model, target, fallback, activations, fixed,
                                         rpc, tuning_log) if latency else ({}, None)
     base = config.base_settings(activations)  # int4 with --weight-bits 4: its candidates
-    four_bits = base if base.precision == "int4" else None
+    four_bits = base if base.precision in FOUR_BITS else None
     result = search(float_model.onnx, feeds, held_out,
                     dataclasses.replace(base, precision="int8"), metric, budget, fallback,
                     fixed, config.bias_correction, config.weight_rounding, latencies, where,

@@ -236,6 +236,12 @@ def _quantize_args(p, auto: bool) -> None:
     q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit weights: reduction elements per scale (default 32: 4.5 bits per "
                         "weight with the fp16 scales)")
+    q.add_argument("--palettes", action="store_true",
+                   help="with --weight-bits 4 and --quantize int8 or auto: each 4-bit code "
+                        "indexes a palette of 16 int8 values fitted to the layer's weights "
+                        "(weight sharing; the same bytes as uniform 4-bit codes, levels that "
+                        "follow the weights' distribution), looked up inside the kernel. A "
+                        "rule's precision = \"lut4\" sets it per layer")
     q.add_argument("--tables", default="int8", choices=["int8", "int4", "fp32"],
                    help="how constant lookup tables (an embedding read by Gather) are stored: "
                         "int8 with one scale per row (default; a BERT-style model's word "
@@ -618,6 +624,7 @@ def _quant_config(args):
                            bias_correction=args.bias_correction,
                            weight_rounding=args.weight_rounding, tables=args.tables,
                            weight_bits=args.weight_bits, group_size=args.group_size,
+                           palettes=args.palettes,
                            reconstruct=args.reconstruct,
                            reconstruct_seconds=args.reconstruct_seconds)
     if args.calibration and not getattr(args, "prune", None):

@@ -58,7 +58,7 @@ def test_lut4_matches_the_integer_reference(rows, k, n, group, save_model, tmp_p
     artifact, row = compile_palettes(model, "host", tmp_path / "out", save_model, group)
     groups = -(-k // group)  # codes (the reduction padded to whole groups), fp16 scales, table
     stored = groups * group * n // 2 + 2 * groups * n + 16
-    assert row["weight_rounding"] == "palette"
+    assert row["weight_rounding"] == "nearest"
     assert row["weight_bits"] == pytest.approx(8 * stored / (k * n))
     with qcompile.load(artifact.directory) as loaded:
         for seed in range(2):

@@ -35,6 +35,7 @@ class QuantConfig:
     tables: str = "int8"              # constant lookup tables (embeddings): int8 | int4 | fp32
     weight_bits: int = 8              # 4: MatMul/Gemm weights in 4 bits, in groups (W4A8)
     group_size: int = 32              # 4-bit weights: reduction elements per scale
+    palettes: bool = False            # 4-bit weights index 16 int8 values per layer (lut4)
     # int8-dynamic: each int8 layer's input quantized per row in groups of group_size, its
     # weights scaled per group (the 4-bit layers' kernel), instead of one scale per row
     input_groups: bool = False
@@ -53,6 +54,9 @@ class QuantConfig:
         if self.weight_bits not in WEIGHT_BITS:
             raise InputError(f"Weights are stored in {' or '.join(map(str, WEIGHT_BITS))} bits, "
                              f"not {self.weight_bits}.")
+        if self.palettes and self.weight_bits != 4:
+            raise InputError("--palettes makes 4-bit weights index a palette of 16 values: "
+                             "give it with --weight-bits 4.")
         if self.group_size not in GROUP_SIZES:
             raise InputError(f"The group size of 4-bit weights is one of "
                              f"{', '.join(map(str, GROUP_SIZES))} reduction elements, not "
@@ -76,7 +80,8 @@ class QuantConfig:
         return None if self.tables == "fp32" else self.tables
 
     def base_settings(self, activations: str) -> LayerSettings:
-        return LayerSettings("int4" if self.weight_bits == 4 else "int8", self.method,
+        four = "lut4" if self.palettes else "int4"
+        return LayerSettings(four if self.weight_bits == 4 else "int8", self.method,
                              self.per_channel, activations, self.symmetric, self.group_size)
 
 

@@ -12,7 +12,9 @@ scale squared; the entry nearest zero is made zero, so that zeros stay exact (a 
 channel, a group too small for an fp16 scale). Bell-shaped weights get more levels near zero
 than a uniform grid gives them (NF4, QLoRA's 4-bit format, is the same idea with a fixed
 table). Then, twice, each weight takes its nearest entry and each group's scale is refitted by
-weighted least squares to its codes. On EfficientNet-Lite0's 1x1 convolutions and classifier
+weighted least squares to its codes; with the calibration moments, the codes are then
+rounded by GPTQ (rounding.py), each weight to the entry just below or just above it. On
+EfficientNet-Lite0's 1x1 convolutions and classifier
 (groups of 32, no calibration): 21.9 dB of weight SQNR on average against 19.6 for uniform
 4-bit codes.
 
@@ -27,7 +29,7 @@ import hashlib
 
 import numpy as np
 
-from .rounding import InputMoments
+from .rounding import InputMoments, gptq_group_codes
 from .weights import GroupWeight, fitted_group_scales, sqnr_db
 
 SIZE = 16            # entries: 4-bit codes
@@ -115,9 +117,14 @@ def quantize_palette(weight: np.ndarray, group: int, *,
         scales = np.where(scales.astype(np.float16) > 0, scales, 1.0)  # as fitted_group_scales
         step = np.repeat(scales.astype(np.float16).astype(np.float64), group, axis=0)
     codes = np.searchsorted(edges, w / step).astype(np.uint8)
-    result = GroupWeight(codes, scales.astype(np.float16), group, 4, "palette", 0.0,
+    rounding = "nearest"
+    if moments is not None:  # GPTQ, each weight's value the entry below or above it
+        values = gptq_group_codes(weight, step[:k], moments, -127, 127, levels=entries)
+        codes[:k] = np.searchsorted(entries, values)
+        rounding = "gptq"
+    result = GroupWeight(codes, scales.astype(np.float16), group, 4, rounding, 0.0,
                          palette=palette)
-    result = GroupWeight(codes, result.scales, group, 4, "palette",
+    result = GroupWeight(codes, result.scales, group, 4, rounding,
                          sqnr_db(weight, result.dequantized(k)), palette=palette)
     if moments is not None:
         moments.codes[key] = result

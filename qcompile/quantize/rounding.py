@@ -154,6 +154,31 @@ def _from_rows(codes, weight, kind):
     return codes.reshape(weight.shape).astype(np.int8)
 
 
+class _Grid:
+    """The values codes may take: the integers in [qmin, qmax], or sorted `levels`."""
+
+    def __init__(self, qmin: int, qmax: int, levels: np.ndarray | None):
+        self.qmin, self.qmax = qmin, qmax
+        self.levels = None if levels is None else np.asarray(levels, np.float64)
+
+    def below(self, x: np.ndarray) -> np.ndarray:
+        if self.levels is None:
+            return np.clip(np.floor(x), self.qmin, self.qmax)
+        index = np.searchsorted(self.levels, x, side="right") - 1
+        return self.levels[np.clip(index, 0, self.levels.size - 1)]
+
+    def above(self, x: np.ndarray) -> np.ndarray:
+        if self.levels is None:
+            return np.clip(np.ceil(x), self.qmin, self.qmax)
+        return self.levels[np.clip(np.searchsorted(self.levels, x), 0, self.levels.size - 1)]
+
+    def nearest(self, x: np.ndarray) -> np.ndarray:
+        if self.levels is None:
+            return np.round(x)
+        middles = (self.levels[1:] + self.levels[:-1]) / 2
+        return self.levels[np.searchsorted(middles, x)]
+
+
 def _damped(h: np.ndarray) -> np.ndarray:
     """H with GPTQ's damping: an input zero on every calibration sample gets diagonal 1 (its
     weights pass no error on and keep their nearest codes), every diagonal DAMPING more."""
@@ -166,22 +191,26 @@ def _damped(h: np.ndarray) -> np.ndarray:
 
 
 def gptq_group_codes(weight: np.ndarray, scales: np.ndarray, moments: InputMoments,
-                     qmin: int, qmax: int) -> np.ndarray:
+                     qmin: int, qmax: int, levels: np.ndarray | None = None) -> np.ndarray:
     """Codes in [qmin, qmax] of a matmul weight [K, N] with a scale per weight (`scales`
-    [K, N]: each reduction group's scale repeated), rounded by GPTQ's error feedback."""
-    key = ("groups", np.asarray(scales, np.float32).tobytes(), qmin, qmax, weight.shape)
+    [K, N]: each reduction group's scale repeated), rounded by GPTQ's error feedback; with
+    `levels` (sorted), each code one of them (a palette's values) instead of an integer."""
+    key = ("groups", np.asarray(scales, np.float32).tobytes(), qmin, qmax, weight.shape,
+           None if levels is None else np.asarray(levels, np.float64).tobytes())
     if key not in moments.codes:
         rows = weight.T.astype(np.float64)[None]
         s = np.asarray(scales, np.float64).T[None]
-        moments.codes[key] = _gptq(rows, s, moments.hessian(), qmax, qmin)[0].T
+        moments.codes[key] = _gptq(rows, s, moments.hessian(), qmax, qmin, levels)[0].T
     return moments.codes[key]
 
 
 def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int,
-          qmin: int | None = None) -> np.ndarray:
+          qmin: int | None = None, levels: np.ndarray | None = None) -> np.ndarray:
     """w [G, R, K] rows to round with scales s [G, R, 1] (or [G, R, K]: one per weight),
-    H [G, K, K] -> codes [G, R, K] in [qmin, qmax] (qmin: -qmax when None)."""
+    H [G, K, K] -> codes [G, R, K] in [qmin, qmax] (qmin: -qmax when None), or among the
+    sorted `levels` when given."""
     qmin = -qmax if qmin is None else qmin
+    grid = _Grid(qmin, qmax, levels)
     w = w.copy()
     k = h.shape[-1]
     # An input that was zero on every calibration sample: its weights keep their nearest codes
@@ -196,8 +225,7 @@ def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int,
     # the direction of rounding is chosen. Unconstrained, GPTQ moved weights far along the
     # directions the calibration inputs never excite (a depthwise channel whose input was
     # constant), fitting the calibration set and costing held-out accuracy.
-    lower = np.clip(np.floor(w / s), qmin, qmax)
-    upper = np.clip(np.ceil(w / s), qmin, qmax)
+    lower, upper = grid.below(w / s), grid.above(w / s)
     per_weight = s.shape[-1] > 1
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
@@ -205,7 +233,7 @@ def _gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int,
         for i in range(start, end):
             column = w[:, :, i]
             step = s[..., i] if per_weight else s[..., 0]
-            q = np.clip(np.round(column / step), lower[:, :, i], upper[:, :, i])
+            q = np.clip(grid.nearest(column / step), lower[:, :, i], upper[:, :, i])
             codes[:, :, i] = q
             error = (column - q * step) / u[:, i, i][:, None]
             w[:, :, i + 1:end] -= error[:, :, None] * u[:, i, None, i + 1:end]

@@ -21,6 +21,7 @@ line in SCHEMES.
 
 from __future__ import annotations
 
+from ...errors import InputError
 from .base import Scheme, SimLayerOp
 from .dynamic import Dynamic
 from .fp16 import Fp16
@@ -54,6 +55,10 @@ def scheme_for(settings, mode: str = "static", input_groups: bool = False) -> Sc
     int8 layers: static (calibrated), weight-only or dynamic; `input_groups`: dynamic int8
     layers quantize their input in groups of the settings' group_size."""
     precision = settings.precision
+    if precision == "lut4" and mode != "static":
+        raise InputError("Palette weights (lut4, --palettes) multiply a calibrated int8 input: "
+                         "use them with --quantize int8 or auto, not in the "
+                         f"{mode} mode; or ask for int4 there.")
     if precision == "int4" and mode == "weight-only":
         return Int4Weights.from_settings(settings)
     if precision == "int4" and mode == "dynamic":
