@@ -12,6 +12,7 @@ measured, with the same thread count, as:
 
 - qcompile int8: per-channel int8 weights on the packed dot-product kernel;
 - qcompile int4: W4A8, 4-bit weights in groups of 32 with fp16 scales (--weight-bits 4);
+- qcompile lut4: the same with palette codes (--palettes: a table lookup unpacks them);
 - onnxruntime MatMulNBits: the same fp32 model through onnxruntime's own
   matmul_nbits_quantizer (4 bits, block 32, symmetric), with accuracy_level 4 (int8
   activations, its fastest CPU path) and without (float activations);
@@ -109,13 +110,14 @@ def time_ort(path: Path, feed, threads: int, repeat: int) -> float:
     return float(np.median(times))
 
 
-def time_qcompile(path: Path, out: Path, bits: int, feed, calibration, repeat: int):
+def time_qcompile(path: Path, out: Path, bits: int, feed, calibration, repeat: int,
+                  palettes: bool = False):
     import qcompile
     from qcompile.quantize import QuantConfig
 
     qcompile.compile(str(path), "host", out, quantize="int8", calibration=calibration,
                      quant_config=QuantConfig(weight_bits=bits, group_size=GROUP,
-                                              weight_rounding="nearest"))
+                                              weight_rounding="nearest", palettes=palettes))
     with qcompile.load(out) as model:
         result = model.benchmark(feed, repeat=repeat)
     return result.median_ms / 1e3
@@ -200,6 +202,8 @@ def main() -> int:
                                                    calibration, args.repeat)
             row["qcompile_int4_s"] = time_qcompile(src, tmp / f"q4-{shape}", 4, feed,
                                                    calibration, args.repeat)
+            row["qcompile_lut4_s"] = time_qcompile(src, tmp / f"p4-{shape}", 4, feed,
+                                                   calibration, args.repeat, palettes=True)
             for level, key in ((4, "ort_nbits_acc4_s"), (None, "ort_nbits_s")):
                 dst = tmp / f"nbits{level}-{shape}.onnx"
                 nbits_onnx(src, dst, level)
@@ -221,14 +225,16 @@ def main() -> int:
 
 def table(rows) -> str:
     lines = ["| K x N (layers) | qcompile int8 us (GB/s) | qcompile int4 us (GB/s) | "
-             "int4 / int8 | ORT MatMulNBits acc4 us | int4 / ORT acc4 | ORT MatMulNBits us | "
-             "ORT fp32 us |", "|---|---|---|---|---|---|---|---|"]
+             "int4 / int8 | lut4 / int4 | ORT MatMulNBits acc4 us | int4 / ORT acc4 | "
+             "ORT MatMulNBits us | ORT fp32 us |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q8, q4 = r["qcompile_int8_s"], r["qcompile_int4_s"]
+        lut = r.get("qcompile_lut4_s")
         lines.append(
             f"| {r['shape']} ({r['layers']}{'' if r.get('beyond_cache', True) else ', in cache'})"
             f" | {q8 * 1e6:.0f} ({r['int8_bytes'] / q8 / 1e9:.1f}) | "
             f"{q4 * 1e6:.0f} ({r['int4_bytes'] / q4 / 1e9:.1f}) | {q4 / q8:.2f} | "
+            f"{'-' if lut is None else f'{lut / q4:.2f}'} | "
             f"{r['ort_nbits_acc4_s'] * 1e6:.0f} | {q4 / r['ort_nbits_acc4_s']:.2f} | "
             f"{r['ort_nbits_s'] * 1e6:.0f} | {r['ort_fp32_s'] * 1e6:.0f} |")
     return "\n".join(lines)

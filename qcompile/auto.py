@@ -87,8 +87,8 @@ def compile_auto(float_model: FloatModel, target: Target, out_dir: Path, mode: A
     table = None  # calibrated once, for every round's plan
     for round_ in range(1, (VERIFY_ROUNDS if runs_here else 1) + 1):
         rules = PrecisionRules.from_dict(tomllib.loads(result.rules_text()), RULES_FILE)
-        round_plan = plan(float_model, dataclasses.replace(config, rules=rules, weight_bits=8),
-                          target)
+        round_plan = plan(float_model, dataclasses.replace(
+            config, rules=rules, weight_bits=8, palettes=False), target)
         if table is None:
             table = calibrate(round_plan.with_int8_everywhere(), feeds)
         quantized = realize(round_plan, table, measure_on=feeds)

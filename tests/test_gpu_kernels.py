@@ -32,10 +32,11 @@ INT4_TOLERANCE = 1e-3
 
 def _model(path, model, precision, target):
     float_model = import_onnx(path)
-    if precision in ("int8", "int4"):
+    if precision in ("int8", "int4", "lut4"):
         calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
         return quantize(float_model, calibration,
-                        QuantConfig(weight_bits=4 if precision == "int4" else 8), target)
+                        QuantConfig(weight_bits=8 if precision == "int8" else 4,
+                                    palettes=precision == "lut4"), target)
     if precision == "int4-weights":
         return quantize_weights(float_model, "weight-only", QuantConfig(weight_bits=4), target)
     if precision == "fp16":
@@ -51,7 +52,8 @@ def _model(path, model, precision, target):
     ("adreno", depthwise_grouped, "int8"), ("adreno", packed_convnet, "int8"),
     ("adreno", gemm_matmul, "fp16"),
     ("mali", gemm_matmul, "int4"), ("mali", gemm_matmul, "int4-weights"),
-    ("adreno", gemm_matmul, "int4"), ("mali", pointwise_chain, "int4-weights")])
+    ("adreno", gemm_matmul, "int4"), ("mali", pointwise_chain, "int4-weights"),
+    ("mali", gemm_matmul, "lut4")])
 def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precision):
     """Each fused kernel: its dlight-scheduled OpenCL on pocl against the unscheduled kernel
     compiled for this CPU, from the same random buffers."""
@@ -67,12 +69,12 @@ def test_every_gpu_kernel_matches_the_cpu(save_model, target_name, model, precis
             continue
         checks.append(check_kernel(gvar.name_hint, fused[gvar.name_hint], func, device))
     assert checks
-    tolerance = {"fp16": FP16_TOLERANCE, "int4": INT4_TOLERANCE,
+    tolerance = {"fp16": FP16_TOLERANCE, "int4": INT4_TOLERANCE, "lut4": INT4_TOLERANCE,
                  "int4-weights": INT4_TOLERANCE}.get(precision, FLOAT_TOLERANCE)
     wrong = [c for c in checks if (c.integer_error or 0) > INT_TOLERANCE
              or (c.float_error or 0.0) > tolerance]
     assert not wrong, f"kernels whose OpenCL result differs from the CPU's: {wrong}"
-    if precision in ("int8", "int4"):  # int8 results were compared: quantize, int8 layers
+    if precision in ("int8", "int4", "lut4"):  # int8 results were compared: int8 layers
         assert sum(1 for c in checks if c.integer_error is not None) >= 2
 
 

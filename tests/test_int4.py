@@ -212,10 +212,11 @@ def test_search_gives_4_bits_to_the_cheapest_layers_the_budget_allows():
     assert exact.four_bit == [] and exact.estimate >= 0.99999
 
 
-def test_auto_with_4_bit_weights_builds_the_mix_it_chose(save_model, tmp_path):
-    """--quantize auto --weight-bits 4: the compiled model has 4-bit weights on the layers the
-    search chose (pointwise convs and Gemm alike), int8 elsewhere, and its rules file gives
-    the same mix with --quantize int8."""
+@pytest.mark.parametrize("palettes", [False, True])
+def test_auto_with_4_bit_weights_builds_the_mix_it_chose(palettes, save_model, tmp_path):
+    """--quantize auto --weight-bits 4 [--palettes]: the compiled model has 4-bit weights on
+    the layers the search chose (pointwise convs and Gemm alike), int8 elsewhere, and its rules
+    file gives the same mix with --quantize int8."""
     model = pointwise_chain()
     path = save_model(model)
     calibration = [random_inputs(model, s) for s in range(16)]
@@ -223,12 +224,13 @@ def test_auto_with_4_bit_weights_builds_the_mix_it_chose(save_model, tmp_path):
     qcompile.compile(path, "host", out, quantize="auto", calibration=calibration,
                      validation=[random_inputs(model, 100 + s) for s in range(16)],
                      accuracy_budget=0.97, metric="cosine", latency=False,
-                     quant_config=QuantConfig(weight_bits=4))
+                     quant_config=QuantConfig(weight_bits=4, palettes=palettes))
     search = json.loads((out / "search.json").read_text())
     precisions = {r["layer"]: r["precision"] for r in
                   json.loads((out / "quantization.json").read_text())["layers"]}
+    four = "lut4-g32" if palettes else "int4-g32"
     assert sorted(search["four_bit_weights"]) == sorted(
-        n for n, p in precisions.items() if p == "int4-g32") != []
+        n for n, p in precisions.items() if p == four) != []
     assert search["verified"] >= 0.97
     again = tmp_path / "again"
     qcompile.compile(path, "host", again, quantize="int8", calibration=calibration,

@@ -59,6 +59,7 @@ def test_lut4_matches_the_integer_reference(rows, k, n, group, save_model, tmp_p
     groups = -(-k // group)  # codes (the reduction padded to whole groups), fp16 scales, table
     stored = groups * group * n // 2 + 2 * groups * n + 16
     assert row["weight_rounding"] == "nearest"
+    assert row["palette"] == quantize_palette(init["w"], group).palette.tolist()
     assert row["weight_bits"] == pytest.approx(8 * stored / (k * n))
     with qcompile.load(artifact.directory) as loaded:
         for seed in range(2):
@@ -84,17 +85,26 @@ def test_lut4_pointwise_conv_matches_the_integer_reference(save_model, tmp_path)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
-def test_a_palette_rule_on_a_3x3_convolution_is_refused(save_model, tmp_path, capsys):
+def test_bad_palette_options(save_model, tmp_path, capsys):
+    """A palette rule on a layer with no 4-bit kernel, --palettes without 4-bit weights, and
+    palettes without a calibrated input: one paragraph each, exit 2, no traceback."""
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nop = "Conv"\nprecision = "lut4"\n')
+    conv = save_model(conv_relu())
     calibration = tmp_path / "conv.npz"
     np.savez(calibration, x=np.stack([random_inputs(conv_relu(), s)["x"] for s in range(4)]))
-    code = main(["compile", str(save_model(conv_relu())), "-o", str(tmp_path / "o"),
-                 "--quantize", "int8", "--calibration", str(calibration),
-                 "--precision-rules", str(rules)])
-    err = capsys.readouterr().err
-    assert code == 2 and "to lut4" in err and "1x1 convolutions" in err, err
-    assert "Traceback" not in err
+    matmul = save_model(matmul_model(64, 16))
+    int8 = ["--quantize", "int8", "--calibration", str(calibration)]
+    cases = [
+        (conv, [*int8, "--precision-rules", str(rules)], "to lut4, but 4-bit weights"),
+        (conv, [*int8, "--palettes"], "give it with --weight-bits 4"),
+        (matmul, ["--quantize", "int8-dynamic", "--weight-bits", "4", "--palettes"],
+         "not in the dynamic mode"),
+    ]
+    for i, (path, extra, message) in enumerate(cases):
+        code = main(["compile", str(path), "-o", str(tmp_path / f"o{i}"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
 
 
 @pytest.mark.parametrize("target", ["arm64-dotprod", "arm64-i8mm"])

@@ -118,6 +118,7 @@ class QuantReport:
                 "weight_bits": result.weight_bits,
                 "fused": list(result.fused),
                 "error_vs_fp32": err.to_json() if err else None,
+                **({"palette": list(result.palette)} if result.palette else {}),
             })
         outputs = [{"name": spec.name, **err.to_json()}
                    for spec, err in zip(model.outputs, output_errs) if err is not None]

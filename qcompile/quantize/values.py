@@ -34,6 +34,7 @@ class LayerResult:
     output_var: Any = None          # the relax var whose value the layer produces
     weights: int = 0                # elements of its constant weight
     weight_bits: float | None = None  # bits stored per weight, its scales and zeros included
+    palette: tuple[int, ...] = ()   # palette weights (lut4): the value of each code
 
 
 @dataclass(frozen=True)

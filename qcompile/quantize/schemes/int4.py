@@ -95,7 +95,8 @@ class Int4(Scheme):
             f"{self.name}-g{gw.group}", input_qp=xq.qp, weight_sqnr_db=gw.sqnr_db,
             rounding=gw.rounding, weight_bits=stored_bits(gw, int(weight.shape[0])),
             fused=fused, output_var=last.var,
-            output_qp=result.qp if isinstance(result, QValue) else None))
+            output_qp=result.qp if isinstance(result, QValue) else None,
+            palette=() if gw.palette is None else tuple(int(v) for v in gw.palette)))
         return result
 
     def fake(self, sim: SimLayerOp) -> None:
