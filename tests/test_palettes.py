@@ -93,7 +93,7 @@ def test_bad_palette_options(save_model, tmp_path, capsys):
     conv = save_model(conv_relu())
     calibration = tmp_path / "conv.npz"
     np.savez(calibration, x=np.stack([random_inputs(conv_relu(), s)["x"] for s in range(4)]))
-    matmul = save_model(matmul_model(64, 16))
+    matmul = save_model(matmul_model(64, 16), "matmul.onnx")
     int8 = ["--quantize", "int8", "--calibration", str(calibration)]
     cases = [
         (conv, [*int8, "--precision-rules", str(rules)], "to lut4, but 4-bit weights"),
