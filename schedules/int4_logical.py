@@ -1,7 +1,7 @@
 """The 4-bit kernels in their logical form, the same on every target kind: what realize emits
 for a layer with group-wise 4-bit weights (and for 8-bit weights whose input is quantized in
-groups at run time: the same kernel on int8 codes [N, K]). W4A8 (`logical_te`), before a target's lowering
-packs it (cpu/packed_int4.py):
+groups at run time: the same kernel on int8 codes [N, K]). W4A8 (`logical_te`), before a
+target's lowering packs it (cpu/packed_int4.py):
 
     y[m, n] = sum_g scale[g, n] * acc[m, g, n]
     acc[m, g, n] = sum_{k in g} x[m, k] * (c[n, k] - 8)      (exact, int32)
@@ -174,5 +174,4 @@ def float_te(data, codes, scales, zeros, group: int, rows: int):
 
 
 __all__ = ["FLOAT", "FUNC_ATTR", "GroupTerms", "LOGICAL", "PALETTE_ATTR", "TERMS_ATTR",
-           "float_te",
-           "group_quantize_te", "logical_te"]
+           "float_te", "group_quantize_te", "logical_te"]

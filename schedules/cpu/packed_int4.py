@@ -21,6 +21,10 @@ group's exact int32 sum is shifted down by 4 before its scale. The default sched
 (`schedule`) unpacks each block into a 64-byte (VNNI) or 16-byte (sdot) buffer right before the
 instruction consumes it, for every row of its tile: the weights cross memory in 4 bits.
 
+Palette weights (lut4: each nibble an index into the layer's 16 int8 values) are packed the
+same way, as indices, and unpacked by a table lookup instead of the shift or mask
+(palette_lookup.py: `vpshufb` / `tbl`, both halves of a block at once).
+
 8-bit weights in groups (int8 codes [N, K] in the logical kernel: a decoder's int8 layers,
 their input quantized per group) are packed the same way, each half block a byte of its
 own ([N/lanes, K/(2 reduce), 2, lanes, reduce]), and read by the instruction as they are.

@@ -157,11 +157,9 @@ def _padded(r: Realizer, data, gw, k: int, zero_point: float):
 def kernel(r: Realizer, data, gw, terms=None):
     """The logical W4A8 kernel (for 8-bit weights, the same on their values; for palette
     codes, on the palette's values) on the integer input `data` (its reduction whole groups):
-    float sums of each group's int32 dot product
-    times its scale, and `terms` (int4_logical.GroupTerms of relax exprs) if given."""
-    from ...schedules.int4_logical import FUNC_ATTR, TERMS_ATTR, logical_te
-
-    from ...schedules.int4_logical import PALETTE_ATTR
+    float sums of each group's int32 dot product times its scale, and `terms`
+    (int4_logical.GroupTerms of relax exprs) if given."""
+    from ...schedules.int4_logical import FUNC_ATTR, PALETTE_ATTR, TERMS_ATTR, logical_te
 
     names = terms.present() if terms is not None else []
     codes = gw.packed_pairs() if gw.bits == 4 else gw.values().T.astype(np.int8)
@@ -204,4 +202,5 @@ def zero_point_term(r: Realizer, data, gw):
     return r._emit(op.matmul(op.astype(sums, "float32"), r._const(weight, "float32")))
 
 
-__all__ = ["Int4", "kernel", "stored_bits", "with_epilogue", "zero_point_term", "zero_point_weights"]
+__all__ = ["Int4", "kernel", "stored_bits", "with_epilogue", "zero_point_term",
+           "zero_point_weights"]
