@@ -121,7 +121,7 @@ def test_cli_refuses_a_bad_rules_file_before_work(save_model, tmp_path, capsys):
     code = main(["compile", str(save_model(model)), "--quantize", "int8", "--calibration",
                  str(calib), "--precision-rules", str(rules), "-o", str(tmp_path / "out")])
     assert code == 2
-    assert "rule 1: precision must be one of int8, fp16, fp32, int4, not 'bf16'" in \
+    assert "rule 1: precision must be one of int8, fp16, fp32, int4, lut4, not 'bf16'" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
