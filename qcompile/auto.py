@@ -28,7 +28,8 @@ from .frontend import FloatModel
 from .modes import AutoPrecision
 from .quantize import (activation_dtype_for, calibrate, layer_plan, load_calibration, plan,
                        realize)
-from .quantize.rules import FOUR_BITS, PrecisionRules
+from .quantize.rules import PrecisionRules
+from .quantize.schemes import FOUR_BITS
 from .quantize.search import keep_more, search
 from .quantize.simulate import onnxruntime_outputs
 from .runtime import load as load_model

@@ -21,14 +21,12 @@ from .calibrate import LayerInput
 from .config import QuantConfig, activation_dtype_for
 from .rounding import conv_shape
 from .ops.linear import is_pointwise
-from .rules import FOUR_BITS, LayerSettings, PrecisionRules, Rule
-from .schemes import SCHEMES, Fp32, Scheme, scheme_for
+from .rules import LayerSettings, PrecisionRules, Rule
+from .schemes import CALIBRATED, FOUR_BITS, Fp32, Scheme, scheme_for
 
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = ("conv2d", "matmul")
-# the precisions whose layers read a calibrated integer input (int8, int4)
-CALIBRATED = tuple(name for name, s in SCHEMES.items() if s.in_rules and s.takes_integers)
 STEM_REASON = ("first conv on the image: little compute, most sensitive (--int8-stem to "
                "quantize)")
 

@@ -40,13 +40,11 @@ from typing import Mapping, Sequence
 from ..errors import InputError
 from .observers import ACTIVATION_DTYPES, METHODS
 from .weights import GROUP_SIZES
-from .schemes import RULE_PRECISIONS
+from .schemes import CALIBRATED, FOUR_BITS, RULE_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = RULE_PRECISIONS  # int8, fp16, fp32, int4, lut4: every scheme a rule may name
-FOUR_BITS = ("int4", "lut4")  # the precisions whose weights come in groups (group_size)
-INTEGER = ("int8", *FOUR_BITS)  # the precisions the calibration options apply to
 # what --quantize auto keeps a sensitive layer in: int8-a16 is int8 with 16-bit inputs
 FALLBACKS = ("fp32", "fp16", "int8-a16")
 SELECTORS = ("name", "op", "first", "last")
@@ -273,7 +271,7 @@ def rules_toml(plan: Mapping[str, LayerSettings], base: LayerSettings, header: s
         diff = []
         if settings.precision != base.precision:
             diff.append(("precision", settings.precision))
-        if settings.precision in INTEGER:
+        if settings.precision in CALIBRATED:
             if settings.method != base.method:
                 diff.append(("calibration", settings.method))
             if settings.per_channel != base.per_channel:

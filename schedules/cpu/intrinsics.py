@@ -14,11 +14,16 @@ lanes x 4 bytes, C `lanes` int32 accumulators.
   matmul rows), 8 bytes each, and a packed weight block of 2 outputs x 8: twice the
   multiply-adds of sdot per instruction. Layers with an odd number of rows (a 7-pixel-wide
   feature map, a single-row matmul) use sdot instead, which every i8mm CPU also has.
+
+`register` also registers the palette lookups that unpack 4-bit indices into int8 values
+before these instructions (palette_lookup.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from . import palette_lookup
 
 VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
@@ -93,6 +98,8 @@ def register() -> None:
                           override=True)
     TensorIntrin.register(DEPTHWISE_INTRIN["sdot"], *_depthwise_16x4("int8", _sdot_x4),
                           override=True)
+    for name, (desc, impl) in palette_lookup.intrinsics().items():
+        TensorIntrin.register(name, desc, impl, override=True)
     _registered = True
 
 

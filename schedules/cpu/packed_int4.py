@@ -246,7 +246,8 @@ def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
     """Unpack each weight block right before the instruction consumes it: a 4-bit block's half
     under `h`; a palette block's two halves under `kb`, by the lookup instruction (where the
     target has one: palette_lookup)."""
-    from .palette_lookup import INTRIN, register
+    from .intrinsics import register
+    from .palette_lookup import INTRIN
 
     for producer in sch.get_producers(block):
         name = sch.get(producer).name_hint

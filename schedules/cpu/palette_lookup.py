@@ -22,9 +22,6 @@ INTRIN = {"vpdpbusd": "qcompile_palette_unpack_16x4_vpshufb",
           "sdot": "qcompile_palette_unpack_4x4_tbl"}
 SHAPE = {"vpdpbusd": (16, 4), "sdot": (4, 4)}  # a packed block: lanes x reduce bytes
 
-_registered = False
-
-
 def value(packed_byte, palette, h):
     """The int8 value of nibble `h` of `packed_byte`: the palette entry it indexes."""
     from tvm import tirx
@@ -37,16 +34,10 @@ def value(packed_byte, palette, h):
     return chosen
 
 
-def register() -> None:
-    """Register the lookup intrinsics with TVM (once per process)."""
-    global _registered
-    if _registered:
-        return
-    from tvm.s_tir import TensorIntrin
-
-    for instruction, name in INTRIN.items():
-        TensorIntrin.register(name, *_lookup(instruction), override=True)
-    _registered = True
+def intrinsics() -> dict:
+    """{name: (description, implementation)} of the lookup intrinsics (registered with the
+    dot-product ones: intrinsics.register)."""
+    return {name: _lookup(instruction) for instruction, name in INTRIN.items()}
 
 
 def _lookup(instruction: str):
@@ -94,4 +85,4 @@ def _lookup(instruction: str):
     return desc, impl
 
 
-__all__ = ["INTRIN", "SHAPE", "TABLE", "register", "value"]
+__all__ = ["INTRIN", "SHAPE", "TABLE", "intrinsics", "value"]

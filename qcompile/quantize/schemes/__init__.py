@@ -48,6 +48,10 @@ SCHEMES: dict[str, type[Scheme]] = {
 }
 # what a rules file's `precision` takes (int8-a16 is int8 with `activations` 16-bit)
 RULE_PRECISIONS = tuple(name for name, scheme in SCHEMES.items() if scheme.in_rules)
+# of those, the ones whose layers read a calibrated integer input (int8, int4, lut4), and the
+# ones whose weights come in groups of group_size (int4, lut4)
+CALIBRATED = tuple(name for name in RULE_PRECISIONS if SCHEMES[name].takes_integers)
+FOUR_BITS = tuple(name for name in RULE_PRECISIONS if issubclass(SCHEMES[name], Int4))
 
 
 def scheme_for(settings, mode: str = "static", input_groups: bool = False) -> Scheme:
@@ -75,6 +79,6 @@ def scheme_for(settings, mode: str = "static", input_groups: bool = False) -> Sc
     return SCHEMES[precision].from_settings(settings)
 
 
-__all__ = ["Dynamic", "Fp16", "Fp32", "Int4", "Int4Dynamic", "Int4Weights", "Int8", "Int8A16",
-           "Lut4", "RULE_PRECISIONS", "SCHEMES", "Scheme", "SimLayerOp", "WeightOnly",
-           "scheme_for"]
+__all__ = ["CALIBRATED", "Dynamic", "FOUR_BITS", "Fp16", "Fp32", "Int4", "Int4Dynamic",
+           "Int4Weights", "Int8", "Int8A16", "Lut4", "RULE_PRECISIONS", "SCHEMES", "Scheme",
+           "SimLayerOp", "WeightOnly", "scheme_for"]

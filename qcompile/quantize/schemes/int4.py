@@ -58,7 +58,7 @@ class Int4(Scheme):
 
     @property
     def label(self) -> str:
-        return f"int4-g{self.group_size}"
+        return f"{self.name}-g{self.group_size}"
 
     def _int8(self) -> Int8:
         return Int8(self.method, self.per_channel, self.activations, self.symmetric)

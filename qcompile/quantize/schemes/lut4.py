@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 class Lut4(Int4):
     name = "lut4"
 
-    @property
-    def label(self) -> str:
-        return f"lut4-g{self.group_size}"
-
     def group_weight(self, r: Realizer, weight: np.ndarray, layer: str):
         return quantize_palette(weight, self.group_size,
                                 moments=r.config.input_moments.get(layer))
