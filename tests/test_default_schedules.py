@@ -63,14 +63,14 @@ def test_fp32_kernels_get_a_schedule_and_match_onnxruntime(build, anchors, save_
 
 def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, caplog,
                                                        monkeypatch):
-    """On an x86 CPU without VNNI (AVX2), the int8 graph's depthwise conv (NHWC, its weights
-    HWIO since compile time) is not packed for a dot product: its default schedule computes
-    exactly what TVM's unscheduled kernel computes."""
+    """On an x86 CPU with no instruction to pack for (SSE4.2), the int8 graph's depthwise
+    conv (NHWC, its weights HWIO since compile time) is not packed for a dot product: its
+    default schedule computes exactly what TVM's unscheduled kernel computes."""
     model = packed_convnet()
     path = save_model(model)
-    target = tmp_path / "x86-avx2.toml"
-    target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
-                      '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
+    target = tmp_path / "x86-sse.toml"
+    target.write_text('description = "SSE4.2"\nrpc_key = "x86"\n'
+                      '[target]\nkind = "llvm"\nmcpu = "nehalem"\nnum-cores = 2\n')
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
     scheduled = _compile(path, str(target), tmp_path / "scheduled", caplog, quantize="int8",
                          calibration=calibration)
@@ -364,8 +364,8 @@ def test_the_larger_operand_is_read_once(rows, depth, columns, panels_outside):
 def test_a_padded_int8_conv_with_sliced_channels_keeps_its_instruction(save_model, tmp_path,
                                                                         caplog):
     """An int8 3x3 conv with padding whose 24 output channels are packed as 32 (and sliced
-    back), then SiLU, between int8 convs: its padding stays a step of its own, so the packed block still matches
-    the dot-product instruction (the padding inlined as a bounds check left the kernel on TVM's
+    back), then SiLU, between int8 convs: its padding stays a step of its own, so the packed
+    block still matches the dot-product instruction (the padding inlined as a bounds check left the kernel on TVM's
     scalar code, 5x slower: a detector's first conv)."""
     from models import _w, make_model
     from onnx import helper

@@ -1,6 +1,7 @@
 """Int8 kernels on packed weights: the generated code uses the target's integer dot-product
-instruction (vpdpbusd on an AVX-512 VNNI host, sdot on ARMv8.2 dotprod), and computes exactly
-the integers that TVM's own unpacked kernels compute for the same quantized model."""
+instruction (vpdpbusd on AVX-512 VNNI, vpmaddubsw on AVX2, sdot on ARMv8.2 dotprod), and
+computes exactly the integers that TVM's own unpacked kernels compute for the same quantized
+model."""
 
 import subprocess
 
@@ -12,7 +13,7 @@ from models import gemm_matmul, packed_convnet, padded_channels, random_inputs
 from qcompile.schedules.cpu import intrinsics
 from qcompile.targets import load_target
 
-INSTRUCTIONS = ("vpdpbusd", "sdot", "udot", "smmla", "ummla", "vpshufb", "tbl")
+INSTRUCTIONS = ("vpdpbusd", "vpmaddubsw", "sdot", "udot", "smmla", "ummla", "vpshufb", "tbl")
 
 
 def instruction_counts(library, objdump: str = "objdump") -> dict[str, int]:
@@ -32,6 +33,35 @@ def host_has_vnni() -> bool:
     return intrinsics.dot_product_for(load_target("host").to_tvm()) is intrinsics.VNNI
 
 
+def host_x86_instruction() -> str | None:
+    """The x86 host's int8 dot-product instruction (vpdpbusd, vpmaddubsw), or None."""
+    dot = intrinsics.dot_product_for(load_target("host").to_tvm())
+    return dot.instruction if dot in (intrinsics.VNNI, intrinsics.AVX2) else None
+
+
+def host_has_avx2() -> bool:
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx2", load_target("host").to_tvm()))
+
+
+def x86_target(directory, mcpu: str) -> str:
+    """A target file for an x86 CPU: "haswell" (AVX2, no VNNI: packed for vpmaddubsw),
+    "nehalem" (SSE4.2: no instruction to pack for, TVM's own int8 kernels)."""
+    path = directory / f"x86-{mcpu}.toml"
+    path.write_text(f'description = "x86 {mcpu}"\nrpc_key = "x86"\n'
+                    f'[target]\nkind = "llvm"\nmcpu = "{mcpu}"\nnum-cores = 2\n')
+    return str(path)
+
+
+# (the instruction, a target the host runs that packs for it, whether the host runs it)
+X86_PACKED = [
+    pytest.param("vpdpbusd", lambda d: "host", marks=pytest.mark.skipif(
+        not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")),
+    pytest.param("vpmaddubsw", lambda d: x86_target(d, "haswell"), marks=pytest.mark.skipif(
+        not host_has_avx2(), reason="this CPU has no AVX2"))]
+
+
 # Depthwise convs the packed kernel must get exactly right: 3x3 and 5x5 windows, strides 1 and
 # 2, symmetric and one-sided (TF "SAME") padding, widths that do not fill 8-pixel tiles, a
 # window of 4 (no zero taps, no padding).
@@ -41,9 +71,10 @@ DEPTHWISE_CASES = [  # (height, width, channels, kernel, stride, [top, left, bot
     (6, 8, 16, 4, 1, [0, 0, 0, 0])]
 
 
-def depthwise_module(activation_dtype: str, seed: int = 0):
+def depthwise_module(activation_dtype: str, seed: int = 0, extreme: bool = False):
     """(a Relax module of int8 NHWC depthwise convs, DEPTHWISE_CASES, its inputs, the int32
-    outputs numpy computes from the definition)."""
+    outputs numpy computes from the definition). `extreme`: every input at the type's largest
+    magnitude and the weights at +-127 and -128 (where 16-bit partial sums would saturate)."""
     from tvm import relax
 
     rng = np.random.default_rng(seed)
@@ -52,6 +83,9 @@ def depthwise_module(activation_dtype: str, seed: int = 0):
     for h, w, c, k, stride, (top, left, bottom, right) in DEPTHWISE_CASES:
         image = rng.integers(low, high, (1, h, w, c)).astype(activation_dtype)
         weight = rng.integers(-128, 128, (c, 1, k, k)).astype("int8")  # OIHW, one per group
+        if extreme:
+            image[...] = low if low < 0 else high - 1
+            weight = rng.choice(np.array([-128, 127, -127], np.int8), weight.shape)
         padded = np.pad(image.astype(np.int64), [(0, 0), (top, bottom), (left, right), (0, 0)])
         out_h = (h + top + bottom - k) // stride + 1
         out_w = (w + left + right - k) // stride + 1
@@ -78,16 +112,18 @@ def depthwise_module(activation_dtype: str, seed: int = 0):
     return bb.get(), images, expected
 
 
-@pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-def test_depthwise_kernels_match_numpy(tmp_path):
-    """Int8 depthwise convs, legalized and scheduled as qcompile builds them for the host
-    (4 taps per vpdpbusd): exactly the integer sums of their definition."""
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("instruction, target_of", X86_PACKED)
+def test_depthwise_kernels_match_numpy(tmp_path, instruction, target_of, extreme):
+    """Int8 depthwise convs, legalized and scheduled as qcompile builds them for an x86 CPU
+    (4 taps per vpdpbusd, or per 2 vpmaddubsw on AVX2): exactly the integer sums of their
+    definition, on random integers and on the largest ones."""
     import tvm
 
     from qcompile.lower import lower
 
-    mod, images, expected = depthwise_module("uint8")
-    target = load_target("host")
+    mod, images, expected = depthwise_module("uint8", extreme=extreme)
+    target = load_target(target_of(tmp_path))
     lowered = lower(mod, target)
     names = [gv.name_hint for gv, f in lowered.functions.items()
              if isinstance(f, tvm.tirx.PrimFunc)]
@@ -95,7 +131,7 @@ def test_depthwise_kernels_match_numpy(tmp_path):
     executable = tvm.compile(lowered, target.to_tvm(), relax_pipeline=None)
     library = tmp_path / "depthwise.so"
     executable.export_library(str(library))
-    assert instruction_counts(library)["vpdpbusd"] > 0
+    assert instruction_counts(library)[instruction] > 0
     vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
     got = vm["main"](*[tvm.runtime.tensor(x) for x in images])
     for case, value, want in zip(DEPTHWISE_CASES, got, expected):
@@ -114,23 +150,21 @@ def test_packing_blocks():
     assert packed.shape == (2, 2, 16, 4) and packed[1, 0, 3, 2] == m[2, 16 + 3]
 
 
-@pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("instruction, target_of", X86_PACKED)
 @pytest.mark.parametrize("model, packed_kernels", [(packed_convnet, 4), (padded_channels, 2)])
-def test_host_int8_uses_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path, model,
-                                                              packed_kernels):
+def test_x86_int8_uses_its_instruction_and_matches_unpacked_kernels(
+        save_model, tmp_path, model, packed_kernels, instruction, target_of):
     """packed_convnet: 2 convs, the depthwise conv and the fc fill the blocks. padded_channels:
     the 24- and 40-channel convs are packed with zero channels, the 10-class fc is not."""
     path = save_model(model())
-    packed = compile_int8(path, "host", tmp_path / "packed", model)
-    # the same model for an x86 CPU without VNNI: TVM's own (unpacked) int8 kernels
-    plain_target = tmp_path / "x86-avx2.toml"
-    plain_target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
-                            '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
-    plain = compile_int8(path, str(plain_target), tmp_path / "plain", model)
+    packed = compile_int8(path, target_of(tmp_path), tmp_path / "packed", model)
+    # the same model for an x86 CPU with neither instruction: TVM's own (unpacked) kernels
+    plain = compile_int8(path, x86_target(tmp_path, "nehalem"), tmp_path / "plain", model)
     assert packed.manifest.kernels["int8_default_schedules"] == packed_kernels
     assert plain.manifest.kernels["int8_default_schedules"] == 0
-    assert instruction_counts(packed.library)["vpdpbusd"] > 0
-    assert instruction_counts(plain.library)["vpdpbusd"] == 0
+    assert instruction_counts(packed.library)[instruction] > 0
+    assert sum(instruction_counts(plain.library)[name]
+               for name in ("vpdpbusd", "vpmaddubsw")) == 0
     for seed in range(3):
         feeds = random_inputs(model(), seed=seed)
         with qcompile.load(packed.directory) as a, qcompile.load(plain.directory) as b:

@@ -16,7 +16,7 @@ from qcompile.errors import InputError
 from qcompile.quantize import QuantConfig, quantize
 from qcompile.quantize.rules import LayerSettings, PrecisionRules
 from qcompile.targets import load_target
-from test_int8_kernels import host_has_vnni, instruction_counts
+from test_int8_kernels import X86_PACKED, instruction_counts, x86_target
 from test_quantize import calibration, compile_int8, depthwise_grouped_ref, initializers
 
 
@@ -72,25 +72,24 @@ def test_arm_byte_planes_compute_the_same_integers(save_model):
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(not host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-def test_16bit_input_runs_on_vpdpbusd_and_matches_unpacked_kernels(save_model, tmp_path):
-    """The pointwise conv's 16-bit input: its two bytes go through the packed VNNI kernel as a
-    batch of two; a CPU without VNNI computes the same integers with TVM's own kernels."""
+@pytest.mark.parametrize("instruction, target_of", X86_PACKED)
+def test_16bit_input_runs_on_the_instruction_and_matches_unpacked_kernels(
+        save_model, tmp_path, instruction, target_of):
+    """The pointwise conv's 16-bit input: its two bytes go through the packed kernel (VNNI,
+    or AVX2) as a batch of two; a CPU with neither computes the same integers with TVM's own
+    kernels."""
     model = packed_convnet()
     path = save_model(model)
     config = QuantConfig(rules=wide("pointwise", "fc"))
     cal = [random_inputs(model, seed=10 + i) for i in range(8)]
-    packed = qcompile.compile(path, "host", tmp_path / "packed", quantize="int8",
+    packed = qcompile.compile(path, target_of(tmp_path), tmp_path / "packed", quantize="int8",
                               calibration=cal, quant_config=config)
-    plain_target = tmp_path / "x86-avx2.toml"
-    plain_target.write_text('description = "AVX2, no VNNI"\nrpc_key = "x86"\n'
-                            '[target]\nkind = "llvm"\nmcpu = "haswell"\nnum-cores = 2\n')
-    plain = qcompile.compile(path, str(plain_target), tmp_path / "plain", quantize="int8",
-                             calibration=cal, quant_config=config)
+    plain = qcompile.compile(path, x86_target(tmp_path, "nehalem"), tmp_path / "plain",
+                             quantize="int8", calibration=cal, quant_config=config)
     assert [l["precision"] for l in packed.manifest.layers] == ["int8", "int8-a16", "int8",
                                                              "int8-a16"]
     assert packed.manifest.kernels["int8_default_schedules"] == 4  # with the depthwise conv
-    assert instruction_counts(packed.library)["vpdpbusd"] > 0
+    assert instruction_counts(packed.library)[instruction] > 0
     for seed in range(3):
         feeds = random_inputs(model, seed=seed)
         with qcompile.load(packed.directory) as a, qcompile.load(plain.directory) as b:

@@ -36,6 +36,7 @@ TILE_PIXELS = 8
 TILE_ROWS = 8
 ACCUMULATORS = 16  # int32 vector accumulators per tile (pixels or rows x output blocks)
 ALL_BLOCKS = 24    # ... or up to this many when they cover all the output channels
+# (the target's DotProduct.accumulators in place of 16, and 3/2 of it in place of 24)
 TILE_PIXELS_MOST = 16  # pixels per conv tile, at most
 MIN_PARALLEL = 8   # parallel tasks a tile size must leave (output rows x column tiles)
 PAD_BLOCK = "PadInput"  # topi.nn.pad's block
@@ -53,10 +54,11 @@ def packed_block(sch, dot: DotProduct):
     return None, False, None
 
 
-def conv_tile(width: int, blocks: int, rows: int) -> tuple[int, int]:
+def conv_tile(width: int, blocks: int, rows: int,
+              accumulators: int = ACCUMULATORS) -> tuple[int, int]:
     """(pixels, output blocks) of a conv tile: a divisor of the row's width by a divisor of
-    the output blocks, with at most ACCUMULATORS accumulators (ALL_BLOCKS when the tile covers
-    all the output channels: each input pixel is then read once), the fewest loads per
+    the output blocks, with at most `accumulators` accumulators (3/2 as many when the tile
+    covers all the output channels: each input pixel is then read once), the fewest loads per
     instruction ((pixels + blocks) / their product), then the most accumulators, leaving at
     least MIN_PARALLEL tasks over the `rows` image rows. On EfficientNet-Lite0's 1x1 convs
     (AVX-512, 2 threads) these tiles came within 1.0-1.45x of the tuned records, where tiles of
@@ -65,17 +67,18 @@ def conv_tile(width: int, blocks: int, rows: int) -> tuple[int, int]:
     options = []
     for pixels in (d for d in range(1, min(width, TILE_PIXELS_MOST) + 1) if width % d == 0):
         for per in (d for d in range(1, blocks + 1) if blocks % d == 0):
-            most = ALL_BLOCKS if per == blocks else ACCUMULATORS
+            most = accumulators * ALL_BLOCKS // ACCUMULATORS if per == blocks else accumulators
             if pixels * per <= most and rows * (blocks // per) >= min(MIN_PARALLEL, rows * blocks):
                 options.append((-(pixels + per) / (pixels * per), pixels * per, pixels, per))
     _, _, pixels, per = max(options)
     return pixels, per
 
 
-def column_blocks(blocks: int, tile: int, outer: int) -> int:
-    """Output blocks per tile beside `tile` rows: as many as give up to ACCUMULATORS
+def column_blocks(blocks: int, tile: int, outer: int,
+                  accumulators: int = ACCUMULATORS) -> int:
+    """Output blocks per tile beside `tile` rows: as many as give up to `accumulators`
     accumulators while the `outer` x blocks / that tiles still give MIN_PARALLEL tasks."""
-    return blocks_per_task(blocks, ACCUMULATORS // tile, outer, MIN_PARALLEL)
+    return blocks_per_task(blocks, max(accumulators // tile, 1), outer, MIN_PARALLEL)
 
 
 def schedule_conv(sch, block, dot: DotProduct) -> None:
@@ -84,7 +87,7 @@ def schedule_conv(sch, block, dot: DotProduct) -> None:
     n, y, x, o, r, s, io, ii = sch.get_loops(block)
     width, channels = int(sch.get(x).extent), int(sch.get(o).extent)
     rows = int(sch.get(y).extent) * int(sch.get(n).extent)
-    pixels, per_tile = conv_tile(width, channels // dot.lanes, rows)
+    pixels, per_tile = conv_tile(width, channels // dot.lanes, rows, dot.accumulators)
     xo, xi = sch.split(x, [None, pixels])
     oo, ob, oi = sch.split(o, [None, per_tile, dot.lanes])
     sch.reorder(n, y, oo, xo, r, s, io, xi, ob, oi, ii)
@@ -103,9 +106,11 @@ def schedule_matmul(sch, block, dot: DotProduct) -> None:
     loops = sch.get_loops(block)
     *batch, cols, ko, ki = loops
     rows = sch.fuse(*batch) if len(batch) > 1 else batch[0]
-    tile = row_tile(sch.get(rows).extent, TILE_ROWS)  # 1 for rows known only at run time
+    # 1 for rows known only at run time
+    tile = row_tile(sch.get(rows).extent, min(TILE_ROWS, dot.accumulators))
     per_tile = column_blocks(int(sch.get(cols).extent) // dot.lanes, tile,
-                             getattr(sch.get(rows).extent, "value", 1) // tile)
+                             getattr(sch.get(rows).extent, "value", 1) // tile,
+                             dot.accumulators)
     mo, mi = sch.split(rows, [None, tile])
     no, nb, ni = sch.split(cols, [None, per_tile, dot.lanes])
     sch.reorder(mo, no, ko, mi, nb, ni, ki)
@@ -180,7 +185,8 @@ def schedule_depthwise(sch, block, dot: DotProduct) -> None:
                 pass
     pads = [b for b in sch.get_producers(block) if sch.get(b).name_hint == PAD_BLOCK]
     n, y, x, c, r, g, k = sch.get_loops(block)
-    xo, xi = sch.split(x, [None, largest_divisor(int(sch.get(x).extent), TILE_PIXELS)])
+    xo, xi = sch.split(x, [None, largest_divisor(int(sch.get(x).extent),
+                                                  min(TILE_PIXELS, dot.accumulators))])
     co, ci = sch.split(c, [None, DEPTHWISE_LANES])
     sch.reorder(n, y, co, xo, r, g, xi, ci, k)
     accumulate_in_tile(sch, block, xo)

@@ -8,6 +8,14 @@ lanes x 4 bytes, C `lanes` int32 accumulators.
   as <16 x i32>, which the LLVM bundled with TVM 0.27 (22) rejects ("Intrinsic has incorrect
   argument type"): ours passes them as <64 x i8>, as LLVM now declares it. MetaSchedule's x86
   rule looks the intrinsic up by TVM's name, so that name is re-registered with ours too.
+- x86 AVX2 without VNNI: the same u8 x s8 16 x 4 block (the same packed layout), each 32-byte
+  half by `vpmaddubsw` (u8 x s8 pairs summed into int16) and `vpmaddwd` (int16 pairs into
+  int32). `vpmaddubsw` saturates: 255 x 127 x 2 does not fit in int16. So the activations go
+  in two parts, their low 7 bits and their top bit (a & 0x7f, a & 0x80): each pair sum then
+  fits (at most 127 x 128 x 2 and 128 x 128 x 2 in magnitude) and the two int32 sums are the
+  exact integers `vpdpbusd` gives, at four multiply instructions per 64 bytes where VNNI has
+  one. (onnxruntime and oneDNN take one `vpmaddubsw` per half instead, with 7-bit weights or
+  saturation; here the integers do not depend on the CPU the model is built for.)
 - ARMv8.2 dotprod `sdot`: s8 x s8, 4 x 4: TVM's `dot_4x4_i8i8s32_sdot` works as it is.
 - ARMv8.6 i8mm `smmla` (TVM has no intrinsic for it; ours): a 2 x 8 by 8 x 2 s8 matrix product
   accumulated into 2 x 2 int32. It takes two rows of activations (two output pixels, or two
@@ -26,10 +34,12 @@ from dataclasses import dataclass
 from . import palette_lookup
 
 VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
+AVX2_INTRIN = "qcompile_dot_16x4_u8i8i32_avx2"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
 SMMLA_INTRIN = "qcompile_smmla_2x2x8_i8i8i32"
 DEPTHWISE_INTRIN = {"vpdpbusd": "qcompile_depthwise_16x4_u8i8i32_vnni",
+                    "vpmaddubsw": "qcompile_depthwise_16x4_u8i8i32_avx2",
                     "sdot": "qcompile_depthwise_16x4_i8i8i32_sdot",
                     "smmla": "qcompile_depthwise_16x4_i8i8i32_sdot"}
 DEPTHWISE_LANES = 16  # channels per depthwise intrinsic
@@ -46,12 +56,16 @@ class DotProduct:
     reduce: int = 4         # reduction per output (the weight block's second axis)
     rows: int = 1           # activation rows (pixels) per instruction
     fallback: "DotProduct | None" = None  # for layers whose rows do not pair up
+    # `lanes`-wide int32 accumulators a kernel's tile keeps in registers: 16 of AVX-512's 32
+    # zmm or of NEON's 32 q registers; on AVX2 a 16-lane accumulator takes 2 of its 16 ymm
+    accumulators: int = 16
 
     def choices(self) -> tuple["DotProduct", ...]:
         return (self,) + (self.fallback.choices() if self.fallback is not None else ())
 
 
 VNNI = DotProduct(VNNI_INTRIN, "vpdpbusd", "uint8", 16)
+AVX2 = DotProduct(AVX2_INTRIN, "vpmaddubsw", "uint8", 16, accumulators=4)
 SDOT = DotProduct(SDOT_INTRIN, "sdot", "int8", 4)
 SMMLA = DotProduct(SMMLA_INTRIN, "smmla", "int8", 2, reduce=8, rows=2, fallback=SDOT)
 
@@ -90,12 +104,15 @@ def register() -> None:
     import_tvm_cpu_intrinsics()  # TVM's own (sdot, udot, ...)
     from tvm.s_tir import TensorIntrin
 
-    desc, impl = _vnni_16x4()
+    desc, impl = _dot_16x4(_vpdpbusd)
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(TVM_VNNI_INTRIN, desc, impl, override=True)
+    TensorIntrin.register(AVX2_INTRIN, *_dot_16x4(_pmaddubsw_x4), override=True)
     TensorIntrin.register(SMMLA_INTRIN, *_smmla_2x2x8(), override=True)
     TensorIntrin.register(DEPTHWISE_INTRIN["vpdpbusd"], *_depthwise_16x4("uint8", _vpdpbusd),
                           override=True)
+    TensorIntrin.register(DEPTHWISE_INTRIN["vpmaddubsw"],
+                          *_depthwise_16x4("uint8", _pmaddubsw_x4), override=True)
     TensorIntrin.register(DEPTHWISE_INTRIN["sdot"], *_depthwise_16x4("int8", _sdot_x4),
                           override=True)
     for name, (desc, impl) in palette_lookup.intrinsics().items():
@@ -117,10 +134,14 @@ def dot_product_for(tvm_target) -> DotProduct | None:
         return SDOT if codegen.target_has_features("dotprod", tvm_target) else None
     if triple and not triple.startswith(("x86_64", "i686")):
         return None
-    return VNNI if codegen.target_has_features("avx512vnni", tvm_target) else None
+    if codegen.target_has_features("avx512vnni", tvm_target):
+        return VNNI
+    return AVX2 if codegen.target_has_features("avx2", tvm_target) else None
 
 
-def _vnni_16x4():
+def _dot_16x4(instruction):
+    """C[i] += sum_k A[k] * B[i, k], i < 16, k < 4 (u8 x s8): `instruction` on the 4
+    activation bytes broadcast to 64 and the 64-byte weight block."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -144,11 +165,10 @@ def _vnni_16x4():
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
             a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-            b_i8x64 = B.vload([0, 0], dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = instruction(
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"))
 
     return desc, impl
 
@@ -202,6 +222,29 @@ def _vpdpbusd(acc, a, b):
 
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                                    acc, a, b, dtype="int32x16")
+
+
+def _pmaddubsw_x4(acc, a, b):
+    """The sums of `_vpdpbusd` on AVX2, exactly: per 32-byte half, `vpmaddubsw` of the
+    activations' low 7 bits and of their top bit, each widened by `vpmaddwd` (intrinsics'
+    docstring)."""
+    from tvm.script import tirx as T
+
+    def madd(a_half, b_half):
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                        a_half, b_half, dtype="int16x16")
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                       pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    low = T.bitwise_and(a, T.broadcast(T.uint8(0x7F), 64))
+    top = T.bitwise_and(a, T.broadcast(T.uint8(0x80), 64))
+    halves = []
+    for h in range(2):
+        lanes = list(range(32 * h, 32 * h + 32))
+        b_half = T.Shuffle([b], lanes)
+        halves.append(madd(T.Shuffle([low], lanes), b_half)
+                      + madd(T.Shuffle([top], lanes), b_half))
+    return acc + T.Shuffle(halves, list(range(16)))
 
 
 def _sdot_x4(acc, a, b):

@@ -171,6 +171,7 @@ def schedule(sch, block, dot: DotProduct, rows_tile: int = ROWS_PER_TILE) -> Non
     for loop in batch:
         extent = getattr(sch.get(loop).extent, "value", None)
         rows = rows * extent if isinstance(extent, int) and rows else 0
+    rows_tile = min(rows_tile, max(dot.accumulators // BLOCKS_PER_TILE, 1))
     if rows > 1 and largest_divisor(rows, rows_tile) > 1:
         schedule_tiles(sch, block, dot, rows_tile)
     else:

@@ -7,8 +7,8 @@ of indices, the low nibbles and the high ones; the table P is the layer's 16 int
     U[h, i, k] = P[nibble_h(W[i, k])],  nibble_0 = byte & 15, nibble_1 = byte >> 4
 
 On x86 (AVX-512BW) that is one `vpshufb` per half of a 64-byte block (the table copied into
-each 128-bit lane: the instruction looks up within lanes), on AArch64 one `tbl` per half of a
-16-byte block, after an `and` (a shift for the high half): the values come out in the block
+each 128-bit lane: the instruction looks up within lanes), two 256-bit ones on AVX2, on
+AArch64 one `tbl` per half of a 16-byte block, after an `and` (a shift for the high half): the values come out in the block
 layout the dot-product instruction reads, where the uniform 4-bit kernel's shift or mask
 leaves them. `value` states one element the way the kernel's compute and the intrinsic's
 description both do: as a chain of comparisons with constant indices, because tensorize
@@ -19,8 +19,14 @@ from __future__ import annotations
 
 TABLE = 16  # entries: a 4-bit index
 INTRIN = {"vpdpbusd": "qcompile_palette_unpack_16x4_vpshufb",
+          "vpmaddubsw": "qcompile_palette_unpack_16x4_vpshufb_avx2",
           "sdot": "qcompile_palette_unpack_4x4_tbl"}
-SHAPE = {"vpdpbusd": (16, 4), "sdot": (4, 4)}  # a packed block: lanes x reduce bytes
+# a packed block: lanes x reduce bytes
+SHAPE = {"vpdpbusd": (16, 4), "vpmaddubsw": (16, 4), "sdot": (4, 4)}
+# the lookup instruction and the bytes it looks up at once
+LOOKUP = {"vpdpbusd": ("llvm.x86.avx512.pshuf.b.512", 64),
+          "vpmaddubsw": ("llvm.x86.avx2.pshuf.b", 32),
+          "sdot": ("llvm.aarch64.neon.tbl1.v16i8", 16)}
 
 def value(packed_byte, palette, h):
     """The int8 value of nibble `h` of `packed_byte`: the palette entry it indexes."""
@@ -61,8 +67,6 @@ def _lookup(instruction: str):
 
     bytes_ = f"uint8x{size}"
     values = f"int8x{size}"
-    name = {"vpdpbusd": "llvm.x86.avx512.pshuf.b.512",
-            "sdot": "llvm.aarch64.neon.tbl1.v16i8"}[instruction]
 
     @T.prim_func(s_tir=True)
     def impl(w: T.handle, p: T.handle, u: T.handle) -> None:
@@ -72,17 +76,30 @@ def _lookup(instruction: str):
         with T.sblock("root"):
             T.reads(W[0:lanes, 0:reduce], P[0:TABLE])
             T.writes(U[0:2, 0:lanes, 0:reduce])
-            table = T.Shuffle([P.vload([0], f"int8x{TABLE}")] * (size // TABLE), list(range(size)))
-            U[0, 0, T.ramp(0, 1, size)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(name), table,
+            U[0, 0, T.ramp(0, 1, size)] = _look_up(
+                instruction, P.vload([0], f"int8x{TABLE}"),
                 T.reinterpret(W.vload([0, 0], bytes_) & T.broadcast(T.uint8(15), size),
-                              dtype=values), dtype=values)
-            U[1, 0, T.ramp(0, 1, size)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(name), table,
+                              dtype=values), size)
+            U[1, 0, T.ramp(0, 1, size)] = _look_up(
+                instruction, P.vload([0], f"int8x{TABLE}"),
                 T.reinterpret(W.vload([0, 0], bytes_) >> T.broadcast(T.uint8(4), size),
-                              dtype=values), dtype=values)
+                              dtype=values), size)
 
     return desc, impl
+
+
+def _look_up(instruction: str, table, indices, size: int):
+    """The table's entries at `indices` (int8 lanes, each 0..15), by the instruction's lookup,
+    as many bytes at a time as it takes (the table copied into each of its 16-byte lanes)."""
+    from tvm.script import tirx as T
+
+    name, width = LOOKUP[instruction]
+    copies = T.Shuffle([table] * (width // TABLE), list(range(width)))
+    parts = [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), copies,
+                                     T.Shuffle([indices], list(range(start, start + width))),
+                                     dtype=f"int8x{width}")
+             for start in range(0, size, width)]
+    return parts[0] if len(parts) == 1 else T.Shuffle(parts, list(range(size)))
 
 
 __all__ = ["INTRIN", "SHAPE", "TABLE", "intrinsics", "value"]

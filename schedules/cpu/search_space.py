@@ -12,11 +12,12 @@ other kernel in the default space itself.
   one 12 and 12 (on the host, each computing the unscheduled kernel's integers). An
   annotation on that loop keeps the postprocessor off it (the intrinsic is the vector code
   already).
-- Kernels packed for smmla (arm64-i8mm) also get MetaSchedule's multi-level tiling with our
-  smmla intrinsic (intrinsics.py): 2 output pixels (or matmul rows) x 2 packed output channels
-  x 8 reduction bytes per instruction. Its accumulator is 2 x 2, and the tensorize
-  postprocessor can vectorize only a one-loop zeroing: the zeroing stays scalar (4 stores per
-  block, once per reduction).
+- Kernels packed for an instruction TVM's default space does not know get MetaSchedule's
+  multi-level tiling with our intrinsic for it (intrinsics.py): smmla (arm64-i8mm), 2 output
+  pixels (or matmul rows) x 2 packed output channels x 8 reduction bytes per instruction, and
+  AVX2's vpmaddubsw pairs (x86 without VNNI), the 16 x 4 block of VNNI's. smmla's
+  accumulator is 2 x 2, and the tensorize postprocessor can vectorize only a one-loop
+  zeroing: the zeroing stays scalar (4 stores per block, once per reduction).
 """
 
 from __future__ import annotations
@@ -52,21 +53,22 @@ def packed_for(func, tvm_target):
 def space(func, tvm_target):
     """The space generator to tune `func` in on the CPU target `tvm_target`: anything
     MetaSchedule's TuneContext takes as space_generator."""
-    from .intrinsics import SMMLA
-
     dot = packed_for(func, tvm_target)
     if dot is None:
         return "post-order-apply"
-    return tensorized_space(tvm_target, smmla=dot is SMMLA)
+    return tensorized_space(tvm_target, dot)
 
 
-def tensorized_space(tvm_target, smmla: bool = False):
+def tensorized_space(tvm_target, dot=None):
     """The target's default space, with the loop around a tensorized block kept serial, and
-    for an smmla kernel (`smmla`) smmla tensorization tried first."""
+    for a kernel packed for smmla or AVX2 (`dot`) tensorization with our intrinsic tried
+    first."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from .intrinsics import SMMLA_INTRIN, register
+    from .intrinsics import AVX2, SMMLA, register
+
+    smmla = dot is SMMLA
 
     register()
     # The target's defaults (TVM picks ARM's by the target's features), read off a space
@@ -78,12 +80,18 @@ def tensorized_space(tvm_target, smmla: bool = False):
     tiling = [i for i, rule in enumerate(rules)
               if type(rule).__name__ in ("MultiLevelTilingWithIntrin", "MultiLevelTiling")]
     rules.insert(tiling[-1] + 1, SerialAroundIntrinsic())
-    if smmla:
+    if dot in (SMMLA, AVX2):
         rules.insert(tiling[0], ms.schedule_rule.MultiLevelTilingWithIntrin(
-            SMMLA_INTRIN, structure="SSRSRS", max_innermost_factor=32))
+            dot.intrin, structure="SSRSRS", max_innermost_factor=32 if smmla else 64))
     postprocs = [ms.postproc.RewriteTensorize(vectorize_init_loop=not smmla)
                  if type(p).__name__ == "RewriteTensorize" else p.clone()
                  for p in defaults.postprocs]
+    if not any(type(p).__name__ == "RewriteTensorize" for p in postprocs):
+        # x86 without VNNI: TVM's space tensorizes nothing, and has no postprocessor for it
+        after = [i for i, p in enumerate(postprocs)
+                 if type(p).__name__ == "RewriteReductionBlock"]
+        postprocs.insert(after[0] + 1 if after else len(postprocs),
+                         ms.postproc.RewriteTensorize(vectorize_init_loop=True))
     mutators = {m.clone(): p for m, p in defaults.mutator_probs.items()}
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
                                              mutator_probs=mutators)

@@ -65,6 +65,20 @@ def test_int8_conv_tiles_of_efficientnet_shapes(width, blocks, rows, tile):
     assert conv_tile(width, blocks, rows) == tile
 
 
+@pytest.mark.parametrize("width, blocks, rows", [
+    (112, 1, 112), (56, 2, 56), (28, 3, 28), (28, 15, 28), (14, 30, 14), (7, 72, 7), (1, 63, 1)])
+def test_int8_tiles_fit_avx2_registers(width, blocks, rows):
+    """On AVX2 (16 ymm registers, two per 16-lane accumulator) a tile keeps at most its
+    DotProduct's accumulators, 3/2 as many where it covers every output channel."""
+    from qcompile.schedules.cpu import int8_default as d
+    from qcompile.schedules.cpu.intrinsics import AVX2
+
+    most = AVX2.accumulators
+    pixels, per = d.conv_tile(width, blocks, rows, most)
+    assert pixels * per <= (most * 3 // 2 if per == blocks else most)
+    assert d.column_blocks(blocks, 1, rows, most) <= most
+
+
 @pytest.mark.parametrize("blocks, rows, per", [(63, 1, 7), (24, 64, 2), (24, 8, 2), (8, 1, 1)])
 def test_int8_matmul_tiles_keep_enough_parallel_tasks(blocks, rows, per):
     """Output blocks per matmul tile: up to 16 accumulators with the tile's rows, at least 8
