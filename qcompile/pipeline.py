@@ -16,6 +16,7 @@ from .errors import InputError
 from .frontend import FloatModel, import_onnx
 from .modes import AutoPrecision, Mode, apply as apply_mode, mode_from
 from .quantize import QuantConfig, QuantizedModel
+from .devices import check_choice
 from .devices.tracker import parse_tracker
 from .paths import check_out_dir
 from .quantize.report import REPORT_FILE
@@ -173,6 +174,7 @@ def tune(
     mode = quantize if isinstance(quantize, Mode) else mode_from(quantize, calibration,
                                                                   quant_config)
     rpc = _rpc(rpc_tracker, rpc_key, resolved)
+    check_choice(resolved, rpc, pocl)  # the devices first: a wrong option, whatever the log
     directory = Path(log_dir) if log_dir is not None else Path("tuning_logs") / resolved.name
     check_log_dir(directory, resolved)  # a file, another target's log or a damaged one: now
     graph = apply_mode(mode, _import(model, input_shapes), resolved)

@@ -21,17 +21,24 @@ from .base import Device
 from .local import LocalDevice
 
 
+def check_choice(target: Target, rpc: tuple[tuple[str, int], str] | None = None,
+                 pocl: bool = False) -> None:
+    """Refuse a choice of devices that cannot measure `target` (before anything else is
+    checked or done)."""
+    if pocl and target.kind != "opencl":
+        raise InputError(f"--pocl measures OpenCL (GPU) candidates, and target "
+                         f"'{target.name}' is a CPU ({target.kind}).")
+    if pocl and rpc is not None:
+        raise InputError("Measure on the devices at the tracker or on pocl, not both: "
+                         "drop --pocl or --rpc-tracker.")
+
+
 def device_for(target: Target, rpc: tuple[tuple[str, int], str] | None = None,
                pocl: bool = False) -> Device:
     """Where `target`'s candidates are measured: the devices under the key at the tracker
     (`rpc`: ((host, port), key)), pocl for an OpenCL target (`pocl`), or this machine."""
+    check_choice(target, rpc, pocl)
     if pocl:
-        if target.kind != "opencl":
-            raise InputError(f"--pocl measures OpenCL (GPU) candidates, and target "
-                             f"'{target.name}' is a CPU ({target.kind}).")
-        if rpc is not None:
-            raise InputError("Measure on the devices at the tracker or on pocl, not both: "
-                             "drop --pocl or --rpc-tracker.")
         from .pocl import PoclDevice
 
         return PoclDevice()
@@ -48,4 +55,4 @@ def device_for(target: Target, rpc: tuple[tuple[str, int], str] | None = None,
     return LocalDevice()
 
 
-__all__ = ["Device", "LocalDevice", "device_for"]
+__all__ = ["Device", "LocalDevice", "check_choice", "device_for"]
