@@ -55,10 +55,6 @@ ROWS = 8      # rows of the register tile
 COLUMNS = 2   # vector tiles side by side in the register tile, where the axis divides
 # (ROWS x COLUMNS = 16 accumulators; native runner here, fp32: EfficientNet-Lite0 3.93 -> 3.73
 # ms, paraphrase-MiniLM-L3-v2 2.83 -> 2.41 ms against one column)
-# Where the widest register holds VECTOR floats or fewer (AVX2's 16 ymm, NEON's 32 q: 128
-# floats of registers in all), 8 x 2 tiles of 8 are every register: the tile takes ROWS_NARROW
-# rows, which leaves 4 registers' worth for the loads and the broadcast.
-ROWS_NARROW = 6
 WIDE_VECTOR = 64  # output elements per tile when there are no rows to tile
 # (EfficientNet-Lite0 fp32 here: 8 x 8 35 ms, 4 x 8 38 ms, 4 x 16 45 ms, 8 x 16 47 ms)
 MIN_PARALLEL = 4096  # elements of output below which a kernel stays on one thread
@@ -237,8 +233,7 @@ def schedule_anchor(sch, block, lanes: int = VECTOR) -> None:
     outer = [loop for i, (loop, _) in enumerate(spatial[:-1]) if i != t_index]
     if t_index is not None:
         t_loop, t_iv = spatial[t_index]
-        rows = ROWS if lanes > VECTOR else ROWS_NARROW
-        to, ti = sch.split(t_loop, [None, fewest_tiles(_extent(t_iv.dom.extent), rows)])
+        to, ti = sch.split(t_loop, [None, fewest_tiles(_extent(t_iv.dom.extent), ROWS)])
         tiles = [vo, to] if _panels_outweigh_rows(sch.get(block), v_iv, t_iv) else [to, vo]
         sch.reorder(*outer, *tiles, *reduction, ti, vc, vi)
         tile_outer = [*outer, *tiles]
