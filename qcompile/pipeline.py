@@ -12,11 +12,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .artifact import Artifact
 from .build import build
+from .devices import check_choice
 from .errors import InputError
 from .frontend import FloatModel, import_onnx
 from .modes import AutoPrecision, Mode, apply as apply_mode, mode_from
 from .quantize import QuantConfig, QuantizedModel
-from .devices import check_choice
 from .devices.tracker import parse_tracker
 from .paths import check_out_dir
 from .quantize.report import REPORT_FILE

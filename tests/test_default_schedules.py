@@ -365,8 +365,8 @@ def test_a_padded_int8_conv_with_sliced_channels_keeps_its_instruction(save_mode
                                                                         caplog):
     """An int8 3x3 conv with padding whose 24 output channels are packed as 32 (and sliced
     back), then SiLU, between int8 convs: its padding stays a step of its own, so the packed
-    block still matches the dot-product instruction (the padding inlined as a bounds check left the kernel on TVM's
-    scalar code, 5x slower: a detector's first conv)."""
+    block still matches the dot-product instruction (the padding inlined as a bounds check
+    left the kernel on TVM's scalar code, 5x slower: a detector's first conv)."""
     from models import _w, make_model
     from onnx import helper
 

@@ -12,8 +12,9 @@ lanes x 4 bytes, C `lanes` int32 accumulators.
   half by `vpmaddubsw` (u8 x s8 pairs summed into int16) and `vpmaddwd` (int16 pairs into
   int32). `vpmaddubsw` saturates: 255 x 127 x 2 does not fit in int16. So the activations go
   in two parts, their low 7 bits and their top bit (a & 0x7f, a & 0x80): each pair sum then
-  fits (at most 127 x 128 x 2 and 128 x 128 x 2 in magnitude) and the two int32 sums are the
-  exact integers `vpdpbusd` gives, at four multiply instructions per 64 bytes where VNNI has
+  fits in int16 for any int8 weights (127 x 128 x 2 = 32512 at most in magnitude, and
+  128 x -128 x 2 = -32768 for the top bit) and the two int32 sums are the exact integers
+  `vpdpbusd` gives, at four multiply instructions per 64 bytes where VNNI has
   one. (onnxruntime and oneDNN take one `vpmaddubsw` per half instead, with 7-bit weights or
   saturation; here the integers do not depend on the CPU the model is built for.)
 - ARMv8.2 dotprod `sdot`: s8 x s8, 4 x 4: TVM's `dot_4x4_i8i8s32_sdot` works as it is.

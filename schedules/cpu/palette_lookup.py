@@ -8,11 +8,12 @@ of indices, the low nibbles and the high ones; the table P is the layer's 16 int
 
 On x86 (AVX-512BW) that is one `vpshufb` per half of a 64-byte block (the table copied into
 each 128-bit lane: the instruction looks up within lanes), two 256-bit ones on AVX2, on
-AArch64 one `tbl` per half of a 16-byte block, after an `and` (a shift for the high half): the values come out in the block
-layout the dot-product instruction reads, where the uniform 4-bit kernel's shift or mask
-leaves them. `value` states one element the way the kernel's compute and the intrinsic's
-description both do: as a chain of comparisons with constant indices, because tensorize
-cannot match a description whose buffer index is itself a load (W's byte indexing P).
+AArch64 one `tbl` per half of a 16-byte block, after an `and` (a shift for the high half):
+the values come out in the block layout the dot-product instruction reads, where the uniform
+4-bit kernel's shift or mask leaves them. `value` states one element the way the kernel's
+compute and the intrinsic's description both do: as a chain of comparisons with constant
+indices, because tensorize cannot match a description whose buffer index is itself a load
+(W's byte indexing P).
 """
 
 from __future__ import annotations
