@@ -12,6 +12,7 @@ import qcompile
 from models import (assert_close, conv_relu, depthwise_grouped, gemm_matmul, onnxruntime_outputs,
                     packed_convnet, random_inputs)
 from qcompile.schedules.cpu import float_default, tiles as loop_tiles
+from test_int8_kernels import x86_target
 
 UNSCHEDULED = "keeps the unscheduled code"
 
@@ -68,9 +69,7 @@ def test_int8_depthwise_matches_the_unscheduled_kernel(save_model, tmp_path, cap
     default schedule computes exactly what TVM's unscheduled kernel computes."""
     model = packed_convnet()
     path = save_model(model)
-    target = tmp_path / "x86-sse.toml"
-    target.write_text('description = "SSE4.2"\nrpc_key = "x86"\n'
-                      '[target]\nkind = "llvm"\nmcpu = "nehalem"\nnum-cores = 2\n')
+    target = x86_target(tmp_path, "nehalem")
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
     scheduled = _compile(path, str(target), tmp_path / "scheduled", caplog, quantize="int8",
                          calibration=calibration)

@@ -29,14 +29,14 @@ def compile_int8(path, target, out, model=packed_convnet):
     return qcompile.compile(path, target, out, quantize="int8", calibration=calibration)
 
 
-def host_has_vnni() -> bool:
-    return intrinsics.dot_product_for(load_target("host").to_tvm()) is intrinsics.VNNI
-
-
 def host_x86_instruction() -> str | None:
     """The x86 host's int8 dot-product instruction (vpdpbusd, vpmaddubsw), or None."""
     dot = intrinsics.dot_product_for(load_target("host").to_tvm())
     return dot.instruction if dot in (intrinsics.VNNI, intrinsics.AVX2) else None
+
+
+def host_has_vnni() -> bool:
+    return host_x86_instruction() == intrinsics.VNNI.instruction
 
 
 def host_has_avx2() -> bool:
