@@ -17,9 +17,18 @@ from qcompile.quantize import QuantConfig
 from qcompile.quantize.rules import PrecisionRules
 from qcompile.quantize.weights import quantize_groups
 from qcompile.schedules.cpu.packed_int4 import pack_codes, unpack_logical
-from test_int8_kernels import host_x86_instruction, instruction_counts
+from test_int8_kernels import host_has_avx2, host_x86_instruction, instruction_counts, x86_target
 
 RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+# (the target, the x86 instruction its 4-bit kernels multiply with): the host; and an AVX2 CPU
+# where the host runs AVX2 but is not one (there the nibbles are unpacked to their values and
+# multiplied by one vpmaddubsw each, where VNNI reads them as 16 times the value)
+TARGETS = [pytest.param(lambda d: "host", host_x86_instruction, id="host"),
+           pytest.param(lambda d: x86_target(d, "haswell"), lambda: "vpmaddubsw", id="avx2",
+                        marks=pytest.mark.skipif(
+                            not host_has_avx2() or host_x86_instruction() == "vpmaddubsw",
+                            reason="the host is an AVX2 CPU already, or cannot run one"))]
 
 
 def matmul_model(k: int, n: int, rows: int = 3, seed: int = 0) -> onnx.ModelProto:
@@ -84,17 +93,23 @@ def test_codes_groups_and_packing():
     high = (packed & 0xF0).view(np.int8).astype(np.int32)
     assert low[1, 1, 5, 3] == 16 * (codes[21, 11] - 8)
     assert high[1, 1, 5, 3] == 16 * (codes[21, 15] - 8)
+    # for a `narrow` instruction (AVX2) the nibbles are the codes, read as c - 8
+    packed = pack_codes(codes, lanes=16, reduce=4, centre=0)
+    assert (packed[1, 1, 5, 3] & 15) - 8 == codes[21, 11] - 8
+    assert (packed[1, 1, 5, 3] >> 4) - 8 == codes[21, 15] - 8
 
 
+@pytest.mark.parametrize("target_of, instruction", TARGETS)
 @pytest.mark.parametrize("k, n, group", [(100, 40, 32), (576, 64, 64), (256, 48, 128)])
-def test_w4a8_matches_the_integer_reference(k, n, group, save_model, tmp_path):
+def test_w4a8_matches_the_integer_reference(k, n, group, save_model, tmp_path, target_of,
+                                            instruction):
     """Reduction lengths that are not whole groups (100, 576 with 128) and outputs that do not
     fill the instruction's blocks (40, 48 with 16 lanes)."""
     model = matmul_model(k, n)
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
-    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
-                                calibration=calibration,
+    artifact = qcompile.compile(save_model(model), target_of(tmp_path), tmp_path / "out",
+                                quantize="int8", calibration=calibration,
                                 quant_config=QuantConfig(weight_bits=4, group_size=group,
                                                          weight_rounding="nearest",
                                                          bias_correction=False))
@@ -108,8 +123,8 @@ def test_w4a8_matches_the_integer_reference(k, n, group, save_model, tmp_path):
             expected = w4a8_ref(x, init["w"], init["b"], row["input"], group)
             np.testing.assert_allclose(got, expected, rtol=2e-5,
                                        atol=2e-5 * np.abs(expected).max())
-    if host_x86_instruction():
-        assert instruction_counts(artifact.library)[host_x86_instruction()] > 0
+    if instruction():
+        assert instruction_counts(artifact.library)[instruction()] > 0
         assert artifact.manifest.kernels["int8_default_schedules"] == 1
 
 
@@ -124,15 +139,17 @@ def pointwise_model(stride: int, k: int = 80, n: int = 40) -> onnx.ModelProto:
         [_w("w", (n, k, 1, 1), 5, 0.1), _w("b", (n,), 6, 0.1)])
 
 
+@pytest.mark.parametrize("target_of, instruction", TARGETS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_w4a8_pointwise_conv_matches_the_integer_reference(stride, save_model, tmp_path):
+def test_w4a8_pointwise_conv_matches_the_integer_reference(stride, save_model, tmp_path,
+                                                           target_of, instruction):
     """A 1x1 conv runs on the 4-bit matmul kernel with its pixels as rows (NHWC): the
     reference's integers on every stride-th pixel, the output back in NCHW, ReLU applied."""
     model = pointwise_model(stride)
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     calibration = [random_inputs(model, seed=10 + i) for i in range(8)]
-    artifact = qcompile.compile(save_model(model), "host", tmp_path / "out", quantize="int8",
-                                calibration=calibration,
+    artifact = qcompile.compile(save_model(model), target_of(tmp_path), tmp_path / "out",
+                                quantize="int8", calibration=calibration,
                                 quant_config=QuantConfig(weight_bits=4, weight_rounding="nearest",
                                                          bias_correction=False))
     row = json.loads((tmp_path / "out" / "quantization.json").read_text())["layers"][0]
@@ -146,8 +163,8 @@ def test_w4a8_pointwise_conv_matches_the_integer_reference(stride, save_model, t
             expected = np.maximum(expected, 0).reshape(1, *x.shape[2:], -1).transpose(0, 3, 1, 2)
             np.testing.assert_allclose(got, expected, rtol=2e-5,
                                        atol=2e-5 * np.abs(expected).max())
-    if host_x86_instruction():
-        assert instruction_counts(artifact.library)[host_x86_instruction()] > 0
+    if instruction():
+        assert instruction_counts(artifact.library)[instruction()] > 0
         assert artifact.manifest.kernels["int8_default_schedules"] == 1
 
 

@@ -17,6 +17,8 @@ lanes x 4 bytes, C `lanes` int32 accumulators.
   `vpdpbusd` gives, at four multiply instructions per 64 bytes where VNNI has
   one. (onnxruntime and oneDNN take one `vpmaddubsw` per half instead, with 7-bit weights or
   saturation; here the integers do not depend on the CPU the model is built for.)
+  Weights within [-64, 64] need no split (255 x 64 x 2 fits in int16): the `narrow` variant
+  takes one `vpmaddubsw` per half, for the 4-bit kernels, whose values are within [-8, 7].
 - ARMv8.2 dotprod `sdot`: s8 x s8, 4 x 4: TVM's `dot_4x4_i8i8s32_sdot` works as it is.
 - ARMv8.6 i8mm `smmla` (TVM has no intrinsic for it; ours): a 2 x 8 by 8 x 2 s8 matrix product
   accumulated into 2 x 2 int32. It takes two rows of activations (two output pixels, or two
@@ -36,6 +38,7 @@ from . import palette_lookup
 
 VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
 AVX2_INTRIN = "qcompile_dot_16x4_u8i8i32_avx2"
+AVX2_NARROW_INTRIN = "qcompile_dot_16x4_u8i7i32_avx2"  # weights within [-64, 64] only
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
 SMMLA_INTRIN = "qcompile_smmla_2x2x8_i8i8i32"
@@ -60,13 +63,18 @@ class DotProduct:
     # `lanes`-wide int32 accumulators a kernel's tile keeps in registers: 16 of AVX-512's 32
     # zmm or of NEON's 32 q registers; on AVX2 a 16-lane accumulator takes 2 of its 16 ymm
     accumulators: int = 16
+    # an intrinsic of the same block that is exact only for weights within [-64, 64], and
+    # faster: the 4-bit kernels take it with their weights unpacked to their values (not 16
+    # times them) where a target has one
+    narrow: str | None = None
 
     def choices(self) -> tuple["DotProduct", ...]:
         return (self,) + (self.fallback.choices() if self.fallback is not None else ())
 
 
 VNNI = DotProduct(VNNI_INTRIN, "vpdpbusd", "uint8", 16)
-AVX2 = DotProduct(AVX2_INTRIN, "vpmaddubsw", "uint8", 16, accumulators=4)
+AVX2 = DotProduct(AVX2_INTRIN, "vpmaddubsw", "uint8", 16, accumulators=4,
+                  narrow=AVX2_NARROW_INTRIN)
 SDOT = DotProduct(SDOT_INTRIN, "sdot", "int8", 4)
 SMMLA = DotProduct(SMMLA_INTRIN, "smmla", "int8", 2, reduce=8, rows=2, fallback=SDOT)
 
@@ -109,6 +117,7 @@ def register() -> None:
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(TVM_VNNI_INTRIN, desc, impl, override=True)
     TensorIntrin.register(AVX2_INTRIN, *_dot_16x4(_pmaddubsw_x4), override=True)
+    TensorIntrin.register(AVX2_NARROW_INTRIN, *_dot_16x4(_pmaddubsw_x2), override=True)
     TensorIntrin.register(SMMLA_INTRIN, *_smmla_2x2x8(), override=True)
     TensorIntrin.register(DEPTHWISE_INTRIN["vpdpbusd"], *_depthwise_16x4("uint8", _vpdpbusd),
                           override=True)
@@ -225,27 +234,46 @@ def _vpdpbusd(acc, a, b):
                                    acc, a, b, dtype="int32x16")
 
 
+def _pmaddubsw(a_half, b_half):
+    """`vpmaddubsw` (32 u8 x s8 products, pairs summed into int16, saturating), widened to
+    int32 by `vpmaddwd` with ones (the pairs of pairs: 8 sums of 4)."""
+    from tvm.script import tirx as T
+
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                    a_half, b_half, dtype="int16x16")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                   pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+
+def _halves(a_parts, b):
+    """Per 32-byte half of the 64-byte block, the sum over `a_parts` of `_pmaddubsw(part,
+    b)`: 16 int32 lanes."""
+    from tvm.script import tirx as T
+
+    halves = []
+    for h in range(2):
+        lanes = list(range(32 * h, 32 * h + 32))
+        b_half = T.Shuffle([b], lanes)
+        sums = [_pmaddubsw(T.Shuffle([part], lanes), b_half) for part in a_parts]
+        halves.append(sums[0] if len(sums) == 1 else sums[0] + sums[1])
+    return T.Shuffle(halves, list(range(16)))
+
+
 def _pmaddubsw_x4(acc, a, b):
     """The sums of `_vpdpbusd` on AVX2, exactly: per 32-byte half, `vpmaddubsw` of the
     activations' low 7 bits and of their top bit, each widened by `vpmaddwd` (intrinsics'
     docstring)."""
     from tvm.script import tirx as T
 
-    def madd(a_half, b_half):
-        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                        a_half, b_half, dtype="int16x16")
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                       pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
-
     low = T.bitwise_and(a, T.broadcast(T.uint8(0x7F), 64))
     top = T.bitwise_and(a, T.broadcast(T.uint8(0x80), 64))
-    halves = []
-    for h in range(2):
-        lanes = list(range(32 * h, 32 * h + 32))
-        b_half = T.Shuffle([b], lanes)
-        halves.append(madd(T.Shuffle([low], lanes), b_half)
-                      + madd(T.Shuffle([top], lanes), b_half))
-    return acc + T.Shuffle(halves, list(range(16)))
+    return acc + _halves([low, top], b)
+
+
+def _pmaddubsw_x2(acc, a, b):
+    """The sums of `_vpdpbusd` on AVX2 for weights within [-64, 64]: one `vpmaddubsw` per
+    half (a pair of products is at most 2 x 255 x 64 = 32640 in magnitude: no saturation)."""
+    return acc + _halves([a], b)
 
 
 def _sdot_x4(acc, a, b):

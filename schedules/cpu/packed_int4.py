@@ -17,7 +17,10 @@ elements and the high nibbles the next, each nibble the value c - 8 in two's com
 The kernel reads a byte's low nibble shifted up by 4 and its high nibble masked with 0xF0, as
 int8: 16 times the two values, one instruction each (a shift by 4 and an `and`; x86 has no byte
 shift, so LLVM makes it a `vgf2p8affineqb`), where unpacking c and subtracting 8 took two; each
-group's exact int32 sum is shifted down by 4 before its scale. The default schedule
+group's exact int32 sum is shifted down by 4 before its scale. Where the instruction has a
+`narrow` variant for small weights (AVX2: one `vpmaddubsw` where int8 weights take two), the
+nibbles hold c as it is and are unpacked to c - 8 (an `and` or a shift, then a subtraction),
+and the sums need no shift. The default schedule
 (`schedule`) unpacks each block into a 64-byte (VNNI) or 16-byte (sdot) buffer right before the
 instruction consumes it, for every row of its tile: the weights cross memory in 4 bits.
 
@@ -42,16 +45,18 @@ from .tiles import (blocks_per_task, even_blocks_per_task, largest_divisor, row_
 
 PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
 UNPACK = "qcompile_int4_unpack"  # its weight blocks, unpacked to int8 right before use
+UNPACK_VALUES = "qcompile_int4_unpack_values"  # the same, as c - 8 for a `narrow` instruction
 LOOKUP = "qcompile_palette_unpack"  # the same for palette weights, by a table lookup
 
 
 def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int,
-              *terms, names=(), palette=None):
+              *terms, names=(), palette=None, values=False):
     """The same on weights packed for an instruction: packed [N/lanes, K/(2 reduce), lanes,
     reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales and the
     per-output group terms [N/lanes, K/group, lanes] (each column block's together). 8-bit
     weights come as int8 [N/lanes, K/(2 reduce), 2, lanes, reduce], read as they are.
-    `palette` (int8 [16]): the nibbles index it (palette_lookup)."""
+    `palette` (int8 [16]): the nibbles index it (palette_lookup). `values`: the nibbles are
+    codes c (pack_codes' centre 0), unpacked to c - 8, not 16 times it."""
     from tvm import te
 
     from ..int4_logical import GroupTerms
@@ -65,6 +70,14 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
         unpacked = te.compute(
             (int(packed.shape[0]), blocks, 2, lanes, reduce),
             lambda nb, b, h, lane, r: value(packed[nb, b, lane, r], palette, h), name=LOOKUP)
+    elif four and values:
+        unpacked = te.compute(
+            (int(packed.shape[0]), blocks, 2, lanes, reduce),
+            lambda nb, b, h, lane, r: te.if_then_else(
+                h == 0, packed[nb, b, lane, r] & te.const(15, "uint8"),
+                packed[nb, b, lane, r] >> te.const(4, "uint8")).astype("int8")
+            - te.const(8, "int8"),
+            name=UNPACK_VALUES)
     elif four:
         unpacked = te.compute(
             (int(packed.shape[0]), blocks, 2, lanes, reduce),
@@ -97,7 +110,7 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
         return t[n // lanes, g, n % lanes]
 
     def sixteenths(a):  # 4-bit weights were read as 16 times their value
-        return a >> 4 if four else a
+        return a >> 4 if four and not values else a
 
     return te.compute(
         (*rows, channels),
@@ -217,7 +230,8 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     reduction = 1
     for loop in (g, kb, h, r):
         reduction *= int(sch.get(loop).extent)
-    four = any(sch.get(p).name_hint in (UNPACK, LOOKUP) for p in sch.get_producers(block))
+    four = any(sch.get(p).name_hint in (UNPACK, UNPACK_VALUES, LOOKUP)
+               for p in sch.get_producers(block))
     turns = _rounds(total, reduction * dot.lanes // (2 if four else 1))
     blocks = even_blocks_per_task(total // turns, STREAMS, MIN_TASKS, target_threads())
     no, nb, rounds, ni = sch.split(cols, [None, blocks, turns, dot.lanes])
@@ -252,7 +266,7 @@ def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
 
     for producer in sch.get_producers(block):
         name = sch.get(producer).name_hint
-        if name == UNPACK:
+        if name in (UNPACK, UNPACK_VALUES):
             sch.compute_at(producer, h, preserve_unit_loops=True)
             inner = sch.get_loops(producer)
             sch.vectorize(sch.fuse(inner[-2], inner[-1]))
@@ -265,10 +279,11 @@ def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
 
 def _instruction_at(sch, block, reduction, lanes, dot: DotProduct) -> None:
     """Zero the accumulators before `reduction` (vectorized) and make `lanes` the
-    instruction."""
+    instruction (its `narrow` variant on weights unpacked to their 4-bit values)."""
+    narrow = any(sch.get(p).name_hint == UNPACK_VALUES for p in sch.get_producers(block))
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(lanes, dot.intrin)
+    sch.tensorize(lanes, dot.narrow if narrow else dot.intrin)
 
 
 def _epilogue_at(sch, epilogue, loop) -> None:
@@ -314,6 +329,7 @@ def repack(mod, dot: DotProduct):
                 return call
             channels = pairs.shape[0]
             eight = pairs.dtype == np.int8  # 8-bit weights: their values, not code pairs
+            values = not eight and palette is None and chosen.narrow is not None
             codes_nk = pairs if eight else unpack_logical(pairs)
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
                               constant_values=0 if eight else 8)
@@ -321,7 +337,7 @@ def repack(mod, dot: DotProduct):
                 packed = pack_values(codes_nk, chosen.lanes, chosen.reduce)
             else:
                 packed = pack_codes(codes_nk, chosen.lanes, chosen.reduce,
-                                    centre=8 if palette is None else 0)
+                                    centre=0 if palette is not None or values else 8)
 
             def blocks(expr):  # [groups, N] -> [N padded / lanes, groups, lanes]
                 value = _pad_rows(_constant(expr), 1, chosen.lanes)
@@ -333,7 +349,7 @@ def repack(mod, dot: DotProduct):
             out = self.builder_.call_te(
                 packed_te, data, relax.const(packed, str(packed.dtype)), blocks(scales), group,
                 codes_nk.shape[0], chosen.lanes, chosen.reduce, *terms, names=names,
-                primfunc_name_hint="packed_int4_matmul",
+                primfunc_name_hint="packed_int4_matmul", values=values,
                 **({} if palette is None else {"palette": palette}))
             if codes_nk.shape[0] == channels:
                 return out
