@@ -3,17 +3,13 @@ layer, times its group's scale.
 
     w[k, n] ~ scale[k // group, n] * palette[code[k, n]]
 
-The group scales take each group's range, as uniform 4-bit codes do, but map the largest
-magnitude to 64, not 127: the entries are integers in [-64, 64], which AVX2's `vpmaddubsw`
-multiplies with uint8 activations without saturating its pairs (one multiply where full int8
-weights take two, schedules/cpu/intrinsics.py), the same integers on every target; 129
-levels to place 16 entries on cost little against 255 (bench/palettes.py). The palette takes
-the shape of the layer's weights within their groups: its entries are the weighted k-means
-centres (optimal in one dimension: fit_palette) of the weights divided by their group's scale,
-each weighted by what its error costs on the output: its input's mean square on the
-calibration data (the diagonal of the Hessian GPTQ uses) times its scale squared; the entry
-nearest zero is made zero, so that zeros stay exact (a pruned channel, a group too small for
-an fp16 scale). Bell-shaped weights get more levels near zero
+The group scales take each group's range, as for uniform 4-bit codes (the largest magnitude
+maps to 127); the palette takes the shape of the layer's weights within their groups: its
+entries are the weighted k-means centres (optimal in one dimension: fit_palette) of the weights
+divided by their group's scale, each weighted by what its error costs on the output: its
+input's mean square on the calibration data (the diagonal of the Hessian GPTQ uses) times its
+scale squared; the entry nearest zero is made zero, so that zeros stay exact (a pruned
+channel, a group too small for an fp16 scale). Bell-shaped weights get more levels near zero
 than a uniform grid gives them (NF4, QLoRA's 4-bit format, is the same idea with a fixed
 table). Then, twice, each weight takes its nearest entry and each group's scale is refitted by
 weighted least squares to its codes; with the calibration moments, the codes are then
@@ -38,7 +34,6 @@ from .weights import GroupWeight, fitted_group_scales, sqnr_db
 SIZE = 16            # entries: 4-bit codes
 BINS = 512           # histogram bins the centres are chosen over (the entries are integers)
 REFITS = 2           # nearest entry, then the group scales by least squares: rounds
-BOUND = 64           # entries within [-BOUND, BOUND] (the module docstring)
 
 
 def fit_palette(values: np.ndarray, weights: np.ndarray, size: int = SIZE,
@@ -102,11 +97,11 @@ def quantize_palette(weight: np.ndarray, group: int, *,
         diagonal = np.zeros(padded)
         diagonal[:k] = np.diagonal(moments.hessian()[0])
         diagonal += 1e-6 * max(float(diagonal.max()), 1e-30)  # dead inputs still count a bit
-    scales = fitted_group_scales(w, group, -BOUND, BOUND, None, "float16").astype(np.float64)
+    scales = fitted_group_scales(w, group, -127, 127, None, "float16").astype(np.float64)
     step = np.repeat(scales, group, axis=0)
     cost = diagonal[:, None] * step ** 2
     centres = fit_palette((w / step).ravel(), cost.ravel())
-    palette = np.clip(np.round(centres), -BOUND, BOUND)
+    palette = np.clip(np.round(centres), -127, 127)
     palette[np.argmin(np.abs(palette))] = 0  # zero stays exact (pruned or dead weights)
     palette = np.sort(palette).astype(np.int8)
     entries = palette.astype(np.float64)
@@ -123,7 +118,7 @@ def quantize_palette(weight: np.ndarray, group: int, *,
     codes = np.searchsorted(edges, w / step).astype(np.uint8)
     rounding = "nearest"
     if moments is not None:  # GPTQ, each weight's value the entry below or above it
-        values = gptq_group_codes(weight, step[:k], moments, -BOUND, BOUND, levels=entries)
+        values = gptq_group_codes(weight, step[:k], moments, -127, 127, levels=entries)
         codes[:k] = np.searchsorted(entries, values)
         rounding = "gptq"
     result = GroupWeight(codes, scales.astype(np.float16), group, 4, rounding, 0.0,
@@ -135,4 +130,4 @@ def quantize_palette(weight: np.ndarray, group: int, *,
     return result
 
 
-__all__ = ["BOUND", "SIZE", "fit_palette", "quantize_palette"]
+__all__ = ["SIZE", "fit_palette", "quantize_palette"]

@@ -39,7 +39,6 @@ from . import palette_lookup
 VNNI_INTRIN = "qcompile_dot_16x4_u8i8i32_vnni"
 AVX2_INTRIN = "qcompile_dot_16x4_u8i8i32_avx2"
 AVX2_NARROW_INTRIN = "qcompile_dot_16x4_u8i7i32_avx2"  # weights within [-64, 64] only
-NARROW_BOUND = 64  # the largest weight magnitude a `narrow` intrinsic takes
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
 SMMLA_INTRIN = "qcompile_smmla_2x2x8_i8i8i32"

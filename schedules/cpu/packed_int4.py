@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .intrinsics import NARROW_BOUND, DotProduct
+from .intrinsics import DotProduct
 from .packed_int8 import _constant, _pad_rows
 from .tiles import (blocks_per_task, even_blocks_per_task, largest_divisor, row_tile,
                     target_threads)
@@ -47,8 +47,6 @@ PACKED = "qcompile_packed_int4_matmul"  # the packed kernel's accumulation block
 UNPACK = "qcompile_int4_unpack"  # its weight blocks, unpacked to int8 right before use
 UNPACK_VALUES = "qcompile_int4_unpack_values"  # the same, as c - 8 for a `narrow` instruction
 LOOKUP = "qcompile_palette_unpack"  # the same for palette weights, by a table lookup
-LOOKUP_NARROW = "qcompile_palette_unpack_narrow"  # ... of entries for a `narrow` instruction
-NARROW = (UNPACK_VALUES, LOOKUP_NARROW)  # unpacked weights within [-64, 64]
 
 
 def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduce: int,
@@ -57,9 +55,8 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
     reduce] uint8, the low nibbles of byte block b holding reduction block 2b; scales and the
     per-output group terms [N/lanes, K/group, lanes] (each column block's together). 8-bit
     weights come as int8 [N/lanes, K/(2 reduce), 2, lanes, reduce], read as they are.
-    `palette` (int8 [16]): the nibbles index it (palette_lookup). `values`: the weights are
-    for the instruction's `narrow` variant: 4-bit nibbles are codes c (pack_codes' centre 0),
-    unpacked to c - 8, not 16 times it; a palette's entries are within [-64, 64]."""
+    `palette` (int8 [16]): the nibbles index it (palette_lookup). `values`: the nibbles are
+    codes c (pack_codes' centre 0), unpacked to c - 8, not 16 times it."""
     from tvm import te
 
     from ..int4_logical import GroupTerms
@@ -72,8 +69,7 @@ def packed_te(data, packed, scales, group: int, channels: int, lanes: int, reduc
     if palette is not None:
         unpacked = te.compute(
             (int(packed.shape[0]), blocks, 2, lanes, reduce),
-            lambda nb, b, h, lane, r: value(packed[nb, b, lane, r], palette, h),
-            name=LOOKUP_NARROW if values else LOOKUP)
+            lambda nb, b, h, lane, r: value(packed[nb, b, lane, r], palette, h), name=LOOKUP)
     elif four and values:
         unpacked = te.compute(
             (int(packed.shape[0]), blocks, 2, lanes, reduce),
@@ -234,7 +230,7 @@ def schedule_rows(sch, block, dot: DotProduct) -> None:
     reduction = 1
     for loop in (g, kb, h, r):
         reduction *= int(sch.get(loop).extent)
-    four = any(sch.get(p).name_hint in (UNPACK, LOOKUP, *NARROW)
+    four = any(sch.get(p).name_hint in (UNPACK, UNPACK_VALUES, LOOKUP)
                for p in sch.get_producers(block))
     turns = _rounds(total, reduction * dot.lanes // (2 if four else 1))
     blocks = even_blocks_per_task(total // turns, STREAMS, MIN_TASKS, target_threads())
@@ -274,7 +270,7 @@ def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
             sch.compute_at(producer, h, preserve_unit_loops=True)
             inner = sch.get_loops(producer)
             sch.vectorize(sch.fuse(inner[-2], inner[-1]))
-        elif name in (LOOKUP, LOOKUP_NARROW):
+        elif name == LOOKUP:
             sch.compute_at(producer, kb, preserve_unit_loops=True)
             if dot.instruction in INTRIN:
                 register()
@@ -284,7 +280,7 @@ def _unpack_at(sch, block, kb, h, dot: DotProduct) -> None:
 def _instruction_at(sch, block, reduction, lanes, dot: DotProduct) -> None:
     """Zero the accumulators before `reduction` (vectorized) and make `lanes` the
     instruction (its `narrow` variant on weights unpacked to their 4-bit values)."""
-    narrow = any(sch.get(p).name_hint in NARROW for p in sch.get_producers(block))
+    narrow = any(sch.get(p).name_hint == UNPACK_VALUES for p in sch.get_producers(block))
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(lanes, dot.narrow if narrow else dot.intrin)
@@ -333,10 +329,7 @@ def repack(mod, dot: DotProduct):
                 return call
             channels = pairs.shape[0]
             eight = pairs.dtype == np.int8  # 8-bit weights: their values, not code pairs
-            table = None if palette is None else _constant(palette)
-            values = bool(not eight and chosen.narrow is not None and (
-                palette is None or table is not None
-                and np.abs(table.astype(int)).max() <= NARROW_BOUND))
+            values = not eight and palette is None and chosen.narrow is not None
             codes_nk = pairs if eight else unpack_logical(pairs)
             codes_nk = np.pad(codes_nk, ((0, -channels % chosen.lanes), (0, 0)),
                               constant_values=0 if eight else 8)
