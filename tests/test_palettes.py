@@ -15,8 +15,8 @@ from qcompile.cli import main
 from qcompile.quantize import QuantConfig
 from qcompile.quantize.palettes import quantize_palette
 from qcompile.quantize.rules import PrecisionRules
-from test_int4 import RANGES, matmul_model, pointwise_model
-from test_int8_kernels import host_x86_instruction, instruction_counts
+from test_int4 import RANGES, TARGETS, matmul_model, pointwise_model
+from test_int8_kernels import instruction_counts
 
 PALETTES = PrecisionRules.from_dict({"defaults": {"precision": "lut4"}})
 
@@ -49,13 +49,16 @@ def compile_palettes(model, target, out, save_model, group=32):
     return artifact, row
 
 
+@pytest.mark.parametrize("target_of, instruction", TARGETS)
 @pytest.mark.parametrize("rows, k, n, group", [(1, 576, 40, 64), (3, 100, 48, 32)])
-def test_lut4_matches_the_integer_reference(rows, k, n, group, save_model, tmp_path):
+def test_lut4_matches_the_integer_reference(rows, k, n, group, save_model, tmp_path, target_of,
+                                            instruction):
     """One row (a decoded token's kernel) and several (tiles of rows), reductions that are not
     whole groups, outputs that do not fill the instruction's blocks."""
     model = matmul_model(k, n, rows=rows)
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    artifact, row = compile_palettes(model, "host", tmp_path / "out", save_model, group)
+    artifact, row = compile_palettes(model, target_of(tmp_path), tmp_path / "out", save_model,
+                                     group)
     groups = -(-k // group)  # codes (the reduction padded to whole groups), fp16 scales, table
     stored = groups * group * n // 2 + 2 * groups * n + 16
     assert row["weight_rounding"] == "nearest"
@@ -67,9 +70,9 @@ def test_lut4_matches_the_integer_reference(rows, k, n, group, save_model, tmp_p
             expected = lut4_ref(x, init["w"], init["b"], row["input"], group)
             np.testing.assert_allclose(loaded.run({"x": x})["y"], expected, rtol=2e-5,
                                        atol=2e-5 * np.abs(expected).max())
-    if host_x86_instruction():
+    if instruction():
         counts = instruction_counts(artifact.library)
-        assert counts[host_x86_instruction()] > 0 and counts["vpshufb"] > 0, counts
+        assert counts[instruction()] > 0 and counts["vpshufb"] > 0, counts
 
 
 def test_lut4_pointwise_conv_matches_the_integer_reference(save_model, tmp_path):
