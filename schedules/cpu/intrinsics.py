@@ -255,7 +255,7 @@ def _halves(a_parts, b):
         lanes = list(range(32 * h, 32 * h + 32))
         b_half = T.Shuffle([b], lanes)
         sums = [_pmaddubsw(T.Shuffle([part], lanes), b_half) for part in a_parts]
-        halves.append(sums[0] if len(sums) == 1 else sums[0] + sums[1])
+        halves.append(sum(sums[1:], sums[0]))
     return T.Shuffle(halves, list(range(16)))
 
 
